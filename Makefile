@@ -1,0 +1,30 @@
+# Quickstart: `make demo` and `make test` work on a fresh machine (they create .venv themselves).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench faults lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf .demo
+	$(VENV)/bin/mlxsupd run -c deploy/demo.toml demo --summary .demo/summary.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m pip install --quiet ruff mypy
+	$(VENV)/bin/ruff check supervisor worker protocol tests
+	$(VENV)/bin/mypy supervisor worker protocol
+
+clean:
+	rm -rf $(VENV) .demo .bench .faults

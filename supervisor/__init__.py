@@ -1,0 +1,1 @@
+"""mlx-supervisor daemon: budgets, sampling, policy, jobs, control."""

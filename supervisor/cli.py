@@ -1,0 +1,64 @@
+"""``mlxsupd``: the supervisor daemon.
+
+  mlxsupd -c CONFIG                     supervise every job of CONFIG in the foreground (service mode)
+  mlxsupd run -c CONFIG JOB [--summary]  supervise one job until it finishes, then print a JSON summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from supervisor import paths
+from supervisor.config import ConfigError, load_config
+from supervisor.logs import configure
+
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlxsupd",
+        description="Supervise MLX training workers under hard memory budgets.",
+        epilog="Without a subcommand, runs the daemon in the foreground for every job in the config.",
+    )
+    parser.add_argument("-c", "--config", type=Path, default=None,
+                        help=f"config file (default: {paths.default_config_path()})")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default=None, choices=["auto", "console", "json"],
+                        help="override daemon.log_format")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="supervise one job in the foreground until it finishes or gives up")
+    run.add_argument("-c", "--config", type=Path, dest="run_config", default=None, help="config file")
+    run.add_argument("job", help="name of a job in the config")
+    run.add_argument("--summary", type=Path, default=None, help="also write the JSON summary to this file")
+    run.add_argument("--max-seconds", type=float, default=None, help="give up (stop the job) after this long")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config_path = getattr(args, "run_config", None) or args.config or paths.default_config_path()
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"mlxsupd: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure(args.log_format or config.daemon.log_format, args.log_level)
+    if args.command == "run":
+        if args.job not in config.jobs:
+            known = ", ".join(sorted(config.jobs)) or "none"
+            print(f"mlxsupd: no job {args.job!r} in {config.path} (jobs: {known})", file=sys.stderr)
+            return EXIT_CONFIG
+        from supervisor.run import run_one
+
+        return run_one(config, args.job, args.summary, args.max_seconds)
+    from supervisor.service_main import serve
+
+    return serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

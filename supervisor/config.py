@@ -1,0 +1,287 @@
+"""Config: TOML into frozen dataclasses, strictly. An unknown key or a bad value names itself.
+
+Each field's help lives in its metadata; README's config reference is generated from these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import tomllib
+import types
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from supervisor import paths
+from supervisor.policy import Limits
+from supervisor.sizes import SizeError, parse_budget, parse_bytes, parse_fraction_of
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, the key and the bad value."""
+
+
+def _f(default: Any, help: str, unit: str = "") -> Any:
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, "unit": unit})
+    return dataclasses.field(default=default, metadata={"help": help, "unit": unit})
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlConfig:
+    """[daemon.control]: remote control and the event stream."""
+
+    tcp: str = _f("", "optional TCP endpoint for remote control, e.g. tcp://0.0.0.0:7781 (requires CURVE)")
+    events_tcp: str = _f("", "optional TCP endpoint for the event stream (requires CURVE like `tcp`)")
+    server_key: str = _f("", "CURVE secret key file of the daemon (made by `mlxsupctl keygen`)")
+    authorized_keys: str = _f("", "file listing the public keys (one per line) allowed to connect over TCP")
+    allow_plaintext_loopback: bool = _f(False, "allow TCP without CURVE, only when bound to 127.0.0.1/::1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    """[daemon]: where things live and how often the daemon looks."""
+
+    run_dir: str = _f("", "private directory for ipc sockets (0700); default /tmp/mlxsup-UID or XDG_RUNTIME_DIR")
+    state_dir: str = _f("", "history, checkpoints and logs; default ~/Library/Application Support or XDG state")
+    log_dir: str = _f("", "daemon and worker logs; default ~/Library/Logs/mlx-supervisor or <state_dir>/logs")
+    sample_interval: float = _f(0.05, "seconds between footprint samples of each worker", "s")
+    heartbeat_interval: float = _f(1.0, "seconds between heartbeats to each worker", "s")
+    system_floor: str = _f("0", "available system memory below which jobs checkpoint and wait (bytes or %)")
+    floor_hysteresis: str = _f("512MiB", "memory above the floor needed before waiting jobs resume")
+    log_format: str = _f("auto", "daemon log lines: auto (console on a terminal, else json), console, json")
+    control: ControlConfig = dataclasses.field(default_factory=ControlConfig, metadata={"help": "", "unit": ""})
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """[jobs.NAME]: one supervised training job."""
+
+    command: list[str] = _f([], "argv of a custom training script using worker.Session; empty: the built-in LM")
+    train: dict[str, Any] = _f({}, "options of the built-in LM (`python -m worker --help`), e.g. steps = 1000")
+    env: dict[str, str] = _f({}, "extra environment variables for the worker")
+    working_dir: str = _f("", "working directory of the worker (default: the daemon's)")
+    autostart: bool = _f(True, "start with the daemon")
+    budget: str = _f("50%", "hard memory budget: bytes (12GiB), percent of total (75%) or 'total - 4GiB'")
+    warn: str = _f("85%", "warn band (percent of budget or bytes): ask the worker to clear its cache")
+    kill: str = _f("110%", "kill ceiling (percent of budget or bytes): SIGTERM the group at once")
+    batch: int = _f(8, "configured micro-batch; shrinks on peaks, regrows up to this")
+    accum: int = _f(1, "configured gradient accumulation")
+    min_batch: int = _f(1, "smallest batch a shrink may reach")
+    shrink_factor: float = _f(0.5, "batch multiplier on a peak breach")
+    keep_effective_batch: bool = _f(True, "raise accumulation on a shrink so batch x accum stays the same")
+    policy: str = _f("adaptive", "adaptive (leak: recycle, peak: shrink, regrow) or shrink-only")
+    leak_threshold: str = _f("1MiB", "growth per step above which a breach is a leak", "bytes/step")
+    regrow_after_steps: int = _f(50, "healthy steps before trying a larger batch")
+    min_steps_per_life: int = _f(10, "recycling more often than this also shrinks the batch")
+    checkpoint_dir: str = _f("", "checkpoints of this job (default <state_dir>/jobs/NAME/checkpoints)")
+    checkpoint_every: int = _f(100, "steps between periodic checkpoints (0: only when asked)")
+    keep_checkpoints: int = _f(3, "checkpoints kept on disk")
+    checkpoint_timeout: float = _f(30.0, "seconds a checkpoint-and-exit may take before SIGTERM", "s")
+    kill_grace: float = _f(3.0, "seconds between SIGTERM and SIGKILL", "s")
+    startup_timeout: float = _f(120.0, "seconds from spawn to the worker's hello", "s")
+    hang_timeout: float = _f(60.0, "seconds without telemetry before the worker counts as hung", "s")
+    backoff_initial: float = _f(1.0, "first delay before restarting a crashed worker", "s")
+    backoff_max: float = _f(60.0, "longest delay between restarts", "s")
+    max_attempts_without_progress: int = _f(5, "consecutive starts without a newer checkpoint before FATAL")
+    cache_clear: str = _f("0", "worker clears MLX's cache above this many bytes (0: never)")
+    cache_limit: str = _f("0", "MLX cache limit set in the worker (0: MLX default)")
+
+    def limits(self, total: int) -> Limits:
+        """Resolve budget, warn and kill to bytes (validated at load)."""
+        budget = parse_budget(self.budget, total)
+        return Limits(parse_fraction_of(self.warn, budget), budget, parse_fraction_of(self.kill, budget))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole config file."""
+
+    path: Path
+    daemon: DaemonConfig
+    jobs: dict[str, JobConfig]
+
+    def resolve(self, value: str, default: Path) -> Path:
+        """A path from the config: relative to the config file's directory; default when empty."""
+        if not value:
+            return default
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.path.parent / path).resolve()
+
+    @property
+    def state_dir(self) -> Path:
+        return self.resolve(self.daemon.state_dir, paths.default_state_dir())
+
+    @property
+    def run_dir(self) -> Path:
+        return self.resolve(self.daemon.run_dir, paths.default_run_dir())
+
+    @property
+    def log_dir(self) -> Path:
+        default = paths.default_log_dir() if not self.daemon.state_dir else self.state_dir / "logs"
+        return self.resolve(self.daemon.log_dir, default)
+
+    def job_dir(self, name: str) -> Path:
+        return self.state_dir / "jobs" / name
+
+    def checkpoint_dir(self, name: str) -> Path:
+        return self.resolve(self.jobs[name].checkpoint_dir, self.job_dir(name) / "checkpoints")
+
+
+def load_config(path: str | Path, total_memory: int | None = None) -> Config:
+    """Read and validate a config file; raise ConfigError naming the first problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(raw, path.resolve(), total_memory)
+
+
+def parse_config(raw: dict[str, Any], path: Path, total_memory: int | None = None) -> Config:
+    _reject_unknown(raw, {"daemon", "jobs"}, "", path)
+    daemon = _build(DaemonConfig, raw.get("daemon", {}), "daemon", path)
+    jobs_raw = raw.get("jobs", {})
+    if not isinstance(jobs_raw, dict):
+        raise ConfigError(f"{path}: [jobs] must be a table of jobs")
+    jobs = {name: _build(JobConfig, table, f"jobs.{name}", path) for name, table in jobs_raw.items()}
+    config = Config(path, daemon, jobs)
+    _validate(config, total_memory if total_memory is not None else _total_memory())
+    return config
+
+
+def _total_memory() -> int:
+    from supervisor.footprint import system_memory
+
+    return system_memory()[1]
+
+
+def _reject_unknown(table: dict[str, Any], known: set[str], where: str, path: Path) -> None:
+    for key in table:
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else f"; known keys: {', '.join(sorted(known))}"
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(f"{path}: unknown key {name!r}{hint}")
+
+
+def _build(cls: type[Any], table: Any, where: str, path: Path) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [{where}] must be a table, got {type(table).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(table, set(fields), where, path)
+    values = {}
+    for key, value in table.items():
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            values[key] = _build(kind, value, f"{where}.{key}", path)
+        else:
+            values[key] = _coerce(value, kind, f"{where}.{key}", path)
+    return cls(**values)
+
+
+def _coerce(value: Any, kind: Any, name: str, path: Path) -> Any:
+    origin = get_origin(kind)
+    ok: bool
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        # Sizes may be written as plain integers (bytes).
+        ok = isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+        value = str(value) if ok else value
+    elif origin is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif origin is dict:
+        ok = isinstance(value, dict)
+        if ok and get_args(kind)[1] is str:
+            ok = all(isinstance(v, str) for v in value.values())
+    elif origin in (Union, types.UnionType):  # pragma: no cover - no optional fields yet
+        ok = True
+    else:  # pragma: no cover
+        raise ConfigError(f"{path}: {name}: unsupported type {kind}")
+    if not ok:
+        expected = getattr(kind, "__name__", str(kind))
+        raise ConfigError(f"{path}: {name} = {value!r}: expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def _validate(config: Config, total: int) -> None:
+    where = config.path
+    d = config.daemon
+    for key in ("sample_interval", "heartbeat_interval"):
+        if not 0.001 <= getattr(d, key) <= 60:
+            raise ConfigError(f"{where}: daemon.{key} = {getattr(d, key)}: must be between 0.001 and 60 seconds")
+    if d.log_format not in ("auto", "console", "json"):
+        raise ConfigError(f"{where}: daemon.log_format = {d.log_format!r}: expected auto, console or json")
+    for key in ("system_floor", "floor_hysteresis"):
+        try:
+            parse_fraction_of(getattr(d, key), total)
+        except SizeError as exc:
+            raise ConfigError(f"{where}: daemon.{key}: {exc}") from None
+    if len(str(config.run_dir / "control.sock")) > 100:
+        raise ConfigError(f"{where}: daemon.run_dir {config.run_dir} is too long for ipc sockets (max ~90 chars)")
+    for name, job in config.jobs.items():
+        _validate_job(name, job, total, where)
+
+
+def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
+    prefix = f"{where}: jobs.{name}"
+    if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
+        raise ConfigError(f"{prefix}: job names use letters, digits, '-' and '_' (at most 64 chars)")
+    try:
+        limits = job.limits(total)
+        parse_bytes(job.leak_threshold)
+        parse_bytes(job.cache_clear)
+        parse_bytes(job.cache_limit)
+    except SizeError as exc:
+        raise ConfigError(f"{prefix}: {exc}") from None
+    if not limits.warn <= limits.budget < limits.kill:
+        raise ConfigError(f"{prefix}: need warn <= budget < kill, got {limits}")
+    positive = ("batch", "accum", "min_batch", "keep_checkpoints", "max_attempts_without_progress")
+    for key in positive:
+        if getattr(job, key) < 1:
+            raise ConfigError(f"{prefix}.{key} = {getattr(job, key)}: must be at least 1")
+    if job.min_batch > job.batch:
+        raise ConfigError(f"{prefix}.min_batch = {job.min_batch}: larger than batch = {job.batch}")
+    if not 0 < job.shrink_factor < 1:
+        raise ConfigError(f"{prefix}.shrink_factor = {job.shrink_factor}: must be between 0 and 1")
+    if job.policy not in ("adaptive", "shrink-only"):
+        raise ConfigError(f"{prefix}.policy = {job.policy!r}: expected 'adaptive' or 'shrink-only'")
+    for key in ("checkpoint_timeout", "kill_grace", "startup_timeout", "hang_timeout", "backoff_initial",
+                "backoff_max"):
+        if getattr(job, key) <= 0:
+            raise ConfigError(f"{prefix}.{key} = {getattr(job, key)}: must be positive")
+    if job.checkpoint_every < 0 or job.regrow_after_steps < 1 or job.min_steps_per_life < 0:
+        raise ConfigError(f"{prefix}: checkpoint_every >= 0, regrow_after_steps >= 1, min_steps_per_life >= 0")
+    if job.command and job.train:
+        raise ConfigError(f"{prefix}: 'train' options apply to the built-in job only; remove them or 'command'")
+    managed = {"batch", "accum", "checkpoint_dir", "checkpoint-dir"} & set(job.train)
+    if managed:
+        raise ConfigError(f"{prefix}.train: {sorted(managed)} are set by the supervisor: use jobs.{name}.<key>")
+    if not job.command:
+        from worker.cli import train_argv
+
+        try:
+            train_argv(job.train)
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}.train: {exc}") from None
+
+
+def worker_argv(job: JobConfig) -> list[str]:
+    """The command that runs this job's worker."""
+    if job.command:
+        return list(job.command)
+    from worker.cli import train_argv
+
+    return [sys.executable, "-m", "worker", *train_argv(job.train)]

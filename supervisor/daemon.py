@@ -1,0 +1,287 @@
+"""The daemon's single poll loop: worker sockets, control, signals and deadlines, all in one thread.
+
+The poll timeout is the time to the next deadline (next sample, heartbeat, a job's hang or checkpoint
+deadline, a backoff's end). Signal handlers only set flags and wake the loop through a self-pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+import zmq
+
+from protocol import MAX_MESSAGE_BYTES, Heartbeat, Hello, ProtocolError, decode, encode
+from supervisor.config import Config
+from supervisor.job import Job, JobPaths
+from supervisor.sizes import parse_fraction_of
+from supervisor.states import PROCESS_STATES, TERMINAL_STATES
+from supervisor.system import RealSystem, System
+
+log = structlog.get_logger("mlxsupd")
+MAX_DRAIN = 1000  # messages handled per socket per loop turn, so one busy peer cannot starve the rest
+
+
+class RunDirError(RuntimeError):
+    """The run directory is unsafe or unusable; the message names it."""
+
+
+def prepare_run_dir(path: Path) -> Path:
+    """Create the private run dir (0700); refuse one that others could write to."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise RunDirError(f"run dir {path} belongs to uid {info.st_uid}, not to us ({os.getuid()})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RunDirError(f"run dir {path} is writable by group or others (mode {oct(info.st_mode & 0o777)})")
+    os.chmod(path, 0o700)
+    return path
+
+
+class Daemon:
+    """Supervises the configured jobs until told to stop (or, in one-shot mode, until they are done)."""
+
+    def __init__(
+        self, config: Config, job_names: list[str] | None = None, system: System | None = None,
+        one_shot: bool = False,
+    ) -> None:
+        self.config = config
+        self.system = system or RealSystem()
+        self.one_shot = one_shot
+        self.run_dir = prepare_run_dir(config.run_dir)
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.workers = self._bind_worker_socket()
+        self.jobs: dict[str, Job] = {}
+        self.by_identity: dict[bytes, Job] = {}
+        self.stopping = False
+        self.reload_requested = False
+        self.on_turn: Callable[[Daemon, float], None] | None = None
+        self.extra_sockets: dict[zmq.Socket[bytes], Callable[[float], None]] = {}
+        self.publishers: list[Callable[[str, str, dict[str, Any]], None]] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        _, total = self.system.memory()
+        self.total_memory = total
+        self.floor = parse_fraction_of(config.daemon.system_floor, total)
+        self.hysteresis = parse_fraction_of(config.daemon.floor_hysteresis, total)
+        for name in job_names if job_names is not None else list(config.jobs):
+            self.add_job(name)
+
+    # -- setup ----------------------------------------------------------------------------------------
+
+    def _bind_worker_socket(self) -> zmq.Socket[bytes]:
+        sock = self.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, 1_000)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        path = self.run_dir / "workers.sock"
+        path.unlink(missing_ok=True)
+        sock.bind(f"ipc://{path}")
+        os.chmod(path, 0o600)
+        self.worker_endpoint = f"ipc://{path}"
+        return sock
+
+    def add_job(self, name: str) -> Job:
+        job_config = self.config.jobs[name]
+        job_dir = self.config.job_dir(name)
+        paths = JobPaths(self.config.checkpoint_dir(name), self.config.log_dir / "jobs" / name,
+                         job_dir / "history.jsonl")
+        orphan = max(3.0, 5 * self.config.daemon.heartbeat_interval)
+        job = Job(name, job_config, job_config.limits(self.total_memory), paths, self.system,
+                  self.worker_endpoint, self._send_to_worker, self._publish, orphan_timeout=orphan)
+        self.jobs[name] = job
+        return job
+
+    def _send_to_worker(self, identity: bytes, frame: bytes) -> None:
+        try:
+            self.workers.send_multipart([identity, frame], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone or queue full: the worker's own deadlines cover it
+            log.debug("send_to_worker_failed", error=str(exc))
+
+    def _publish(self, job: str, kind: str, data: dict[str, Any]) -> None:
+        for publisher in self.publishers:
+            publisher(job, kind, data)
+
+    # -- signals --------------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGCHLD, lambda s, f: None)  # only to wake the poll through the wakeup fd
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self.reload_requested = True
+
+    def wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except BlockingIOError:
+            pass
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def run(self, max_seconds: float | None = None) -> int:
+        """Run the loop; returns an exit status. Bounded by ``max_seconds`` when given."""
+        now = self.system.now()
+        end = now + max_seconds if max_seconds else float("inf")
+        interval = self.config.daemon.sample_interval
+        heartbeat = self.config.daemon.heartbeat_interval
+        next_sample, next_heartbeat = now, now
+        shutdown_started = False
+        poller = zmq.Poller()
+        poller.register(self.workers, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        for sock in self.extra_sockets:
+            poller.register(sock, zmq.POLLIN)
+        try:
+            while True:
+                now = self.system.now()
+                if now >= end:
+                    log.warning("daemon_time_limit", seconds=max_seconds)
+                    self._stop_all(now, "daemon time limit")
+                    end = float("inf")
+                    self.stopping = True
+                if self.stopping and not shutdown_started:
+                    shutdown_started = True
+                    log.info("daemon_stopping", jobs=len(self.jobs))
+                    self._stop_all(now, "daemon shutdown")
+                if self.reload_requested and self.on_reload is not None:
+                    self.reload_requested = False
+                    self.on_reload(now)
+                if now >= next_sample:
+                    self._sample_all(now)
+                    next_sample = max(next_sample + interval, now + interval / 4)
+                if now >= next_heartbeat:
+                    self._heartbeat_all()
+                    next_heartbeat = now + heartbeat
+                available = self.system.memory()[0] if self._needs_memory() else self.total_memory
+                for job in list(self.jobs.values()):
+                    job.tick(now, available, self.floor + self.hysteresis)
+                if self.on_turn is not None:
+                    self.on_turn(self, now)
+                if self._done(shutdown_started):
+                    return 0
+                deadline = min([next_sample, next_heartbeat, end] + [j.next_deadline() for j in self.jobs.values()])
+                timeout_ms = max(0, min(1000, int((deadline - self.system.now()) * 1000) + 1))
+                events = dict(poller.poll(timeout_ms))
+                now = self.system.now()
+                if self.workers in events:
+                    self._drain_workers(now)
+                if self._wake_r.fileno() in events:
+                    self._drain_wakeups()
+                for sock, handler in self.extra_sockets.items():
+                    if sock in events:
+                        handler(now)
+        finally:
+            self._kill_all()
+
+    on_reload: Callable[[float], None] | None = None
+
+    def _done(self, shutdown_started: bool) -> bool:
+        busy = any(j.life is not None for j in self.jobs.values())
+        if shutdown_started:
+            return not busy
+        if self.one_shot:
+            return not busy and all(j.state in TERMINAL_STATES for j in self.jobs.values())
+        return False
+
+    def _needs_memory(self) -> bool:
+        return bool(self.floor) and any(j.state.name == "WAITING_FOR_MEMORY" for j in self.jobs.values())
+
+    def _sample_all(self, now: float) -> None:
+        running = [j for j in self.jobs.values() if j.life is not None and j.state in PROCESS_STATES]
+        if not running:
+            return
+        available = self.system.memory()[0] if self.floor else self.total_memory
+        for job in running:
+            job.on_sample(now, available, self.floor)
+
+    def _heartbeat_all(self) -> None:
+        frame = encode(Heartbeat(time.time()))
+        for job in self.jobs.values():
+            if job.life is not None and job.life.identity is not None:
+                self._send_to_worker(job.life.identity, frame)
+
+    def _drain_workers(self, now: float) -> None:
+        for _ in range(MAX_DRAIN):
+            try:
+                frames = self.workers.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                log.warning("worker_frame_rejected", problem=f"{len(frames)} frames, expected 1")
+                continue
+            identity, frame = frames
+            try:
+                message = decode(frame)
+            except ProtocolError as exc:
+                log.warning("worker_frame_rejected", problem=str(exc))
+                continue
+            job = self.by_identity.get(identity)
+            if isinstance(message, Hello):
+                self._on_hello(message, identity, now)
+            elif job is not None and job.life is not None and job.life.identity == identity:
+                job.on_message(message, now)
+            else:
+                log.warning("worker_message_ignored", type=message.TAG, reason="unknown peer (no valid hello)")
+
+    def _on_hello(self, hello: Hello, identity: bytes, now: float) -> None:
+        job = next((j for j in self.jobs.values() if j.accepts(hello)), None)
+        if job is None:
+            log.warning("worker_hello_rejected", pid=hello.pid, job=hello.job[:64], reason="bad spawn token")
+            return
+        self.by_identity = {k: v for k, v in self.by_identity.items() if v is not job}
+        self.by_identity[identity] = job
+        job.on_hello(hello, identity, now)
+        self._send_to_worker(identity, encode(Heartbeat(time.time())))
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _stop_all(self, now: float, reason: str) -> None:
+        for job in self.jobs.values():
+            job.stop(now, reason)
+
+    def _kill_all(self) -> None:
+        """Last resort on the way out: no worker outlives the daemon's loop unsupervised."""
+        deadline = time.monotonic() + 5
+        for job in self.jobs.values():
+            if job.life is not None and job.life.proc.poll() is None:
+                job.life.proc.signal_group(signal.SIGTERM)
+        for job in self.jobs.values():
+            while job.life is not None and job.life.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if job.life is not None and job.life.proc.poll() is None:
+                job.life.proc.signal_group(signal.SIGKILL)
+                while job.life.proc.poll() is None and time.monotonic() < deadline + 2:
+                    time.sleep(0.02)
+
+    def close(self) -> None:
+        self.workers.close(linger=0)
+        for sock in self.extra_sockets:
+            sock.close(linger=0)
+        self.context.term()
+        self._wake_r.close()
+        self._wake_w.close()
+        path = self.run_dir / "workers.sock"
+        path.unlink(missing_ok=True)

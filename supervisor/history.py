@@ -1,0 +1,57 @@
+"""Job history: an append-only JSON-lines file per job that survives daemon restarts.
+
+One line per event (start, exit, breach, decision, batch change, checkpoint). A torn last line (the daemon
+died mid-write) is skipped on read, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+class History:
+    """Events of one job, in memory and on disk."""
+
+    def __init__(self, path: Path | None, limit: int = 10_000) -> None:
+        self.path = path
+        self.limit = limit
+        self.events: list[dict[str, Any]] = []
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.events = read_history(path)[-limit:]
+
+    def record(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"time": time.time(), "event": kind, **fields}
+        self.events.append(event)
+        if len(self.events) > self.limit:
+            del self.events[: len(self.events) - self.limit]
+        if self.path is not None:
+            line = json.dumps(event, default=str, separators=(",", ":")) + "\n"
+            # O_APPEND + one write per line: concurrent readers never see half a line from us.
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        return event
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """All well-formed events of a history file (missing file: none)."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    events = []
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events

@@ -1,0 +1,211 @@
+"""The supervisor's decisions as pure functions: numbers in, a decision out. No I/O, no clock reads.
+
+The estimator turns one worker life's telemetry into a baseline, a leak slope (Theil-Sen, robust to noise)
+and a per-step transient; ``on_sample`` and ``on_step`` map those plus the latest sample to an action, and
+``plan_restart`` picks the next batch x accumulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import statistics
+from collections import deque
+
+MiB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """The escalation bands of one job, in bytes: warn < budget < kill."""
+
+    warn: int
+    budget: int
+    kill: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """Tunables of the policy (see the config reference for each)."""
+
+    leak_threshold: float = 1.0 * MiB  # bytes/step above which growth is a leak
+    warmup_steps: int = 3  # steps ignored at the start of a life (compile, allocator warm-up)
+    window: int = 24  # steps in the slope window
+    checkpoint_steps: int = 2  # steps of headroom a checkpoint-and-exit needs (at least 2)
+    consecutive_over: int = 2  # samples at/over budget before acting
+    shrink_factor: float = 0.5
+    min_batch: int = 1
+    max_batch: int = 8  # the configured batch: regrowth never goes past it
+    keep_effective_batch: bool = True
+    min_steps_per_life: int = 10  # recycles more often than this: shrink as well
+    regrow_after_steps: int = 50  # healthy steps before trying a larger batch
+    regrow_headroom: float = 0.75  # projected peak at 2x batch must stay under this fraction of budget
+    adaptive: bool = True  # False: the original shrink-only plan (every breach halves the batch)
+
+
+class Action(enum.Enum):
+    NONE = "none"
+    CLEAR_CACHE = "clear_cache"
+    CHECKPOINT_EXIT = "checkpoint_exit"
+    KILL = "kill"
+
+
+class Diagnosis(enum.Enum):
+    LEAK = "leak"
+    PEAK = "peak"
+    LEAK_PREDICTED = "leak_predicted"
+    REGROW = "regrow"
+    KILL_CEILING = "kill_ceiling"
+    SYSTEM_FLOOR = "system_floor"
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What to do now, why, and the numbers behind it."""
+
+    action: Action
+    diagnosis: Diagnosis | None = None
+    reason: str = ""
+    next_batch: int = 0  # for CHECKPOINT_EXIT/KILL: the batch to restart with (0: unchanged)
+    next_accum: int = 0
+
+    @property
+    def acts(self) -> bool:
+        return self.action is not Action.NONE
+
+
+NOTHING = Decision(Action.NONE)
+
+
+class Estimator:
+    """Online estimates over one worker life: baseline, leak slope and per-step transient."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        self.levels: deque[tuple[int, int]] = deque(maxlen=config.window)
+        self.transients: deque[int] = deque(maxlen=config.window)
+        self.steps_seen = 0
+        self.baseline: int | None = None
+        self.step_peak = 0  # highest sample since the last step ended
+
+    def observe_sample(self, sampled: int) -> None:
+        self.step_peak = max(self.step_peak, sampled)
+
+    def observe_step(self, step: int, level: int) -> None:
+        """Record the footprint at the end of ``step`` (and the peak seen during it)."""
+        self.steps_seen += 1
+        if self.steps_seen > self.config.warmup_steps:
+            self.levels.append((step, level))
+            self.transients.append(max(0, self.step_peak - level))
+            if self.baseline is None or level < self.baseline:
+                self.baseline = level
+        self.step_peak = level
+
+    @property
+    def slope(self) -> float:
+        """Theil-Sen slope of footprint vs step, bytes/step; 0 until there are enough points."""
+        points = list(self.levels)
+        if len(points) < 4:
+            return 0.0
+        slopes = [
+            (b[1] - a[1]) / (b[0] - a[0]) for i, a in enumerate(points) for b in points[i + 1 :] if b[0] != a[0]
+        ]
+        return statistics.median(slopes) if slopes else 0.0
+
+    @property
+    def transient(self) -> int:
+        """Largest recent per-step excursion above the end-of-step level."""
+        return max(self.transients, default=0)
+
+    @property
+    def level(self) -> int:
+        return self.levels[-1][1] if self.levels else 0
+
+    def steps_to_breach(self, budget: int) -> float:
+        """Steps until the leak trend plus the transient reach ``budget`` (inf when not leaking)."""
+        slope = self.slope
+        if slope <= self.config.leak_threshold:
+            return float("inf")
+        return (budget - self.level - self.transient) / slope
+
+
+def on_sample(
+    sampled: int, complete: bool, over_count: int, limits: Limits, estimator: Estimator, batch: int, accum: int,
+    config: PolicyConfig,
+) -> tuple[Decision, int]:
+    """Decide on one footprint sample; returns the decision and the new consecutive-over-budget count."""
+    if not complete:
+        return NOTHING, over_count  # a partial sample never triggers action on its own
+    if sampled >= limits.kill:
+        shrink = diagnose_breach(estimator, batch, accum, config)
+        reason = f"sample {sampled} >= kill ceiling {limits.kill}"
+        return Decision(Action.KILL, Diagnosis.KILL_CEILING, reason, shrink.next_batch, shrink.next_accum), 0
+    if sampled >= limits.budget:
+        over_count += 1
+        if over_count >= config.consecutive_over:
+            return diagnose_breach(estimator, batch, accum, config), over_count
+        return NOTHING, over_count
+    if sampled >= limits.warn:
+        return Decision(Action.CLEAR_CACHE, None, f"sample {sampled} >= warn {limits.warn}"), 0
+    return NOTHING, 0
+
+
+def diagnose_breach(estimator: Estimator, batch: int, accum: int, config: PolicyConfig) -> Decision:
+    """A breach: LEAK (recycle, same batch) or PEAK (shrink, keep the effective batch)."""
+    slope = estimator.slope
+    leaking = slope > config.leak_threshold
+    short_life = estimator.steps_seen < config.min_steps_per_life
+    if config.adaptive and leaking and not short_life:
+        reason = f"leak {slope / MiB:.1f} MiB/step over {estimator.steps_seen} steps; recycling at batch {batch}"
+        return Decision(Action.CHECKPOINT_EXIT, Diagnosis.LEAK, reason, batch, accum)
+    next_batch, next_accum = shrink(batch, accum, config)
+    why = "leak with too little headroom" if leaking else f"peak (transient {estimator.transient} B/step)"
+    reason = f"{why}; batch {batch}x{accum} -> {next_batch}x{next_accum}"
+    return Decision(Action.CHECKPOINT_EXIT, Diagnosis.PEAK, reason, next_batch, next_accum)
+
+
+def on_step(
+    estimator: Estimator, limits: Limits, batch: int, accum: int, healthy_steps: int, config: PolicyConfig
+) -> Decision:
+    """Decide after a step: recycle before a predicted leak breach, or regrow a shrunken batch."""
+    if not config.adaptive:
+        return NOTHING
+    to_breach = estimator.steps_to_breach(limits.budget)
+    # +1: the command lands one step late (the worker reads it at its next boundary).
+    if to_breach <= config.checkpoint_steps + 1:
+        reason = f"leak {estimator.slope / MiB:.1f} MiB/step reaches budget in {to_breach:.1f} steps"
+        return Decision(Action.CHECKPOINT_EXIT, Diagnosis.LEAK_PREDICTED, reason, batch, accum)
+    if batch < config.max_batch and healthy_steps >= config.regrow_after_steps and estimator.levels:
+        grown, grown_accum = regrow(batch, accum, config)
+        per_sample = estimator.transient / batch
+        projected = estimator.level + per_sample * grown
+        if grown > batch and projected < config.regrow_headroom * limits.budget:
+            reason = f"projected peak {int(projected)} at batch {grown} < {config.regrow_headroom:.0%} of budget"
+            return Decision(Action.CHECKPOINT_EXIT, Diagnosis.REGROW, reason, grown, grown_accum)
+    return NOTHING
+
+
+def shrink(batch: int, accum: int, config: PolicyConfig) -> tuple[int, int]:
+    """Smaller batch; with keep_effective_batch the largest divisor of batch*accum under the target."""
+    target = max(config.min_batch, int(batch * config.shrink_factor))
+    if not config.keep_effective_batch:
+        return min(target, batch), accum
+    effective = batch * accum
+    for candidate in range(min(target, batch), 0, -1):
+        if effective % candidate == 0:
+            return candidate, effective // candidate
+    return 1, effective  # pragma: no cover - 1 always divides
+
+
+def regrow(batch: int, accum: int, config: PolicyConfig) -> tuple[int, int]:
+    """Larger batch (x2 up to the configured one) with the effective batch kept."""
+    effective = batch * accum
+    for candidate in range(min(batch * 2, config.max_batch), batch, -1):
+        if effective % candidate == 0:
+            return candidate, effective // candidate
+    return batch, accum
+
+
+def backoff_delay(failures: int, initial: float, maximum: float) -> float:
+    """Exponential backoff before restart number ``failures`` (1-based)."""
+    return float(min(maximum, initial * 2 ** max(0, failures - 1)))

@@ -1,0 +1,104 @@
+"""``mlxsupd run``: supervise one job in the foreground until it finishes or gives up, then summarise."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from supervisor.config import Config
+from supervisor.daemon import Daemon
+from supervisor.job import Job
+from supervisor.sizes import format_bytes
+from supervisor.states import JobState
+
+OUTCOMES = {JobState.FINISHED: "finished", JobState.FATAL: "fatal"}
+
+
+def summarize(job: Job, wall_seconds: float) -> dict[str, Any]:
+    """The JSON summary of a one-shot run (field names are a contract: extend, never rename)."""
+    stats = job.stats
+    recoveries = sorted(stats.recoveries)
+    return {
+        "job": job.name,
+        "outcome": OUTCOMES.get(job.state, "stopped"),
+        "target_steps": stats.target_steps,
+        "steps_completed": stats.steps_completed,
+        "restarts": stats.restarts,
+        "restart_reasons": dict(stats.restart_reasons),
+        "first_breach_step": stats.first_breach_step,
+        "budget_bytes": job.limits.budget,
+        "warn_bytes": job.limits.warn,
+        "kill_bytes": job.limits.kill,
+        "max_sampled_bytes": stats.max_sampled,
+        "samples": stats.samples,
+        "samples_over_budget": stats.samples_over_budget,
+        "samples_over_kill": stats.samples_over_kill,
+        "batch_history": stats.batch_history,
+        "wall_seconds": round(wall_seconds, 3),
+        "final_loss": stats.final_loss,
+        "recovery_seconds_median": recoveries[len(recoveries) // 2] if recoveries else None,
+        "recovery_seconds_max": recoveries[-1] if recoveries else None,
+        "checkpoint_dir": str(job.paths.checkpoints),
+        "history_path": str(job.paths.history),
+    }
+
+
+class ProgressLine:
+    """One status line, rewritten in place on a terminal, printed every few seconds otherwise."""
+
+    def __init__(self, stream: IO[str], every: float = 5.0) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.every = 0.25 if self.tty else every
+        self.last = 0.0
+
+    def __call__(self, daemon: Daemon, now: float) -> None:
+        if now - self.last < self.every:
+            return
+        self.last = now
+        for job in daemon.jobs.values():
+            self.stream.write(("\r\x1b[2K" if self.tty else "") + render(job) + ("" if self.tty else "\n"))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def render(job: Job) -> str:
+    stats = job.stats
+    sampled = stats.max_sampled
+    return (
+        f"{job.name} {job.state.name:<9} step {stats.steps_completed}/{stats.target_steps or '?'}"
+        f"  max {format_bytes(sampled)} / budget {format_bytes(job.limits.budget)}"
+        f"  batch {job.batch}x{job.accum}  restarts {stats.restarts}  {stats.steps_per_second:.1f} steps/s"
+    )
+
+
+def run_one(config: Config, name: str, summary_path: Path | None, max_seconds: float | None = None) -> int:
+    """Supervise job ``name`` to the end; exit status 0 when it finished, 1 otherwise."""
+    started = time.monotonic()
+    daemon = Daemon(config, [name], one_shot=True)
+    daemon.install_signal_handlers()
+    progress = ProgressLine(sys.stderr)
+    daemon.on_turn = progress
+    job = daemon.jobs[name]
+    try:
+        job.start(daemon.system.now(), "mlxsupd run")
+        daemon.run(max_seconds=max_seconds)
+    finally:
+        progress.close()
+        daemon.close()
+    summary = summarize(job, time.monotonic() - started)
+    text = json.dumps(summary, indent=2)
+    if summary_path is not None:
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = summary_path.with_name(summary_path.name + f".tmp{os.getpid()}")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, summary_path)
+    print(text)
+    return 0 if summary["outcome"] == "finished" else 1

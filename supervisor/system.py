@@ -1,0 +1,113 @@
+"""The operating-system effects the daemon has: spawn, signal, reap, sample, clock.
+
+Everything behind one small interface so job logic can run against real processes or a deterministic fake.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from supervisor.footprint import GroupSample, GroupSampler, pressure_level, system_memory
+
+
+class WorkerProcess(Protocol):
+    """A spawned worker, leader of its own process group."""
+
+    pid: int
+
+    def poll(self) -> int | None:
+        """Exit status once the leader has exited (negative: killed by that signal), else None."""
+
+    def signal_group(self, signum: int) -> bool:
+        """Send ``signum`` to the whole group; False when nothing was left to signal."""
+
+    def sample(self, now: float) -> GroupSample:
+        """Footprint of the leader and its descendants."""
+
+
+class System(Protocol):
+    """Spawning, clock and machine-wide memory."""
+
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None, log_dir: Path) -> WorkerProcess:
+        ...
+
+    def now(self) -> float:
+        ...
+
+    def memory(self) -> tuple[int, int]:
+        """(available, total) bytes."""
+
+    def pressure(self) -> int | None:
+        ...
+
+
+class RealProcess:
+    """A subprocess in its own session; signalled by group only while the leader is unreaped.
+
+    An unreaped leader (running or zombie) keeps its pid and process-group id reserved, so a group signal
+    can never reach a recycled pid. Once reaped, the group gets one last SIGKILL sweep and is then dropped.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], refresh: float = 1.0) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self._sampler = GroupSampler(popen.pid, refresh_interval=refresh)
+        self._returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self._returncode is None:
+            code = self._popen.poll()
+            if code is not None:
+                self._sweep()
+                self._returncode = code
+        return self._returncode
+
+    def _sweep(self) -> None:
+        # The leader is gone; stragglers it left in its group must not outlive it.
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def signal_group(self, signum: int) -> bool:
+        if self._returncode is not None:
+            return False
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def sample(self, now: float) -> GroupSample:
+        return self._sampler.sample(now)
+
+
+class RealSystem:
+    """The real machine."""
+
+    def __init__(self, sampler_refresh: float = 1.0) -> None:
+        self._refresh = sampler_refresh
+
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None, log_dir: Path) -> RealProcess:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / "stdout.log", "ab") as out, open(log_dir / "stderr.log", "ab") as err:
+            popen = subprocess.Popen(
+                list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                start_new_session=True, close_fds=True,
+            )
+        return RealProcess(popen, self._refresh)
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def memory(self) -> tuple[int, int]:
+        return system_memory()
+
+    def pressure(self) -> int | None:
+        return pressure_level()

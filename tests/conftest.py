@@ -1,0 +1,133 @@
+"""Shared fixtures: short private run dirs, config files, and a guarantee that no worker outlives a test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# A small model keeps end-to-end tests fast on 2 cores; data is the stdlib's own sources.
+SMALL = {"dim": 32, "layers": 1, "heads": 2, "context": 32}
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(value)
+
+
+def write_config(path: Path, daemon: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> Path:
+    lines = ["[daemon]"] + [f"{k} = {toml_value(v)}" for k, v in daemon.items() if not isinstance(v, dict)]
+    for key, table in daemon.items():
+        if isinstance(table, dict):
+            lines += [f"[daemon.{key}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    for name, job in jobs.items():
+        lines.append(f"[jobs.{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in job.items() if k != "train"]
+        if "train" in job:
+            lines.append(f"[jobs.{name}.train]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in job["train"].items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """A short private directory for ipc sockets (pytest's tmp_path can exceed the ipc path limit)."""
+    path = Path(tempfile.mkdtemp(prefix="mlxsup-t-", dir="/tmp"))
+    os.chmod(path, 0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, run_dir: Path) -> Any:
+    """Factory: write a config with the test's private state and run dirs."""
+
+    def make(jobs: dict[str, dict[str, Any]], **daemon: Any) -> Path:
+        daemon = {"run_dir": str(run_dir), "state_dir": str(tmp_path / "state"), **daemon}
+        return write_config(tmp_path / "mlxsup.toml", daemon, jobs)
+
+    return make
+
+
+def _ours(proc: psutil.Process, marker: str) -> bool:
+    try:
+        env = proc.environ()
+        return any(marker in v for v in (env.get("MLXSUP_CHECKPOINT_DIR", ""), env.get("MLXSUP_TEST_MARK", "")))
+    except (psutil.Error, OSError):
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_orphans(tmp_path: Path) -> Iterator[None]:
+    """Fail a test that leaves a worker (or daemon) of its own running; kill them either way."""
+    yield
+    marker = str(tmp_path)
+    deadline = time.monotonic() + 8
+    leftovers: list[psutil.Process] = []
+    while time.monotonic() < deadline:
+        leftovers = [p for p in psutil.process_iter() if p.pid != os.getpid() and _ours(p, marker)]
+        leftovers = [p for p in leftovers if p.status() != psutil.STATUS_ZOMBIE]
+        if not leftovers:
+            return
+        time.sleep(0.2)
+    for proc in leftovers:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+    pytest.fail(f"orphan processes left by the test: {[(p.pid, p.cmdline()) for p in leftovers]}")
+
+
+class Proc:
+    """A child process in its own group, killed (group-wide) and reaped at teardown."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, **kw: Any) -> None:
+        self.popen = subprocess.Popen(argv, env=env, start_new_session=True, **kw)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(timeout=10)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    """Factory for child processes that are always killed by process group afterwards."""
+    procs: list[Proc] = []
+
+    def start(argv: list[str], env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen[bytes]:
+        full_env = {**os.environ, **(env or {}), "MLXSUP_TEST_MARK": str(tmp_path)}
+        proc = Proc(argv, full_env, **kw)
+        procs.append(proc)
+        return proc.popen
+
+    yield start
+    for proc in procs:
+        proc.kill()
+
+
+def mlxsupd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "supervisor.cli", *args]

@@ -1,0 +1,95 @@
+"""The wire protocol: round trips and rejection of anything malformed."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import (
+    MAX_MESSAGE_BYTES,
+    CheckpointSaved,
+    Command,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    ProtocolError,
+    Step,
+    decode,
+    encode,
+)
+
+SAMPLES = [
+    Hello("tok", 123, "demo", 0, 1000, 8, 1),
+    Step(5, 8, 2, 2.5, 0.01, 1 << 30, 1 << 20, 1 << 31, 3 << 30),
+    CheckpointSaved(100, "/tmp/x/ckpt-0000000100", 0.2, 123456),
+    Goodbye("finished", 1000),
+    Heartbeat(1.7e9),
+    Command(Command.CHECKPOINT_EXIT, "leak"),
+]
+
+
+def frame(**body: object) -> bytes:
+    return msgpack.packb(body)  # type: ignore[no-any-return]
+
+
+class TestRoundTrip:
+    """Every message type survives encode then decode unchanged."""
+
+    @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: m.TAG)
+    def test_round_trip(self, message: object) -> None:
+        assert decode(encode(message)) == message  # type: ignore[arg-type]
+
+    def test_int_is_accepted_where_a_float_is_expected(self) -> None:
+        body = {"v": 1, "t": "heartbeat", "sent_at": 5}
+        assert decode(frame(**body)) == Heartbeat(5.0)
+
+    def test_frames_are_small(self) -> None:
+        assert all(len(encode(m)) < 256 for m in SAMPLES)
+
+
+class TestRejection:
+    """Malformed frames raise ProtocolError naming the problem."""
+
+    @pytest.mark.parametrize(
+        ("raw", "needle"),
+        [
+            (b"\xc1garbage", "not valid msgpack"),
+            (msgpack.packb([1, 2]), "must be a map"),
+            (frame(v=2, t="heartbeat", sent_at=1.0), "version 2"),
+            (frame(t="heartbeat", sent_at=1.0), "version None"),
+            (frame(v=1, t="nope"), "unknown message type 'nope'"),
+            (frame(v=1, t="heartbeat"), "missing field 'sent_at'"),
+            (frame(v=1, t="heartbeat", sent_at="now"), "heartbeat.sent_at: expected a number"),
+            (frame(v=1, t="goodbye", reason="x", step=True), "goodbye.step: expected an integer, got bool"),
+            (frame(v=1, t="goodbye", reason="x", step=1, extra=2), "unexpected field"),
+            (frame(v=1, t="command", action="rm -rf /", reason=""), "unknown action"),
+            (frame(v=1, t="heartbeat", sent_at=float("inf")), "infinite"),
+            (frame(v=1, t="goodbye", reason="x" * 5000, step=1), "exceeds"),
+            (b"\x00" * (MAX_MESSAGE_BYTES + 1), "exceeds the maximum"),
+            (encode(Heartbeat(1.0))[:-3], "not valid msgpack"),
+        ],
+    )
+    def test_rejects(self, raw: bytes, needle: str) -> None:
+        with pytest.raises(ProtocolError, match=None) as info:
+            decode(raw)
+        assert needle in str(info.value)
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.binary(max_size=512))
+    def test_random_bytes_only_ever_raise_protocol_error(self, raw: bytes) -> None:
+        try:
+            decode(raw)
+        except ProtocolError:
+            pass
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(st.sampled_from(["v", "t", "step", "token", "pid", "sent_at", "action"]),
+                           st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=8), st.none(), st.booleans()),
+                           max_size=6))
+    def test_random_maps_only_ever_raise_protocol_error(self, body: dict[str, object]) -> None:
+        try:
+            decode(frame(**body))
+        except ProtocolError:
+            pass

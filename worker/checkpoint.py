@@ -1,0 +1,305 @@
+"""Durable, verified checkpoint I/O for MLX training.
+
+A checkpoint is a directory ``ckpt-{step:010d}/`` holding ``model.safetensors``, ``optimizer.safetensors``
+and ``meta.json`` (written last, with the size and SHA-256 of every other file). It is built in a
+``.tmp-ckpt-*`` directory, fsynced, and renamed into place, so a crash at any moment leaves either the old set
+of checkpoints or the new one, never a half-written ``ckpt-*``. Loading verifies every checksum and falls back
+to older checkpoints.
+
+``list_checkpoints`` and ``latest_step`` only look at names and never import mlx: the daemon calls them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+FORMAT = 1
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+META_FILE = "meta.json"
+_CHUNK = 1 << 20
+_RESERVED = ("step", "created", "format", "files")
+_NAME = re.compile(r"ckpt-(\d{10,})")
+# .tmp: a checkpoint being written; .trash: the previous copy of a step being replaced (restorable);
+# .prune: an old checkpoint being deleted (renamed first so a half-deleted one never looks complete).
+_SCRATCH = re.compile(r"\.(tmp|trash|prune)-ckpt-(\d+)-(\d+)-[0-9a-f]+")
+# Scratch directories this process is writing right now; anything else with our pid is left over from a
+# previous process that had the same pid (pids are reused, e.g. in a fresh container).
+_IN_FLIGHT: set[str] = set()
+
+LogFn = Callable[[str, dict[str, Any]], None]
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written or none could be loaded; message names the path and problem."""
+
+
+class _Damaged(Exception):
+    """A checkpoint directory failed verification (internal; load_latest logs it and moves on)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint whose arrays are already evaluated, so its files may be deleted afterwards."""
+
+    path: Path
+    step: int
+    meta: dict[str, Any]
+    model: dict[str, mx.array]
+    optimizer: dict[str, mx.array]
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint directories in ``directory``, oldest first by step; by name only, nothing is verified."""
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = [(int(m.group(1)), Path(e.path)) for e in entries
+             if (m := _NAME.fullmatch(e.name)) and e.is_dir(follow_symlinks=False)]
+    return [path for _, path in sorted(found)]
+
+
+def latest_step(directory: Path) -> int | None:
+    """Step of the newest checkpoint by name (cheap, unverified); None when there is none."""
+    paths = list_checkpoints(directory)
+    return _step_of(paths[-1]) if paths else None
+
+
+def save_checkpoint(directory: Path, step: int, model: dict[str, mx.array], optimizer: dict[str, mx.array],
+                    meta: dict[str, Any], keep: int = 3) -> Path:
+    """Durably write checkpoint ``step`` into ``directory``, keep the newest ``keep``, and return its path.
+
+    Raises CheckpointError (naming the path and the OS error) when it cannot be written; the temp directory is
+    then removed and earlier checkpoints are untouched. Saving an existing step replaces it atomically.
+    """
+    if keep < 1 or step < 0:
+        raise ValueError(f"keep must be >= 1 and step >= 0 (got keep={keep}, step={step})")
+    if clash := [key for key in _RESERVED if key in meta]:
+        raise ValueError(f"meta keys {clash} are reserved by the checkpoint format")
+    json.dumps(meta)  # fail with TypeError before touching the disk if meta is not JSON
+    directory = Path(directory)
+    tmp = directory / f".tmp-ckpt-{step}-{os.getpid()}-{secrets.token_hex(4)}"
+    final = directory / f"ckpt-{step:010d}"
+    _IN_FLIGHT.add(tmp.name)
+    try:
+        _ensure_dir(directory)
+        _clean_scratch(directory)
+        tmp.mkdir()
+        _write_contents(tmp, step, model, optimizer, meta)
+        _install(tmp, final)
+    except (OSError, RuntimeError) as exc:  # mlx reports write failures (e.g. a full disk) as RuntimeError
+        _remove(tmp)
+        raise CheckpointError(f"cannot write checkpoint {final}: {exc}") from exc
+    finally:
+        _IN_FLIGHT.discard(tmp.name)
+    _prune(directory, final, keep)
+    return final
+
+
+def load_latest(directory: Path, log: LogFn | None = None) -> Checkpoint | None:
+    """Load the newest checkpoint that verifies, falling back past damaged ones; None when none verifies.
+
+    Each damaged checkpoint is reported as ``log("checkpoint_damaged", {"path": ..., "problem": ...})`` and
+    left on disk for the operator.
+    """
+    directory = Path(directory)
+    if directory.is_dir():
+        _clean_scratch(directory)
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return _load_verified(path)
+        except _Damaged as exc:
+            if log is not None:
+                log("checkpoint_damaged", {"path": str(path), "problem": str(exc)})
+    return None
+
+
+def _write_contents(tmp: Path, step: int, model: dict[str, mx.array], optimizer: dict[str, mx.array],
+                    meta: dict[str, Any]) -> None:
+    """Write both array files, then meta.json with their checksums, fsyncing each and finally ``tmp``."""
+    import mlx.core as mx  # lazily: the daemon imports this module without mlx
+
+    files: dict[str, dict[str, Any]] = {}
+    for name, arrays in ((MODEL_FILE, model), (OPTIMIZER_FILE, optimizer)):
+        path = tmp / name
+        mx.save_safetensors(str(path), arrays)  # an empty dict gives a valid, tensor-less file
+        digest, size = _hash_file(path, sync=True)
+        files[name] = {"sha256": digest, "bytes": size}
+    record = {**meta, "step": step, "created": time.time(), "format": FORMAT, "files": files}
+    with open(tmp / META_FILE, "w", encoding="utf-8") as fh:
+        json.dump(record, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``, first moving an existing ``final`` aside (rename cannot replace a dir)."""
+    trash: Path | None = None
+    if os.path.lexists(final):
+        trash = final.parent / f".trash-ckpt-{_step_of(final)}-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(final, trash)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if trash is not None:
+            os.rename(trash, final)  # put the previous copy back; tmp is removed by the caller
+        raise
+    _fsync_dir(final.parent)
+    if trash is not None:
+        _remove(trash)
+
+
+def _prune(directory: Path, saved: Path, keep: int) -> None:
+    """Delete all but the newest ``keep - 1`` other checkpoints; ``saved`` stays even if it is not the newest.
+
+    Best effort: the new checkpoint is already durable, and whatever is left is retried on the next save.
+    """
+    others = [path for path in list_checkpoints(directory) if path != saved]
+    for path in others[: max(0, len(others) - (keep - 1))]:
+        doomed = directory / f".prune-ckpt-{_step_of(path)}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.rename(path, doomed)
+        except OSError:
+            continue
+        _remove(doomed)
+
+
+def _load_verified(path: Path) -> Checkpoint:
+    """Verify meta.json and every checksum of one checkpoint, then load and evaluate its arrays."""
+    import mlx.core as mx  # lazily: the daemon imports this module without mlx
+
+    meta = _read_meta(path)
+    for name, expected in meta["files"].items():
+        try:
+            digest, size = _hash_file(path / name, sync=False)
+        except OSError as exc:
+            raise _Damaged(f"{name}: {exc.strerror or exc}") from exc
+        if size != expected["bytes"]:
+            raise _Damaged(f"{name}: {size} bytes, expected {expected['bytes']}")
+        if digest != expected["sha256"]:
+            raise _Damaged(f"{name}: sha256 mismatch")
+    arrays: list[dict[str, mx.array]] = []
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        try:
+            loaded = mx.load(str(path / name))
+            if not isinstance(loaded, dict):
+                raise _Damaged(f"{name}: not a safetensors file")
+            mx.eval(list(loaded.values()))  # read now: the caller may delete the files afterwards
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise _Damaged(f"{name}: {exc}") from exc
+        arrays.append(loaded)
+    return Checkpoint(path=path, step=meta["step"], meta=meta, model=arrays[0], optimizer=arrays[1])
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """Parse meta.json and check the fields verification relies on."""
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise _Damaged(f"{META_FILE}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise _Damaged(f"{META_FILE}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _Damaged(f"{META_FILE}: not a format-{FORMAT} checkpoint record")
+    if meta.get("step") != _step_of(path):
+        raise _Damaged(f"{META_FILE}: step {meta.get('step')!r} does not match the directory name")
+    files = meta.get("files")
+    if not isinstance(files, dict) or set(files) != {MODEL_FILE, OPTIMIZER_FILE} or not all(
+        isinstance(f, dict) and isinstance(f.get("sha256"), str) and isinstance(f.get("bytes"), int)
+        for f in files.values()
+    ):
+        raise _Damaged(f"{META_FILE}: missing or malformed 'files' checksums")
+    return meta
+
+
+def _clean_scratch(directory: Path) -> None:
+    """Remove scratch dirs left by dead writers; restore a replaced step whose new copy never landed."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return  # nothing to clean; a save reports the real problem when it tries to write
+    for entry in entries:
+        match = _SCRATCH.fullmatch(entry.name)
+        if match is None or entry.name in _IN_FLIGHT or _alive(int(match.group(3))):
+            continue
+        kind, step = match.group(1), int(match.group(2))
+        final = directory / f"ckpt-{step:010d}"
+        if kind == "trash" and not os.path.lexists(final):
+            # The writer died between moving the old copy aside and renaming the new one in: the old copy
+            # is a complete checkpoint, so put it back rather than lose the step.
+            try:
+                os.rename(entry.path, final)
+                continue
+            except OSError:
+                pass
+        _remove(Path(entry.path))
+
+
+def _alive(pid: int) -> bool:
+    """Whether another live process has this pid (our own pid counts as dead: see _IN_FLIGHT)."""
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _hash_file(path: Path, *, sync: bool) -> tuple[str, int]:
+    """SHA-256 and size of a file, read in 1 MiB chunks; with ``sync`` also fsync it."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        if sync:
+            os.fsync(fh.fileno())
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _ensure_dir(directory: Path) -> None:
+    """Create ``directory`` if needed, making its new entry durable too."""
+    if not directory.is_dir():
+        directory.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(directory.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """fsync a directory so renames and new entries inside it survive a power loss."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or directory tree, ignoring errors (used only for scratch and pruned entries)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _step_of(path: Path) -> int:
+    """The step encoded in a ``ckpt-{step:010d}`` directory name."""
+    return int(path.name.removeprefix("ckpt-"))

@@ -1,0 +1,263 @@
+"""The Session SDK: what a training loop calls to be supervised.
+
+Everything the daemon asks for happens inside ``end_step``, at a step boundary, so a checkpoint never holds a
+half-updated model. Without a supervisor (no ``MLXSUP_ENDPOINT`` in the environment) the same calls still
+checkpoint and resume; telemetry and commands are simply skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import mlx.core as mx
+import zmq
+from mlx.utils import tree_flatten, tree_unflatten
+
+from protocol import (
+    CheckpointSaved,
+    Command,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    ProtocolError,
+    Step,
+    decode,
+    encode,
+)
+from protocol.messages import EXIT_CHECKPOINTED
+from supervisor.footprint import self_footprint
+from worker import checkpoint as ckpt
+
+ENV_PREFIX = "MLXSUP_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Resumed:
+    """Where a run starts: step 0 on a fresh run, else the step of the checkpoint loaded."""
+
+    step: int
+    extra: dict[str, Any]
+    path: Path | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionSettings:
+    """Per-spawn settings the daemon passes in the environment (all optional)."""
+
+    endpoint: str = ""
+    token: str = ""
+    job: str = "standalone"
+    checkpoint_dir: str = ""
+    batch: int = 0
+    accum: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    orphan_timeout: float = 5.0
+    cache_limit: int = 0
+    cache_clear_bytes: int = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SessionSettings:
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + field.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(field.default)
+            try:
+                values[field.name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}{field.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**values)
+
+
+class Session:
+    """Connection of one training process to its supervisor (or a standalone stand-in)."""
+
+    def __init__(self, settings: SessionSettings, target_steps: int, batch: int, accum: int = 1) -> None:
+        self.settings = settings
+        self.target_steps = target_steps
+        # The daemon's choice (after a shrink) wins over the script's defaults.
+        self.batch = settings.batch or batch
+        self.accum = settings.accum or accum
+        self._model: Any = None
+        self._optimizer: Any = None
+        self._parent = os.getppid()
+        self._last_heard = time.time()
+        self._last_end = time.perf_counter()
+        self._stop_reason = ""
+        self._hello_sent = False
+        self._context: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._socket: zmq.Socket[bytes] | None = None
+        if settings.endpoint:
+            self._connect()
+        if settings.cache_limit:
+            mx.set_cache_limit(settings.cache_limit)
+
+    @classmethod
+    def from_env(cls, target_steps: int, batch: int, accum: int = 1, handle_sigterm: bool = True) -> Session:
+        """Build a session from the ``MLXSUP_*`` environment the daemon sets; standalone when it is absent."""
+        session = cls(SessionSettings.from_env(os.environ), target_steps, batch, accum)
+        if handle_sigterm and session.supervised:
+            signal.signal(signal.SIGTERM, session._on_sigterm)
+        return session
+
+    @property
+    def supervised(self) -> bool:
+        """True when a daemon spawned this process."""
+        return self._socket is not None
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return Path(self.settings.checkpoint_dir) if self.settings.checkpoint_dir else None
+
+    def resume(self, model: Any, optimizer: Any) -> Resumed:
+        """Attach the model and optimizer to checkpoint, and load the newest good checkpoint into them."""
+        self._model, self._optimizer = model, optimizer
+        loaded = None
+        if self.checkpoint_dir is not None:
+            loaded = ckpt.load_latest(self.checkpoint_dir, log=self._log)
+        if loaded is None:
+            resumed = Resumed(step=0, extra={}, path=None)
+        else:
+            model.update(tree_unflatten(list(loaded.model.items())))
+            optimizer.state = tree_unflatten(list(loaded.optimizer.items()))
+            mx.eval(model.parameters(), optimizer.state)
+            resumed = Resumed(step=loaded.step, extra=dict(loaded.meta.get("extra", {})), path=loaded.path)
+        self._say_hello(resumed.step)
+        self._last_end = time.perf_counter()
+        return resumed
+
+    def end_step(self, step: int, loss: float, extra: dict[str, Any] | None = None) -> None:
+        """Report optimizer step ``step`` (1-based count of steps done) and act on pending commands.
+
+        May not return: on checkpoint-and-exit it saves, says goodbye and raises ``SystemExit(75)``.
+        """
+        now = time.perf_counter()
+        if self._socket is not None:
+            if not self._hello_sent:
+                self._say_hello(step - 1)
+            self._send(Step(step, self.batch, self.accum, float(loss), now - self._last_end,
+                            mx.get_active_memory(), mx.get_cache_memory(), mx.get_peak_memory(),
+                            self_footprint()))
+            mx.reset_peak_memory()
+        self._last_end = now
+        settings = self.settings
+        if settings.cache_clear_bytes and mx.get_cache_memory() > settings.cache_clear_bytes:
+            mx.clear_cache()
+        actions = self._poll() if self._socket is not None else []
+        if self._stop_reason:
+            actions.append(Command(Command.CHECKPOINT_EXIT, self._stop_reason))
+        if any(a.action == Command.CLEAR_CACHE for a in actions):
+            mx.clear_cache()
+        exit_command = next((a for a in actions if a.action == Command.CHECKPOINT_EXIT), None)
+        periodic = settings.checkpoint_every and step % settings.checkpoint_every == 0
+        if exit_command is not None or periodic or any(a.action == Command.CHECKPOINT for a in actions):
+            self.save(step, extra)
+        if exit_command is not None:
+            self._leave(exit_command.reason or "asked", step, EXIT_CHECKPOINTED)
+
+    def save(self, step: int, extra: dict[str, Any] | None = None) -> Path | None:
+        """Write a durable checkpoint of the attached model and optimizer; None when no directory is set."""
+        if self.checkpoint_dir is None or self._model is None:
+            return None
+        started = time.perf_counter()
+        meta = {"batch": self.batch, "accum": self.accum, "job": self.settings.job, "extra": extra or {}}
+        path = ckpt.save_checkpoint(
+            self.checkpoint_dir, step,
+            dict(tree_flatten(self._model.parameters())), dict(tree_flatten(self._optimizer.state)),
+            meta, keep=self.settings.keep_checkpoints,
+        )
+        nbytes = sum(f.stat().st_size for f in path.iterdir())
+        self._send(CheckpointSaved(step, str(path), time.perf_counter() - started, nbytes))
+        return path
+
+    def finish(self, step: int, extra: dict[str, Any] | None = None) -> None:
+        """Training is done: save a final checkpoint and tell the daemon (the process may then exit 0)."""
+        self.save(step, extra)
+        self._send(Goodbye("finished", step))
+        self.close()
+
+    def close(self) -> None:
+        """Flush pending telemetry (bounded) and release the socket."""
+        if self._socket is not None:
+            self._socket.close(linger=1000)
+            self._socket = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._context = zmq.Context()
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.RCVHWM, 1_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(self.settings.endpoint)
+        self._socket = sock
+
+    def _say_hello(self, start_step: int) -> None:
+        if self._socket is None or self._hello_sent:
+            return
+        self._hello_sent = True
+        self._send(Hello(self.settings.token, os.getpid(), self.settings.job, start_step,
+                         self.target_steps, self.batch, self.accum))
+
+    def _send(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat) -> None:
+        if self._socket is None:
+            return
+        try:
+            self._socket.send(encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # telemetry is best effort; the daemon samples our footprint itself
+
+    def _poll(self) -> list[Command]:
+        assert self._socket is not None
+        commands: list[Command] = []
+        while self._socket.poll(0):
+            frame = self._socket.recv(zmq.NOBLOCK)
+            try:
+                message = decode(frame)
+            except ProtocolError as exc:
+                self._log("bad_frame_from_daemon", {"problem": str(exc)})
+                continue
+            if isinstance(message, Heartbeat):
+                self._last_heard = max(self._last_heard, message.sent_at)
+            elif isinstance(message, Command):
+                self._last_heard = time.time()
+                commands.append(message)
+        if os.getppid() != self._parent:
+            self._stop_reason = "daemon_lost"
+        elif time.time() - self._last_heard > self.settings.orphan_timeout:
+            self._stop_reason = "daemon_silent"
+        return commands
+
+    def _leave(self, reason: str, step: int, code: int) -> None:
+        self._log("worker_exit", {"reason": reason, "step": step})
+        self._send(Goodbye(reason, step))
+        self.close()
+        raise SystemExit(code)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self._stop_reason = "sigterm"
+
+    def _log(self, event: str, fields: dict[str, Any]) -> None:
+        details = " ".join(f"{k}={v}" for k, v in fields.items())
+        print(f"[worker {self.settings.job}] {event} {details}", file=sys.stderr, flush=True)

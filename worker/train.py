@@ -1,0 +1,52 @@
+"""The built-in job's training loop, written against the public Session SDK like any user loop."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+
+from worker.inject import Leak, transient_peak
+from worker.lm import ByteLM, ModelConfig, accumulated_grads, load_corpus, loss_fn, step_batch
+from worker.session import Session
+
+FaultDue = Callable[[int, int], bool]
+
+
+def build(args: argparse.Namespace) -> tuple[ByteLM, optim.Optimizer]:
+    """Model and optimizer, initialised deterministically from the seed."""
+    mx.random.seed(args.seed)
+    model = ByteLM(ModelConfig(dim=args.dim, layers=args.layers, heads=args.heads, context=args.context))
+    mx.eval(model.parameters())
+    return model, optim.AdamW(learning_rate=args.lr)
+
+
+def train(session: Session, args: argparse.Namespace, fault_due: FaultDue) -> None:
+    """Train to ``args.steps`` optimizer steps, resuming from the session's latest checkpoint."""
+    model, optimizer = build(args)
+    corpus = load_corpus(args.data)
+    step = session.resume(model, optimizer).step
+    grad_fn = nn.value_and_grad(model, loss_fn)
+    leak = Leak(args.leak_mb_per_step)
+    done_in_life = 0
+    while step < args.steps:
+        if fault_due(args.crash_after_steps, done_in_life):
+            raise SystemExit(3)
+        if fault_due(args.hang_after_steps, done_in_life):
+            time.sleep(3600)  # a hung worker; the daemon must notice and kill it
+        tokens = step_batch(corpus, args.seed, step, session.batch * session.accum, args.context)
+        peak_on = args.peak_until_step <= 0 or step < args.peak_until_step
+        peak = transient_peak(args.peak_mb_per_sample if peak_on else 0.0, session.batch)
+        loss, grads = accumulated_grads(grad_fn, model, tokens, session.batch)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state, loss)
+        del peak
+        leak.step(step, grads)
+        step += 1
+        done_in_life += 1
+        session.end_step(step, loss.item(), extra={"data_position": step, "seed": args.seed})
+    session.finish(step, extra={"data_position": step, "seed": args.seed})
