@@ -86,7 +86,7 @@ class JobConfig:
     backoff_max: float = _f(60.0, "longest delay between restarts", "s")
     max_attempts_without_progress: int = _f(5, "consecutive starts without a newer checkpoint before FATAL")
     cache_clear: str = _f("0", "worker clears MLX's cache above this many bytes (0: never)")
-    cache_limit: str = _f("0", "MLX cache limit set in the worker (0: MLX default)")
+    cache_limit: str = _f("10%", "MLX cache limit set in the worker: percent of budget or bytes (0: MLX's default)")
 
     def limits(self, total: int) -> Limits:
         """Resolve budget, warn and kill to bytes (validated at load)."""
@@ -243,7 +243,7 @@ def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
         limits = job.limits(total)
         parse_bytes(job.leak_threshold)
         parse_bytes(job.cache_clear)
-        parse_bytes(job.cache_limit)
+        parse_fraction_of(job.cache_limit, limits.budget)
     except SizeError as exc:
         raise ConfigError(f"{prefix}: {exc}") from None
     if not limits.warn <= limits.budget < limits.kill:

@@ -33,7 +33,7 @@ from supervisor.policy import (
     on_sample,
     on_step,
 )
-from supervisor.sizes import parse_bytes
+from supervisor.sizes import parse_bytes, parse_fraction_of
 from supervisor.states import PROCESS_STATES, JobState, check_transition
 from supervisor.system import System, WorkerProcess
 from worker.checkpoint import latest_step
@@ -251,7 +251,7 @@ class Job:
         if message.step_seconds > 0:
             stats.steps_per_second = 0.9 * stats.steps_per_second + 0.1 / message.step_seconds
         self._note_batch(message.step, message.batch, message.accum)
-        life.estimator.observe_step(message.step, message.footprint)
+        life.estimator.observe_step(message.step, message.footprint, message.mlx_peak - message.mlx_active)
         life.healthy_steps += 1
         self.publish(self.name, "telemetry", {
             "step": message.step, "loss": message.loss, "batch": message.batch, "accum": message.accum,
@@ -438,7 +438,7 @@ class Job:
             "MLXSUP_ACCUM": str(self.accum), "MLXSUP_CHECKPOINT_EVERY": str(config.checkpoint_every),
             "MLXSUP_KEEP_CHECKPOINTS": str(config.keep_checkpoints),
             "MLXSUP_ORPHAN_TIMEOUT": str(self.orphan_timeout),
-            "MLXSUP_CACHE_LIMIT": str(parse_bytes(config.cache_limit)),
+            "MLXSUP_CACHE_LIMIT": str(parse_fraction_of(config.cache_limit, self.limits.budget)),
             "MLXSUP_CACHE_CLEAR_BYTES": str(parse_bytes(config.cache_clear)),
         })
         return env

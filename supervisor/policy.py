@@ -91,12 +91,13 @@ class Estimator:
     def observe_sample(self, sampled: int) -> None:
         self.step_peak = max(self.step_peak, sampled)
 
-    def observe_step(self, step: int, level: int) -> None:
-        """Record the footprint at the end of ``step`` (and the peak seen during it)."""
+    def observe_step(self, step: int, level: int, reported_transient: int = 0) -> None:
+        """Record the footprint at the end of ``step``, with the in-step excursion: the larger of what the
+        samples saw and what the worker reported (MLX's per-step peak over its active memory)."""
         self.steps_seen += 1
         if self.steps_seen > self.config.warmup_steps:
             self.levels.append((step, level))
-            self.transients.append(max(0, self.step_peak - level))
+            self.transients.append(max(0, self.step_peak - level, reported_transient))
             if self.baseline is None or level < self.baseline:
                 self.baseline = level
         self.step_peak = level

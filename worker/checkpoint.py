@@ -296,8 +296,11 @@ def _remove(path: Path) -> None:
     """Delete a file or directory tree, ignoring errors (used only for scratch and pruned entries)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    else:
+        return
+    try:
         path.unlink(missing_ok=True)
+    except OSError:
+        pass  # e.g. the parent is not a directory: there is nothing of ours to remove
 
 
 def _step_of(path: Path) -> int:

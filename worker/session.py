@@ -159,6 +159,8 @@ class Session:
         if any(a.action == Command.CLEAR_CACHE for a in actions):
             mx.clear_cache()
         exit_command = next((a for a in actions if a.action == Command.CHECKPOINT_EXIT), None)
+        if exit_command is not None and step >= self.target_steps:
+            exit_command = None  # the loop is about to finish (and checkpoint) anyway
         periodic = settings.checkpoint_every and step % settings.checkpoint_every == 0
         if exit_command is not None or periodic or any(a.action == Command.CHECKPOINT for a in actions):
             self.save(step, extra)

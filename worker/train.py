@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from worker.inject import Leak, transient_peak
+from worker.inject import Leak, transient_peak, use_peak
 from worker.lm import ByteLM, ModelConfig, accumulated_grads, load_corpus, loss_fn, step_batch
 from worker.session import Session
 
@@ -44,6 +44,7 @@ def train(session: Session, args: argparse.Namespace, fault_due: FaultDue) -> No
         loss, grads = accumulated_grads(grad_fn, model, tokens, session.batch)
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state, loss)
+        use_peak(peak)
         del peak
         leak.step(step, grads)
         step += 1

@@ -1,0 +1,306 @@
+"""Footprints measured from outside, on real processes; macOS APIs only through fakes named as such."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import psutil
+import pytest
+
+from supervisor import footprint
+from supervisor.footprint import (
+    RUSAGE_INFO_V2,
+    GroupSample,
+    GroupSampler,
+    pressure_level,
+    process_footprint,
+    self_footprint,
+    system_memory,
+)
+
+MiB = 1024 * 1024
+PAGE = 4096
+
+# Allocates argv[1] bytes and touches every page (calloc'd pages cost nothing until written), then idles.
+ALLOCATE = """
+import sys, time
+size = int(sys.argv[1])
+ballast = bytearray(size)
+ballast[::4096] = b"\\x01" * len(range(0, size, 4096))
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+# A worker stand-in that starts and reaps an allocating grandchild when told to on stdin.
+PARENT = """
+import subprocess, sys
+grandchild = None
+for line in sys.stdin:
+    if line.strip() == "spawn":
+        grandchild = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE)
+        assert grandchild.stdout.readline() == b"ready\\n"
+        print(grandchild.pid, flush=True)
+    elif line.strip() == "reap":
+        print(grandchild.wait(), flush=True)
+"""
+
+Spawn = Callable[..., "subprocess.Popen[bytes]"]
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Start `python -c SCRIPT ARGS...` in its own session; the whole group is killed and reaped afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(script: str, *args: object) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, *map(str, args)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        # Only an unreaped leader keeps its group id reserved: never signal a group we already reaped.
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> str:
+    """The child's next stdout line, failing the test instead of hanging when it never comes."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"child {proc.pid} said nothing within {timeout}s"
+    line = proc.stdout.readline().decode()
+    assert line, f"child {proc.pid} exited (status {proc.poll()})"
+    return line.strip()
+
+
+def tell(proc: subprocess.Popen[bytes], command: str) -> str:
+    assert proc.stdin is not None
+    proc.stdin.write(command.encode() + b"\n")
+    proc.stdin.flush()
+    return read_line(proc)
+
+
+def touched(size: int) -> bytearray:
+    ballast = bytearray(size)
+    ballast[::PAGE] = b"\x01" * len(range(0, size, PAGE))
+    return ballast
+
+
+def own_reference() -> int:
+    """What self_footprint should agree with: RSS, or on macOS the physical footprint libproc reports."""
+    if sys.platform == "darwin":
+        value = process_footprint(os.getpid())
+        assert value is not None
+        return value
+    return int(psutil.Process().memory_info().rss)
+
+
+class TestProcessFootprint:
+    """process_footprint of real processes, live and dead."""
+
+    def test_child_allocating_200mb_measures_at_least_200mb(self, spawn: Spawn) -> None:
+        child = spawn(ALLOCATE, 200 * MiB)
+        assert read_line(child) == "ready"
+        value = process_footprint(child.pid)
+        assert value is not None
+        assert value >= 200 * MiB
+
+    def test_dead_pid_is_none(self, spawn: Spawn) -> None:
+        child = spawn("pass")
+        child.wait(timeout=10)
+        assert process_footprint(child.pid) is None
+
+    def test_own_pid_agrees_with_psutil(self) -> None:
+        value = process_footprint(os.getpid())
+        assert value is not None
+        assert value == pytest.approx(own_reference(), rel=0.1)
+
+
+class TestGroupSampler:
+    """GroupSampler over a real worker stand-in and its grandchild."""
+
+    GRANDCHILD = 100 * MiB
+
+    def test_sums_leader_and_grandchild(self, spawn: Spawn) -> None:
+        leader = spawn(PARENT, ALLOCATE, self.GRANDCHILD)
+        grandchild = int(tell(leader, "spawn"))
+        sample = GroupSampler(leader.pid).sample(time.monotonic())
+        assert sample.complete
+        assert sample.pids == 2
+        assert sample.bytes >= self.GRANDCHILD
+        parts = [process_footprint(leader.pid), process_footprint(grandchild)]
+        assert None not in parts
+        assert sample.bytes == pytest.approx(sum(p for p in parts if p is not None), rel=0.05)
+
+    def test_descendants_rescanned_at_most_every_interval(self, spawn: Spawn) -> None:
+        leader = spawn(PARENT, ALLOCATE, self.GRANDCHILD)
+        sampler = GroupSampler(leader.pid, refresh_interval=10.0)
+        assert sampler.sample(100.0).pids == 1
+        tell(leader, "spawn")
+        before_rescan = sampler.sample(109.9)
+        assert (before_rescan.pids, before_rescan.complete) == (1, True)
+        assert before_rescan.bytes < self.GRANDCHILD
+        after_rescan = sampler.sample(110.0)
+        assert (after_rescan.pids, after_rescan.complete) == (2, True)
+        assert after_rescan.bytes >= self.GRANDCHILD
+
+    def test_exited_grandchild_costs_one_incomplete_sample(self, spawn: Spawn) -> None:
+        leader = spawn(PARENT, ALLOCATE, self.GRANDCHILD)
+        grandchild = int(tell(leader, "spawn"))
+        sampler = GroupSampler(leader.pid, refresh_interval=60.0)
+        assert sampler.sample(0.0).pids == 2
+        os.kill(grandchild, signal.SIGKILL)
+        assert tell(leader, "reap") == str(-signal.SIGKILL)
+        stale = sampler.sample(1.0)  # the cached list still names the grandchild
+        assert (stale.pids, stale.complete) == (1, False)
+        rescanned = sampler.sample(1.1)  # an incomplete sample forces a rescan despite the 60 s interval
+        assert (rescanned.pids, rescanned.complete) == (1, True)
+        assert rescanned.bytes < self.GRANDCHILD
+
+    def test_dead_leader_is_never_complete(self, spawn: Spawn) -> None:
+        leader = spawn(PARENT, ALLOCATE, self.GRANDCHILD)
+        tell(leader, "spawn")
+        sampler = GroupSampler(leader.pid, refresh_interval=60.0)
+        assert sampler.sample(0.0).pids == 2
+        os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait(timeout=10)
+        assert not sampler.sample(1.0).complete
+        assert sampler.sample(2.0) == GroupSample(bytes=0, pids=0, complete=False)
+
+    def test_pid_that_never_existed(self, spawn: Spawn) -> None:
+        gone = spawn("pass")
+        gone.wait(timeout=10)
+        assert GroupSampler(gone.pid).sample(0.0) == GroupSample(bytes=0, pids=0, complete=False)
+
+
+class TestSelfFootprint:
+    """self_footprint: right, cheap, and still ours after a fork."""
+
+    def test_within_10_percent_of_psutil(self) -> None:
+        assert self_footprint() == pytest.approx(own_reference(), rel=0.1)
+
+    def test_sees_our_own_allocation(self) -> None:
+        before = self_footprint()
+        ballast = touched(100 * MiB)
+        assert self_footprint() - before >= 95 * MiB
+        del ballast
+
+    def test_cost_micro_benchmark(self, capsys: pytest.CaptureFixture[str]) -> None:
+        calls = 100_000
+        start = time.perf_counter()
+        for _ in range(calls):
+            self_footprint()
+        ours = (time.perf_counter() - start) / calls
+        proc = psutil.Process()
+        start = time.perf_counter()
+        for _ in range(calls // 10):
+            proc.memory_info()
+        theirs = (time.perf_counter() - start) / (calls // 10)
+        with capsys.disabled():
+            print(f"\nself_footprint: {ours * 1e6:.2f} µs/call (psutil memory_info: {theirs * 1e6:.2f} µs/call)")
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    def test_forked_child_reports_its_own_memory_not_the_parents(self) -> None:
+        ballast = touched(200 * MiB)
+        parent = self_footprint()  # caches the parent's reader before the fork
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            status = 1
+            try:
+                del ballast  # the child unmaps its copy; the parent keeps its own
+                os.write(write_end, f"{self_footprint()} {own_reference()}".encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        report = os.read(read_end, 100).decode()
+        os.close(read_end)
+        assert os.waitpid(pid, 0)[1] == 0
+        child, child_reference = map(int, report.split())
+        assert child == pytest.approx(child_reference, rel=0.1)
+        assert child < parent - 150 * MiB
+        del ballast
+
+
+class TestMacosApisWithFakes:
+    """The macOS ctypes paths, driven by Python fakes of the C functions (runs on every platform)."""
+
+    def test_rusage_info_v2_layout_matches_sys_resource_h(self) -> None:
+        struct = footprint._rusage_info_v2_type()
+        assert ctypes.sizeof(struct) == 16 + 18 * 8
+        assert struct.ri_resident_size.offset == 64  # type: ignore[attr-defined]
+        assert struct.ri_phys_footprint.offset == 72  # type: ignore[attr-defined]
+        assert struct.ri_diskio_byteswritten.offset == 152  # type: ignore[attr-defined]
+        assert RUSAGE_INFO_V2 == 2
+
+    def test_macos_phys_footprint_read_from_fake_libproc(self) -> None:
+        calls: list[tuple[int, int]] = []
+
+        def fake_proc_pid_rusage(pid: int, flavor: int, buffer: object) -> int:
+            calls.append((pid, flavor))
+            address = ctypes.cast(buffer, ctypes.c_void_p).value
+            assert address is not None
+            # Write where the C struct keeps the fields, independently of our ctypes mirror.
+            ctypes.c_uint64.from_address(address + 64).value = 111  # ri_resident_size
+            ctypes.c_uint64.from_address(address + 72).value = 3 * 1024**3 + 5  # ri_phys_footprint
+            return 0
+
+        assert footprint._macos_phys_footprint(4242, fake_proc_pid_rusage) == 3 * 1024**3 + 5
+        assert calls == [(4242, 2)]
+
+    def test_macos_phys_footprint_is_none_when_fake_libproc_fails(self) -> None:
+        assert footprint._macos_phys_footprint(4242, lambda pid, flavor, buffer: -1) is None
+
+    def test_macos_pressure_level_read_from_fake_sysctlbyname(self) -> None:
+        def fake_sysctlbyname(name: bytes, old: object, old_size: object, new: object, new_size: int) -> int:
+            assert name == b"kern.memorystatus_vm_pressure_level"
+            assert (new, new_size) == (None, 0)
+            size = ctypes.cast(old_size, ctypes.POINTER(ctypes.c_size_t)).contents
+            assert size.value == ctypes.sizeof(ctypes.c_int)
+            ctypes.cast(old, ctypes.POINTER(ctypes.c_int)).contents.value = 4
+            return 0
+
+        assert footprint._macos_pressure_level(fake_sysctlbyname) == 4
+
+    def test_macos_pressure_level_is_none_when_fake_sysctlbyname_fails(self) -> None:
+        assert footprint._macos_pressure_level(lambda *args: -1) is None
+
+
+class TestMachine:
+    """system_memory, pressure_level, and what importing the module costs."""
+
+    def test_system_memory(self) -> None:
+        available, total = system_memory()
+        assert 0 < available <= total
+        assert total == psutil.virtual_memory().total
+
+    def test_pressure_level(self) -> None:
+        if sys.platform == "darwin":
+            assert pressure_level() in (1, 2, 4)
+        else:
+            assert pressure_level() is None
+
+    def test_import_pulls_in_neither_ctypes_nor_mlx(self) -> None:
+        probe = "import sys, supervisor.footprint; print(sorted({'ctypes', 'mlx'} & set(sys.modules)))"
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "[]"
