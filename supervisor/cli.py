@@ -17,20 +17,30 @@ from supervisor.logs import configure
 EXIT_CONFIG = 2
 
 
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted both before and after the subcommand."""
+    parent = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if suppress else None
+    parent.add_argument("-c", "--config", type=Path, default=default,
+                        help=f"config file (default: {paths.default_config_path()})")
+    parent.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        default=argparse.SUPPRESS if suppress else "info", help="default: info")
+    parent.add_argument("--log-format", choices=["auto", "console", "json"], default=default,
+                        help="override daemon.log_format")
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlxsupd",
         description="Supervise MLX training workers under hard memory budgets.",
-        epilog="Without a subcommand, runs the daemon in the foreground for every job in the config.",
+        epilog="Without a subcommand, runs the daemon in the foreground for every job in the config "
+        "(as launchd and systemd expect). Exit status: 0 ok, 1 job did not finish, 2 config or usage error.",
+        parents=[_common(False)],
     )
-    parser.add_argument("-c", "--config", type=Path, default=None,
-                        help=f"config file (default: {paths.default_config_path()})")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", default=None, choices=["auto", "console", "json"],
-                        help="override daemon.log_format")
     sub = parser.add_subparsers(dest="command")
-    run = sub.add_parser("run", help="supervise one job in the foreground until it finishes or gives up")
-    run.add_argument("-c", "--config", type=Path, dest="run_config", default=None, help="config file")
+    run = sub.add_parser("run", parents=[_common(True)],
+                         help="supervise one job in the foreground until it finishes or gives up")
     run.add_argument("job", help="name of a job in the config")
     run.add_argument("--summary", type=Path, default=None, help="also write the JSON summary to this file")
     run.add_argument("--max-seconds", type=float, default=None, help="give up (stop the job) after this long")
@@ -40,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    config_path = getattr(args, "run_config", None) or args.config or paths.default_config_path()
+    config_path = args.config or paths.default_config_path()
     try:
         config = load_config(config_path)
     except ConfigError as exc:

@@ -304,9 +304,10 @@ class Job:
             elif not life.term_sent:
                 self._check_liveness(life, now)
         elif self.state == JobState.BACKOFF and now >= self.retry_at:
-            self.start(now, self.restart_reason)
+            self._restart(now, self.restart_reason)
         elif self.state == JobState.WAITING_FOR_MEMORY and available >= resume_above:
-            self.start(now, f"memory back: available {available} >= {resume_above}")
+            self.log.info("memory_back", available=available, resume_above=resume_above)
+            self._restart(now, Diagnosis.SYSTEM_FLOOR.value)
 
     def next_deadline(self) -> float:
         life = self.life
@@ -401,9 +402,10 @@ class Job:
         elif pending is not None or code == EXIT_CHECKPOINTED:
             reason = pending.diagnosis.value if pending and pending.diagnosis else (life.goodbye or "checkpointed")
             self._restart(now, reason)
+        elif life.term_sent:
+            self._after_failure(now, self.restart_reason)  # we killed it: hung or past a deadline
         else:
-            self.crashes = 0 if progress else self.crashes
-            self._after_failure(now, f"exit {code}" + ("" if code >= 0 else f" (signal {-code})"))
+            self._after_failure(now, f"exit {code}" if code >= 0 else f"killed by signal {-code}")
 
     def _after_failure(self, now: float, reason: str) -> None:
         self.crashes += 1
@@ -416,6 +418,7 @@ class Job:
         self.change_state(JobState.BACKOFF, reason, delay=round(delay, 3))
 
     def _restart(self, now: float, reason: str) -> None:
+        """Start the next life of this job; every start after the first counts as a restart."""
         self.stats.restarts += 1
         self.stats.restart_reasons[reason] += 1
         self.history.record("restart", reason=reason, batch=self.batch, accum=self.accum)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -36,6 +37,7 @@ WRITER = Path(__file__).with_name("_ckpt_writer.py")
 IMPORT_ROOT = Path(ck.__file__).parent.parent
 
 Events = list[tuple[str, dict[str, Any]]]
+Spawn = Callable[[Path, int], subprocess.Popen[str]]
 
 
 def same_bits(a: mx.array, b: mx.array) -> bool:
@@ -112,7 +114,8 @@ class TestRoundTrip:
         model, optimizer = trainer.flat()
         path = save_checkpoint(tmp_path, 1, model, optimizer, {"batch": 32, "extra": {"lr": 0.01}})
         assert path == tmp_path / "ckpt-0000000001"
-        assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.safetensors", "optimizer.safetensors"]
+        names = sorted(p.name for p in path.iterdir())
+        assert names == ["meta.json", "model.safetensors", "optimizer.safetensors"]
         ckpt = load_latest(tmp_path)
         assert ckpt is not None and ckpt.path == path and ckpt.step == 1
         assert_same_arrays(ckpt.model, model)
@@ -223,7 +226,9 @@ def delete_model_file(path: Path) -> None:
     (path / "model.safetensors").unlink()
 
 
-DAMAGE = [truncate_model, flip_byte_optimizer, delete_meta, garbage_meta, meta_without_files, delete_model_file]
+DAMAGE = [
+    truncate_model, flip_byte_optimizer, delete_meta, garbage_meta, meta_without_files, delete_model_file,
+]
 
 
 class TestDamage:
@@ -271,13 +276,14 @@ class TestListing:
 
     def test_listing_does_not_import_mlx(self, tmp_path: Path) -> None:
         save_step(tmp_path, 4)
+        where = f"Path({str(tmp_path)!r})"
         probe = (
             "import importlib.util, sys\n"
             "from pathlib import Path\n"
             f"spec = importlib.util.spec_from_file_location('ckpt_probe', {ck.__file__!r})\n"
             "mod = importlib.util.module_from_spec(spec); sys.modules['ckpt_probe'] = mod\n"
             "spec.loader.exec_module(mod)\n"
-            f"print(mod.latest_step(Path({str(tmp_path)!r})), len(mod.list_checkpoints(Path({str(tmp_path)!r}))))\n"
+            f"print(mod.latest_step({where}), len(mod.list_checkpoints({where})))\n"
             "assert 'mlx' not in sys.modules, 'mlx was imported'\n"
         )
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
@@ -350,7 +356,7 @@ class TestWriteErrors:
 
 
 @pytest.fixture
-def spawn() -> Iterator[Callable[[Path, int], subprocess.Popen[str]]]:
+def spawn() -> Iterator[Spawn]:
     """Start checkpoint writers in their own session; whatever happens, kill and reap them all."""
     procs: list[subprocess.Popen[str]] = []
 
@@ -365,10 +371,8 @@ def spawn() -> Iterator[Callable[[Path, int], subprocess.Popen[str]]]:
     yield start
     for proc in procs:
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
@@ -390,7 +394,7 @@ class TestCrashSafety:
     """SIGKILL at random moments never leaves the directory without a verified checkpoint."""
 
     @pytest.mark.timeout(90)
-    def test_sigkill_during_saves(self, tmp_path: Path, spawn: Callable[[Path, int], subprocess.Popen[str]]) -> None:
+    def test_sigkill_during_saves(self, tmp_path: Path, spawn: Spawn) -> None:
         rng = random.Random(os.getpid())
         floats = 12_000_000  # 48 MB model + 24 MB optimizer per checkpoint
         steps_seen = []
@@ -400,15 +404,14 @@ class TestCrashSafety:
             time.sleep(rng.uniform(0.0, 0.8))
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            print('before', scratch_entries(tmp_path), [p.name for p in list_checkpoints(tmp_path)])
             events, log = recorder()
             ckpt = load_latest(tmp_path, log=log)
             assert events == [], events
             assert ckpt is not None
             assert ckpt.step == latest_step(tmp_path)
-            assert bool(mx.all(ckpt.model["layer.weight"] == ckpt.step)) and ckpt.model["layer.weight"].size == floats
-            assert bool(mx.all(ckpt.optimizer["state.m"] == ckpt.step)) and ckpt.optimizer["step"].item() == ckpt.step
+            weight, moment = ckpt.model["layer.weight"], ckpt.optimizer["state.m"]
+            assert weight.size == floats and bool(mx.all(weight == ckpt.step))
+            assert bool(mx.all(moment == ckpt.step)) and ckpt.optimizer["step"].item() == ckpt.step
             assert scratch_entries(tmp_path) == []  # the dead writer's temp or trash dir was cleaned up
             steps_seen.append(ckpt.step)
         assert steps_seen == sorted(steps_seen)
-        print('steps', steps_seen)

@@ -99,3 +99,13 @@ class TestInvalid:
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 2
         assert "jobs.a" in done.stderr and "lots" in done.stderr
+
+
+class TestReference:
+    """README's config reference is the generated one."""
+
+    def test_readme_matches_generated_reference(self) -> None:
+        from supervisor.docs import config_reference
+
+        root = Path(__file__).resolve().parent.parent
+        assert config_reference() in (root / "README.md").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -44,7 +46,8 @@ import subprocess, sys
 grandchild = None
 for line in sys.stdin:
     if line.strip() == "spawn":
-        grandchild = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE)
+        argv = [sys.executable, "-c", sys.argv[1], sys.argv[2]]
+        grandchild = subprocess.Popen(argv, stdout=subprocess.PIPE)
         assert grandchild.stdout.readline() == b"ready\\n"
         print(grandchild.pid, flush=True)
     elif line.strip() == "reap":
@@ -56,7 +59,7 @@ Spawn = Callable[..., "subprocess.Popen[bytes]"]
 
 @pytest.fixture
 def spawn() -> Iterator[Spawn]:
-    """Start `python -c SCRIPT ARGS...` in its own session; the whole group is killed and reaped afterwards."""
+    """Start `python -c SCRIPT ARGS...` in its own session; its whole group is killed and reaped after."""
     started: list[subprocess.Popen[bytes]] = []
 
     def start(script: str, *args: object) -> subprocess.Popen[bytes]:
@@ -71,10 +74,8 @@ def spawn() -> Iterator[Spawn]:
     for proc in started:
         # Only an unreaped leader keeps its group id reserved: never signal a group we already reaped.
         if proc.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait(timeout=10)
         for pipe in (proc.stdin, proc.stdout):
             if pipe is not None:
@@ -215,7 +216,7 @@ class TestSelfFootprint:
             proc.memory_info()
         theirs = (time.perf_counter() - start) / (calls // 10)
         with capsys.disabled():
-            print(f"\nself_footprint: {ours * 1e6:.2f} µs/call (psutil memory_info: {theirs * 1e6:.2f} µs/call)")
+            print(f"\nself_footprint: {ours * 1e6:.2f} µs/call (psutil memory_info: {theirs * 1e6:.2f} µs)")
 
     @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
     def test_forked_child_reports_its_own_memory_not_the_parents(self) -> None:
@@ -247,15 +248,15 @@ class TestMacosApisWithFakes:
     def test_rusage_info_v2_layout_matches_sys_resource_h(self) -> None:
         struct = footprint._rusage_info_v2_type()
         assert ctypes.sizeof(struct) == 16 + 18 * 8
-        assert struct.ri_resident_size.offset == 64  # type: ignore[attr-defined]
-        assert struct.ri_phys_footprint.offset == 72  # type: ignore[attr-defined]
-        assert struct.ri_diskio_byteswritten.offset == 152  # type: ignore[attr-defined]
+        assert struct.ri_resident_size.offset == 64
+        assert struct.ri_phys_footprint.offset == 72
+        assert struct.ri_diskio_byteswritten.offset == 152
         assert RUSAGE_INFO_V2 == 2
 
     def test_macos_phys_footprint_read_from_fake_libproc(self) -> None:
         calls: list[tuple[int, int]] = []
 
-        def fake_proc_pid_rusage(pid: int, flavor: int, buffer: object) -> int:
+        def fake_proc_pid_rusage(pid: int, flavor: int, buffer: Any) -> int:
             calls.append((pid, flavor))
             address = ctypes.cast(buffer, ctypes.c_void_p).value
             assert address is not None
@@ -271,7 +272,7 @@ class TestMacosApisWithFakes:
         assert footprint._macos_phys_footprint(4242, lambda pid, flavor, buffer: -1) is None
 
     def test_macos_pressure_level_read_from_fake_sysctlbyname(self) -> None:
-        def fake_sysctlbyname(name: bytes, old: object, old_size: object, new: object, new_size: int) -> int:
+        def fake_sysctlbyname(name: bytes, old: Any, old_size: Any, new: Any, new_size: int) -> int:
             assert name == b"kern.memorystatus_vm_pressure_level"
             assert (new, new_size) == (None, 0)
             size = ctypes.cast(old_size, ctypes.POINTER(ctypes.c_size_t)).contents
@@ -302,5 +303,5 @@ class TestMachine:
     def test_import_pulls_in_neither_ctypes_nor_mlx(self) -> None:
         probe = "import sys, supervisor.footprint; print(sorted({'ctypes', 'mlx'} & set(sys.modules)))"
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == "[]"
+        out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True)
+        assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr

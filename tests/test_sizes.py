@@ -83,8 +83,8 @@ class TestParseBytes:
         with pytest.raises(ValueError, match="abc"):
             parse_bytes("abc")
 
-    @given(st.integers(0, 10**6), st.sampled_from(sorted(UNITS)), st.booleans(), st.sampled_from(["", " ", "  "]))
-    def test_whole_numbers_of_any_unit_in_any_case(self, number: int, unit: str, upper: bool, space: str) -> None:
+    @given(st.integers(0, 10**6), st.sampled_from(sorted(UNITS)), st.booleans(), st.sampled_from(["", " "]))
+    def test_whole_numbers_in_any_unit(self, number: int, unit: str, upper: bool, space: str) -> None:
         text = f"{number}{space}{unit.upper() if upper else unit.lower()}"
         assert parse_bytes(text) == number * UNITS[unit]
 

@@ -11,6 +11,7 @@ to older checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -104,6 +105,9 @@ def save_checkpoint(directory: Path, step: int, model: dict[str, mx.array], opti
     except (OSError, RuntimeError) as exc:  # mlx reports write failures (e.g. a full disk) as RuntimeError
         _remove(tmp)
         raise CheckpointError(f"cannot write checkpoint {final}: {exc}") from exc
+    except BaseException:  # e.g. a non-array value or KeyboardInterrupt: still leave no temp dir behind
+        _remove(tmp)
+        raise
     finally:
         _IN_FLIGHT.discard(tmp.name)
     _prune(directory, final, keep)
@@ -297,10 +301,8 @@ def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
         return
-    try:
+    with contextlib.suppress(OSError):  # e.g. the parent is not a directory: nothing of ours to remove
         path.unlink(missing_ok=True)
-    except OSError:
-        pass  # e.g. the parent is not a directory: there is nothing of ours to remove
 
 
 def _step_of(path: Path) -> int:

@@ -1,0 +1,34 @@
+"""``python -m supervisor.docs``: the config reference, generated from the config dataclasses.
+
+README.md carries this output verbatim; a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from supervisor.config import ControlConfig, DaemonConfig, JobConfig
+
+SECTIONS: list[tuple[str, type[Any]]] = [
+    ("[daemon]", DaemonConfig), ("[daemon.control]", ControlConfig), ("[jobs.NAME]", JobConfig),
+]
+
+
+def config_reference() -> str:
+    lines: list[str] = []
+    for title, cls in SECTIONS:
+        lines += [f"#### `{title}`", "", "| key | default | unit | meaning |", "|---|---|---|---|"]
+        for field in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(field.type) or field.name == "control":
+                continue
+            default: Any = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+            shown = "`" + (repr(default) if not isinstance(default, str) else f'"{default}"') + "`"
+            lines.append(f"| `{field.name}` | {shown} | {field.metadata.get('unit', '')} | "
+                         f"{field.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")

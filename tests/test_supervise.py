@@ -1,0 +1,148 @@
+"""End to end: real `mlxsupd run`, real workers, real MLX training, real ZeroMQ, real signals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from supervisor.history import read_history
+from tests.conftest import SMALL, mlxsupd
+
+pytestmark = pytest.mark.slow
+
+
+def run_job(config_file: Any, tmp_path: Path, job: dict[str, Any], timeout: float = 240,
+            **daemon: Any) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+    """Run job 'j' to its end; return (exit status, summary, history)."""
+    job = {"checkpoint_every": 5, **job, "train": {**SMALL, **job.get("train", {})}}
+    path = config_file({"j": job}, **daemon)
+    summary = tmp_path / "summary.json"
+    done = subprocess.run([*mlxsupd("run", "-c", str(path), "j", "--summary", str(summary),
+                                    "--log-format", "json")],
+                          capture_output=True, text=True, timeout=timeout)
+    assert summary.exists(), done.stderr[-3000:]
+    history = read_history(tmp_path / "state" / "jobs" / "j" / "history.jsonl")
+    return done.returncode, json.loads(summary.read_text()), history
+
+
+class TestMemory:
+    """Breaches end in checkpoint-and-exit and a restart that fits the budget."""
+
+    def test_leak_is_recycled_at_the_same_batch_without_crossing_the_budget(self, config_file: Any,
+                                                                            tmp_path: Path) -> None:
+        code, summary, _ = run_job(config_file, tmp_path, {
+            "budget": "700MiB", "train": {"steps": 120, "leak_mb_per_step": 25}})
+        assert code == 0 and summary["outcome"] == "finished"
+        assert summary["steps_completed"] == 120
+        assert summary["restarts"] >= 2
+        assert set(summary["restart_reasons"]) <= {"leak", "leak_predicted"}
+        assert summary["batch_history"] == [[0, 8, 1]]
+        assert summary["samples_over_budget"] == 0
+        assert summary["max_sampled_bytes"] <= summary["budget_bytes"]
+
+    def test_peak_shrinks_the_batch_once_keeping_the_effective_batch(self, config_file: Any,
+                                                                      tmp_path: Path) -> None:
+        code, summary, history = run_job(config_file, tmp_path, {
+            "budget": "900MiB", "kill": "150%", "train": {"steps": 40, "peak_mb_per_sample": 120}})
+        assert code == 0 and summary["outcome"] == "finished"
+        assert summary["restarts"] == 1
+        assert [b[1:] for b in summary["batch_history"]] == [[8, 1], [4, 2]]
+        assert any(e["event"] == "decision" and e.get("diagnosis") == "peak" for e in history)
+
+    def test_batch_regrows_to_the_configured_one_once_the_peak_is_gone(self, config_file: Any,
+                                                                        tmp_path: Path) -> None:
+        code, summary, _ = run_job(config_file, tmp_path, {
+            "budget": "900MiB", "kill": "150%", "regrow_after_steps": 10,
+            "train": {"steps": 80, "peak_mb_per_sample": 120, "peak_until_step": 20}})
+        assert code == 0 and summary["outcome"] == "finished"
+        batches = [b[1] for b in summary["batch_history"]]
+        assert batches[0] == 8 and 4 in batches and batches[-1] == 8
+        assert summary["restart_reasons"].get("regrow") == 1
+
+
+class TestFailures:
+    """Crashes back off, hangs are killed, and no progress ends in FATAL."""
+
+    def test_crash_is_restarted_after_a_backoff(self, config_file: Any, tmp_path: Path) -> None:
+        code, summary, history = run_job(config_file, tmp_path, {
+            "checkpoint_every": 3, "backoff_initial": 0.5,
+            "train": {"steps": 20, "crash_after_steps": 7, "fault_once_file": str(tmp_path / "crashed")}})
+        assert code == 0 and summary["outcome"] == "finished" and summary["steps_completed"] == 20
+        assert summary["restart_reasons"] == {"exit 3": 1}
+        states = [e["new"] for e in history if e["event"] == "state"]
+        assert "BACKOFF" in states
+        backoff = next(e for e in history if e["event"] == "state" and e["new"] == "BACKOFF")
+        assert backoff["delay"] == 0.5
+
+    def test_hung_worker_is_killed_and_restarted(self, config_file: Any, tmp_path: Path) -> None:
+        code, summary, history = run_job(config_file, tmp_path, {
+            "hang_timeout": 2.0, "kill_grace": 1.0, "backoff_initial": 0.2, "checkpoint_every": 2,
+            "train": {"steps": 20, "hang_after_steps": 5, "fault_once_file": str(tmp_path / "hung")}})
+        assert code == 0 and summary["outcome"] == "finished"
+        assert summary["restarts"] == 1
+        assert any(e["event"] == "kill" and "hung" in e["reason"] for e in history)
+
+    def test_fatal_after_attempts_without_progress(self, config_file: Any, tmp_path: Path) -> None:
+        code, summary, history = run_job(config_file, tmp_path, {
+            "max_attempts_without_progress": 3, "backoff_initial": 0.05,
+            "train": {"steps": 20, "crash_after_steps": 0}})
+        assert code == 1 and summary["outcome"] == "fatal"
+        assert summary["restarts"] == 2
+        assert [e["new"] for e in history if e["event"] == "state"][-1] == "FATAL"
+
+
+class TestOrphan:
+    """A worker whose daemon vanished checkpoints and exits by itself."""
+
+    def test_worker_exits_with_a_checkpoint_after_daemon_sigkill(self, config_file: Any, tmp_path: Path,
+                                                                 spawn: Any) -> None:
+        path = config_file({"j": {"checkpoint_every": 0, "train": {**SMALL, "steps": 100000}}})
+        daemon = spawn(mlxsupd("run", "-c", str(path), "j"), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        history_path = tmp_path / "state" / "jobs" / "j" / "history.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(e.get("new") == "RUNNING" for e in read_history(history_path)):
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)
+        workers = psutil.Process(daemon.pid).children()
+        assert len(workers) == 1
+        daemon.kill()
+        daemon.wait(timeout=10)
+        killed_at = time.monotonic()
+        gone, _ = psutil.wait_procs(workers, timeout=10)
+        assert gone, "worker outlived its daemon"
+        assert time.monotonic() - killed_at < 5.0
+        checkpoints = list((tmp_path / "state" / "jobs" / "j" / "checkpoints").glob("ckpt-*"))
+        assert checkpoints, "the orphaned worker did not checkpoint"
+
+
+class TestSdkExample:
+    """The README's example loop runs supervised end to end."""
+
+    def test_readme_quotes_the_example_verbatim(self) -> None:
+        root = Path(__file__).resolve().parent.parent
+        example = (root / "examples" / "sdk_loop.py").read_text()
+        assert example.strip() in (root / "README.md").read_text()
+
+    def test_example_loop_is_supervised_to_the_end(self, config_file: Any, tmp_path: Path) -> None:
+        import sys
+
+        root = Path(__file__).resolve().parent.parent
+        path = config_file({"j": {"command": [sys.executable, str(root / "examples" / "sdk_loop.py")],
+                                  "checkpoint_every": 50, "env": {"PYTHONPATH": str(root)}}})
+        summary_path = tmp_path / "s.json"
+        done = subprocess.run(mlxsupd("run", "-c", str(path), "j", "--summary", str(summary_path)),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        summary = json.loads(summary_path.read_text())
+        assert summary["outcome"] == "finished" and summary["steps_completed"] == 200
+        assert summary["final_loss"] < 1.0
+        assert (tmp_path / "state" / "jobs" / "j" / "checkpoints" / "ckpt-0000000200").is_dir()
