@@ -96,7 +96,7 @@ class Daemon:
         job_config = self.config.jobs[name]
         job_dir = self.config.job_dir(name)
         paths = JobPaths(self.config.checkpoint_dir(name), self.config.log_dir / "jobs" / name,
-                         job_dir / "history.jsonl")
+                         job_dir / "history.jsonl", job_dir / "telemetry.jsonl")
         orphan = max(3.0, 5 * self.config.daemon.heartbeat_interval)
         job = Job(name, job_config, job_config.limits(self.total_memory), paths, self.system,
                   self.worker_endpoint, self._send_to_worker, self._publish, orphan_timeout=orphan)
@@ -277,6 +277,8 @@ class Daemon:
                     time.sleep(0.02)
 
     def close(self) -> None:
+        for job in self.jobs.values():
+            job.recorder.close()
         self.workers.close(linger=0)
         for sock in self.extra_sockets:
             sock.close(linger=0)

@@ -22,6 +22,7 @@ from protocol import CheckpointSaved, Command, Goodbye, Hello, Message, Step, en
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.config import JobConfig, worker_argv
 from supervisor.history import History
+from supervisor.recorder import Recorder
 from supervisor.policy import (
     Action,
     Decision,
@@ -102,6 +103,7 @@ class JobPaths:
     checkpoints: Path
     logs: Path
     history: Path | None
+    telemetry: Path | None = None
 
 
 class Job:
@@ -131,6 +133,7 @@ class Job:
         self.restart_reason = ""
         self.stats = JobStats()
         self.history = History(paths.history)
+        self.recorder = Recorder(paths.telemetry)
         self.log = log.bind(job=name)
 
     # -- state --------------------------------------------------------------------------------------
@@ -253,12 +256,14 @@ class Job:
         self._note_batch(message.step, message.batch, message.accum)
         life.estimator.observe_step(message.step, message.footprint, message.mlx_peak - message.mlx_active)
         life.healthy_steps += 1
-        self.publish(self.name, "telemetry", {
+        telemetry = {
             "step": message.step, "loss": message.loss, "batch": message.batch, "accum": message.accum,
             "step_seconds": message.step_seconds, "mlx_active": message.mlx_active, "mlx_cache": message.mlx_cache,
             "mlx_peak": message.mlx_peak, "footprint": message.footprint,
-            "leak_bytes_per_step": life.estimator.slope,
-        })
+            "leak_bytes_per_step": round(life.estimator.slope), "transient": life.estimator.transient,
+        }
+        self.recorder.record("step", **telemetry)
+        self.publish(self.name, "telemetry", telemetry)
         if self.state != JobState.RUNNING:
             return
         decision = on_step(life.estimator, self.limits, life.batch, life.accum, life.healthy_steps, self.policy)
@@ -278,6 +283,7 @@ class Job:
         stats.max_sampled = max(stats.max_sampled, sample.bytes)
         stats.samples_over_budget += sample.bytes > self.limits.budget
         stats.samples_over_kill += sample.bytes > self.limits.kill
+        self.recorder.record("sample", bytes=sample.bytes, pids=sample.pids)
         life.estimator.observe_sample(sample.bytes)
         if sample.bytes >= self.limits.warn:
             life.healthy_steps = 0
