@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
+from typing import Any
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -29,9 +32,24 @@ def train(session: Session, args: argparse.Namespace, fault_due: FaultDue) -> No
     """Train to ``args.steps`` optimizer steps, resuming from the session's latest checkpoint."""
     model, optimizer = build(args)
     corpus = load_corpus(args.data)
-    step = session.resume(model, optimizer).step
+    step = resumed_step = session.resume(model, optimizer).step
     grad_fn = nn.value_and_grad(model, loss_fn)
     leak = Leak(args.leak_mb_per_step)
+    started = time.perf_counter()
+    step = _loop(session, args, fault_due, model, optimizer, corpus, grad_fn, leak, step)
+    if args.stats_file:
+        _write_stats(args.stats_file, step - resumed_step, time.perf_counter() - started)
+    session.finish(step, extra={"data_position": step, "seed": args.seed})
+
+
+def _write_stats(path: str, steps: int, seconds: float) -> None:
+    """Throughput of the life that finished the run (used by the benchmarks)."""
+    stats = {"steps": steps, "seconds": seconds, "steps_per_second": steps / seconds if seconds > 0 else 0.0}
+    Path(path).write_text(json.dumps(stats))
+
+
+def _loop(session: Session, args: argparse.Namespace, fault_due: FaultDue, model: ByteLM,
+          optimizer: optim.Optimizer, corpus: mx.array, grad_fn: Any, leak: Leak, step: int) -> int:
     done_in_life = 0
     while step < args.steps:
         if fault_due(args.crash_after_steps, done_in_life):
@@ -50,4 +68,4 @@ def train(session: Session, args: argparse.Namespace, fault_due: FaultDue) -> No
         step += 1
         done_in_life += 1
         session.end_step(step, loss.item(), extra={"data_position": step, "seed": args.seed})
-    session.finish(step, extra={"data_position": step, "seed": args.seed})
+    return step
