@@ -71,7 +71,7 @@ class JobConfig:
     min_batch: int = _f(1, "smallest batch a shrink may reach")
     shrink_factor: float = _f(0.5, "batch multiplier on a peak breach")
     keep_effective_batch: bool = _f(True, "raise accumulation on a shrink so batch x accum stays the same")
-    policy: str = _f("adaptive", "adaptive (leak: recycle, peak: shrink, regrow) or shrink-only")
+    policy: str = _f("adaptive", "adaptive (leak: recycle, peak: shrink, regrow), shrink-only, or stop (at the first breach)")
     leak_threshold: str = _f("1MiB", "growth per step above which a breach is a leak", "bytes/step")
     regrow_after_steps: int = _f(50, "healthy steps before trying a larger batch")
     min_steps_per_life: int = _f(10, "recycling more often than this also shrinks the batch")
@@ -256,8 +256,8 @@ def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
         raise ConfigError(f"{prefix}.min_batch = {job.min_batch}: larger than batch = {job.batch}")
     if not 0 < job.shrink_factor < 1:
         raise ConfigError(f"{prefix}.shrink_factor = {job.shrink_factor}: must be between 0 and 1")
-    if job.policy not in ("adaptive", "shrink-only"):
-        raise ConfigError(f"{prefix}.policy = {job.policy!r}: expected 'adaptive' or 'shrink-only'")
+    if job.policy not in ("adaptive", "shrink-only", "stop"):
+        raise ConfigError(f"{prefix}.policy = {job.policy!r}: expected 'adaptive', 'shrink-only' or 'stop'")
     for key in ("checkpoint_timeout", "kill_grace", "startup_timeout", "hang_timeout", "backoff_initial",
                 "backoff_max"):
         if getattr(job, key) <= 0:

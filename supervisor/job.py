@@ -403,6 +403,8 @@ class Job:
             self.change_state(JobState.STOPPED, "stopped", step=life.last_step, checkpoint=newest)
         elif self.failures >= self.config.max_attempts_without_progress:
             self.change_state(JobState.FATAL, f"{self.failures} attempts without progress (last exit {code})")
+        elif pending is not None and self.config.policy == "stop" and pending.diagnosis is not Diagnosis.SYSTEM_FLOOR:
+            self.change_state(JobState.STOPPED, f"policy 'stop': {pending.reason}", step=life.last_step)
         elif pending is not None and pending.diagnosis is Diagnosis.SYSTEM_FLOOR:
             self.change_state(JobState.WAITING_FOR_MEMORY, pending.reason)
         elif pending is not None or code == EXIT_CHECKPOINTED:
