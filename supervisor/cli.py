@@ -62,12 +62,22 @@ def main(argv: list[str] | None = None) -> int:
             known = ", ".join(sorted(config.jobs)) or "none"
             print(f"mlxsupd: no job {args.job!r} in {config.path} (jobs: {known})", file=sys.stderr)
             return EXIT_CONFIG
+        from supervisor.daemon import RunDirError
         from supervisor.run import run_one
 
-        return run_one(config, args.job, args.summary, args.max_seconds)
+        try:
+            return run_one(config, args.job, args.summary, args.max_seconds)
+        except RunDirError as exc:
+            print(f"mlxsupd: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    from supervisor.daemon import RunDirError
     from supervisor.service_main import serve
 
-    return serve(config)
+    try:
+        return serve(config)
+    except (ConfigError, RunDirError) as exc:
+        print(f"mlxsupd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ deadline, a backoff's end). Signal handlers only set flags and wake the loop thr
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import structlog
 import zmq
@@ -46,6 +47,19 @@ def prepare_run_dir(path: Path) -> Path:
     return path
 
 
+def _lock_run_dir(run_dir: Path) -> IO[str]:
+    """One daemon per run dir: a second one would steal the first one's sockets."""
+    handle = open(run_dir / "mlxsupd.lock", "w")  # noqa: SIM115 - held for the daemon's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunDirError(f"another mlxsupd is already running with run dir {run_dir}") from None
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 class Daemon:
     """Supervises the configured jobs until told to stop (or, in one-shot mode, until they are done)."""
 
@@ -57,6 +71,7 @@ class Daemon:
         self.system = system or RealSystem()
         self.one_shot = one_shot
         self.run_dir = prepare_run_dir(config.run_dir)
+        self._lock = _lock_run_dir(self.run_dir)
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.workers = self._bind_worker_socket()
         self.jobs: dict[str, Job] = {}
@@ -87,6 +102,7 @@ class Daemon:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         path = self.run_dir / "workers.sock"
         path.unlink(missing_ok=True)
+        self._lock.close()
         sock.bind(f"ipc://{path}")
         os.chmod(path, 0o600)
         self.worker_endpoint = f"ipc://{path}"
@@ -282,8 +298,9 @@ class Daemon:
         self.workers.close(linger=0)
         for sock in self.extra_sockets:
             sock.close(linger=0)
-        self.context.term()
+        self.context.destroy(linger=0)
         self._wake_r.close()
         self._wake_w.close()
         path = self.run_dir / "workers.sock"
         path.unlink(missing_ok=True)
+        self._lock.close()

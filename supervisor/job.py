@@ -132,6 +132,8 @@ class Job:
         self.stop_requested = False
         self.restart_reason = ""
         self.stats = JobStats()
+        self.last_sampled = 0
+        self.next_config: tuple[JobConfig, Limits] | None = None
         self.history = History(paths.history)
         self.recorder = Recorder(paths.telemetry)
         self.log = log.bind(job=name)
@@ -163,8 +165,18 @@ class Job:
 
     # -- operator requests --------------------------------------------------------------------------
 
+    def reconfigure(self, config: JobConfig, limits: Limits) -> None:
+        """New settings from a reread config; they apply at the job's next start."""
+        self.next_config = (config, limits)
+        self.history.record("config_changed", applies="next start")
+
     def start(self, now: float, reason: str = "start") -> None:
         """Spawn a worker now (from any startable state)."""
+        if self.next_config is not None:
+            self.config, self.limits = self.next_config
+            self.policy = policy_config(self.config)
+            self.batch, self.accum = self.config.batch, self.config.accum
+            self.next_config = None
         self.stop_requested = False
         self.retry_at = float("inf")
         token = secrets.token_hex(16)
@@ -280,6 +292,7 @@ class Job:
             return
         stats = self.stats
         stats.samples += 1
+        self.last_sampled = sample.bytes
         stats.max_sampled = max(stats.max_sampled, sample.bytes)
         stats.samples_over_budget += sample.bytes > self.limits.budget
         stats.samples_over_kill += sample.bytes > self.limits.kill

@@ -1,0 +1,59 @@
+"""Supervision overhead: steps/s of the built-in job supervised ÷ unsupervised, interleaved A/B pairs.
+
+Both arms run the same ``python -m worker`` with the same options at a fixed batch and report their own
+throughput with ``--stats-file`` (steps/s of the training loop, so process start-up and MLX import are
+excluded from both). The supervised arm passes it through the job's train table. Its budget is generous (no
+breach), and periodic checkpoints are off (``checkpoint_every = 0``) because the unsupervised arm does not
+checkpoint either: what is measured is the cost of being supervised (per-step telemetry, command polling,
+20 Hz footprint sampling by the daemon on the other core), not the cost of checkpointing.
+The order inside a pair alternates (AB, BA, AB, ...) so drift (thermal, page cache) cancels out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.common import PYTHON, BenchError, median, read_json, rounded, run_child, run_supervised
+from worker.cli import train_argv
+
+
+def _unsupervised(work: Path, train: dict[str, Any], timeout: float) -> float:
+    stats = work / "stats.json"
+    argv = [PYTHON, "-m", "worker", *train_argv({**train, "stats_file": str(stats)})]
+    code = run_child(argv, timeout, log=work / "worker.log")
+    if code != 0:
+        raise BenchError(f"unsupervised worker exited {code}; see {work / 'worker.log'}")
+    return float(read_json(stats)["steps_per_second"])
+
+
+def _supervised(work: Path, train: dict[str, Any], timeout: float) -> float:
+    stats = work / "stats.json"
+    job = {"budget": "6GiB", "checkpoint_every": 0, "train": {**train, "stats_file": str(stats)}}
+    run = run_supervised(work, job, timeout)
+    if run.summary.get("outcome") != "finished" or run.summary.get("restarts"):
+        raise BenchError(f"supervised overhead run did not finish cleanly: {run.summary.get('outcome')}, "
+                         f"{run.summary.get('restarts')} restarts")
+    return float(read_json(stats)["steps_per_second"])
+
+
+def measure(work: Path, train: dict[str, Any], pairs: int, timeout: float) -> dict[str, Any]:
+    """Run ``pairs`` interleaved (unsupervised, supervised) pairs; median of the per-pair ratios."""
+    rows: list[dict[str, Any]] = []
+    for index in range(pairs):
+        order = ("unsupervised", "supervised") if index % 2 == 0 else ("supervised", "unsupervised")
+        rates: dict[str, float] = {}
+        for arm in order:
+            arm_dir = work / f"pair{index}-{arm}"
+            runner = _unsupervised if arm == "unsupervised" else _supervised
+            rates[arm] = runner(arm_dir, train, timeout)
+        ratio = rates["supervised"] / rates["unsupervised"]
+        rows.append({"unsupervised_steps_per_s": round(rates["unsupervised"], 3),
+                     "supervised_steps_per_s": round(rates["supervised"], 3), "ratio": round(ratio, 4),
+                     "order": "/".join(order)})
+    return {
+        "overhead_ratio": rounded(median([r["ratio"] for r in rows])),
+        "pairs": rows,
+        "train": train,
+        "note": "steps/s supervised ÷ unsupervised at batch 8, checkpoint_every 0, budget 6GiB (no breach)",
+    }

@@ -1,0 +1,16 @@
+"""Control commands: one registry shared by the daemon's dispatcher and mlxsupctl."""
+
+from __future__ import annotations
+
+from supervisor.commands.base import ControlCommand, ControlError
+from supervisor.commands.daemon import Help, Reread, Shutdown, Update, Version
+from supervisor.commands.jobs import Budget, Checkpoint, History, Restart, Signal, Start, Status, Stop
+from supervisor.commands.tail import Tail
+
+REGISTRY: dict[str, ControlCommand] = {
+    command.name: command
+    for command in (Status(), Start(), Stop(), Restart(), Checkpoint(), Tail(), Budget(), Signal(), History(),
+                    Reread(), Update(), Shutdown(), Version(), Help())
+}
+
+__all__ = ["REGISTRY", "ControlCommand", "ControlError"]

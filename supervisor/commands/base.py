@@ -1,0 +1,79 @@
+"""The control-command framework: one small class per command, one explicit registry.
+
+A command declares its name, help, wire arguments (name -> type, required), CLI arguments, daemon-side
+handler and human rendering. The daemon's dispatcher and mlxsupctl both read the same registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from supervisor.job import Job
+    from supervisor.service_main import DaemonService
+
+
+class ControlError(Exception):
+    """A request that cannot be done; ``code`` is stable for scripts, the message names the problem."""
+
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_COMMAND = "unknown_command"
+    NO_SUCH_JOB = "no_such_job"
+    BAD_STATE = "bad_state"
+    BAD_VALUE = "bad_value"
+    INTERNAL = "internal"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ControlCommand:
+    """Base of every command. Subclasses set the class attributes and override what they need."""
+
+    name: ClassVar[str]
+    help: ClassVar[str]
+    # Wire shape: argument -> (type, required). Anything else in a request is rejected.
+    wire: ClassVar[dict[str, tuple[type, bool]]] = {}
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """CLI arguments; by default one positional per required wire argument named like it."""
+        for arg, (_, required) in self.wire.items():
+            if required:
+                parser.add_argument(arg)
+
+    def to_wire(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {k: getattr(args, k) for k in self.wire if getattr(args, k, None) is not None}
+
+    def check(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Validate a request's arguments against ``wire``; ControlError names the bad one."""
+        for key, value in args.items():
+            if key not in self.wire:
+                raise ControlError(ControlError.BAD_REQUEST, f"{self.name}: unknown argument {key!r}")
+            kind = self.wire[key][0]
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+                raise ControlError(ControlError.BAD_REQUEST,
+                                   f"{self.name}: argument {key!r} must be {kind.__name__}, got {type(value).__name__}")
+        for key, (_, required) in self.wire.items():
+            if required and key not in args:
+                raise ControlError(ControlError.BAD_REQUEST, f"{self.name}: missing argument {key!r}")
+        return args
+
+    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def render(self, result: Any) -> str:
+        """Human output of a result (``--json`` prints the result itself)."""
+        return json.dumps(result, indent=2, default=str)
+
+
+def job_of(daemon: DaemonService, name: Any) -> Job:
+    """The configured job called ``name``; only jobs in the config exist, nothing from the wire is run."""
+    job = daemon.daemon.jobs.get(name) if isinstance(name, str) else None
+    if job is None:
+        known = ", ".join(sorted(daemon.daemon.jobs)) or "none"
+        raise ControlError(ControlError.NO_SUCH_JOB, f"no job {str(name)[:64]!r} in the config (jobs: {known})")
+    return job

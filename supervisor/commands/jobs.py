@@ -1,0 +1,193 @@
+"""Commands about one job: status, start, stop, restart, checkpoint, budget, signal, history."""
+
+from __future__ import annotations
+
+import argparse
+import signal as signals
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from supervisor.commands.base import ControlCommand, ControlError, job_of
+from supervisor.sizes import SizeError, format_bytes, parse_budget, parse_fraction_of
+from supervisor.states import PROCESS_STATES, STARTABLE_STATES
+
+if TYPE_CHECKING:
+    from supervisor.job import Job
+    from supervisor.service_main import DaemonService
+
+SIGNALS = ("TERM", "KILL", "INT", "HUP", "USR1", "USR2", "STOP", "CONT")
+
+
+def describe(job: Job) -> dict[str, Any]:
+    """The status of a job as plain data (also what `top` shows)."""
+    life, stats, limits = job.life, job.stats, job.limits
+    estimator = life.estimator if life is not None else None
+    return {
+        "name": job.name, "state": job.state.name, "pid": life.proc.pid if life else None,
+        "step": stats.steps_completed, "target_steps": stats.target_steps,
+        "steps_per_second": round(stats.steps_per_second, 3), "sampled_bytes": job.last_sampled,
+        "max_sampled_bytes": stats.max_sampled, "budget_bytes": limits.budget, "warn_bytes": limits.warn,
+        "kill_bytes": limits.kill, "batch": job.batch, "accum": job.accum, "restarts": stats.restarts,
+        "leak_bytes_per_step": round(estimator.slope) if estimator else 0,
+        "transient_bytes": estimator.transient if estimator else 0,
+        "baseline_bytes": estimator.baseline if estimator else None,
+        "samples_over_budget": stats.samples_over_budget, "final_loss": stats.final_loss,
+    }
+
+
+def status_line(row: dict[str, Any]) -> str:
+    mem = f"{format_bytes(row['sampled_bytes'])}/{format_bytes(row['budget_bytes'])}"
+    return (f"{row['name']:<16} {row['state']:<18} pid {str(row['pid'] or '-'):<7} "
+            f"step {row['step']}/{row['target_steps'] or '?':<8} mem {mem:<22} "
+            f"batch {row['batch']}x{row['accum']}  restarts {row['restarts']}")
+
+
+class Status(ControlCommand):
+    name = "status"
+    help = "state, step, memory and batch of every job (or one)"
+    wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, False)}
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("job", nargs="?", help="one job (default: all)")
+
+    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+        jobs = [job_of(daemon, args["job"])] if "job" in args else list(daemon.daemon.jobs.values())
+        return {"jobs": [describe(j) for j in jobs]}
+
+    def render(self, result: Any) -> str:
+        return "\n".join(status_line(r) for r in result["jobs"]) or "no jobs configured"
+
+
+class Start(ControlCommand):
+    name = "start"
+    help = "start a configured job (resumes from its latest checkpoint)"
+    wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True)}
+
+    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+        job = job_of(daemon, args["job"])
+        if job.state not in STARTABLE_STATES:
+            raise ControlError(ControlError.BAD_STATE, f"job {job.name} is {job.state.name}; cannot start")
+        if job.name in daemon.removing:
+            raise ControlError(ControlError.BAD_STATE, f"job {job.name} is being removed from the config")
+        job.start(daemon.daemon.system.now(), "start requested")
+        return {"job": job.name, "state": job.state.name}
+
+    def render(self, result: Any) -> str:
+        return f"{result['job']}: {result['state']}"
+
+
+class Stop(ControlCommand):
+    name = "stop"
+    help = "checkpoint and stop a job"
+    wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True)}
+
+    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+        job = job_of(daemon, args["job"])
+        job.stop(daemon.daemon.system.now(), "stop requested")
+        return {"job": job.name, "state": job.state.name}
+
+    render = Start.render
+
+
+class Restart(ControlCommand):
+    name = "restart"
+    help = "checkpoint and stop a job, then start it again"
+    wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True)}
+
+    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+        job = job_of(daemon, args["job"])
+        if job.life is None:
+                job.start(daemon.daemon.system.now(), "restart requested")
+        else:
+            daemon.restart_when_stopped.add(job.name)
+            job.stop(daemon.daemon.system.now(), "restart requested")
+        return {"job": job.name, "state": job.state.name}
+
+    render = Start.render
+
+
+class Checkpoint(ControlCommand):
+    name = "checkpoint"
+    help = "ask a running job for a checkpoint at its next step boundary"
+    wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True)}
+
+    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+        job = job_of(daemon, args["job"])
+        if not job.checkpoint():
+            raise ControlError(ControlError.BAD_STATE, f"job {job.name} has no connected worker ({job.state.name})")
+        return {"job": job.name, "requested": True}
+
+    def render(self, result: Any) -> str:
+        return f"{result['job']}: checkpoint requested"
+
+
+class Budget(ControlCommand):
+    name = "budget"
+    help = "show a job's budget, or change it live (bytes, percent of total, or 'total - X')"
+    wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True), "value": (str, False)}
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("job")
+        parser.add_argument("value", nargs="?", help="new budget, e.g. 12GiB, 60%%, 'total - 8GiB'")
+
+    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+        job = job_of(daemon, args["job"])
+        if "value" in args:
+            total = daemon.daemon.total_memory
+            try:
+                budget = parse_budget(args["value"], total)
+                from supervisor.policy import Limits
+
+                limits = Limits(parse_fraction_of(job.config.warn, budget), budget,
+                                parse_fraction_of(job.config.kill, budget))
+            except SizeError as exc:
+                raise ControlError(ControlError.BAD_VALUE, str(exc)) from None
+            job.set_limits(limits)
+        lim = job.limits
+        return {"job": job.name, "budget_bytes": lim.budget, "warn_bytes": lim.warn, "kill_bytes": lim.kill}
+
+    def render(self, result: Any) -> str:
+        return (f"{result['job']}: budget {format_bytes(result['budget_bytes'])} (warn "
+                f"{format_bytes(result['warn_bytes'])}, kill {format_bytes(result['kill_bytes'])})")
+
+
+class Signal(ControlCommand):
+    name = "signal"
+    help = f"send a signal to a job's process group ({', '.join(SIGNALS)})"
+    wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True), "signal": (str, True)}
+
+    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+        job = job_of(daemon, args["job"])
+        name = args["signal"].upper().removeprefix("SIG")
+        if name not in SIGNALS:
+            raise ControlError(ControlError.BAD_VALUE, f"signal {args['signal'][:16]!r} is not one of {SIGNALS}")
+        if job.state not in PROCESS_STATES or not job.signal(getattr(signals, f"SIG{name}")):
+            raise ControlError(ControlError.BAD_STATE, f"job {job.name} has no running worker")
+        return {"job": job.name, "signal": f"SIG{name}"}
+
+    def render(self, result: Any) -> str:
+        return f"{result['job']}: sent {result['signal']}"
+
+
+class History(ControlCommand):
+    name = "history"
+    help = "a job's recorded events: starts, exits with reasons, breaches, batch changes, checkpoints"
+    wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True), "limit": (int, False)}
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("job")
+        parser.add_argument("-n", "--limit", type=int, default=50, help="last N events (default 50)")
+
+    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+        job = job_of(daemon, args["job"])
+        limit = max(1, min(int(args.get("limit", 50)), 10_000))
+        return {"job": job.name, "events": job.history.events[-limit:]}
+
+    def render(self, result: Any) -> str:
+        import datetime
+
+        lines = []
+        for event in result["events"]:
+            when = datetime.datetime.fromtimestamp(event.get("time", 0)).strftime("%Y-%m-%d %H:%M:%S")
+            rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "event"))
+            lines.append(f"{when} {event.get('event', '?'):<12} {rest}")
+        return "\n".join(lines) or "no history"

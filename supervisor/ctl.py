@@ -1,0 +1,135 @@
+"""``mlxsupctl``: control a running mlxsupd (one-shot commands, an interactive shell, tail, top, plot).
+
+Exit status: 0 success; 1 the daemon refused the request (error reply: unknown job, wrong state, bad
+value); 2 usage or config error; 3 no reply from the daemon (not running, wrong endpoint, not authorized).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from supervisor import paths
+from supervisor.commands import REGISTRY, ControlError
+from supervisor.control_client import TIMEOUT, ControlClient, curve_keys
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+LOCAL = ("keygen", "top", "plot", "service", "shell")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlxsupctl", description="Control a running mlxsupd. Without a command: an interactive shell.",
+        epilog="Exit status: 0 ok, 1 refused by the daemon, 2 usage/config error, 3 daemon unreachable.")
+    parser.add_argument("-c", "--config", type=Path, default=None,
+                        help=f"config of the daemon, to find its socket (default: {paths.default_config_path()})")
+    parser.add_argument("-s", "--server", default=None, help="control endpoint, e.g. tcp://host:7781")
+    parser.add_argument("--events", default=None, help="event endpoint (default: next to the control socket)")
+    parser.add_argument("--key", type=Path, default=None, help="client secret key file (CURVE) for tcp")
+    parser.add_argument("--server-key", type=Path, default=None,
+                        help="daemon's public key file (default: server.key next to --key)")
+    parser.add_argument("--json", action="store_true", help="print results as JSON (for scripts)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply (default 5)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in REGISTRY.items():
+        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+    _local_parsers(sub)
+    return parser
+
+
+def _local_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keygen = sub.add_parser("keygen", help="make a CURVE keypair (NAME.key public, NAME.key_secret secret)")
+    keygen.add_argument("name", help="e.g. server, or a client's name")
+    keygen.add_argument("--dir", type=Path, default=Path("."), help="where to write the files (default .)")
+    top = sub.add_parser("top", help="live table of every job: state, progress, memory vs budget, leak rate")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    plot = sub.add_parser("plot", help="memory vs step and time for a job, from its recorded telemetry")
+    plot.add_argument("job")
+    plot.add_argument("-o", "--output", type=Path, default=None, help="PNG or SVG file (default JOB-memory.png)")
+    try:
+        from supervisor.service import add_service_parser
+    except ImportError:  # pragma: no cover - the module ships with the package
+        return
+    add_service_parser(sub)
+
+
+def endpoints(args: argparse.Namespace) -> tuple[str, str]:
+    """Control and event endpoints from -s/--events, the config, or the default run dir."""
+    if args.server:
+        return args.server, args.events or ""
+    config_path = args.config or paths.default_config_path()
+    run_dir = paths.default_run_dir()
+    if args.config is not None or config_path.exists():
+        from supervisor.config import load_config
+
+        run_dir = load_config(config_path).run_dir
+    return f"ipc://{run_dir / 'control.sock'}", args.events or f"ipc://{run_dir / 'events.sock'}"
+
+
+def connect(args: argparse.Namespace) -> tuple[ControlClient, str]:
+    control, events = endpoints(args)
+    curve = curve_keys(args.key, args.server_key) if args.key else None
+    return ControlClient(control, timeout=args.timeout, curve=curve), events
+
+
+def show(args: argparse.Namespace, result: Any, render: Any) -> None:
+    print(json.dumps(result, indent=2, default=str) if args.json else render(result))
+
+
+def run_command(args: argparse.Namespace, client: ControlClient, events: str) -> int:
+    command = REGISTRY[args.command]
+    if args.command == "tail" and args.follow:
+        from supervisor.ctl_live import follow
+
+        return follow(client, events, command.to_wire(args), args.json, args.seconds)
+    result = client.call(args.command, command.to_wire(args))
+    show(args, result, command.render)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "keygen":
+        from supervisor.ctl_live import keygen
+
+        return keygen(args.name, args.dir)
+    if args.command == "service":
+        return int(args.func(args))
+    try:
+        if args.command == "plot":
+            from supervisor.ctl_live import plot
+
+            return plot(args)
+        client, events = connect(args)
+    except ControlError as exc:
+        print(f"mlxsupctl: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # ConfigError and friends: name the bad value
+        print(f"mlxsupctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command is None:
+            from supervisor.ctl_live import shell
+
+            return shell(client, args)
+        if args.command == "top":
+            from supervisor.ctl_live import top
+
+            return top(client, events, args.once, args.seconds)
+        return run_command(args, client, events)
+    except ControlError as exc:
+        print(f"mlxsupctl: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE if exc.code == TIMEOUT else EXIT_REFUSED
+    except (KeyboardInterrupt, BrokenPipeError):
+        return EXIT_OK
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
