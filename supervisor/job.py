@@ -409,6 +409,8 @@ class Job:
                       progress=progress)
         self.history.record("exit", code=code, goodbye=life.goodbye, step=life.last_step, checkpoint=newest)
         if pending is not None and pending.next_batch:
+            if (pending.next_batch, pending.next_accum) != (self.batch, self.accum) and not progress:
+                self.failures -= 1  # a smaller batch is a new attempt, not a repeat of the failed one
             self.batch, self.accum = pending.next_batch, pending.next_accum
         if code == 0 and not self.stop_requested:
             self.change_state(JobState.FINISHED, "worker finished", step=life.last_step)

@@ -160,7 +160,11 @@ def diagnose_breach(estimator: Estimator, batch: int, accum: int, config: Policy
         reason = f"leak {slope / MiB:.1f} MiB/step over {estimator.steps_seen} steps; recycling at batch {batch}"
         return Decision(Action.CHECKPOINT_EXIT, Diagnosis.LEAK, reason, batch, accum)
     next_batch, next_accum = shrink(batch, accum, config)
-    why = "leak with too little headroom" if leaking else f"peak (transient {estimator.transient} B/step)"
+    transient = estimator.transient or max(0, estimator.step_peak - estimator.level)
+    if not leaking:
+        why = f"peak (transient {transient} B/step)"
+    else:
+        why = "leak (non-adaptive policy)" if not config.adaptive else "leak with too little headroom"
     reason = f"{why}; batch {batch}x{accum} -> {next_batch}x{next_accum}"
     return Decision(Action.CHECKPOINT_EXIT, Diagnosis.PEAK, reason, next_batch, next_accum)
 
@@ -175,6 +179,11 @@ def on_step(
     # +1: the command lands one step late (the worker reads it at its next boundary).
     if to_breach <= config.checkpoint_steps + 1:
         reason = f"leak {estimator.slope / MiB:.1f} MiB/step reaches budget in {to_breach:.1f} steps"
+        if estimator.steps_seen < config.min_steps_per_life:
+            # Lives this short mean the transient leaves too little headroom for the leak: shrink as well.
+            next_batch, next_accum = shrink(batch, accum, config)
+            reason += f"; life of {estimator.steps_seen} steps too short: batch {batch}x{accum} -> {next_batch}x{next_accum}"
+            return Decision(Action.CHECKPOINT_EXIT, Diagnosis.LEAK_PREDICTED, reason, next_batch, next_accum)
         return Decision(Action.CHECKPOINT_EXIT, Diagnosis.LEAK_PREDICTED, reason, batch, accum)
     if batch < config.max_batch and healthy_steps >= config.regrow_after_steps and estimator.levels:
         grown, grown_accum = regrow(batch, accum, config)

@@ -218,8 +218,11 @@ class TestReloadAndShutdown:
         assert d.stop() == 0
         for job in ("leaky", "steady"):
             exits = [e for e in d.history(job) if e["event"] == "exit"]
-            assert exits[-1]["code"] == 75 and exits[-1]["goodbye"] == "daemon shutdown"
-            assert exits[-1]["checkpoint"] == exits[-1]["step"]  # the checkpoint holds the last step
+            # Nothing lost: the newest checkpoint holds the last step any worker reported. (A worker caught
+            # before its hello is simply terminated: it had done nothing to save.)
+            assert max(e["checkpoint"] for e in exits) == max(e["step"] for e in exits)
+        steady_exit = [e for e in d.history("steady") if e["event"] == "exit"][-1]
+        assert steady_exit["code"] == 75 and steady_exit["goodbye"] == "daemon shutdown"
 
     def test_shutdown_command_and_resume_with_history_after_restart(self, daemon: Any, spawn: Any,
                                                                      tmp_path: Path) -> None:

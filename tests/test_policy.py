@@ -175,3 +175,12 @@ class TestBatchArithmetic:
 
     def test_backoff_doubles_up_to_the_maximum(self) -> None:
         assert [backoff_delay(n, 1.0, 5.0) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+class TestShortLives:
+    """A predicted leak breach in a life shorter than min_steps_per_life shrinks as well."""
+
+    def test_short_life_prediction_shrinks(self) -> None:
+        levels = [1500 * MiB + 50 * MiB * s for s in range(9)]  # 9 steps: a short life
+        decision = on_step(feed(levels), LIMITS, 8, 1, 5, CONFIG)
+        assert decision.diagnosis is Diagnosis.LEAK_PREDICTED and (decision.next_batch, decision.next_accum) == (4, 2)

@@ -117,8 +117,6 @@ class TestLeakAndPeak:
         assert result.restart_reasons["leak_predicted"] > 0
         assert result.goodput >= 0.9
 
-    @pytest.mark.xfail(strict=True, reason="policy.on_step recycles too-short lives at the same batch "
-                                           "(LEAK_PREDICTED ignores min_steps_per_life): every 8 steps")
     def test_short_lives_from_a_predicted_leak_shrink(self) -> None:
         result = run("--leak-mb", "100", "--peak-mb-per-sample", "900", "--steps", "2000")
         assert result.batch_reductions >= 1
