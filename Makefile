@@ -25,6 +25,9 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[plot]"
 	$(PY) -m bench
 
+faults: $(STAMP)
+	$(PY) -m tests.faults $(if $(QUICK),--quick,)
+
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff mypy
 	$(VENV)/bin/ruff check supervisor worker protocol tests

@@ -28,7 +28,8 @@ from supervisor.states import PROCESS_STATES, TERMINAL_STATES
 from supervisor.system import RealSystem, System
 
 log = structlog.get_logger("mlxsupd")
-MAX_DRAIN = 1000  # messages handled per socket per loop turn, so one busy peer cannot starve the rest
+MAX_DRAIN = 1000
+CRITICAL_PRESSURE = 4  # kern.memorystatus_vm_pressure_level: 1 normal, 2 warn, 4 critical  # messages handled per socket per loop turn, so one busy peer cannot starve the rest
 
 
 class RunDirError(RuntimeError):
@@ -186,7 +187,7 @@ class Daemon:
                 if now >= next_heartbeat:
                     self._heartbeat_all()
                     next_heartbeat = now + heartbeat
-                available = self.system.memory()[0] if self._needs_memory() else self.total_memory
+                available = self._available() if self._needs_memory() else self.total_memory
                 for job in list(self.jobs.values()):
                     job.tick(now, available, self.floor + self.hysteresis)
                 if self.on_turn is not None:
@@ -217,6 +218,13 @@ class Daemon:
             return not busy and all(j.state in TERMINAL_STATES for j in self.jobs.values())
         return False
 
+    def _available(self) -> int:
+        """Available memory for the floor; macOS' critical pressure level counts as none available."""
+        available = self.system.memory()[0]
+        if self.system.pressure() == CRITICAL_PRESSURE:
+            return 0
+        return available
+
     def _needs_memory(self) -> bool:
         return bool(self.floor) and any(j.state.name == "WAITING_FOR_MEMORY" for j in self.jobs.values())
 
@@ -224,7 +232,7 @@ class Daemon:
         running = [j for j in self.jobs.values() if j.life is not None and j.state in PROCESS_STATES]
         if not running:
             return
-        available = self.system.memory()[0] if self.floor else self.total_memory
+        available = self._available() if self.floor else self.total_memory
         for job in running:
             job.on_sample(now, available, self.floor)
 

@@ -37,9 +37,9 @@ class TestMemory:
     def test_leak_is_recycled_at_the_same_batch_without_crossing_the_budget(self, config_file: Any,
                                                                             tmp_path: Path) -> None:
         code, summary, _ = run_job(config_file, tmp_path, {
-            "budget": "700MiB", "train": {"steps": 120, "leak_mb_per_step": 25}})
+            "budget": "700MiB", "train": {"steps": 1000, "leak_mb_per_step": 25}})
         assert code == 0 and summary["outcome"] == "finished"
-        assert summary["steps_completed"] == 120
+        assert summary["steps_completed"] == 1000
         assert summary["restarts"] >= 2
         assert set(summary["restart_reasons"]) <= {"leak", "leak_predicted"}
         assert summary["batch_history"] == [[0, 8, 1]]
@@ -146,3 +146,47 @@ class TestSdkExample:
         assert summary["outcome"] == "finished" and summary["steps_completed"] == 200
         assert summary["final_loss"] < 1.0
         assert (tmp_path / "state" / "jobs" / "j" / "checkpoints" / "ckpt-0000000200").is_dir()
+
+
+class TestSystemFloor:
+    """A co-resident app that grows pushes available memory under the floor: the job checkpoints and waits."""
+
+    def test_job_waits_for_a_memory_hog_and_resumes(self, config_file: Any, tmp_path: Path, spawn: Any) -> None:
+        import sys
+
+        available = psutil.virtual_memory().available
+        floor = available - 2 * 2**30  # a 3 GiB hog takes us 1 GiB under it
+        path = config_file({"j": {"checkpoint_every": 0, "train": {**SMALL, "steps": 100000}}},
+                           system_floor=str(floor), floor_hysteresis="256MiB")
+        daemon = spawn(mlxsupd("run", "-c", str(path), "j", "--summary", str(tmp_path / "s.json")),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        history_path = tmp_path / "state" / "jobs" / "j" / "history.jsonl"
+
+        def states() -> list[str]:
+            return [e["new"] for e in read_history(history_path) if e["event"] == "state"]
+
+        def wait(predicate: Any, what: str, timeout: float = 60) -> None:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not predicate():
+                assert daemon.poll() is None, "daemon exited"
+                time.sleep(0.1)
+            assert predicate(), what
+
+        wait(lambda: "RUNNING" in states(), "job running")
+        time.sleep(1)
+        hog_code = ("import sys, time\nb = bytearray(3 * 2**30)\nfor i in range(0, len(b), 4096): b[i] = 1\n"
+                    "print('ready', flush=True)\ntime.sleep(30)\n")
+        hog = spawn([sys.executable, "-c", hog_code], stdout=subprocess.PIPE)
+        assert hog.stdout is not None and hog.stdout.readline().strip() == b"ready"
+        wait(lambda: "WAITING_FOR_MEMORY" in states(), "job waiting for memory")
+        waiting_exit = [e for e in read_history(history_path) if e["event"] == "exit"][-1]
+        assert waiting_exit["code"] == 75 and waiting_exit["checkpoint"] == waiting_exit["step"]  # nothing lost
+        time.sleep(1)
+        assert states()[-1] == "WAITING_FOR_MEMORY"  # stays put while the hog holds the memory
+        hog.kill()
+        hog.wait(timeout=10)
+        wait(lambda: states()[-1] == "RUNNING" and states().count("RUNNING") >= 2, "job resumed")
+        spawn_event = [e for e in read_history(history_path) if e["event"] == "spawn"][-1]
+        assert spawn_event["from_checkpoint"] == waiting_exit["checkpoint"]
+        daemon.terminate()
+        assert daemon.wait(timeout=60) in (0, 1)
