@@ -30,7 +30,7 @@ faults: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff mypy
-	$(VENV)/bin/ruff check supervisor worker protocol tests
+	$(VENV)/bin/ruff check supervisor worker protocol tests bench
 	$(VENV)/bin/mypy supervisor worker protocol
 
 clean:

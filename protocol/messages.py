@@ -128,9 +128,9 @@ def decode(frame: bytes) -> Message:
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r} is not supported (expected {PROTOCOL_VERSION})")
     tag = body.get("t")
-    cls = _TYPES.get(tag) if isinstance(tag, str) else None
-    if cls is None:
+    if not isinstance(tag, str) or tag not in _TYPES:
         raise ProtocolError(f"unknown message type {tag!r}")
+    cls = _TYPES[tag]
     fields = _FIELDS[tag]
     extra = set(body) - {"v", "t"} - {name for name, _ in fields}
     if extra:

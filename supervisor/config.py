@@ -71,7 +71,8 @@ class JobConfig:
     min_batch: int = _f(1, "smallest batch a shrink may reach")
     shrink_factor: float = _f(0.5, "batch multiplier on a peak breach")
     keep_effective_batch: bool = _f(True, "raise accumulation on a shrink so batch x accum stays the same")
-    policy: str = _f("adaptive", "adaptive (leak: recycle, peak: shrink, regrow), shrink-only, or stop (at the first breach)")
+    policy: str = _f("adaptive", "adaptive (leak: recycle, peak: shrink, regrow), shrink-only, "
+                     "or stop (at the first breach)")
     leak_threshold: str = _f("1MiB", "growth per step above which a breach is a leak", "bytes/step")
     regrow_after_steps: int = _f(50, "healthy steps before trying a larger batch")
     min_steps_per_life: int = _f(10, "recycling more often than this also shrinks the batch")
@@ -179,7 +180,7 @@ def _build(cls: type[Any], table: Any, where: str, path: Path) -> Any:
     values = {}
     for key, value in table.items():
         kind = hints[key]
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             values[key] = _build(kind, value, f"{where}.{key}", path)
         else:
             values[key] = _coerce(value, kind, f"{where}.{key}", path)

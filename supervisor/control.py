@@ -93,8 +93,10 @@ class ControlServer:
 
     # -- sockets --------------------------------------------------------------------------------------
 
-    def _router(self, endpoint: str, path: Path | None = None, curve: tuple[bytes, bytes] | None = None) -> zmq.Socket[bytes]:
-        sock = self.context.socket(zmq.ROUTER)
+    def _router(
+        self, endpoint: str, path: Path | None = None, curve: tuple[bytes, bytes] | None = None
+    ) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self.context.socket(zmq.ROUTER)
         # Oversized frames make libzmq drop the peer; we want an error reply instead, so accept a little more
         # than the protocol maximum and answer "too large" ourselves.
         sock.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_CONTROL_BYTES)

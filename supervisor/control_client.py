@@ -77,7 +77,9 @@ class ControlClient:
         raise ControlError(TIMEOUT, f"no reply from {self.endpoint} within {self.timeout}s "
                                     "(daemon not running, or not authorized)")
 
-    def subscribe(self, endpoint: str, topics: list[str], timeout: float | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    def subscribe(
+        self, endpoint: str, topics: list[str], timeout: float | None = None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield (topic, event) from the daemon's event stream; stops after ``timeout`` s of silence if set."""
         sub = self._socket(zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, 10_000)

@@ -105,7 +105,7 @@ class Shell(cmd.Cmd):
         self.jobs: list[str] = []
         self.intro = "mlxsupctl shell: 'help' lists commands, 'quit' leaves."
 
-    def default(self, line: str) -> bool:
+    def default(self, line: str) -> bool:  # type: ignore[override]
         from supervisor.ctl import build_parser, run_command
 
         try:
@@ -125,7 +125,7 @@ class Shell(cmd.Cmd):
     def _globals(self) -> list[str]:
         return ["--json"] if self.args.json else []
 
-    def do_help(self, arg: str) -> None:  # type: ignore[override]
+    def do_help(self, arg: str) -> None:
         for name, command in sorted(REGISTRY.items()):
             print(f"{name:<12} {command.help}")
         print(f"{'quit':<12} leave the shell")
@@ -152,15 +152,16 @@ class Shell(cmd.Cmd):
 
 
 def shell(client: ControlClient, args: argparse.Namespace) -> int:
+    """The interactive shell, with history kept in ~/.mlxsupctl_history when readline is available."""
+    history: Path | None = Path(os.path.expanduser("~/.mlxsupctl_history"))
     try:
         import readline
 
-        history = Path(os.path.expanduser("~/.mlxsupctl_history"))
-        if history.exists():
+        if history is not None and history.exists():
             readline.read_history_file(history)
         readline.set_history_length(1000)
     except (ImportError, OSError):
-        history = None  # type: ignore[assignment]
+        history = None
     try:
         Shell(client, args).cmdloop()
     finally:

@@ -29,7 +29,7 @@ from supervisor.system import RealSystem, System
 
 log = structlog.get_logger("mlxsupd")
 MAX_DRAIN = 1000
-CRITICAL_PRESSURE = 4  # kern.memorystatus_vm_pressure_level: 1 normal, 2 warn, 4 critical  # messages handled per socket per loop turn, so one busy peer cannot starve the rest
+CRITICAL_PRESSURE = 4  # kern.memorystatus_vm_pressure_level: 1 normal, 2 warn, 4 critical
 
 
 class RunDirError(RuntimeError):

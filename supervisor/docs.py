@@ -6,7 +6,8 @@ README.md carries this output verbatim; a test keeps the two equal.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from supervisor.config import ControlConfig, DaemonConfig, JobConfig
 
@@ -22,7 +23,9 @@ def config_reference() -> str:
         for field in dataclasses.fields(cls):
             if dataclasses.is_dataclass(field.type) or field.name == "control":
                 continue
-            default: Any = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+            default: Any = field.default
+            if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+                default = cast(Callable[[], Any], field.default_factory)()
             shown = "`" + (repr(default) if not isinstance(default, str) else f'"{default}"') + "`"
             lines.append(f"| `{field.name}` | {shown} | {field.metadata.get('unit', '')} | "
                          f"{field.metadata['help']} |")

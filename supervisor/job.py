@@ -22,7 +22,6 @@ from protocol import CheckpointSaved, Command, Goodbye, Hello, Message, Step, en
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.config import JobConfig, worker_argv
 from supervisor.history import History
-from supervisor.recorder import Recorder
 from supervisor.policy import (
     Action,
     Decision,
@@ -34,6 +33,7 @@ from supervisor.policy import (
     on_sample,
     on_step,
 )
+from supervisor.recorder import Recorder
 from supervisor.sizes import parse_bytes, parse_fraction_of
 from supervisor.states import PROCESS_STATES, JobState, check_transition
 from supervisor.system import System, WorkerProcess

@@ -182,7 +182,8 @@ def on_step(
         if estimator.steps_seen < config.min_steps_per_life:
             # Lives this short mean the transient leaves too little headroom for the leak: shrink as well.
             next_batch, next_accum = shrink(batch, accum, config)
-            reason += f"; life of {estimator.steps_seen} steps too short: batch {batch}x{accum} -> {next_batch}x{next_accum}"
+            reason += (f"; life of {estimator.steps_seen} steps too short: "
+                       f"batch {batch}x{accum} -> {next_batch}x{next_accum}")
             return Decision(Action.CHECKPOINT_EXIT, Diagnosis.LEAK_PREDICTED, reason, next_batch, next_accum)
         return Decision(Action.CHECKPOINT_EXIT, Diagnosis.LEAK_PREDICTED, reason, batch, accum)
     if batch < config.max_batch and healthy_steps >= config.regrow_after_steps and estimator.levels:

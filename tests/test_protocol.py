@@ -86,7 +86,8 @@ class TestRejection:
 
     @settings(max_examples=300, deadline=None)
     @given(st.dictionaries(st.sampled_from(["v", "t", "step", "token", "pid", "sent_at", "action"]),
-                           st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=8), st.none(), st.booleans()),
+                           st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=8),
+                                     st.none(), st.booleans()),
                            max_size=6))
     def test_random_maps_only_ever_raise_protocol_error(self, body: dict[str, object]) -> None:
         try:

@@ -7,7 +7,7 @@ from typing import Any
 
 
 class _RaisingParser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         raise ValueError(message)
 
 

@@ -78,7 +78,7 @@ def load_corpus(source: str = "", limit: int = _MAX_CORPUS_BYTES) -> mx.array:
     corpus = b"".join(chunks)
     if len(corpus) < 2 * 1024:
         raise ValueError(f"training data {source or 'stdlib'!r} holds {len(corpus)} bytes; need at least 2 KiB")
-    return mx.array(memoryview(corpus), dtype=mx.uint8)
+    return mx.array(memoryview(corpus), dtype=mx.uint8)  # type: ignore[arg-type]  # buffers work; stubs lag
 
 
 def step_batch(corpus: mx.array, seed: int, step: int, samples: int, context: int) -> mx.array:

@@ -71,7 +71,7 @@ class SessionSettings:
             raw = env.get(ENV_PREFIX + field.name.upper())
             if raw is None or raw == "":
                 continue
-            kind = type(field.default)
+            kind: type[Any] = type(field.default)
             try:
                 values[field.name] = kind(raw)
             except ValueError:

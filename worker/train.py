@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
-from typing import Any
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -67,5 +67,5 @@ def _loop(session: Session, args: argparse.Namespace, fault_due: FaultDue, model
         leak.step(step, grads)
         step += 1
         done_in_life += 1
-        session.end_step(step, loss.item(), extra={"data_position": step, "seed": args.seed})
+        session.end_step(step, cast(float, loss.item()), extra={"data_position": step, "seed": args.seed})
     return step

@@ -36,7 +36,7 @@ def describe(job: Job) -> dict[str, Any]:
 
 def status_line(row: dict[str, Any]) -> str:
     mem = f"{format_bytes(row['sampled_bytes'])}/{format_bytes(row['budget_bytes'])}"
-    return (f"{row['name']:<16} {row['state']:<18} pid {str(row['pid'] or '-'):<7} "
+    return (f"{row['name']:<16} {row['state']:<18} pid {row['pid'] or '-'!s:<7} "
             f"step {row['step']}/{row['target_steps'] or '?':<8} mem {mem:<22} "
             f"batch {row['batch']}x{row['accum']}  restarts {row['restarts']}")
 
