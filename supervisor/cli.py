@@ -56,7 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mlxsupd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure(args.log_format or config.daemon.log_format, args.log_level)
+    sink = None
+    if config.daemon.log_file:
+        from supervisor.logs import RotatingFile
+        from supervisor.sizes import parse_bytes
+
+        sink = RotatingFile(config.resolve(config.daemon.log_file, config.log_dir / "mlxsupd.log"),
+                            parse_bytes(config.daemon.log_max_bytes), config.daemon.log_keep)
+    configure(args.log_format or config.daemon.log_format, args.log_level, sink)
+    if sink is not None:
+        import signal
+
+        signal.signal(signal.SIGUSR1, lambda signum, frame: sink.reopen())
     if args.command == "run":
         if args.job not in config.jobs:
             known = ", ".join(sorted(config.jobs)) or "none"

@@ -51,6 +51,9 @@ class DaemonConfig:
     system_floor: str = _f("0", "available system memory below which jobs checkpoint and wait (bytes or %)")
     floor_hysteresis: str = _f("512MiB", "memory above the floor needed before waiting jobs resume")
     log_format: str = _f("auto", "daemon log lines: auto (console on a terminal, else json), console, json")
+    log_file: str = _f("", "daemon log file (default: stderr, which launchd/systemd capture); SIGUSR1 reopens it")
+    log_max_bytes: str = _f("50MiB", "rotate the daemon log file (and worker logs, at spawn) past this size")
+    log_keep: int = _f(3, "rotated log files kept")
     control: ControlConfig = dataclasses.field(default_factory=ControlConfig, metadata={"help": "", "unit": ""})
 
 
@@ -225,6 +228,12 @@ def _validate(config: Config, total: int) -> None:
             raise ConfigError(f"{where}: daemon.{key} = {getattr(d, key)}: must be between 0.001 and 60 seconds")
     if d.log_format not in ("auto", "console", "json"):
         raise ConfigError(f"{where}: daemon.log_format = {d.log_format!r}: expected auto, console or json")
+    try:
+        parse_bytes(d.log_max_bytes)
+    except SizeError as exc:
+        raise ConfigError(f"{where}: daemon.log_max_bytes: {exc}") from None
+    if d.log_keep < 0:
+        raise ConfigError(f"{where}: daemon.log_keep = {d.log_keep}: must be 0 or more")
     for key in ("system_floor", "floor_hysteresis"):
         try:
             parse_fraction_of(getattr(d, key), total)

@@ -23,7 +23,7 @@ import zmq
 from protocol import MAX_MESSAGE_BYTES, Heartbeat, Hello, ProtocolError, decode, encode
 from supervisor.config import Config
 from supervisor.job import Job, JobPaths
-from supervisor.sizes import parse_fraction_of
+from supervisor.sizes import parse_bytes, parse_fraction_of
 from supervisor.states import PROCESS_STATES, TERMINAL_STATES
 from supervisor.system import RealSystem, System
 
@@ -69,7 +69,8 @@ class Daemon:
         one_shot: bool = False,
     ) -> None:
         self.config = config
-        self.system = system or RealSystem()
+        self.system = system or RealSystem(log_max=parse_bytes(config.daemon.log_max_bytes),
+                                           log_keep=config.daemon.log_keep)
         self.one_shot = one_shot
         self.run_dir = prepare_run_dir(config.run_dir)
         self._lock = _lock_run_dir(self.run_dir)

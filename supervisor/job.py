@@ -130,6 +130,7 @@ class Job:
         self.crashes = 0  # consecutive crashes, for the backoff delay
         self.retry_at = float("inf")
         self.stop_requested = False
+        self.stop_reason = ""
         self.restart_reason = ""
         self.stats = JobStats()
         self.last_sampled = 0
@@ -198,6 +199,7 @@ class Job:
     def stop(self, now: float, reason: str = "stop") -> None:
         """Checkpoint and stop (or just stop when no worker is running)."""
         self.stop_requested = True
+        self.stop_reason = reason
         life = self.life
         if life is None:
             if self.state not in (JobState.STOPPED, JobState.FINISHED, JobState.FATAL):
@@ -415,7 +417,7 @@ class Job:
         if code == 0 and not self.stop_requested:
             self.change_state(JobState.FINISHED, "worker finished", step=life.last_step)
         elif self.stop_requested:
-            self.change_state(JobState.STOPPED, "stopped", step=life.last_step, checkpoint=newest)
+            self.change_state(JobState.STOPPED, self.stop_reason or "stopped", step=life.last_step, checkpoint=newest)
         elif self.failures >= self.config.max_attempts_without_progress:
             self.change_state(JobState.FATAL, f"{self.failures} attempts without progress (last exit {code})")
         elif pending is not None and self.config.policy == "stop" and pending.diagnosis is not Diagnosis.SYSTEM_FLOOR:

@@ -1,9 +1,15 @@
-"""structlog setup: key=value lines on a terminal, JSON lines under a service manager or into a file."""
+"""structlog setup: key=value lines on a terminal, JSON lines under a service manager or into a file.
+
+With a log file the daemon rotates it by size itself (``log_max_bytes``, keeping ``log_keep`` old files) and
+reopens it on SIGUSR1, for external rotators such as newsyslog or logrotate.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import TextIO
 
 import structlog
@@ -11,11 +17,49 @@ import structlog
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+class RotatingFile:
+    """A text sink that rotates by size and can be reopened; what structlog writes to."""
+
+    def __init__(self, path: Path, max_bytes: int, keep: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the daemon
+
+    def write(self, text: str) -> int:
+        written = self._file.write(text)
+        if self.max_bytes and self._file.tell() >= self.max_bytes:
+            self.rotate()
+        return written
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def rotate(self) -> None:
+        """mlxsupd.log -> mlxsupd.log.1 -> ... -> .keep (dropped), then a fresh file."""
+        self._file.close()
+        for index in range(self.keep, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{index}")
+            newer = self.path.with_name(f"{self.path.name}.{index - 1}") if index > 1 else self.path
+            if newer.exists():
+                os.replace(newer, older)
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115
+
+    def reopen(self) -> None:
+        """After an external rotator moved the file away."""
+        self._file.close()
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115
+
+
+def configure(fmt: str = "auto", level: str = "info", stream: TextIO | RotatingFile | None = None) -> None:
     """Configure structlog once for the process. ``fmt``: auto, console or json."""
-    stream = stream or sys.stderr
+    sink = stream or sys.stderr
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
+        fmt = "console" if sink.isatty() else "json"
     renderer: structlog.typing.Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
@@ -28,6 +72,6 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=structlog.WriteLoggerFactory(file=sink),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 
 from supervisor.config import Config, ConfigError, load_config
@@ -120,6 +122,8 @@ class DaemonService:
         for job in daemon.jobs.values():
             if job.config.autostart:
                 job.start(now, "autostart")
+            elif was_active(job.history.events):
+                job.start(now, "resume: the job was running when the daemon stopped")
         try:
             return daemon.run()
         finally:
@@ -129,6 +133,17 @@ class DaemonService:
     def close(self) -> None:
         self.control.close()
         self.daemon.close()
+
+
+def was_active(events: list[dict[str, Any]]) -> bool:
+    """True when a job's history ends with it running (the daemon died) or stopped by a daemon shutdown."""
+    states = [e for e in events if e.get("event") == "state"]
+    if not states:
+        return False
+    last = states[-1]
+    if last.get("new") in ("STOPPED", "FINISHED", "FATAL"):
+        return last.get("new") == "STOPPED" and last.get("reason") == "daemon shutdown"
+    return True
 
 
 def serve(config: Config) -> int:

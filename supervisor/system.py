@@ -88,14 +88,32 @@ class RealProcess:
         return self._sampler.sample(now)
 
 
+def rotate_if_large(path: Path, max_bytes: int, keep: int) -> None:
+    """Worker logs are rotated between lives (never under a running worker): x.log -> x.log.1 -> ..."""
+    try:
+        if not max_bytes or path.stat().st_size < max_bytes:
+            return
+    except FileNotFoundError:
+        return
+    for index in range(keep, 0, -1):
+        newer = path.with_name(f"{path.name}.{index - 1}") if index > 1 else path
+        if newer.exists():
+            os.replace(newer, path.with_name(f"{path.name}.{index}"))
+    path.unlink(missing_ok=True)
+
+
 class RealSystem:
     """The real machine."""
 
-    def __init__(self, sampler_refresh: float = 1.0) -> None:
+    def __init__(self, sampler_refresh: float = 1.0, log_max: int = 50 * 2**20, log_keep: int = 3) -> None:
         self._refresh = sampler_refresh
+        self._log_max = log_max
+        self._log_keep = log_keep
 
     def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None, log_dir: Path) -> RealProcess:
         log_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("stdout.log", "stderr.log"):
+            rotate_if_large(log_dir / name, self._log_max, self._log_keep)
         with open(log_dir / "stdout.log", "ab") as out, open(log_dir / "stderr.log", "ab") as err:
             popen = subprocess.Popen(
                 list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,

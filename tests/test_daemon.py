@@ -312,3 +312,42 @@ class TestExampleConfig:
         for job in ("small", "large"):
             history = read_history(tmp_path / "xdg" / "mlx-supervisor" / "jobs" / job / "history.jsonl")
             assert [e for e in history if e["event"] == "exit"][-1]["code"] == 75
+
+
+class TestServiceRestart:
+    """After a daemon restart, jobs that were running continue from their checkpoints, history intact."""
+
+    def test_manually_started_job_resumes_after_daemon_sigkill(self, daemon: Any, spawn: Any, tmp_path: Path) -> None:
+        d = daemon({"manual": {**two_jobs()["steady"], "autostart": False, "checkpoint_every": 10}})
+        assert d.states() == {"manual": "STOPPED"}
+        d.json("start", "manual")
+        d.wait(lambda: d.json("status")["jobs"][0]["step"] >= 25, 60, "25 steps")
+        d.proc.kill()  # SIGKILL: no goodbye; the orphaned worker checkpoints by itself
+        d.proc.wait(timeout=10)
+        time.sleep(6)  # the orphan notices within 5 s
+        checkpoints = sorted((tmp_path / "state" / "jobs" / "manual" / "checkpoints").glob("ckpt-*"))
+        newest = int(checkpoints[-1].name.split("-")[1])
+        again = Daemon(spawn, d.config, tmp_path)
+        try:
+            again.wait(running(again, "manual"), 60, "manual job resumed by the restarted daemon")
+            spawned = [e for e in again.history("manual") if e["event"] == "spawn"]
+            assert spawned[-1]["from_checkpoint"] == newest >= 25
+            assert len(spawned) == 2
+        finally:
+            assert again.stop() == 0
+
+    def test_daemon_log_file_rotates_and_reopens(self, daemon: Any, tmp_path: Path) -> None:
+        d = daemon({"j": {**two_jobs()["steady"], "autostart": False}}, log_file=str(tmp_path / "d.log"),
+                   log_max_bytes="2KiB", log_keep=2)
+        for _ in range(30):
+            d.json("start", "j")
+            d.json("stop", "j")
+        assert (tmp_path / "d.log.1").exists() and not (tmp_path / "d.log.3").exists()
+        os.replace(tmp_path / "d.log", tmp_path / "moved.log")
+        d.proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        d.json("start", "j")
+        d.wait(lambda: (tmp_path / "d.log").exists() and "job_state" in (tmp_path / "d.log").read_text(), 10,
+               "log reopened")
+        line = (tmp_path / "d.log").read_text().splitlines()[-1]
+        assert json.loads(line)["event"]  # JSON lines when not on a terminal
