@@ -351,3 +351,21 @@ class TestServiceRestart:
                "log reopened")
         line = (tmp_path / "d.log").read_text().splitlines()[-1]
         assert json.loads(line)["event"]  # JSON lines when not on a terminal
+
+
+class TestInteractive:
+    """The shell answers commands from stdin; top renders a frame with a memory bar."""
+
+    def test_shell_and_top(self, daemon: Any) -> None:
+        d = daemon()
+        d.wait(running(d, "leaky", "steady"), 60, "both running")
+        shell = subprocess.run([sys.executable, "-m", "supervisor.ctl", "-c", str(d.config)],
+                               input="help\nstatus steady\nbogus\nquit\n", capture_output=True, text=True, timeout=30)
+        assert shell.returncode == 0
+        assert "checkpoint" in shell.stdout and "steady" in shell.stdout and "RUNNING" in shell.stdout
+        top = subprocess.run([sys.executable, "-m", "supervisor.ctl", "-c", str(d.config), "top", "--once"],
+                             capture_output=True, text=True, timeout=30)
+        lines = top.stdout.splitlines()
+        assert top.returncode == 0 and lines[0].startswith("JOB")
+        leaky = next(line for line in lines if line.startswith("leaky"))
+        assert "[" in leaky and "/600.0 MiB" in leaky
