@@ -106,12 +106,16 @@ _FIELDS: Final[dict[str, tuple[tuple[str, type[Any]], ...]]] = {
 _MAX_STR: Final = 4096
 
 
+_NAMES: Final[dict[str, tuple[str, ...]]] = {tag: tuple(n for n, _ in fields) for tag, fields in _FIELDS.items()}
+_PACKER: Final = msgpack.Packer(use_bin_type=True)  # reused: encode runs once per training step
+
+
 def encode(message: Message) -> bytes:
     """Serialize one message to a frame."""
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": message.TAG}
-    for name, _ in _FIELDS[message.TAG]:
+    for name in _NAMES[message.TAG]:
         body[name] = getattr(message, name)
-    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+    return _PACKER.pack(body)  # type: ignore[no-any-return]
 
 
 def decode(frame: bytes) -> Message:

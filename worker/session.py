@@ -233,7 +233,8 @@ class Session:
     def _poll(self) -> list[Command]:
         assert self._socket is not None
         commands: list[Command] = []
-        while self._socket.poll(0):
+        # EVENTS is a cheap getsockopt; poll() would build a Poller per call on the per-step path.
+        while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             frame = self._socket.recv(zmq.NOBLOCK)
             try:
                 message = decode(frame)
