@@ -134,6 +134,7 @@ class Job:
         self.restart_reason = ""
         self.stats = JobStats()
         self.last_sampled = 0
+        self.regrown_to = 0  # the batch the last regrowth went to, until it proves itself or breaches
         self.next_config: tuple[JobConfig, Limits] | None = None
         self.history = History(paths.history)
         self.recorder = Recorder(paths.telemetry)
@@ -361,6 +362,7 @@ class Job:
             return
         if self.stats.first_breach_step is None and decision.diagnosis is not Diagnosis.REGROW:
             self.stats.first_breach_step = life.last_step
+        self._regrow_feedback(life, decision)
         if decision.action is Action.KILL:
             if not life.term_sent:
                 self.decide(decision, now, **numbers)
@@ -372,6 +374,17 @@ class Job:
             self.decide(decision, now, **numbers)
             self.stats.last_decision_at = now
             self._ask_exit(now, decision, JobState.CHECKPOINTING)
+
+    def _regrow_feedback(self, life: Life, decision: Decision) -> None:
+        """Additive increase, multiplicative decrease: a regrown batch that breaches doubles the wait."""
+        if decision.diagnosis is Diagnosis.REGROW:
+            self.regrown_to = decision.next_batch
+        elif decision.next_batch and decision.next_batch < life.batch and life.batch == self.regrown_to:
+            wait = self.policy.regrow_after_steps * 2
+            self.policy = dataclasses.replace(self.policy, regrow_after_steps=wait)
+            self.regrown_to = 0
+            self.log.info("regrow_backoff", batch=life.batch, regrow_after_steps=wait)
+            self.history.record("regrow_backoff", batch=life.batch, regrow_after_steps=wait)
 
     def _ask_exit(self, now: float, decision: Decision, state: JobState) -> None:
         life = self.life
@@ -406,6 +419,8 @@ class Job:
         newest = latest_step(self.paths.checkpoints) or 0
         progress = newest > life.start_checkpoint
         self.failures = 0 if progress else self.failures + 1
+        if progress:
+            self.crashes = 0  # the backoff grows only over crashes that made no progress
         pending = life.pending
         self.log.info("worker_exit", code=code, goodbye=life.goodbye, step=life.last_step, checkpoint=newest,
                       progress=progress)
@@ -447,7 +462,6 @@ class Job:
         self.stats.restarts += 1
         self.stats.restart_reasons[reason] += 1
         self.history.record("restart", reason=reason, batch=self.batch, accum=self.accum)
-        self.crashes = 0
         self.start(now, f"restart: {reason}")
 
     def _note_batch(self, step: int, batch: int, accum: int) -> None:

@@ -34,7 +34,9 @@ STARTABLE_STATES: Final = frozenset({S.STOPPED, S.FINISHED, S.FATAL, S.BACKOFF, 
 TRANSITIONS: Final[dict[JobState, frozenset[JobState]]] = {
     S.STOPPED: frozenset({S.STARTING}),
     S.STARTING: frozenset({S.RUNNING, S.STOPPING, S.BACKOFF, S.FATAL, S.STOPPED, S.FINISHED}),
-    S.RUNNING: frozenset({S.CHECKPOINTING, S.STOPPING, S.BACKOFF, S.FINISHED, S.FATAL, S.STOPPED}),
+    # RUNNING -> STARTING: the worker checkpointed and exited on its own (SIGTERM from elsewhere, lost daemon).
+    S.RUNNING: frozenset({S.CHECKPOINTING, S.STOPPING, S.BACKOFF, S.FINISHED, S.FATAL, S.STOPPED, S.STARTING,
+                          S.WAITING_FOR_MEMORY}),
     S.CHECKPOINTING: frozenset({S.STOPPING, S.BACKOFF, S.FINISHED, S.FATAL, S.STOPPED, S.STARTING,
                                 S.WAITING_FOR_MEMORY, S.RUNNING}),
     S.STOPPING: frozenset({S.BACKOFF, S.STOPPED, S.FATAL, S.FINISHED, S.STARTING, S.WAITING_FOR_MEMORY}),

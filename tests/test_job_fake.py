@@ -1,0 +1,195 @@
+"""Job state machine against a deterministic fake OS (fake clock, fake processes, scripted samples).
+
+The same logic runs against real processes in test_supervise.py; here the timing is exact.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol import Command, Hello, Step, decode
+from supervisor.config import JobConfig
+from supervisor.footprint import GroupSample
+from supervisor.job import Job, JobPaths
+from supervisor.policy import Limits
+from supervisor.states import JobState
+
+MiB = 2**20
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.code: int | None = None
+        self.sampled = 100 * MiB
+        self.complete = True
+        self.signals: list[int] = []
+
+    def poll(self) -> int | None:
+        return self.code
+
+    def signal_group(self, signum: int) -> bool:
+        self.signals.append(signum)
+        return self.code is None
+
+    def sample(self, now: float) -> GroupSample:
+        return GroupSample(self.sampled, 1, self.complete)
+
+
+class FakeSystem:
+    def __init__(self) -> None:
+        self.clock = 1000.0
+        self.procs: list[FakeProcess] = []
+
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None, log_dir: Path) -> FakeProcess:
+        self.procs.append(FakeProcess(4000 + len(self.procs)))
+        return self.procs[-1]
+
+    def now(self) -> float:
+        return self.clock
+
+    def memory(self) -> tuple[int, int]:
+        return 8 << 30, 16 << 30
+
+    def pressure(self) -> int | None:
+        return None
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, **config: Any) -> None:
+        self.system = FakeSystem()
+        self.sent: list[Command] = []
+        self.job = Job("j", JobConfig(**config), Limits(850 * MiB, 1000 * MiB, 1100 * MiB),
+                       JobPaths(tmp_path / "ckpt", tmp_path / "logs", None), self.system, "ipc://x",
+                       lambda identity, frame: self.sent.append(decode(frame)),  # type: ignore[arg-type]
+                       lambda *a: None)
+        self.job.start(self.system.clock)
+        self.hello()
+
+    @property
+    def proc(self) -> FakeProcess:
+        return self.system.procs[-1]
+
+    def hello(self, step: int = 0) -> None:
+        life = self.job.life
+        assert life is not None
+        hello = Hello(life.token, self.proc.pid, "j", step, 1000, life.batch, life.accum)
+        self.job.on_hello(hello, b"id", self.system.clock)
+
+    def advance(self, seconds: float) -> None:
+        self.system.clock += seconds
+        self.job.tick(self.system.clock, 8 << 30, 0)
+
+    def sample(self, sampled: int, complete: bool = True) -> None:
+        self.proc.sampled, self.proc.complete = sampled, complete
+        self.job.on_sample(self.system.clock, 8 << 30, 0)
+
+    def step(self, step: int, footprint: int = 100 * MiB) -> None:
+        life = self.job.life
+        assert life is not None
+        self.job.on_message(Step(step, life.batch, life.accum, 1.0, 0.01, footprint, 0, footprint, footprint),
+                            self.system.clock)
+
+    def actions(self) -> list[str]:
+        return [c.action for c in self.sent if isinstance(c, Command)]
+
+
+class TestEscalationWithFakeSystem:
+    """Warn, budget, deadline and kill ceiling, with exact timing."""
+
+    def test_warn_then_two_samples_over_budget_then_deadline_then_sigkill(self, tmp_path: Path) -> None:
+        h = Harness(tmp_path, checkpoint_timeout=5.0, kill_grace=2.0)
+        h.sample(900 * MiB)
+        assert h.actions() == ["clear_cache"]
+        h.sample(1000 * MiB)
+        assert h.job.state == JobState.RUNNING  # one sample at budget is not enough
+        h.sample(1001 * MiB)
+        assert h.actions()[-1] == "checkpoint_exit" and h.job.state == JobState.CHECKPOINTING
+        h.advance(4.9)
+        assert h.proc.signals == []
+        h.advance(0.2)
+        assert h.proc.signals == [signal.SIGTERM] and h.job.state == JobState.STOPPING
+        h.advance(1.9)
+        assert h.proc.signals == [signal.SIGTERM]
+        h.advance(0.2)
+        assert h.proc.signals == [signal.SIGTERM, signal.SIGKILL]
+
+    def test_kill_ceiling_terminates_at_once(self, tmp_path: Path) -> None:
+        h = Harness(tmp_path)
+        h.sample(1200 * MiB)
+        assert h.proc.signals == [signal.SIGTERM]
+
+    def test_partial_samples_never_act(self, tmp_path: Path) -> None:
+        h = Harness(tmp_path)
+        for _ in range(5):
+            h.sample(5000 * MiB, complete=False)
+        assert h.proc.signals == [] and h.actions() == []
+
+    def test_peak_breach_restarts_with_half_the_batch(self, tmp_path: Path) -> None:
+        h = Harness(tmp_path, batch=8)
+        h.sample(1050 * MiB)
+        h.sample(1050 * MiB)
+        h.proc.code = 75
+        h.advance(0.1)
+        assert h.job.state == JobState.STARTING and (h.job.batch, h.job.accum) == (4, 2)
+        assert len(h.system.procs) == 2
+
+
+class TestLivenessWithFakeSystem:
+    """Hangs, crashes with backoff, and FATAL without progress."""
+
+    def test_hang_is_detected_after_the_timeout(self, tmp_path: Path) -> None:
+        h = Harness(tmp_path, hang_timeout=10.0)
+        h.step(1)
+        h.advance(9.9)
+        assert h.proc.signals == []
+        h.advance(0.2)
+        assert h.proc.signals == [signal.SIGTERM]
+
+    def test_crash_backoff_doubles_and_ends_fatal(self, tmp_path: Path) -> None:
+        h = Harness(tmp_path, backoff_initial=1.0, backoff_max=3.0, max_attempts_without_progress=4)
+        delays = []
+        for _ in range(4):
+            h.proc.code = 1
+            h.advance(0.0)
+            if h.job.state == JobState.FATAL:
+                break
+            delays.append(h.job.retry_at - h.system.clock)
+            h.advance(delays[-1])
+            h.hello()
+        assert delays == [1.0, 2.0, 3.0]
+        assert h.job.state == JobState.FATAL
+
+
+class TestRegrowthWithFakeSystem:
+    """A regrown batch that breaches doubles the wait before the next regrowth (AIMD)."""
+
+    def test_failed_regrowth_backs_off(self, tmp_path: Path) -> None:
+        h = Harness(tmp_path, batch=8, regrow_after_steps=5)
+        h.job.batch, h.job.accum = 4, 2  # as after an earlier shrink
+        h.proc.code = 75
+        h.job.life.pending = None  # type: ignore[union-attr]
+        h.advance(0.0)
+        h.hello()
+        for step in range(1, 12):
+            h.step(step)
+            if h.job.state == JobState.CHECKPOINTING:
+                break
+        assert h.actions()[-1] == "checkpoint_exit" and h.job.life.pending.next_batch == 8  # type: ignore[union-attr]
+        h.proc.code = 75
+        h.advance(0.0)
+        h.hello()
+        assert h.job.batch == 8
+        h.sample(1050 * MiB)
+        h.sample(1050 * MiB)
+        assert h.job.policy.regrow_after_steps == 10
+
+
+@pytest.fixture(autouse=True)
+def no_orphans() -> None:
+    """Nothing real is spawned here."""
