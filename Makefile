@@ -15,14 +15,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[plot]"
 	rm -rf .demo
 	$(VENV)/bin/mlxsupd run -c deploy/demo.toml demo --summary .demo/summary.json
+	$(PY) -m supervisor.plot .demo/state/jobs/demo --summary .demo/summary.json -o .demo/memory.png
+	@echo "summary: .demo/summary.json  plot: .demo/memory.png"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[plot]"
 	$(PY) -m bench
 
 faults: $(STAMP)
