@@ -61,8 +61,14 @@ class ControlClient:
     def call(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         """Send one request and wait for its reply; ControlError on an error reply or a timeout."""
         request_id = f"{self._prefix}{next(self._ids)}"
-        self.socket.send(encode_request(Request(request_id, cmd, args or {})))
         deadline_ms = int(self.timeout * 1000)
+        # A DEALER's send waits for a connected peer; a refused handshake never gives one, so bound it too.
+        self.socket.setsockopt(zmq.SNDTIMEO, deadline_ms)
+        try:
+            self.socket.send(encode_request(Request(request_id, cmd, args or {})))
+        except zmq.Again:
+            raise ControlError(TIMEOUT, f"could not send to {self.endpoint} within {self.timeout}s "
+                                        "(daemon not running, or not authorized)") from None
         while self.socket.poll(deadline_ms):
             try:
                 reply = decode_reply(self.socket.recv())
@@ -104,4 +110,4 @@ class ControlClient:
 
     def close(self) -> None:
         self.socket.close(linger=0)
-        self.context.term()
+        self.context.destroy(linger=0)

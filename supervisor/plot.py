@@ -160,8 +160,9 @@ def _draw_markers(ax: Any, exits: list[float], batches: list[tuple[float, str]])
                    label="worker exit (restart)" if i == 0 else None)
     for i, (x, text) in enumerate(batches):
         ax.axvline(x, color="#009e73", linestyle="-.", linewidth=1.2, label="batch change" if i == 0 else None)
-        ax.annotate(text, xy=(x, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -12),
-                    textcoords="offset points", fontsize=8, color="#009e73")
+        ax.annotate(text, xy=(x, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8, color="#009e73",
+                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
 
 
 def _stack(ax: Any, xs: list[float], records: list[dict[str, Any]], scale: float) -> None:
@@ -171,6 +172,11 @@ def _stack(ax: Any, xs: list[float], records: list[dict[str, Any]], scale: float
     cache = [float(r.get("mlx_cache") or 0) / scale for r in records]
     ax.stackplot(xs, active, cache, colors=["#56b4e9", "#cde8f6"], labels=["MLX active", "MLX cache"],
                  alpha=0.9, step="post")
+    peaks = [(x, float(r["mlx_peak"]) / scale)
+             for x, r in zip(xs, records, strict=True) if _number(r.get("mlx_peak"))]
+    if peaks:
+        ax.plot([x for x, _ in peaks], [y for _, y in peaks], color="#cc79a7", linewidth=0.8, linestyle=":",
+                label="MLX peak in step (reported)")
 
 
 def _draw_time_panel(ax: Any, series: Series, limits: dict[str, int], scale: float, unit: str) -> None:

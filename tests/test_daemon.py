@@ -342,6 +342,7 @@ class TestServiceRestart:
         for _ in range(30):
             d.json("start", "j")
             d.json("stop", "j")
+            d.wait(lambda: d.states()["j"] == "STOPPED", 30, "stopped")
         assert (tmp_path / "d.log.1").exists() and not (tmp_path / "d.log.3").exists()
         os.replace(tmp_path / "d.log", tmp_path / "moved.log")
         d.proc.send_signal(signal.SIGUSR1)

@@ -87,7 +87,6 @@ class Area:
     """The private directories of one fault: run dir (0700, short for ipc paths), state, config."""
 
     root: Path
-    mark: str
 
     @property
     def run_dir(self) -> Path:
@@ -122,11 +121,16 @@ class Workspace:
         self.root.mkdir(mode=0o700)
         self.keep = keep
 
+    @property
+    def mark(self) -> str:
+        """Set in every process the campaign starts (and inherited by workers): how leftovers are found."""
+        return str(self.root)
+
     def area(self, name: str) -> Area:
         root = self.root / name
         root.mkdir(mode=0o700)
         (root / "run").mkdir(mode=0o700)
-        return Area(root, str(self.root))
+        return Area(root)
 
     def close(self) -> None:
         if not self.keep:

@@ -48,9 +48,15 @@ class Control:
             left = deadline - time.monotonic()
             if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
                 return None
-            reply = msgpack.unpackb(self.sock.recv(), raw=False)
-            if request_id is None or (isinstance(reply, dict) and reply.get("id") == request_id):
-                return reply if isinstance(reply, dict) else {"ok": False, "error": {"code": "?", "message": "?"}}
+            parts = self.sock.recv_multipart()  # a REQ-style envelope comes back as [b"", reply]
+            try:
+                reply = msgpack.unpackb(parts[-1], raw=False)
+            except ValueError:
+                reply = None
+            if not isinstance(reply, dict):
+                return {"ok": False, "error": {"code": "garbled reply", "message": repr(parts)[:100]}}
+            if request_id is None or reply.get("id") == request_id:
+                return reply
         return None
 
     def result(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:

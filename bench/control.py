@@ -1,0 +1,126 @@
+"""Control plane and daemon footprint: idle CPU and RSS, control-request latency, telemetry ingest rate.
+
+- daemon idle: ``python -m supervisor.cli -c CONFIG`` (service mode, foreground) with two jobs that do not
+  autostart; after a settling second, CPU time (user + system, psutil) over ``idle_seconds`` ÷ wall, and
+  RSS at the end. Then SIGTERM: it should exit 0 within a few seconds.
+- control latency: when ``supervisor.control_client.ControlClient`` exists (feature-detected: the control
+  plane is being built alongside), ``status`` requests round-tripped over the daemon's ipc control socket
+  while it idles, p50/p99 in ms; null with a note otherwise.
+- telemetry ingest: a synthetic worker (``bench.flood``, spawned by ``mlxsupd run`` with its token) floods
+  Step frames; the rate is the count of step records the daemon wrote to telemetry.jsonl over their time
+  span (each one decoded, validated, fed to the estimator and the policy, and recorded).
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.common import PYTHON, SMALL, BenchError, Child, percentile, read_json, rounded, run_supervised, \
+    short_run_dir, write_config
+
+NOT_BUILT = "control plane not built yet"
+
+
+def control_client_class() -> Any | None:
+    """``ControlClient`` when the control plane is importable and has the request API we use, else None."""
+    try:
+        module = importlib.import_module("supervisor.control_client")
+    except ImportError:
+        return None
+    client = getattr(module, "ControlClient", None)
+    return client if client is not None and callable(getattr(client, "call", None)) else None
+
+
+def _latency(client_class: Any, endpoint: str, requests: int) -> dict[str, Any]:
+    client = client_class(endpoint, timeout=5.0)
+    try:
+        client.call("status")  # connect and warm up
+        times = []
+        for _ in range(requests):
+            started = time.perf_counter()
+            client.call("status")
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        client.close()
+    return {"control_p99_ms": rounded(percentile(times, 0.99), 3), "control_p50_ms": rounded(percentile(times, 0.5), 3),
+            "control_requests": requests, "control_note": f"'status' over ipc, {requests} sequential requests"}
+
+
+def _idle_usage(proc: psutil.Process, seconds: float) -> tuple[float, int]:
+    before, started = proc.cpu_times(), time.monotonic()
+    time.sleep(seconds)
+    after, wall = proc.cpu_times(), time.monotonic() - started
+    cpu = (after.user - before.user) + (after.system - before.system)
+    return cpu / wall, int(proc.memory_info().rss)
+
+
+def _wait_for(path: Path, child: Child, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.popen.poll() is None:
+        if path.exists():
+            return True
+        time.sleep(0.05)
+    return path.exists()
+
+
+def daemon_idle(work: Path, idle_seconds: float, requests: int) -> dict[str, Any]:
+    """Idle CPU fraction and RSS of the service-mode daemon, then control latency and a SIGTERM stop."""
+    job = {"autostart": False, "budget": "1GiB", "train": {**SMALL, "steps": 10}}
+    result: dict[str, Any] = {"control_p99_ms": None, "control_note": NOT_BUILT}
+    with short_run_dir() as run_dir:
+        config = write_config(work / "mlxsupd.toml", {"run_dir": str(run_dir), "state_dir": str(work / "state")},
+                              {"a": job, "b": job})
+        argv = [PYTHON, "-m", "supervisor.cli", "-c", str(config), "--log-format", "json"]
+        with open(work / "daemon.log", "ab") as log, Child(argv, stdout=log, stderr=subprocess.STDOUT) as child:
+            control_up = _wait_for(run_dir / "control.sock", child, 5.0)
+            if not _wait_for(run_dir / "workers.sock", child, 5.0):
+                raise BenchError(f"daemon did not start; see {work / 'daemon.log'}")
+            time.sleep(1.0)  # let start-up work settle
+            cpu, rss = _idle_usage(psutil.Process(child.pid), idle_seconds)
+            result.update(daemon_idle_cpu_fraction=round(cpu, 5), daemon_rss_bytes=rss, idle_seconds=idle_seconds)
+            client = control_client_class()
+            if client is not None and control_up:
+                try:
+                    result.update(_latency(client, f"ipc://{run_dir / 'control.sock'}", requests))
+                except Exception as exc:  # noqa: BLE001 - the control plane is in flux; report, don't fail
+                    result["control_note"] = f"control client present but failed: {type(exc).__name__}: {exc}"
+            elif client is not None:
+                result["control_note"] = "control client present but the daemon opened no control.sock"
+            result.update(_stop(child))
+    return result
+
+
+def _stop(child: Child) -> dict[str, Any]:
+    started = time.monotonic()
+    child.signal(signal.SIGTERM)
+    try:
+        code = child.popen.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return {"sigterm_exit_code": None, "sigterm_exit_seconds": None}
+    return {"sigterm_exit_code": code, "sigterm_exit_seconds": round(time.monotonic() - started, 3)}
+
+
+def telemetry_ingest(work: Path, messages: int, timeout: float) -> dict[str, Any]:
+    """Step frames per second the daemon decodes, evaluates and records, from a flooding synthetic worker."""
+    stats = work / "flood.json"
+    job = {"budget": "4GiB", "hang_timeout": 60,
+           "command": [PYTHON, "-m", "bench.flood", "--messages", str(messages), "--stats", str(stats)]}
+    run = run_supervised(work, job, timeout)
+    times = sorted(r["t"] for r in run.telemetry if r.get("k") == "step")
+    if len(times) < 2 or times[-1] <= times[0]:
+        return {"telemetry_msgs_per_s": None, "telemetry_note": f"no step records (outcome {run.summary.get('outcome')})"}
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    sent = read_json(stats).get("per_second") if stats.exists() else None
+    limited = sent is not None and rate >= 0.9 * float(sent)
+    return {"telemetry_msgs_per_s": round(rate, 1), "telemetry_recorded": len(times), "telemetry_sent": messages,
+            "flood_send_per_s": rounded(sent, 1),
+            "telemetry_note": "sender-bound: the daemon kept up with the flood (a lower bound)" if limited
+            else "daemon-bound: frames queued faster than the daemon handled them"}
