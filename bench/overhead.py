@@ -11,6 +11,7 @@ The order inside a pair alternates (AB, BA, AB, ...) so drift (thermal, page cac
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,17 @@ def measure(work: Path, train: dict[str, Any], pairs: int, timeout: float) -> di
         "train": train,
         "note": "steps/s supervised ÷ unsupervised at batch 8, checkpoint_every 0, budget 6GiB (no breach)",
     }
+
+
+def sdk_cost(work: Path, calls: int, timeout: float) -> dict[str, Any]:
+    """Per-call cost of ``Session.end_step`` supervised vs standalone (``bench.sdk_cost`` in a child)."""
+    log = work / "sdk_cost.json"
+    log.unlink(missing_ok=True)
+    code = run_child([PYTHON, "-m", "bench.sdk_cost", "--calls", str(calls)], timeout, log=log)
+    lines = log.read_text().strip().splitlines() if log.exists() else []
+    if code != 0 or not lines:
+        raise BenchError(f"bench.sdk_cost exited {code}; see {log}")
+    try:
+        return dict(json.loads(lines[-1]))
+    except ValueError as exc:
+        raise BenchError(f"bench.sdk_cost printed no JSON: {exc}") from None

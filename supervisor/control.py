@@ -47,7 +47,8 @@ def is_loopback(endpoint: str) -> bool:
 
 
 def read_authorized_keys(path: Path) -> set[bytes]:
-    """Z85 public keys, one per line, or `public-key = "..."` lines of keygen .key files; '#' comments."""
+    """Z85 public keys, one per line, or `public-key = "..."` lines of keygen .key files; lines starting
+    with '#' are comments ('#' is also a Z85 digit, so only a leading one counts)."""
     keys: set[bytes] = set()
     try:
         text = path.read_text()
@@ -55,7 +56,9 @@ def read_authorized_keys(path: Path) -> set[bytes]:
         raise ConfigError(f"daemon.control.authorized_keys: cannot read {path}: {exc}") from None
     certificate_format = "public-key" in text
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+        line = raw.strip()
+        if line.startswith("#"):
+            continue
         if certificate_format:
             if not line.startswith("public-key"):
                 continue  # the other lines of a certificate (curve, metadata) carry no key

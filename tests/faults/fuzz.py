@@ -54,7 +54,8 @@ def control_raw(area: Area, count: int, rng: random.Random) -> collections.Count
     return tally
 
 
-def control_hypothesis(area: Area, examples: int, seed_value: int) -> tuple[int, str]:
+def control_hypothesis(area: Area, examples: int, seed_value: int,
+                       tally: collections.Counter[str]) -> tuple[int, str]:
     """Hypothesis-generated request maps; each must get an error reply. (examples run, failure or '')."""
     client = Control.ipc(area.run_dir)
     ran = [0]
@@ -67,6 +68,7 @@ def control_hypothesis(area: Area, examples: int, seed_value: int) -> tuple[int,
         client.sock.send(gen.pack(body))
         reply = client.receive(5.0)
         assert reply is not None, f"no reply to {body!r:.200}"
+        tally[str(reply.get("error", {}).get("code"))] += 1
         assert reply.get("ok") is False, f"request {body!r:.200} succeeded: {reply!r:.200}"
 
     try:
@@ -165,6 +167,10 @@ def run(ws: Workspace, raw: int, examples: int, seed_value: int) -> FaultResult:
             before_row = client.job("j")
             fuzz(result, area, raw, examples, seed_value, rng, daemon.pid)
             settle(log)
+            text = log.read_text(errors="replace")
+            dropped = {e: text.count(f'"event": "{e}"') for e in
+                       ("worker_frame_rejected", "worker_message_ignored", "worker_hello_rejected")}
+            result.note(f"daemon log: {dropped}")
             problem = job_ok(client, before_row["pid"], before_row["step"])
             alive = answers(area.run_dir, 5.0)
             result.extra["daemon_alive"] = alive and daemon.alive()
@@ -191,7 +197,8 @@ def fuzz(result: FaultResult, area: Area, raw: int, examples: int, seed_value: i
     """All fuzzing passes; fills the counts and notes of ``result``; survived=1 means no pass found a problem."""
     result.extra["rss_before"] = rss(pid)
     control = control_raw(area, raw, rng)
-    ran, failure = control_hypothesis(area, examples, seed_value)
+    codes_h: collections.Counter[str] = collections.Counter()
+    ran, failure = control_hypothesis(area, examples, seed_value, codes_h)
     dropped = over_hard_limit(area, rng)
     worker = worker_raw(area, raw, rng)
     worker_ran = worker_hypothesis(area, examples, seed_value)
@@ -202,7 +209,7 @@ def fuzz(result: FaultResult, area: Area, raw: int, examples: int, seed_value: i
     codes = ", ".join(f"{k.removeprefix('error ')} {n}" for k, n in sorted(control.items()) if k.startswith("error"))
     result.note(f"control: {raw} raw frames -> {replies} replies, {errors} errors ({codes}), "
                 f"{control['ok reply']} ok, {control['missing reply']} missing; {ran} hypothesis requests"
-                + (f" FAILED: {failure}" if failure else " all refused"))
+                + (f" FAILED: {failure}" if failure else f" all refused ({dict(sorted(codes_h.items()))})"))
     result.note(f"{dropped}/3 frames over the {HARD_LIMIT // 1024} KiB socket limit dropped by libzmq (no reply)")
     result.note(f"worker socket: {raw} raw + {worker_ran} hypothesis frames, {worker['replies']} replies")
     clean = replies == raw == errors and not failure and not worker["replies"]
