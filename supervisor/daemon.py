@@ -82,6 +82,10 @@ class Daemon:
         self.reload_requested = False
         self.on_turn: Callable[[Daemon, float], None] | None = None
         self.extra_sockets: dict[zmq.Socket[bytes], Callable[[float], None]] = {}
+        self.on_reload: Callable[[float], None] | None = None
+        self._end = float("inf")
+        self._next_sample = self._next_heartbeat = 0.0
+        self._shutdown_started = False
         self.publishers: list[Callable[[str, str, dict[str, Any]], None]] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -157,11 +161,9 @@ class Daemon:
     def run(self, max_seconds: float | None = None) -> int:
         """Run the loop; returns an exit status. Bounded by ``max_seconds`` when given."""
         now = self.system.now()
-        end = now + max_seconds if max_seconds else float("inf")
-        interval = self.config.daemon.sample_interval
-        heartbeat = self.config.daemon.heartbeat_interval
-        next_sample, next_heartbeat = now, now
-        shutdown_started = False
+        self._end = now + max_seconds if max_seconds else float("inf")
+        self._next_sample = self._next_heartbeat = now
+        self._shutdown_started = False
         poller = zmq.Poller()
         poller.register(self.workers, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
@@ -169,47 +171,53 @@ class Daemon:
             poller.register(sock, zmq.POLLIN)
         try:
             while True:
-                now = self.system.now()
-                if now >= end:
-                    log.warning("daemon_time_limit", seconds=max_seconds)
-                    self._stop_all(now, "daemon time limit")
-                    end = float("inf")
-                    self.stopping = True
-                if self.stopping and not shutdown_started:
-                    shutdown_started = True
-                    log.info("daemon_stopping", jobs=len(self.jobs))
-                    self._stop_all(now, "daemon shutdown")
-                if self.reload_requested and self.on_reload is not None:
-                    self.reload_requested = False
-                    self.on_reload(now)
-                if now >= next_sample:
-                    self._sample_all(now)
-                    next_sample = max(next_sample + interval, now + interval / 4)
-                if now >= next_heartbeat:
-                    self._heartbeat_all()
-                    next_heartbeat = now + heartbeat
-                available = self._available() if self._needs_memory() else self.total_memory
-                for job in list(self.jobs.values()):
-                    job.tick(now, available, self.floor + self.hysteresis)
-                if self.on_turn is not None:
-                    self.on_turn(self, now)
-                if self._done(shutdown_started):
+                self._turn(self.system.now())
+                if self._done(self._shutdown_started):
                     return 0
-                deadline = min([next_sample, next_heartbeat, end] + [j.next_deadline() for j in self.jobs.values()])
-                timeout_ms = max(0, min(1000, int((deadline - self.system.now()) * 1000) + 1))
-                events = dict(poller.poll(timeout_ms))
-                now = self.system.now()
-                if self.workers in events:
-                    self._drain_workers(now)
-                if self._wake_r.fileno() in events:
-                    self._drain_wakeups()
-                for sock, handler in self.extra_sockets.items():
-                    if sock in events:
-                        handler(now)
+                self._wait(poller)
         finally:
             self._kill_all()
 
-    on_reload: Callable[[float], None] | None = None
+    def _turn(self, now: float) -> None:
+        """Everything due now: shutdown, reload, samples, heartbeats, job deadlines."""
+        if now >= self._end:
+            log.warning("daemon_time_limit")
+            self._end = float("inf")
+            self.stopping = True
+        if self.stopping and not self._shutdown_started:
+            self._shutdown_started = True
+            log.info("daemon_stopping", jobs=len(self.jobs))
+            self._stop_all(now, "daemon shutdown")
+        if self.reload_requested and self.on_reload is not None:
+            self.reload_requested = False
+            self.on_reload(now)
+        if now >= self._next_sample:
+            self._sample_all(now)
+            interval = self.config.daemon.sample_interval
+            self._next_sample = max(self._next_sample + interval, now + interval / 4)
+        if now >= self._next_heartbeat:
+            self._heartbeat_all()
+            self._next_heartbeat = now + self.config.daemon.heartbeat_interval
+        available = self._available() if self._needs_memory() else self.total_memory
+        for job in list(self.jobs.values()):
+            job.tick(now, available, self.floor + self.hysteresis)
+        if self.on_turn is not None:
+            self.on_turn(self, now)
+
+    def _wait(self, poller: zmq.Poller) -> None:
+        """Poll until the next deadline (at most 1 s), then serve whatever became readable."""
+        jobs = (job.next_deadline() for job in self.jobs.values())
+        deadlines = [self._next_sample, self._next_heartbeat, self._end, *jobs]
+        timeout_ms = max(0, min(1000, int((min(deadlines) - self.system.now()) * 1000) + 1))
+        events = dict(poller.poll(timeout_ms))
+        now = self.system.now()
+        if self.workers in events:
+            self._drain_workers(now)
+        if self._wake_r.fileno() in events:
+            self._drain_wakeups()
+        for sock, handler in self.extra_sockets.items():
+            if sock in events:
+                handler(now)
 
     def _done(self, shutdown_started: bool) -> bool:
         busy = any(j.life is not None for j in self.jobs.values())

@@ -234,7 +234,7 @@ class Session:
         assert self._socket is not None
         commands: list[Command] = []
         # EVENTS is a cheap getsockopt; poll() would build a Poller per call on the per-step path.
-        while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while int(self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             frame = self._socket.recv(zmq.NOBLOCK)
             try:
                 message = decode(frame)
