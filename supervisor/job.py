@@ -260,7 +260,9 @@ class Job:
 
     def _on_step(self, life: Life, message: Step, now: float) -> None:
         stats = self.stats
-        if stats.last_decision_at is not None:
+        if stats.last_decision_at is not None and life.spawned_at >= stats.last_decision_at:
+            # The first productive step of the life after a breach decision (the old worker's in-flight
+            # step, reported after the decision, does not count).
             stats.recoveries.append(now - stats.last_decision_at)
             stats.last_decision_at = None
         life.last_step = message.step

@@ -95,6 +95,7 @@ class Session:
         self._last_end = time.perf_counter()
         self._stop_reason = ""
         self._hello_sent = False
+        self.fast_exit = False
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._socket: zmq.Socket[bytes] | None = None
         if settings.endpoint:
@@ -103,9 +104,16 @@ class Session:
             mx.set_cache_limit(settings.cache_limit)
 
     @classmethod
-    def from_env(cls, target_steps: int, batch: int, accum: int = 1, handle_sigterm: bool = True) -> Session:
-        """Build a session from the ``MLXSUP_*`` environment the daemon sets; standalone when it is absent."""
+    def from_env(
+        cls, target_steps: int, batch: int, accum: int = 1, handle_sigterm: bool = True, fast_exit: bool = True
+    ) -> Session:
+        """Build a session from the ``MLXSUP_*`` environment the daemon sets; standalone when it is absent.
+
+        ``fast_exit``: leave with ``os._exit(75)`` once the checkpoint is durable, skipping interpreter
+        teardown (freeing gigabytes of leaked arrays takes longer than the restart); False raises SystemExit.
+        """
         session = cls(SessionSettings.from_env(os.environ), target_steps, batch, accum)
+        session.fast_exit = fast_exit
         if handle_sigterm and session.supervised:
             signal.signal(signal.SIGTERM, session._on_sigterm)
         return session
@@ -139,7 +147,7 @@ class Session:
     def end_step(self, step: int, loss: float, extra: dict[str, Any] | None = None) -> None:
         """Report optimizer step ``step`` (1-based count of steps done) and act on pending commands.
 
-        May not return: on checkpoint-and-exit it saves, says goodbye and raises ``SystemExit(75)``.
+        May not return: on checkpoint-and-exit it saves, says goodbye and exits with status 75.
         """
         now = time.perf_counter()
         if self._socket is not None:
@@ -255,7 +263,11 @@ class Session:
     def _leave(self, reason: str, step: int, code: int) -> None:
         self._log("worker_exit", {"reason": reason, "step": step})
         self._send(Goodbye(reason, step))
-        self.close()
+        self.close()  # lingers until the goodbye is delivered (bounded)
+        if self.fast_exit:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         raise SystemExit(code)
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
