@@ -90,6 +90,9 @@ class ControlServer:
             self.routers.append(self._router(self.endpoint, run_dir / "control.sock"))
             self._bind(self.pub, self.events_endpoint, run_dir / "events.sock")
             self._setup_tcp(config, resolve)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ConfigError(f"daemon.control: cannot bind: {exc}") from None
         except BaseException:
             self.close()
             raise
@@ -192,7 +195,10 @@ class ControlServer:
             ok = local or curve_ok
             address = frames[3].decode(errors="replace") if len(frames) > 3 else "?"
             if ok:
-                reply = [b"1.0", request_id, b"200", b"OK", b"client", b""]
+                # The user id travels with every message of the session, so a later revocation is enforced
+                # per message (ZAP alone only runs at the handshake).
+                user = zmq.utils.z85.encode(frames[6]) if curve_ok else b"local"
+                reply = [b"1.0", request_id, b"200", b"OK", user, b""]
             else:
                 log.warning("control_auth_refused", address=address,
                             mechanism=frames[5].decode(errors="replace") if len(frames) > 5 else "?")
@@ -208,13 +214,18 @@ class ControlServer:
     # -- requests -------------------------------------------------------------------------------------
 
     def _drainer(self, router: zmq.Socket[bytes]) -> Callable[[float], None]:
+        curve = bool(router.getsockopt(zmq.CURVE_SERVER))
+
         def drain(now: float) -> None:
             for _ in range(MAX_DRAIN):
                 try:
-                    frames = router.recv_multipart(zmq.NOBLOCK)
+                    parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     return
-                self._serve(router, frames)
+                if curve and str(parts[-1].get("User-Id")).encode() not in self.authorized:
+                    log.warning("control_auth_refused", reason="key revoked during the session")
+                    continue
+                self._serve(router, [part.bytes for part in parts])
 
         return drain
 

@@ -39,7 +39,9 @@ class RunDirError(RuntimeError):
 def prepare_run_dir(path: Path) -> Path:
     """Create the private run dir (0700); refuse one that others could write to."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = path.stat()
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise RunDirError(f"run dir {path} is not a directory (a symlink is not followed)")
     if info.st_uid != os.getuid():
         raise RunDirError(f"run dir {path} belongs to uid {info.st_uid}, not to us ({os.getuid()})")
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
@@ -102,13 +104,12 @@ class Daemon:
     def _bind_worker_socket(self) -> zmq.Socket[bytes]:
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)  # bounds what a flood can queue inside libzmq
         sock.setsockopt(zmq.SNDHWM, 1_000)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         path = self.run_dir / "workers.sock"
         path.unlink(missing_ok=True)
-        self._lock.close()
         sock.bind(f"ipc://{path}")
         os.chmod(path, 0o600)
         self.worker_endpoint = f"ipc://{path}"

@@ -234,6 +234,11 @@ class Job:
         assert life is not None  # accepts() was checked by the caller
         life.identity = identity
         life.last_heard = now
+        # The worker knows where it really resumed (a damaged newest checkpoint was skipped): progress is
+        # measured from there, not from the newest name on disk.
+        life.start_checkpoint = hello.start_step
+        self.history.record("hello", pid=hello.pid, start_step=hello.start_step, batch=hello.batch,
+                            accum=hello.accum)
         self.stats.target_steps = hello.target_steps
         self.stats.steps_completed = max(self.stats.steps_completed, hello.start_step)
         life.last_step = hello.start_step

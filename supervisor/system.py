@@ -51,7 +51,8 @@ class RealProcess:
     """A subprocess in its own session; signalled by group only while the leader is unreaped.
 
     An unreaped leader (running or zombie) keeps its pid and process-group id reserved, so a group signal
-    can never reach a recycled pid. Once reaped, the group gets one last SIGKILL sweep and is then dropped.
+    can never reach a recycled pid. When the leader has exited, the group gets one last SIGKILL sweep while
+    the zombie still holds the ids, and only then is the leader reaped and the process dropped.
     """
 
     def __init__(self, popen: subprocess.Popen[bytes], refresh: float = 1.0) -> None:
@@ -61,12 +62,17 @@ class RealProcess:
         self._returncode: int | None = None
 
     def poll(self) -> int | None:
-        if self._returncode is None:
-            code = self._popen.poll()
-            if code is not None:
-                self._sweep()
-                self._returncode = code
+        if self._returncode is None and self._leader_exited():
+            self._sweep()  # before reaping: the zombie leader still reserves its pid and process group
+            self._returncode = self._popen.wait()
         return self._returncode
+
+    def _leader_exited(self) -> bool:
+        """Whether the leader has exited, without reaping it (WNOWAIT)."""
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return self._popen.poll() is not None
 
     def _sweep(self) -> None:
         # The leader is gone; stragglers it left in its group must not outlive it.

@@ -212,7 +212,7 @@ def set_subreaper() -> bool:
 def gone(pid: int) -> bool:
     """True when ``pid`` no longer runs (exited, or a zombie waiting to be reaped)."""
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
@@ -256,9 +256,9 @@ def marked(mark: str) -> list[psutil.Process]:
             continue
         with contextlib.suppress(psutil.Error, OSError):
             env = proc.environ()
-            if mark in env.get(MARK_ENV, "") or mark in env.get("MLXSUP_CHECKPOINT_DIR", ""):
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
+            ours = mark in env.get(MARK_ENV, "") or mark in env.get("MLXSUP_CHECKPOINT_DIR", "")
+            if ours and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
     return found
 
 
@@ -307,3 +307,17 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
 
 def states(history: list[dict[str, Any]]) -> list[str]:
     return [e["new"] for e in history if e.get("event") == "state"]
+
+
+def reap_all(limit: int = 1000) -> int:
+    """Reap exited children we adopted as subreaper (call only when no Popen of ours is still unreaped)."""
+    reaped = 0
+    for _ in range(limit):
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        reaped += 1
+    return reaped

@@ -28,7 +28,6 @@ from tests.faults.common import (
     reap,
     sweep_orphans,
     wait_until,
-    worker_of,
 )
 from tests.faults.wire import Control, answers
 from worker.checkpoint import latest_step
@@ -135,6 +134,7 @@ def run(ws: Workspace, kills: int, seed: int, budget: float) -> FaultResult:
     deadline = time.monotonic() + budget
     seconds: list[float] = []
     worker: int | None = None
+    cycle: Cycle | None = None
     try:
         for index in range(kills + 1):
             daemon = start_daemon(area, config, ws.mark, index)
@@ -146,7 +146,7 @@ def run(ws: Workspace, kills: int, seed: int, budget: float) -> FaultResult:
                 if pid is None:
                     result.note(f"daemon {index}: job not RUNNING within 30 s")
                     break
-                if index > 0:
+                if cycle is not None:
                     judge(result, cycle, resumed_at(area, index, pid))
                 if index == kills or time.monotonic() > deadline:
                     result.extra["shutdown_reply"] = client.result("shutdown")

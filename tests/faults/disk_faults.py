@@ -11,6 +11,7 @@ metadata; the restarted worker must resume from the checkpoint before it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import subprocess
 from pathlib import Path
@@ -81,7 +82,7 @@ def judge_disk_full(result: FaultResult, area: Area, mount: Path, code: int | No
     loaded = load_latest(mount)
     scratch = [p.name for p in mount.iterdir() if p.name.startswith(".")]
     fatal = states(history)[-1:] == ["FATAL"]
-    growing = len(delays) >= 2 and all(b > a for a, b in zip(delays, delays[1:], strict=False))
+    growing = len(delays) >= 2 and all(b > a for a, b in itertools.pairwise(delays))
     honoured = all(g >= d * 0.9 for g, d in zip(gaps, delays, strict=False))
     result.count = 1
     result.survived = int(reported and fatal and spawns == ATTEMPTS + 1 and loaded is not None and not scratch

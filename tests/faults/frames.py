@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 from hypothesis import strategies as st
 
-from protocol import CheckpointSaved, Goodbye, Heartbeat, Hello, Step, encode
+from protocol import CheckpointSaved, Goodbye, Heartbeat, Hello, Message, Step, encode
 from supervisor.commands import REGISTRY
 
 POISON = "__fuzz__"
@@ -100,11 +100,11 @@ CONTROL_KINDS: dict[str, tuple[int, Callable[[random.Random], list[bytes]]]] = {
 
 
 def _valid_unauthenticated(rng: random.Random) -> list[bytes]:
-    message = rng.choice([
+    messages: list[Message] = [
         Step(10**9, 1, 1, 0.5, 0.1, 10**12, 0, 10**12, 10**12), CheckpointSaved(10**9, "/etc/passwd", 0.1, 1),
         Goodbye("finished", 10**9), Heartbeat(0.0), Hello("0" * 32, 1, "j", 0, 10, 1, 1),
-    ])
-    return [encode(message)]
+    ]
+    return [encode(rng.choice(messages))]
 
 
 def _bad_worker_message(rng: random.Random) -> list[bytes]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -21,6 +22,8 @@ from tests.faults.common import SMALL, Area, FaultResult, Group, Workspace, mlxs
 from tests.faults.wire import Control, WorkerPeer, answers
 
 BATCH = 100
+PACE = 200  # worker frames between 10 ms pauses
+BURST = 20_000  # unpaced worker frames, to report the backlog the daemon's queues can hold
 RSS_SLACK = 20 * 2**20
 HARD_LIMIT = 4 * 256 * 1024  # the control ROUTER's MAXMSGSIZE: libzmq drops a peer that sends more
 
@@ -93,16 +96,22 @@ def over_hard_limit(area: Area, rng: random.Random) -> int:
     return dropped
 
 
-def worker_raw(area: Area, count: int, rng: random.Random) -> collections.Counter[str]:
-    """``count`` raw frames at the worker socket from a peer that never said a valid hello."""
+def worker_raw(area: Area, count: int, rng: random.Random, paced: bool = True) -> collections.Counter[str]:
+    """``count`` raw frames at the worker socket from a peer that never said a valid hello.
+
+    Paced, the flood stays within what the daemon drains (~20k frames/s), so RSS measures leaks, not backlog;
+    unpaced, up to RCVHWM frames queue inside libzmq and RSS measures that backlog.
+    """
     tally: collections.Counter[str] = collections.Counter()
     draw = gen.generator(gen.WORKER_KINDS, rng)
     peer = WorkerPeer(area.run_dir)
     try:
-        for _ in range(count):
+        for index in range(count):
             kind, parts = draw()
             tally[f"sent {kind}"] += 1
             peer.send(parts)
+            if paced and index % PACE == PACE - 1:
+                time.sleep(0.01)
         time.sleep(0.2)
         tally["replies"] += peer.drain()
     finally:
@@ -128,7 +137,17 @@ def worker_hypothesis(area: Area, examples: int, seed_value: int) -> int:
     return ran[0]
 
 
-def settle(path: Any, timeout: float = 60.0) -> None:
+def burst(area: Area, rng: random.Random, log: Path, result: FaultResult, pid: int) -> None:
+    """An unpaced flood: the backlog queued in libzmq shows up in RSS (reported, not judged)."""
+    before = rss(pid)
+    worker_raw(area, BURST, rng, paced=False)
+    settle(log)
+    result.extra["fuzz_frames_burst"] = BURST
+    result.note(f"unpaced burst of {BURST} worker frames: RSS {before / 2**20:.1f} -> {rss(pid) / 2**20:.1f} MiB "
+                f"(backlog held in libzmq queues, bounded only by the worker socket's RCVHWM)")
+
+
+def settle(path: Path, timeout: float = 60.0) -> None:
     """Wait until the daemon log stops growing (the daemon has drained what we sent)."""
     sizes: list[int] = []
 
@@ -164,24 +183,13 @@ def run(ws: Workspace, raw: int, examples: int, seed_value: int) -> FaultResult:
         client = Control.ipc(area.run_dir)
         try:
             wait_until(lambda: client.job("j")["state"] == "RUNNING", 30, 0.05)
-            before_row = client.job("j")
+            before = client.job("j")
             fuzz(result, area, raw, examples, seed_value, rng, daemon.pid)
             settle(log)
-            text = log.read_text(errors="replace")
-            dropped = {e: text.count(f'"event": "{e}"') for e in
-                       ("worker_frame_rejected", "worker_message_ignored", "worker_hello_rejected")}
-            result.note(f"daemon log: {dropped}")
-            problem = job_ok(client, before_row["pid"], before_row["step"])
-            alive = answers(area.run_dir, 5.0)
-            result.extra["daemon_alive"] = alive and daemon.alive()
-            after = rss(daemon.pid)
-            before = result.extra["rss_before"]
-            result.extra["rss_after"] = after
-            result.note(f"daemon alive: {alive}; RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")
-            flat = after - before <= RSS_SLACK
-            if problem:
-                result.note(problem)
-            result.survived = result.count if (alive and flat and not problem and result.survived) else 0
+            result.extra["rss_after"] = rss(daemon.pid)
+            burst(area, rng, log, result, daemon.pid)
+            verdict(result, log, job_ok(client, before["pid"], before["step"]), answers(area.run_dir, 5.0))
+            result.extra["daemon_alive"] = result.extra["daemon_alive"] and daemon.alive()
             client.result("shutdown")
         finally:
             client.close()
@@ -190,6 +198,26 @@ def run(ws: Workspace, raw: int, examples: int, seed_value: int) -> FaultResult:
         daemon.kill()
         result.orphans = sweep_orphans(ws.mark, 5)
     return result
+
+
+def verdict(result: FaultResult, log: Path, problem: str, alive: bool) -> None:
+    """Judge the whole pass: every frame accounted for in the log, daemon up, job untouched, RSS flat."""
+    text = log.read_text(errors="replace")
+    logged = {e: text.count(f'"event": "{e}"') for e in
+              ("worker_frame_rejected", "worker_message_ignored", "worker_hello_rejected")}
+    worker_frames = result.extra["worker_frames"] + BURST
+    result.note(f"daemon log: {logged} (= {sum(logged.values())} of {worker_frames} worker frames)")
+    before, after = result.extra["rss_before"], result.extra["rss_after"]
+    result.extra["daemon_alive"] = alive
+    result.note(f"daemon alive: {alive}; RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB after the paced "
+                f"floods (limit +{RSS_SLACK // 2**20} MiB)")
+    if problem:
+        result.note(problem)
+    flat = after - before <= RSS_SLACK
+    accounted = sum(logged.values()) == worker_frames
+    result.count += BURST
+    result.extra["fuzz_frames"] = result.count
+    result.survived = result.count if (alive and flat and accounted and not problem and result.survived) else 0
 
 
 def fuzz(result: FaultResult, area: Area, raw: int, examples: int, seed_value: int, rng: random.Random,
@@ -205,7 +233,7 @@ def fuzz(result: FaultResult, area: Area, raw: int, examples: int, seed_value: i
     replies = sum(n for k, n in control.items() if k.startswith(("error", "ok")))
     errors = sum(n for k, n in control.items() if k.startswith("error"))
     result.count = raw * 2 + ran + worker_ran + 3
-    result.extra["fuzz_frames"] = result.count
+    result.extra["worker_frames"] = raw + worker_ran
     codes = ", ".join(f"{k.removeprefix('error ')} {n}" for k, n in sorted(control.items()) if k.startswith("error"))
     result.note(f"control: {raw} raw frames -> {replies} replies, {errors} errors ({codes}), "
                 f"{control['ok reply']} ok, {control['missing reply']} missing; {ran} hypothesis requests"

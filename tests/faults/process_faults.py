@@ -5,8 +5,9 @@ stays pending on a stopped process, so SIGKILL after the grace period) and resta
 
 PID reuse: ``RealProcess`` signals a worker's group only while the leader is unreaped. With
 ``/proc/sys/kernel/ns_last_pid`` (root, Linux) the campaign forces an unrelated session leader onto the reaped
-worker's pid and checks that ``signal_group`` refuses and the stranger survives. A second case forces the reuse
-inside ``RealProcess.poll`` itself, between reaping the leader and the group sweep that follows it.
+worker's pid and checks that ``signal_group`` refuses and the stranger survives. A second case hands the pid to
+a stranger the instant the leader is reaped, wherever that happens, so a group sweep that runs after the reap
+(inside ``RealProcess.poll``) would hit the stranger.
 """
 
 from __future__ import annotations
@@ -120,15 +121,18 @@ def spawn_on_pid(pid: int, attempts: int = 50) -> subprocess.Popen[bytes] | None
 
 
 class RacyPopen(subprocess.Popen[bytes]):
-    """A Popen whose poll(), right after reaping the leader, lets a stranger take the pid (the race window)."""
+    """A Popen that lets a stranger take the leader's pid the moment the leader is reaped (poll or wait).
+
+    ``_handle_exitstatus`` is where Popen records the status right after ``waitpid`` reaped the leader; the pid
+    is free from then on, so this models the worst case of pid reuse: immediately after the reap.
+    """
 
     stranger: subprocess.Popen[bytes] | None = None
 
-    def poll(self) -> int | None:
-        code = super().poll()
-        if code is not None and self.stranger is None:
+    def _handle_exitstatus(self, *args: Any, **kwargs: Any) -> None:
+        super()._handle_exitstatus(*args, **kwargs)  # type: ignore[misc]
+        if self.stranger is None:
             self.stranger = spawn_on_pid(self.pid)
-        return code
 
 
 def stranger_survives(stranger: subprocess.Popen[bytes]) -> bool:

@@ -169,7 +169,7 @@ def judge(result: FaultResult, kills: list[Kill], spawns: list[dict[str, Any]], 
         if resumed < kill.newest_loadable:
             result.checkpoints_lost += 1
             result.note(f"pid {after['pid']} resumed at {resumed} < newest {kill.newest_loadable}")
-        elif resumed == kill.newest_loadable == int(after["from_checkpoint"]) and kill.newest_loadable == kill.newest_by_name:
+        elif resumed == kill.newest_loadable == int(after["from_checkpoint"]) == kill.newest_by_name:
             result.survived += 1
         else:
             result.note(f"pid {after['pid']}: resumed {resumed}, from_checkpoint {after['from_checkpoint']}, "
@@ -203,7 +203,7 @@ def run(ws: Workspace, kills: int, seed: int, budget: float) -> FaultResult:
     rng = random.Random(seed)
     result = FaultResult("worker SIGKILL")
     area = ws.area("worker-kill")
-    steps = STEPS_PER_KILL * kills + 50
+    steps = STEPS_PER_KILL * kills + 30
     job = {"checkpoint_every": 1, "keep_checkpoints": 3, "backoff_initial": 0.05, "backoff_max": 0.1,
            "max_attempts_without_progress": 100_000, "startup_timeout": 60.0, "hang_timeout": 30.0,
            "budget": "4GiB", "train": {**MODEL, "steps": steps, "seed": 0}}
@@ -227,7 +227,7 @@ def run(ws: Workspace, kills: int, seed: int, budget: float) -> FaultResult:
         result.note("modes " + ", ".join(f"{m} {n}" for m, n in modes.items() if n))
         result.note(f"daemon exit {code}; {steps} steps; final weights {'==' if equal else '!='} "
                     f"uninterrupted run ({detail})")
-        if code != 0:
+        if code != 0 or not equal:
             result.survived = min(result.survived, result.count - 1)
     finally:
         daemon.kill()
