@@ -196,10 +196,10 @@ class Session:
         self._send(Goodbye("finished", step))
         self.close()
 
-    def close(self) -> None:
-        """Flush pending telemetry (bounded) and release the socket."""
+    def close(self, linger_ms: int = 1000) -> None:
+        """Flush pending telemetry (bounded by ``linger_ms``) and release the socket."""
         if self._socket is not None:
-            self._socket.close(linger=1000)
+            self._socket.close(linger=linger_ms)
             self._socket = None
         if self._context is not None:
             self._context.term()
@@ -263,7 +263,8 @@ class Session:
     def _leave(self, reason: str, step: int, code: int) -> None:
         self._log("worker_exit", {"reason": reason, "step": step})
         self._send(Goodbye(reason, step))
-        self.close()  # lingers until the goodbye is delivered (bounded)
+        orphaned = reason in ("daemon_lost", "daemon_silent")
+        self.close(0 if orphaned else 1000)  # lingers until the goodbye is delivered (bounded), unless alone
         if self.fast_exit:
             sys.stdout.flush()
             sys.stderr.flush()
