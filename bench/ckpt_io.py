@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import MiB, BenchError, median, rounded, run_child
+from bench.common import BenchError, MiB, median, rounded, run_child
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 

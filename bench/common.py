@@ -47,6 +47,20 @@ class Child:
             self.kill()
             raise BenchError(f"{' '.join(self.argv[:6])} ... did not finish within {timeout:.0f}s") from None
 
+    def wait_rusage(self, timeout: float) -> tuple[int, float]:
+        """(exit status, CPU seconds of the child and every descendant it reaped) via wait4; on timeout the
+        group is killed and BenchError raised."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                self.popen.returncode = os.waitstatus_to_exitcode(status)
+                return self.popen.returncode, usage.ru_utime + usage.ru_stime
+            if time.monotonic() > deadline:
+                self.kill()
+                raise BenchError(f"{' '.join(self.argv[:6])} ... did not finish within {timeout:.0f}s")
+            time.sleep(0.02)
+
     def signal(self, signum: int) -> None:
         if self.popen.poll() is None:
             try:
@@ -84,12 +98,17 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def run_child(argv: Sequence[str], timeout: float, log: Path | None = None, **kw: Any) -> int:
     """Run a child to its end (group-killed on timeout); output to ``log`` when given."""
+    return run_child_rusage(argv, timeout, log, **kw)[0]
+
+
+def run_child_rusage(argv: Sequence[str], timeout: float, log: Path | None = None, **kw: Any) -> tuple[int, float]:
+    """Like run_child, also returning the CPU seconds of the child and the descendants it reaped."""
     if log is None:
         with Child(argv, **kw) as child:
-            return child.wait(timeout)
+            return child.wait_rusage(timeout)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out, Child(argv, stdout=out, stderr=subprocess.STDOUT, **kw) as child:
-        return child.wait(timeout)
+        return child.wait_rusage(timeout)
 
 
 @contextmanager
@@ -142,6 +161,7 @@ class SupervisedRun:
     telemetry: list[dict[str, Any]]
     job_dir: Path
     wall: float
+    cpu_seconds: float  # mlxsupd and every worker it reaped
 
 
 def run_supervised(work: Path, job: dict[str, Any], timeout: float, name: str = "j") -> SupervisedRun:
@@ -157,13 +177,13 @@ def run_supervised(work: Path, job: dict[str, Any], timeout: float, name: str = 
         argv = [PYTHON, "-m", "supervisor.cli", "run", "-c", str(config), name, "--summary", str(summary_path),
                 "--log-format", "json"]
         started = time.monotonic()
-        code = run_child(argv, timeout, log=work / "mlxsupd.log")
+        code, cpu = run_child_rusage(argv, timeout, log=work / "mlxsupd.log")
         wall = time.monotonic() - started
     if not summary_path.exists():
         raise BenchError(f"mlxsupd run wrote no summary (exit {code}); see {work / 'mlxsupd.log'}")
     job_dir = work / "state" / "jobs" / name
     return SupervisedRun(code, json.loads(summary_path.read_text()), read_history(job_dir / "history.jsonl"),
-                         read_records(job_dir / "telemetry.jsonl"), job_dir, wall)
+                         read_records(job_dir / "telemetry.jsonl"), job_dir, wall, cpu)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -22,8 +22,18 @@ from typing import Any
 
 import psutil
 
-from bench.common import PYTHON, SMALL, BenchError, Child, percentile, read_json, rounded, run_supervised, \
-    short_run_dir, write_config
+from bench.common import (
+    PYTHON,
+    SMALL,
+    BenchError,
+    Child,
+    percentile,
+    read_json,
+    rounded,
+    run_supervised,
+    short_run_dir,
+    write_config,
+)
 
 NOT_BUILT = "control plane not built yet"
 
@@ -89,7 +99,7 @@ def daemon_idle(work: Path, idle_seconds: float, requests: int) -> dict[str, Any
             if client is not None and control_up:
                 try:
                     result.update(_latency(client, f"ipc://{run_dir / 'control.sock'}", requests))
-                except Exception as exc:  # noqa: BLE001 - the control plane is in flux; report, don't fail
+                except Exception as exc:
                     result["control_note"] = f"control client present but failed: {type(exc).__name__}: {exc}"
             elif client is not None:
                 result["control_note"] = "control client present but the daemon opened no control.sock"
@@ -108,19 +118,24 @@ def _stop(child: Child) -> dict[str, Any]:
     return {"sigterm_exit_code": code, "sigterm_exit_seconds": round(time.monotonic() - started, 3)}
 
 
-def telemetry_ingest(work: Path, messages: int, timeout: float) -> dict[str, Any]:
+def telemetry_ingest(work: Path, messages: int, linger: float, timeout: float) -> dict[str, Any]:
     """Step frames per second the daemon decodes, evaluates and records, from a flooding synthetic worker."""
     stats = work / "flood.json"
     job = {"budget": "4GiB", "hang_timeout": 60,
-           "command": [PYTHON, "-m", "bench.flood", "--messages", str(messages), "--stats", str(stats)]}
+           "command": [PYTHON, "-m", "bench.flood", "--messages", str(messages), "--stats", str(stats),
+                       "--linger", str(linger)]}
     run = run_supervised(work, job, timeout)
     times = sorted(r["t"] for r in run.telemetry if r.get("k") == "step")
     if len(times) < 2 or times[-1] <= times[0]:
-        return {"telemetry_msgs_per_s": None, "telemetry_note": f"no step records (outcome {run.summary.get('outcome')})"}
+        outcome = run.summary.get("outcome")
+        return {"telemetry_msgs_per_s": None, "telemetry_note": f"no step records (outcome {outcome})"}
     rate = (len(times) - 1) / (times[-1] - times[0])
     sent = read_json(stats).get("per_second") if stats.exists() else None
-    limited = sent is not None and rate >= 0.9 * float(sent)
+    if sent is None:
+        note = "the flood wrote no send rate"
+    elif rate >= 0.9 * float(sent):
+        note = "sender-bound: the daemon kept up with the flood, so this is a lower bound"
+    else:
+        note = f"daemon-bound: the flood sent {float(sent):,.0f}/s, frames queued for the daemon"
     return {"telemetry_msgs_per_s": round(rate, 1), "telemetry_recorded": len(times), "telemetry_sent": messages,
-            "flood_send_per_s": rounded(sent, 1),
-            "telemetry_note": "sender-bound: the daemon kept up with the flood (a lower bound)" if limited
-            else "daemon-bound: frames queued faster than the daemon handled them"}
+            "flood_send_per_s": rounded(sent, 1), "telemetry_note": note}

@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 
 from bench.analysis import goodput, restart_cycles, summarize_cycles, useful_step_seconds
-from bench.common import MiB, PYTHON, SMALL, BenchError, Child, run_supervised
+from bench.common import PYTHON, SMALL, BenchError, Child, MiB, run_supervised
 from bench.standalone import read_progress
 from worker.cli import train_argv
 
@@ -83,9 +83,12 @@ def supervised(work: Path, steps: int, policy: str, timeout: float) -> dict[str,
     summary = run.summary
     useful, _ = useful_step_seconds(run.telemetry, steps)
     reached = int(summary.get("steps_completed") or 0)
+    wall = float(summary["wall_seconds"])
+    restarts = int(summary.get("restarts") or 0)
     return {
-        **goodput(useful, float(summary["wall_seconds"]), reached, steps),
-        "outcome": summary.get("outcome"), "restarts": summary.get("restarts"),
+        **goodput(useful, wall, reached, steps),
+        "lost_seconds_per_restart": round((wall - useful) / restarts, 3) if restarts else None,
+        "outcome": summary.get("outcome"), "restarts": restarts,
         "restart_reasons": summary.get("restart_reasons"), "batch_history": summary.get("batch_history"),
         "samples_over_budget": summary.get("samples_over_budget"),
         "samples_over_kill": summary.get("samples_over_kill"), "max_sampled_bytes": summary.get("max_sampled_bytes"),

@@ -172,11 +172,10 @@ def _stack(ax: Any, xs: list[float], records: list[dict[str, Any]], scale: float
     cache = [float(r.get("mlx_cache") or 0) / scale for r in records]
     ax.stackplot(xs, active, cache, colors=["#56b4e9", "#cde8f6"], labels=["MLX active", "MLX cache"],
                  alpha=0.9, step="post")
-    peaks = [(x, float(r["mlx_peak"]) / scale)
-             for x, r in zip(xs, records, strict=True) if _number(r.get("mlx_peak"))]
-    if peaks:
-        ax.plot([x for x, _ in peaks], [y for _, y in peaks], color="#cc79a7", linewidth=0.8, linestyle=":",
-                label="MLX peak in step (reported)")
+    # Records without a peak (the zero rows at worker exits) break the line between lives.
+    peaks = [float(r["mlx_peak"]) / scale if _number(r.get("mlx_peak")) else math.nan for r in records]
+    if any(not math.isnan(y) for y in peaks):
+        ax.plot(xs, peaks, color="#cc79a7", linewidth=0.8, linestyle=":", label="MLX peak in step (reported)")
 
 
 def _draw_time_panel(ax: Any, series: Series, limits: dict[str, int], scale: float, unit: str) -> None:

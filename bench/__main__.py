@@ -1,0 +1,184 @@
+"""``python -m bench [--quick]``: run the benchmark suite, print the table, write ``.bench/results.json``.
+
+Exit status 0 when every section ran (targets may still be missed: see the table), 1 when one failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import analysis, ckpt_io, control, goodput, overhead, reaction, report
+from bench.common import ROOT, SMALL, BenchError, atomic_write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes of one run of the suite."""
+
+    overhead_steps: int
+    overhead_pairs: int
+    sdk_calls: int
+    reaction_steps: int
+    goodput_steps: int
+    ckpt_mb: int
+    ckpt_rounds: int
+    idle_seconds: float
+    control_requests: int
+    flood_messages: int
+    flood_linger: float
+
+
+FULL = Plan(overhead_steps=600, overhead_pairs=11, sdk_calls=5000, reaction_steps=40, goodput_steps=1000,
+            ckpt_mb=100, ckpt_rounds=5, idle_seconds=10.0, control_requests=500, flood_messages=50_000,
+            flood_linger=3.0)
+QUICK = Plan(overhead_steps=100, overhead_pairs=1, sdk_calls=1000, reaction_steps=12, goodput_steps=100,
+             ckpt_mb=10, ckpt_rounds=1, idle_seconds=2.0, control_requests=50, flood_messages=2000,
+             flood_linger=1.0)
+RUN_TIMEOUT = 600.0  # seconds any one child may take before its group is killed
+SECTION_ERRORS = (BenchError, OSError, subprocess.SubprocessError, KeyError, ValueError, TypeError)
+
+
+def _overhead(work: Path, plan: Plan) -> dict[str, Any]:
+    result = overhead.measure(work, {**SMALL, "steps": plan.overhead_steps}, plan.overhead_pairs, RUN_TIMEOUT)
+    result["sdk"] = overhead.sdk_cost(work, plan.sdk_calls, 120)
+    return result
+
+
+def _reaction(work: Path, plan: Plan) -> dict[str, Any]:
+    return reaction.measure(work, plan.reaction_steps, RUN_TIMEOUT)
+
+
+def _goodput(work: Path, plan: Plan) -> dict[str, Any]:
+    return goodput.measure(work, plan.goodput_steps, RUN_TIMEOUT)
+
+
+def _checkpoint(work: Path, plan: Plan) -> dict[str, Any]:
+    return ckpt_io.measure(work, plan.ckpt_mb, plan.ckpt_rounds)
+
+
+def _control(work: Path, plan: Plan) -> dict[str, Any]:
+    result = control.daemon_idle(work / "idle", plan.idle_seconds, plan.control_requests)
+    result.update(control.telemetry_ingest(work / "flood", plan.flood_messages, plan.flood_linger, 120))
+    return result
+
+
+SECTIONS: list[tuple[str, Callable[[Path, Plan], dict[str, Any]]]] = [
+    ("overhead", _overhead), ("reaction", _reaction), ("goodput", _goodput), ("checkpoint", _checkpoint),
+    ("control", _control),
+]
+
+
+def run_sections(work: Path, plan: Plan, only: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Run each section in its own work dir; a failing section is recorded and the rest still run."""
+    details: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name, section in SECTIONS:
+        if only and name not in only:
+            continue
+        started = time.monotonic()
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        try:
+            details[name] = section(work / name, plan)
+        except SECTION_ERRORS as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            details[name] = {}
+            print(f"bench: {name} failed: {errors[name]}", file=sys.stderr, flush=True)
+        details.setdefault(name, {})["section_seconds"] = round(time.monotonic() - started, 1)
+    return details, errors
+
+
+def collect(details: dict[str, Any]) -> dict[str, Any]:
+    """The headline metrics, flattened from the sections' details."""
+    over, react = details.get("overhead", {}), details.get("reaction", {})
+    good, ckpt, ctl = details.get("goodput", {}), details.get("checkpoint", {}), details.get("control", {})
+    adaptive = good.get("arms", {}).get("supervised", {})
+    recovery = adaptive.get("recovery") or {}
+    if not recovery.get("cycles") and react.get("cycles"):
+        recovery = analysis.summarize_cycles(react["cycles"])
+    return {
+        "overhead_ratio": over.get("overhead_ratio"), "overhead_cpu_ratio": over.get("overhead_cpu_ratio"),
+        "reaction_ms": react.get("reaction_ms"), "exit_ms": react.get("exit_ms"),
+        "overshoot_fraction": react.get("overshoot_fraction"), "overshoot_bytes": react.get("overshoot_bytes"),
+        "recovery_seconds": recovery.get("total"), "recovery_seconds_max": recovery.get("total_max"),
+        "recovery_phases": {k: recovery.get(k) for k in (*analysis.PHASES, "cycles")},
+        "goodput": {k: good.get("goodput", {}).get(k) for k in ("unsupervised", "stop_at_limit", "shrink_only",
+                                                                "supervised")},
+        "samples_over_kill": good.get("samples_over_kill"),
+        "checkpoint_save_ratio": ckpt.get("checkpoint_save_ratio"),
+        "checkpoint_load_ratio": ckpt.get("checkpoint_load_ratio"),
+        "control_p99_ms": ctl.get("control_p99_ms"), "telemetry_msgs_per_s": ctl.get("telemetry_msgs_per_s"),
+        "daemon_idle_cpu_fraction": ctl.get("daemon_idle_cpu_fraction"),
+        "daemon_rss_bytes": ctl.get("daemon_rss_bytes"),
+    }
+
+
+def _plots(details: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Memory plots of the adaptive leak run and the peak run, when matplotlib is installed."""
+    from supervisor.plot import PlotError, limits_from_summary, plot_job
+
+    jobs = {"leak-adaptive": details.get("goodput", {}).get("arms", {}).get("supervised", {}).get("job_dir"),
+            "peak-reaction": details.get("reaction", {}).get("job_dir")}
+    made: dict[str, str] = {}
+    for name, job_dir in jobs.items():
+        if not job_dir:
+            continue
+        summary = Path(job_dir).parents[2] / "summary.json"  # <work>/state/jobs/<job> -> <work>/summary.json
+        try:
+            limits = limits_from_summary(summary) if summary.exists() else None
+            made[name] = str(plot_job(Path(job_dir), out_dir / f"{name}.png", limits))
+        except (PlotError, OSError, ValueError) as exc:
+            made[name] = f"not drawn: {exc}"
+    return made
+
+
+def _meta(mode: str, seconds: float) -> dict[str, Any]:
+    return {"mode": mode, "runtime_seconds": round(seconds, 1), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "cpus": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (about a minute), for tests")
+    parser.add_argument("--out", type=Path, default=ROOT / ".bench" / "results.json")
+    parser.add_argument("--work-dir", type=Path, default=None, help="default: <out dir>/work (wiped first)")
+    parser.add_argument("--only", action="append", default=[], choices=[name for name, _ in SECTIONS],
+                        help="run only this section (repeatable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    plan, mode = (QUICK, "quick") if args.quick else (FULL, "full")
+    work = args.work_dir or args.out.parent / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    started = time.monotonic()
+    details, errors = run_sections(work, plan, set(args.only))
+    results = collect(details)
+    results["plots"] = _plots(details, args.out.parent)
+    results["details"] = details
+    results["errors"] = errors
+    results["meta"] = _meta(mode, time.monotonic() - started)
+    rows = report.checks(results)
+    results["checks"] = rows
+    atomic_write_json(args.out, results)
+    print(report.render(rows))
+    print(f"\n{mode} run: {results['meta']['runtime_seconds']} s; results in {args.out}")
+    for name, message in errors.items():
+        print(f"section {name} failed: {message}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Targets, pass/miss checks and the printed table of a benchmark run."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable
+from typing import Any
+
+MiB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A threshold on one metric (``op`` compares value to ``limit``); ``limit`` None: informational."""
+
+    op: str = ""
+    limit: float | None = None
+
+    def check(self, value: Any) -> str:
+        if self.limit is None:
+            return "info"
+        if value is None:
+            return "n/a"
+        compare: Callable[[Any, Any], bool] = {">=": operator.ge, "<=": operator.le, "<": operator.lt,
+                                               "==": operator.eq}[self.op]
+        return "pass" if compare(value, self.limit) else "miss"
+
+    def text(self, unit: Callable[[Any], str]) -> str:
+        return "—" if self.limit is None else f"{self.op} {unit(self.limit)}"
+
+
+def _ratio(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "null"
+
+
+def _ms(value: Any) -> str:
+    return f"{value:.1f} ms" if isinstance(value, int | float) else "null"
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:.3f} s" if isinstance(value, int | float) else "null"
+
+
+def _mib(value: Any) -> str:
+    return f"{value / MiB:.1f} MiB" if isinstance(value, int | float) else "null"
+
+
+def _count(value: Any) -> str:
+    return f"{value:,.0f}" if isinstance(value, int | float) else "null"
+
+
+def _percent(value: Any) -> str:
+    return f"{value * 100:.2f} %" if isinstance(value, int | float) else "null"
+
+
+# (label, path into results, target, formatter)
+ROWS: list[tuple[str, tuple[str, ...], Target, Callable[[Any], str]]] = [
+    ("overhead_ratio (supervised/unsupervised steps/s)", ("overhead_ratio",), Target(">=", 0.995), _ratio),
+    ("  CPU: unsupervised ÷ (daemon + worker)", ("overhead_cpu_ratio",), Target(), _ratio),
+    ("  end_step added cost per step", ("details", "overhead", "sdk", "added_us_per_step"), Target(),
+     lambda v: f"{v:.1f} µs" if isinstance(v, int | float) else "null"),
+    ("reaction_ms (first sample over budget -> decision)", ("reaction_ms",), Target("<=", 150), _ms),
+    ("  first sample over budget -> worker exit", ("exit_ms",), Target(), _ms),
+    ("overshoot_fraction (peak above budget / budget)", ("overshoot_fraction",), Target("<", 0.5), _ratio),
+    ("  overshoot bytes", ("overshoot_bytes",), Target(), _mib),
+    ("recovery_seconds (decision -> next productive step)", ("recovery_seconds",), Target("<=", 1.5), _seconds),
+    ("  checkpoint (decision -> CheckpointSaved)", ("recovery_phases", "checkpoint"), Target(), _seconds),
+    ("  exit (checkpoint -> exit reaped)", ("recovery_phases", "exit"), Target(), _seconds),
+    ("  spawn (exit -> spawn)", ("recovery_phases", "spawn"), Target(), _seconds),
+    ("  start (spawn -> RUNNING: import + restore)", ("recovery_phases", "start"), Target(), _seconds),
+    ("  first step (RUNNING -> first step record)", ("recovery_phases", "first_step"), Target(), _seconds),
+    ("goodput unsupervised (hard stop at budget)", ("goodput", "unsupervised"), Target(), _ratio),
+    ("goodput stop_at_limit (policy stop)", ("goodput", "stop_at_limit"), Target(), _ratio),
+    ("goodput shrink_only (policy shrink-only)", ("goodput", "shrink_only"), Target(), _ratio),
+    ("goodput supervised (adaptive)", ("goodput", "supervised"), Target(">=", 0.90), _ratio),
+    ("  wall to target, adaptive", ("details", "goodput", "arms", "supervised", "wall_seconds"), Target(), _seconds),
+    ("  wall to target, shrink-only", ("details", "goodput", "arms", "shrink_only", "wall_seconds"), Target(),
+     _seconds),
+    ("  lost per restart, adaptive (wall - useful) / restarts",
+     ("details", "goodput", "arms", "supervised", "lost_seconds_per_restart"), Target(), _seconds),
+    ("samples_over_kill (adaptive leak run)", ("samples_over_kill",), Target("==", 0), _count),
+    ("checkpoint_save_ratio (ours/dd write)", ("checkpoint_save_ratio",), Target(">=", 0.5), _ratio),
+    ("checkpoint_load_ratio (ours/dd read)", ("checkpoint_load_ratio",), Target(">=", 0.5), _ratio),
+    ("control_p99_ms ('status' round trip)", ("control_p99_ms",), Target("<=", 10), _ms),
+    ("telemetry_msgs_per_s (daemon ingest)", ("telemetry_msgs_per_s",), Target(">=", 1000), _count),
+    ("daemon_idle_cpu_fraction", ("daemon_idle_cpu_fraction",), Target("<=", 0.01), _percent),
+    ("daemon_rss_bytes", ("daemon_rss_bytes",), Target("<=", 100 * MiB), _mib),
+]
+
+
+def lookup(results: dict[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = results
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per table line: metric, value, target text, status (pass/miss/n/a/info)."""
+    rows = []
+    for label, path, target, unit in ROWS:
+        value = lookup(results, path)
+        rows.append({"metric": label, "key": ".".join(path), "value": value, "shown": unit(value),
+                     "target": target.text(unit), "status": target.check(value)})
+    return rows
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    """The table as fixed-width text."""
+    headers = ("metric", "value", "target", "pass/miss")
+    cells = [(r["metric"], r["shown"], r["target"], r["status"] if r["status"] != "info" else "") for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), line]
+    out += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
+    return "\n".join(out)
