@@ -199,6 +199,7 @@ class Daemon:
         if now >= self._next_heartbeat:
             self._heartbeat_all()
             self._next_heartbeat = now + self.config.daemon.heartbeat_interval
+        self._drain_workers(now)  # a worker's last messages are handled before its exit is
         available = self._available() if self._needs_memory() else self.total_memory
         for job in list(self.jobs.values()):
             job.tick(now, available, self.floor + self.hysteresis)
@@ -221,7 +222,7 @@ class Daemon:
                 handler(now)
 
     def _done(self, shutdown_started: bool) -> bool:
-        busy = any(j.life is not None for j in self.jobs.values())
+        busy = any(j.busy for j in self.jobs.values())
         if shutdown_started:
             return not busy
         if self.one_shot:
@@ -254,10 +255,9 @@ class Daemon:
 
     def _drain_workers(self, now: float) -> None:
         for _ in range(MAX_DRAIN):
-            try:
-                frames = self.workers.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not int(self.workers.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 return
+            frames = self.workers.recv_multipart(zmq.NOBLOCK)
             if len(frames) != 2:
                 log.warning("worker_frame_rejected", problem=f"{len(frames)} frames, expected 1")
                 continue
@@ -299,6 +299,12 @@ class Daemon:
     def _kill_all(self) -> None:
         """Last resort on the way out: no worker outlives the daemon's loop unsupervised."""
         deadline = time.monotonic() + 5
+        for job in self.jobs.values():
+            for proc, _ in job.departing:
+                if proc.poll() is None:
+                    proc.signal_group(signal.SIGKILL)
+                while proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
         for job in self.jobs.values():
             if job.life is not None and job.life.proc.poll() is None:
                 job.life.proc.signal_group(signal.SIGTERM)

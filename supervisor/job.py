@@ -134,6 +134,7 @@ class Job:
         self.restart_reason = ""
         self.stats = JobStats()
         self.last_sampled = 0
+        self.departing: list[tuple[WorkerProcess, float]] = []  # said goodbye, not yet reaped: (process, kill at)
         self.regrown_to = 0  # the batch the last regrowth went to, until it proves itself or breaches
         self.next_config: tuple[JobConfig, Limits] | None = None
         self.history = History(paths.history)
@@ -262,6 +263,15 @@ class Job:
         elif isinstance(message, Goodbye):
             life.goodbye = message.reason
             self.log.info("worker_goodbye", reason=message.reason, step=message.step)
+            pending = life.pending
+            if pending is not None and pending.action is Action.CHECKPOINT_EXIT and not self.stop_requested:
+                self._depart(life, now)
+
+    def _depart(self, life: Life, now: float) -> None:
+        """The worker checkpointed on our request and said goodbye: start its successor now, while the kernel
+        still tears the old process down (freeing gigabytes takes a good part of a restart's cost)."""
+        self.departing.append((life.proc, now + self.config.kill_grace + 5.0))
+        self._on_exit(life, EXIT_CHECKPOINTED, now)
 
     def _on_step(self, life: Life, message: Step, now: float) -> None:
         stats = self.stats
@@ -321,6 +331,8 @@ class Job:
 
     def tick(self, now: float, available: int, resume_above: int) -> None:
         """Reap, enforce deadlines, and leave BACKOFF or WAITING_FOR_MEMORY when due."""
+        if self.departing:
+            self._reap_departing(now)
         life = self.life
         if life is not None:
             code = life.proc.poll()
@@ -338,7 +350,31 @@ class Job:
             self.log.info("memory_back", available=available, resume_above=resume_above)
             self._restart(now, Diagnosis.SYSTEM_FLOOR.value)
 
+    @property
+    def busy(self) -> bool:
+        """A worker process of this job exists (current or departing)."""
+        return self.life is not None or bool(self.departing)
+
+    def _reap_departing(self, now: float) -> None:
+        still = []
+        for proc, kill_at in self.departing:
+            code = proc.poll()
+            if code is None and now >= kill_at:
+                self.log.warning("kill", signal="SIGKILL", reason="departing worker did not exit", pid=proc.pid)
+                proc.signal_group(signal.SIGKILL)
+                kill_at = float("inf")
+            if code is None:
+                still.append((proc, kill_at))
+            elif code != EXIT_CHECKPOINTED:
+                self.log.warning("departed_worker_exit", pid=proc.pid, code=code)
+        self.departing = still
+
     def next_deadline(self) -> float:
+        if self.departing:
+            return min(min(k for _, k in self.departing), self._life_deadline())
+        return self._life_deadline()
+
+    def _life_deadline(self) -> float:
         life = self.life
         if life is None:
             return self.retry_at if self.state == JobState.BACKOFF else float("inf")

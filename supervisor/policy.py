@@ -87,6 +87,7 @@ class Estimator:
         self.steps_seen = 0
         self.baseline: int | None = None
         self.step_peak = 0  # highest sample since the last step ended
+        self._slope: float | None = None  # cached until the next step
 
     def observe_sample(self, sampled: int) -> None:
         self.step_peak = max(self.step_peak, sampled)
@@ -95,6 +96,7 @@ class Estimator:
         """Record the footprint at the end of ``step``, with the in-step excursion: the larger of what the
         samples saw and what the worker reported (MLX's per-step peak over its active memory)."""
         self.steps_seen += 1
+        self._slope = None
         if self.steps_seen > self.config.warmup_steps:
             self.levels.append((step, level))
             self.transients.append(max(0, self.step_peak - level, reported_transient))
@@ -105,13 +107,9 @@ class Estimator:
     @property
     def slope(self) -> float:
         """Theil-Sen slope of footprint vs step, bytes/step; 0 until there are enough points."""
-        points = list(self.levels)
-        if len(points) < 4:
-            return 0.0
-        slopes = [
-            (b[1] - a[1]) / (b[0] - a[0]) for i, a in enumerate(points) for b in points[i + 1 :] if b[0] != a[0]
-        ]
-        return statistics.median(slopes) if slopes else 0.0
+        if self._slope is None:
+            self._slope = theil_sen(list(self.levels))
+        return self._slope
 
     @property
     def transient(self) -> int:
@@ -128,6 +126,14 @@ class Estimator:
         if slope <= self.config.leak_threshold:
             return float("inf")
         return (budget - self.level - self.transient) / slope
+
+
+def theil_sen(points: list[tuple[int, int]]) -> float:
+    """Median of pairwise slopes: robust to a few outliers (a cache clear, a sampling hiccup)."""
+    if len(points) < 4:
+        return 0.0
+    slopes = [(b[1] - a[1]) / (b[0] - a[0]) for i, a in enumerate(points) for b in points[i + 1 :] if b[0] != a[0]]
+    return statistics.median(slopes) if slopes else 0.0
 
 
 def on_sample(

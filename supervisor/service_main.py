@@ -99,7 +99,7 @@ class DaemonService:
     def _on_turn(self, daemon: Daemon, now: float) -> None:
         for name in list(self.removing):
             job = daemon.jobs.get(name)
-            if job is None or (job.life is None and job.state in TERMINAL_STATES):
+            if job is None or (not job.busy and job.state in TERMINAL_STATES):
                 if job is not None:
                     job.recorder.close()
                 daemon.jobs.pop(name, None)
@@ -107,7 +107,7 @@ class DaemonService:
                 log.info("job_removed", job=name)
         for name in list(self.restart_when_stopped):
             job = daemon.jobs.get(name)
-            if job is not None and job.life is None and job.state in TERMINAL_STATES:
+            if job is not None and not job.busy and job.state in TERMINAL_STATES:
                 self.restart_when_stopped.discard(name)
                 job.start(now, "restart requested")
 

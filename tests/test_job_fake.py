@@ -193,3 +193,25 @@ class TestRegrowthWithFakeSystem:
 @pytest.fixture(autouse=True)
 def no_orphans() -> None:
     """Nothing real is spawned here."""
+
+
+class TestOverlappedRestartWithFakeSystem:
+    """After a requested checkpoint-and-exit, the successor starts at the goodbye; the old one is reaped later."""
+
+    def test_successor_spawns_at_goodbye_and_the_old_worker_is_reaped_or_killed(self, tmp_path: Path) -> None:
+        from protocol import Goodbye
+
+        h = Harness(tmp_path, kill_grace=1.0)
+        h.sample(1050 * MiB)
+        h.sample(1050 * MiB)
+        old = h.proc
+        h.job.on_message(Goodbye("peak", 3), h.system.clock)
+        assert len(h.system.procs) == 2 and h.job.state == JobState.STARTING
+        assert h.job.busy and [p for p, _ in h.job.departing] == [old]
+        h.advance(1.0)
+        assert old.signals == []  # still tearing down: left alone
+        h.advance(5.5)
+        assert old.signals == [signal.SIGKILL]  # never exited: killed
+        old.code = -9
+        h.advance(0.1)
+        assert h.job.departing == []
