@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from supervisor.config import write_config
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 # The scaled-down model of the test suite: steps of ~10-30 ms on 2 cores keep the suite inside its budget.
@@ -120,35 +122,6 @@ def short_run_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def toml_value(value: Any) -> str:
-    """A TOML literal for a bool, number, string, list or inline table."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"no TOML form for {value!r}")
-
-
-def write_config(path: Path, daemon: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> Path:
-    """A daemon config with ``[jobs.NAME]`` and ``[jobs.NAME.train]`` tables."""
-    lines = ["[daemon]"] + [f"{k} = {toml_value(v)}" for k, v in daemon.items()]
-    for name, job in jobs.items():
-        lines.append(f"[jobs.{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in job.items() if k != "train"]
-        if "train" in job:
-            lines.append(f"[jobs.{name}.train]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in job["train"].items()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @dataclasses.dataclass

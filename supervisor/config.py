@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import sys
 import tomllib
 import types
@@ -295,3 +296,36 @@ def worker_argv(job: JobConfig) -> list[str]:
     from worker.cli import train_argv
 
     return [sys.executable, "-m", "worker", *train_argv(job.train)]
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal for a bool, number, string, list or inline table."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def write_config(path: Path, daemon: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> Path:
+    """Write a config file: ``daemon`` keys (a dict value becomes a sub-table such as [daemon.control]), then
+    ``[jobs.NAME]`` and its ``train`` table. Used by tests and benchmarks; load_config validates the result."""
+    lines = ["[daemon]"] + [f"{k} = {toml_value(v)}" for k, v in daemon.items() if not isinstance(v, dict)]
+    for key, table in daemon.items():
+        if isinstance(table, dict):
+            lines += [f"[daemon.{key}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    for name, job in jobs.items():
+        lines.append(f"[jobs.{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in job.items() if k != "train"]
+        if "train" in job:
+            lines.append(f"[jobs.{name}.train]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in job["train"].items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -42,6 +42,11 @@ class History:
 
 def read_history(path: Path) -> list[dict[str, Any]]:
     """All well-formed events of a history file (missing file: none)."""
+    return read_jsonl(path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every JSON object line of a file; torn or foreign lines are skipped, a missing file is empty."""
     try:
         text = path.read_text(errors="replace")
     except FileNotFoundError:

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from supervisor.history import read_jsonl
+
 
 class Recorder:
     """Appends records to ``<job dir>/telemetry.jsonl`` (wall-clock time ``t`` on every line)."""
@@ -41,16 +43,4 @@ class Recorder:
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """All complete records of a telemetry file (a torn last line is skipped)."""
-    records = []
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return read_jsonl(path)

@@ -16,38 +16,11 @@ from typing import Any
 import psutil
 import pytest
 
+from supervisor.config import write_config
+
 ROOT = Path(__file__).resolve().parent.parent
 # A small model keeps end-to-end tests fast on 2 cores; data is the stdlib's own sources.
 SMALL = {"dim": 32, "layers": 1, "heads": 2, "context": 32}
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(value)
-
-
-def write_config(path: Path, daemon: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> Path:
-    lines = ["[daemon]"] + [f"{k} = {toml_value(v)}" for k, v in daemon.items() if not isinstance(v, dict)]
-    for key, table in daemon.items():
-        if isinstance(table, dict):
-            lines += [f"[daemon.{key}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
-    for name, job in jobs.items():
-        lines.append(f"[jobs.{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in job.items() if k != "train"]
-        if "train" in job:
-            lines.append(f"[jobs.{name}.train]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in job["train"].items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture

@@ -23,6 +23,8 @@ from typing import IO, Any
 
 import psutil
 
+from supervisor.config import write_config
+
 ROOT = Path(__file__).resolve().parents[2]
 MARK_ENV = "MLXSUP_TEST_MARK"  # inherited by daemons and their workers: how leftovers are found
 # Big enough that a checkpoint (~5.6 MB) takes tens of ms to write, small enough to train ~8 steps/s on 2 cores.
@@ -52,34 +54,6 @@ class FaultResult:
     def as_json(self) -> dict[str, Any]:
         return {"fault": self.fault, "count": self.count, "survived": self.survived,
                 "checkpoints_lost": self.checkpoints_lost, "orphans": self.orphans, "notes": "; ".join(self.notes)}
-
-
-def toml_value(value: Any) -> str:
-    """A Python value as TOML (enough for our configs)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def write_config(path: Path, daemon: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> Path:
-    """A config file: ``daemon`` keys (a dict value is a sub-table), then one table per job."""
-    lines = ["[daemon]"] + [f"{k} = {toml_value(v)}" for k, v in daemon.items() if not isinstance(v, dict)]
-    for key, table in daemon.items():
-        if isinstance(table, dict):
-            lines += [f"[daemon.{key}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
-    for name, job in jobs.items():
-        lines.append(f"[jobs.{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in job.items() if k != "train"]
-        lines.append(f"[jobs.{name}.train]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in job.get("train", {}).items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @dataclasses.dataclass
