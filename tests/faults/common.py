@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import json
 import os
 import secrets
 import shutil
@@ -24,6 +23,7 @@ from typing import IO, Any
 import psutil
 
 from supervisor.config import write_config
+from supervisor.history import read_jsonl as json_lines  # noqa: F401 - the campaign reads logs with it
 
 ROOT = Path(__file__).resolve().parents[2]
 MARK_ENV = "MLXSUP_TEST_MARK"  # inherited by daemons and their workers: how leftovers are found
@@ -261,22 +261,6 @@ def worker_of(daemon_pid: int) -> psutil.Process | None:
             if "worker" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
                 return child
     return None
-
-
-def json_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a log file (other lines, e.g. progress lines, are skipped)."""
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in text.splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(json.JSONDecodeError):
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    records.append(record)
-    return records
 
 
 def states(history: list[dict[str, Any]]) -> list[str]:
