@@ -63,6 +63,27 @@ def _latency(client_class: Any, endpoint: str, requests: int) -> dict[str, Any]:
             "control_requests": requests, "control_note": f"'status' over ipc, {requests} sequential requests"}
 
 
+def _latency_under_load(client_class: Any, endpoint: str, requests: int) -> dict[str, Any]:
+    """Round trips while both configured jobs run and stream telemetry (the figure the issue asks for)."""
+    client = client_class(endpoint, timeout=5.0)
+    try:
+        for job in ("a", "b"):
+            client.call("start", {"job": job})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            jobs = client.call("status")["jobs"]
+            if all(j["state"] == "RUNNING" and j["step"] > 20 for j in jobs):
+                break
+            time.sleep(0.2)
+        else:
+            raise BenchError("jobs did not start streaming telemetry within 60 s")
+    finally:
+        client.close()
+    result = _latency(client_class, endpoint, requests)
+    result["control_note"] = f"'status' over ipc while 2 jobs stream telemetry, {requests} sequential requests"
+    return result
+
+
 def _idle_usage(proc: psutil.Process, seconds: float) -> tuple[float, int]:
     before, started = proc.cpu_times(), time.monotonic()
     time.sleep(seconds)
@@ -82,7 +103,7 @@ def _wait_for(path: Path, child: Child, timeout: float) -> bool:
 
 def daemon_idle(work: Path, idle_seconds: float, requests: int) -> dict[str, Any]:
     """Idle CPU fraction and RSS of the service-mode daemon, then control latency and a SIGTERM stop."""
-    job = {"autostart": False, "budget": "1GiB", "train": {**SMALL, "steps": 10}}
+    job = {"autostart": False, "budget": "1GiB", "checkpoint_every": 0, "train": {**SMALL, "steps": 10**7}}
     result: dict[str, Any] = {"control_p99_ms": None, "control_note": NOT_BUILT}
     with short_run_dir() as run_dir:
         config = write_config(work / "mlxsupd.toml", {"run_dir": str(run_dir), "state_dir": str(work / "state")},
@@ -98,7 +119,10 @@ def daemon_idle(work: Path, idle_seconds: float, requests: int) -> dict[str, Any
             client = control_client_class()
             if client is not None and control_up:
                 try:
-                    result.update(_latency(client, f"ipc://{run_dir / 'control.sock'}", requests))
+                    endpoint = f"ipc://{run_dir / 'control.sock'}"
+                    idle = _latency(client, endpoint, requests)
+                    result.update({f"idle_{k}": v for k, v in idle.items() if k.startswith("control_p")})
+                    result.update(_latency_under_load(client, endpoint, requests))
                 except Exception as exc:
                     result["control_note"] = f"control client present but failed: {type(exc).__name__}: {exc}"
             elif client is not None:
