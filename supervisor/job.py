@@ -264,7 +264,8 @@ class Job:
             life.goodbye = message.reason
             self.log.info("worker_goodbye", reason=message.reason, step=message.step)
             pending = life.pending
-            if pending is not None and pending.action is Action.CHECKPOINT_EXIT and not self.stop_requested:
+            requested = pending is not None and pending.action is Action.CHECKPOINT_EXIT
+            if requested and message.reason != "finished" and not self.stop_requested:
                 self._depart(life, now)
 
     def _depart(self, life: Life, now: float) -> None:

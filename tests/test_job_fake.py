@@ -215,3 +215,15 @@ class TestOverlappedRestartWithFakeSystem:
         old.code = -9
         h.advance(0.1)
         assert h.job.departing == []
+
+    def test_a_worker_that_finishes_instead_is_not_restarted(self, tmp_path: Path) -> None:
+        from protocol import Goodbye
+
+        h = Harness(tmp_path)
+        h.sample(1050 * MiB)
+        h.sample(1050 * MiB)
+        h.job.on_message(Goodbye("finished", 1000), h.system.clock)
+        assert len(h.system.procs) == 1  # no successor for a finished run
+        h.proc.code = 0
+        h.advance(0.1)
+        assert h.job.state == JobState.FINISHED
