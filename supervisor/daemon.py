@@ -151,12 +151,6 @@ class Daemon:
     def _on_hup(self, signum: int, frame: FrameType | None) -> None:
         self.reload_requested = True
 
-    def wake(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except BlockingIOError:
-            pass
-
     # -- the loop -------------------------------------------------------------------------------------
 
     def run(self, max_seconds: float | None = None) -> int:

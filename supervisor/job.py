@@ -462,16 +462,18 @@ class Job:
         self.life = None
         newest = latest_step(self.paths.checkpoints) or 0
         progress = newest > life.start_checkpoint
-        self.failures = 0 if progress else self.failures + 1
-        if progress:
-            self.crashes = 0  # the backoff grows only over crashes that made no progress
         pending = life.pending
+        # A smaller batch next time is a new attempt, not a repeat of the failed one.
+        new_attempt = pending is not None and pending.next_batch != 0 and (
+            (pending.next_batch, pending.next_accum) != (self.batch, self.accum))
+        if progress:
+            self.failures = self.crashes = 0  # the backoff grows only over crashes without progress
+        elif not new_attempt:
+            self.failures += 1
         self.log.info("worker_exit", code=code, goodbye=life.goodbye, step=life.last_step, checkpoint=newest,
                       progress=progress)
         self.history.record("exit", code=code, goodbye=life.goodbye, step=life.last_step, checkpoint=newest)
         if pending is not None and pending.next_batch:
-            if (pending.next_batch, pending.next_accum) != (self.batch, self.accum) and not progress:
-                self.failures -= 1  # a smaller batch is a new attempt, not a repeat of the failed one
             self.batch, self.accum = pending.next_batch, pending.next_accum
         if code == 0 and not self.stop_requested:
             self.change_state(JobState.FINISHED, "worker finished", step=life.last_step)

@@ -9,7 +9,13 @@ from supervisor.commands.base import ControlCommand
 if TYPE_CHECKING:
     from supervisor.service_main import DaemonService
 
-VERSION = "0.1.0"
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlx-supervisor")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 class Reread(ControlCommand):
@@ -54,7 +60,7 @@ class Version(ControlCommand):
         from protocol import PROTOCOL_VERSION
         from protocol.control import CONTROL_VERSION
 
-        return {"version": VERSION, "worker_protocol": PROTOCOL_VERSION, "control_protocol": CONTROL_VERSION}
+        return {"version": _version(), "worker_protocol": PROTOCOL_VERSION, "control_protocol": CONTROL_VERSION}
 
     def render(self, result: Any) -> str:
         return f"mlxsupd {result['version']} (worker protocol {result['worker_protocol']}, " \
