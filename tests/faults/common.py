@@ -24,6 +24,7 @@ import psutil
 
 from supervisor.config import write_config
 from supervisor.history import read_jsonl as json_lines  # noqa: F401 - the campaign reads logs with it
+from tests.faults.wire import answers
 
 ROOT = Path(__file__).resolve().parents[2]
 MARK_ENV = "MLXSUP_TEST_MARK"  # inherited by daemons and their workers: how leftovers are found
@@ -279,3 +280,12 @@ def reap_all(limit: int = 1000) -> int:
             break
         reaped += 1
     return reaped
+
+
+def start_daemon(area: Area, config: Path, mark: str, log_name: str = "daemon.log") -> Group:
+    """A service-mode daemon on ``config`` that answers on its control socket (killed if it never does)."""
+    daemon = Group(mlxsupd("-c", str(config), "--log-format", "json"), area.root / log_name, mark)
+    if not wait_until(lambda: answers(area.run_dir, 1.0) or not daemon.alive(), 30, 0.05) or not daemon.alive():
+        daemon.kill()
+        raise RuntimeError(f"daemon did not answer within 30 s; see {area.root / log_name}")
+    return daemon

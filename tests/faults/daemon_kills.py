@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import time
-from typing import Any
 
 from tests.faults.common import (
     SMALL,
@@ -24,12 +23,12 @@ from tests.faults.common import (
     gone,
     group_alive,
     json_lines,
-    mlxsupd,
     reap,
+    start_daemon,
     sweep_orphans,
     wait_until,
 )
-from tests.faults.wire import Control, answers
+from tests.faults.wire import Control
 from worker.checkpoint import latest_step
 
 ORPHAN_LIMIT = 5.0  # seconds the orphaned worker may take to checkpoint and exit
@@ -48,11 +47,6 @@ class Cycle:
     loadable: int
 
 
-def start_daemon(area: Area, config: Any, mark: str, index: int) -> Group:
-    daemon = Group(mlxsupd("-c", str(config), "--log-format", "json"), area.root / f"daemon-{index}.log", mark)
-    if not wait_until(lambda: answers(area.run_dir, 1.0) or not daemon.alive(), 30, 0.05):
-        raise RuntimeError("daemon did not answer within 30 s")
-    return daemon
 
 
 def running_pid(client: Control, previous: int | None) -> int | None:
@@ -137,7 +131,7 @@ def run(ws: Workspace, kills: int, seed: int, budget: float) -> FaultResult:
     cycle: Cycle | None = None
     try:
         for index in range(kills + 1):
-            daemon = start_daemon(area, config, ws.mark, index)
+            daemon = start_daemon(area, config, ws.mark, f"daemon-{index}.log")
             client = Control.ipc(area.run_dir)
             try:
                 if index == 0:

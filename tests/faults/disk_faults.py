@@ -26,11 +26,12 @@ from tests.faults.common import (
     Workspace,
     json_lines,
     mlxsupd,
+    start_daemon,
     states,
     sweep_orphans,
     wait_until,
 )
-from tests.faults.wire import Control, answers
+from tests.faults.wire import Control
 from worker.checkpoint import list_checkpoints
 
 ATTEMPTS = 3
@@ -181,11 +182,8 @@ def damaged(ws: Workspace, rounds: int) -> FaultResult:
     area = ws.area("damaged")
     config = area.config({"j": {"autostart": False, "checkpoint_every": 5, "keep_checkpoints": 4, "budget": "2GiB",
                                 "train": {**SMALL, "steps": 1_000_000}}})
-    daemon = Group(mlxsupd("-c", str(config), "--log-format", "json"), area.root / "daemon.log", ws.mark)
+    daemon = start_daemon(area, config, ws.mark)
     try:
-        if not wait_until(lambda: answers(area.run_dir, 1.0), 30, 0.1):
-            result.note("daemon did not answer")
-            return result
         client = Control.ipc(area.run_dir)
         try:
             for kind in ["truncated", "bit-flipped", "meta.json missing"] * rounds:

@@ -18,7 +18,7 @@ import psutil
 from hypothesis import HealthCheck, given, seed, settings
 
 from tests.faults import frames as gen
-from tests.faults.common import SMALL, Area, FaultResult, Group, Workspace, mlxsupd, sweep_orphans, wait_until
+from tests.faults.common import SMALL, Area, FaultResult, Workspace, start_daemon, sweep_orphans, wait_until
 from tests.faults.wire import Control, WorkerPeer, answers
 
 BATCH = 100
@@ -175,11 +175,8 @@ def run(ws: Workspace, raw: int, examples: int, seed_value: int) -> FaultResult:
     area = ws.area("fuzz")
     config = area.config({"j": {"checkpoint_every": 50, "budget": "2GiB", "train": {**SMALL, "steps": 10**7}}})
     log = area.root / "daemon.log"
-    daemon = Group(mlxsupd("-c", str(config), "--log-format", "json"), log, ws.mark)
+    daemon = start_daemon(area, config, ws.mark)
     try:
-        if not wait_until(lambda: answers(area.run_dir, 1.0), 30, 0.1):
-            result.note("daemon did not answer")
-            return result
         client = Control.ipc(area.run_dir)
         try:
             wait_until(lambda: client.job("j")["state"] == "RUNNING", 30, 0.05)

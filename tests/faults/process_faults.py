@@ -27,14 +27,13 @@ from tests.faults.common import (
     SMALL,
     Area,
     FaultResult,
-    Group,
     Workspace,
     gone,
-    mlxsupd,
+    start_daemon,
     sweep_orphans,
     wait_until,
 )
-from tests.faults.wire import Control, answers
+from tests.faults.wire import Control
 from worker.checkpoint import latest_step
 
 NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
@@ -75,12 +74,9 @@ def hang(ws: Workspace, stops: int) -> FaultResult:
     area = ws.area("hang")
     config = area.config({"j": {"hang_timeout": HANG_TIMEOUT, "kill_grace": KILL_GRACE, "backoff_initial": 0.1,
                                 "checkpoint_every": 10, "budget": "2GiB", "train": {**SMALL, "steps": 1_000_000}}})
-    daemon = Group(mlxsupd("-c", str(config), "--log-format", "json"), area.root / "daemon.log", ws.mark)
+    daemon = start_daemon(area, config, ws.mark)
     detections: list[str] = []
     try:
-        if not wait_until(lambda: answers(area.run_dir, 1.0), 30, 0.1):
-            result.note("daemon did not answer")
-            return result
         client = Control.ipc(area.run_dir)
         try:
             for _ in range(stops):

@@ -26,6 +26,7 @@ from tests.faults.common import (
     Group,
     Workspace,
     mlxsupd,
+    start_daemon,
     sweep_orphans,
     wait_until,
     worker_of,
@@ -254,11 +255,9 @@ def run(ws: Workspace) -> list[FaultResult]:
                "authorized_keys": str(area.root / "authorized")}
     config = area.config({"j": {"checkpoint_every": 50, "budget": "2GiB", "train": {**SMALL, "steps": 10**7}}},
                          control=control)
-    daemon = Group(mlxsupd("-c", str(config), "--log-format", "json"), area.root / "daemon.log", ws.mark)
+    daemon = start_daemon(area, config, ws.mark)
     results: list[FaultResult] = []
     try:
-        if not wait_until(lambda: answers(area.run_dir, 1.0), 30, 0.1):
-            raise RuntimeError("security daemon did not answer")
         client = Control.ipc(area.run_dir)
         try:
             wait_until(lambda: client.job("j")["state"] == "RUNNING", 30, 0.05)
