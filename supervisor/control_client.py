@@ -43,12 +43,13 @@ class ControlClient:
         self.timeout = timeout
         self.curve = curve
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.socket = self._socket(zmq.DEALER)
+        self.socket = self.new_socket(zmq.DEALER)
         self.socket.connect(endpoint)
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid()}-"
 
-    def _socket(self, kind: int) -> zmq.Socket[bytes]:
+    def new_socket(self, kind: int) -> zmq.Socket[bytes]:
+        """A socket of this client's context with its timeouts and CURVE keys (for subscriptions)."""
         sock = self.context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, 8 * 1024 * 1024)
@@ -87,7 +88,7 @@ class ControlClient:
         self, endpoint: str, topics: list[str], timeout: float | None = None
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield (topic, event) from the daemon's event stream; stops after ``timeout`` s of silence if set."""
-        sub = self._socket(zmq.SUB)
+        sub = self.new_socket(zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, 10_000)
         for topic in topics:
             sub.setsockopt(zmq.SUBSCRIBE, topic.encode())

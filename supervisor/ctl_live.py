@@ -69,7 +69,7 @@ def top(client: ControlClient, events: str, once: bool, seconds: float | None) -
     import zmq
 
     decisions: dict[str, str] = {}
-    sub = client._socket(zmq.SUB)
+    sub = client.new_socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"job.")
     if events:
         sub.connect(events)
