@@ -29,6 +29,7 @@ bench: $(STAMP)
 
 faults: $(STAMP)
 	$(PY) -m tests.faults $(if $(QUICK),--quick,)
+	$(if $(QUICK),,MLXSUP_MODEL_EXAMPLES=3000 $(PY) -m pytest -q tests/test_lifecycle_model.py)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff mypy
