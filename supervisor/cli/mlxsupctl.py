@@ -51,7 +51,7 @@ def _local_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     plot.add_argument("job")
     plot.add_argument("-o", "--output", type=Path, default=None, help="PNG or SVG file (default JOB-memory.png)")
     try:
-        from supervisor.install.units import add_service_parser
+        from supervisor.install.service import add_service_parser
     except ImportError:  # pragma: no cover - the module ships with the package
         return
     add_service_parser(sub)
