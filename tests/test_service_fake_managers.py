@@ -34,7 +34,7 @@ class FakeTool:
         bindir = tmp_path / f"bin-{name}"
         bindir.mkdir()
         exe = bindir / name
-        exe.write_text(f"#!{sys.executable}\n" + (FAKES / f"fake_{name}.py").read_text())
+        exe.write_text(f"#!{sys.executable} -I\n" + (FAKES / f"fake_{name}.py").read_text())
         exe.chmod(0o755)
         self.state, self.calls = tmp_path / f"{name}.state.json", tmp_path / f"{name}.calls"
         self.calls.touch()
