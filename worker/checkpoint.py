@@ -2,9 +2,9 @@
 
 A checkpoint is a directory ``ckpt-{step:010d}/`` holding ``model.safetensors``, ``optimizer.safetensors``
 and ``meta.json`` (written last, with the size and SHA-256 of every other file). It is built in a
-``.tmp-ckpt-*`` directory, synced (``F_FULLFSYNC`` on macOS), and renamed into place, so a crash at any moment leaves either the old set
-of checkpoints or the new one, never a half-written ``ckpt-*``. Loading verifies every checksum and falls back
-to older checkpoints.
+``.tmp-ckpt-*`` directory, synced (``F_FULLFSYNC`` on macOS), and renamed into place, so a crash at any moment
+leaves either the old set of checkpoints or the new one, never a half-written ``ckpt-*``. Loading verifies every
+checksum and falls back to older checkpoints.
 
 Names (``list_checkpoints``, ``latest_step``) come from ``protocol.checkpoints``, which the daemon reads.
 """
