@@ -44,7 +44,8 @@ class ControlConfig:
 class DaemonConfig:
     """[daemon]: where things live and how often the daemon looks."""
 
-    run_dir: str = _f("", "private directory for ipc sockets (0700); default /tmp/mlxsup-UID or XDG_RUNTIME_DIR")
+    run_dir: str = _f("", "private directory for ipc sockets (0700); default $TMPDIR/mlxsup on macOS, "
+                      "else $XDG_RUNTIME_DIR/mlxsup or /tmp/mlxsup-UID")
     state_dir: str = _f("", "history, checkpoints and logs; default ~/Library/Application Support or XDG state")
     log_dir: str = _f("", "daemon and worker logs; default ~/Library/Logs/mlx-supervisor or <state_dir>/logs")
     sample_interval: float = _f(0.05, "seconds between footprint samples of each worker", "s")
@@ -240,8 +241,9 @@ def _validate(config: Config, total: int) -> None:
             parse_fraction_of(getattr(d, key), total)
         except SizeError as exc:
             raise ConfigError(f"{where}: daemon.{key}: {exc}") from None
-    if len(str(config.run_dir / "control.sock")) > 100:
-        raise ConfigError(f"{where}: daemon.run_dir {config.run_dir} is too long for ipc sockets (max ~90 chars)")
+    for name in paths.IPC_SOCKETS:
+        if problem := paths.socket_path_problem(config.run_dir / name):
+            raise ConfigError(f"{where}: daemon.run_dir: {problem}")
     for name, job in config.jobs.items():
         _validate_job(name, job, total, where)
 
