@@ -51,7 +51,7 @@ def settings_of(job: JobConfig) -> Settings:
         policy=policy, mode=job.policy, batch=job.batch, accum=job.accum, checkpoint_timeout=job.checkpoint_timeout,
         kill_grace=job.kill_grace, startup_timeout=job.startup_timeout, hang_timeout=job.hang_timeout,
         backoff_initial=job.backoff_initial, backoff_max=job.backoff_max,
-        max_attempts=job.max_attempts_without_progress,
+        max_attempts=job.max_attempts_without_progress, sdk=job.sdk, restart=job.restart,
     )
 
 
