@@ -103,6 +103,7 @@ class Life:
     goodbye: str = ""
     last_bytes: int = 0  # the group's last complete sample
     min_bytes: int = 0  # its smallest (0: none yet): what a fresh worker needs when there is no baseline yet
+    killed: bool = False  # SIGKILL sent (guard-only jobs at the ceiling)
 
 
 @dataclasses.dataclass
@@ -582,15 +583,23 @@ class Lifecycle:
             self._ask_exit(now, decision, S.CHECKPOINTING)
 
     def _guard(self, life: Life, decision: Decision, now: float, numbers: dict[str, Any]) -> None:
-        """A guard-only job cannot checkpoint: SIGTERM at the budget, SIGKILL at the ceiling."""
-        if decision.action is Do.CLEAR_CACHE or life.term_sent:
+        """A guard-only job cannot checkpoint: SIGTERM at the budget, SIGKILL at the ceiling (even while it
+        handles an earlier SIGTERM: it may go on growing)."""
+        ceiling = decision.action is Do.KILL
+        if decision.action is Do.CLEAR_CACHE or (life.term_sent and not ceiling) or life.killed:
             return
         if self.stats.first_breach_step is None:
             self.stats.first_breach_step = life.last_step
         self._out.append(ev.Decided(decision, numbers))
         life.pending = decision
         self.stats.last_decision_at = now
-        self._terminate(now, decision.reason, signal.SIGKILL if decision.action is Do.KILL else signal.SIGTERM)
+        if ceiling and life.term_sent:
+            life.killed = True
+            self._note("kill", signal="SIGKILL", reason=decision.reason, pid=life.pid, level="warning")
+            self._out.append(ev.Signal(life.id, signal.SIGKILL))
+            return
+        life.killed = ceiling
+        self._terminate(now, decision.reason, signal.SIGKILL if ceiling else signal.SIGTERM)
 
     def _regrow_feedback(self, life: Life, decision: Decision) -> None:
         """Additive increase, multiplicative decrease: a regrown batch that breaches doubles the wait."""

@@ -36,6 +36,8 @@ Publish = Callable[[str, str, dict[str, Any]], None]  # (job, kind, data)
 SendToWorker = Callable[[bytes, bytes], None]  # (identity, frame)
 log = structlog.get_logger("mlxsupd")
 IO_ERROR_LOG_EVERY = 60.0  # seconds between log lines about the same kind of failing write
+# Log event names that differ from the history's (scripts and the fault campaign read the log by these).
+LOG_NAMES = {"hello": "worker_hello", "exit": "worker_exit", "budget": "budget_changed"}
 __all__ = ["Job", "JobPaths", "Refused", "settings_of"]
 
 
@@ -254,7 +256,7 @@ class Job:
         elif isinstance(action, ev.Decided):
             self._decided(action)
         elif isinstance(action, ev.Note):
-            getattr(self.log, action.level)(action.event, **action.fields)
+            getattr(self.log, action.level)(LOG_NAMES.get(action.event, action.event), **action.fields)
             if action.history:
                 self.history_record(action.event, **action.fields)
 
