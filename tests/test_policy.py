@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from supervisor.core.policy import (
     Action,
@@ -12,11 +14,13 @@ from supervisor.core.policy import (
     Estimator,
     Limits,
     PolicyConfig,
+    SlidingTheilSen,
     backoff_delay,
     on_sample,
     on_step,
     regrow,
     shrink,
+    theil_sen,
 )
 
 MiB = 1024 * 1024
@@ -188,3 +192,35 @@ class TestShortLives:
         levels = [1500 * MiB + 50 * MiB * s for s in range(9)]  # 9 steps: a short life
         decision = on_step(feed(levels), LIMITS, 8, 1, 5, CONFIG)
         assert decision.diagnosis is Diagnosis.LEAK_PREDICTED and (decision.next_batch, decision.next_accum) == (4, 2)
+
+
+class TestSlidingTheilSen:
+    """The incremental slope equals the recomputed Theil-Sen slope exactly, point after point."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(window=st.integers(1, 30),
+           points=st.lists(st.tuples(st.integers(-50, 400), st.integers(-(2**40), 2**40)), max_size=120))
+    def test_equals_the_full_recomputation_after_every_point(self, window: int, points: list[tuple[int, int]]) -> None:
+        trend = SlidingTheilSen(window)
+        for step, level in points:
+            trend.add(step, level)
+            assert trend.slope == theil_sen(list(trend.points))
+
+    @settings(max_examples=100, deadline=None)
+    @given(levels=st.lists(st.integers(0, 2**36), max_size=80), warmup=st.integers(0, 5))
+    def test_estimator_slope_is_theil_sen_of_its_window(self, levels: list[int], warmup: int) -> None:
+        config = PolicyConfig(warmup_steps=warmup)
+        est = Estimator(config)
+        for step, level in enumerate(levels, 1):
+            est.observe_step(step, level)
+            window = [(s, lv) for s, lv in enumerate(levels[:step], 1)][warmup:][-config.window:]
+            assert list(est.levels) == window
+            assert est.slope == theil_sen(window)
+
+    def test_a_leak_under_noise_and_an_outlier_keeps_its_slope(self) -> None:
+        trend = SlidingTheilSen(24)
+        rng = random.Random(1)
+        for step in range(1, 200):
+            level = 400 * MiB + 50 * MiB * step + rng.randint(-5, 5) * MiB
+            trend.add(step, level if step != 150 else level - 900 * MiB)  # a cache clear
+        assert trend.slope == pytest.approx(50 * MiB, rel=0.05)

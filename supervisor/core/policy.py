@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import statistics
+from bisect import bisect_left, insort
 from collections import deque
 
 MiB = 1024 * 1024
@@ -82,12 +84,12 @@ class Estimator:
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
-        self.levels: deque[tuple[int, int]] = deque(maxlen=config.window)
+        self._trend = SlidingTheilSen(config.window)
+        self.levels = self._trend.points  # (step, end-of-step footprint), the slope window
         self.transients: deque[int] = deque(maxlen=config.window)
         self.steps_seen = 0
         self.baseline: int | None = None
         self.step_peak = 0  # highest sample since the last step ended
-        self._slope: float | None = None  # cached until the next step
 
     def observe_sample(self, sampled: int) -> None:
         self.step_peak = max(self.step_peak, sampled)
@@ -96,9 +98,8 @@ class Estimator:
         """Record the footprint at the end of ``step``, with the in-step excursion: the larger of what the
         samples saw and what the worker reported (MLX's per-step peak over its active memory)."""
         self.steps_seen += 1
-        self._slope = None
         if self.steps_seen > self.config.warmup_steps:
-            self.levels.append((step, level))
+            self._trend.add(step, level)
             self.transients.append(max(0, self.step_peak - level, reported_transient))
             if self.baseline is None or level < self.baseline:
                 self.baseline = level
@@ -107,9 +108,7 @@ class Estimator:
     @property
     def slope(self) -> float:
         """Theil-Sen slope of footprint vs step, bytes/step; 0 until there are enough points."""
-        if self._slope is None:
-            self._slope = theil_sen(list(self.levels))
-        return self._slope
+        return self._trend.slope
 
     @property
     def transient(self) -> int:
@@ -126,6 +125,42 @@ class Estimator:
         if slope <= self.config.leak_threshold:
             return float("inf")
         return (budget - self.level - self.transient) / slope
+
+
+class SlidingTheilSen:
+    """``theil_sen`` of the last ``window`` points, kept current as points arrive.
+
+    Recomputing it means all window*(window-1)/2 pairwise slopes and a sort on every step (276 slopes for 24
+    points). Here the slopes stay sorted: a new point inserts its slopes to the others, the point it pushes out
+    of the window removes its own, so a step costs 2*(window-1) slopes and binary searches. Each slope is
+    computed by the same expression, pair for pair, as ``theil_sen``, so the median is bit for bit the same.
+    """
+
+    def __init__(self, window: int) -> None:
+        self.points: deque[tuple[int, int]] = deque(maxlen=window)
+        self._slopes: list[float] = []  # sorted
+
+    def add(self, step: int, level: int) -> None:
+        points, slopes = self.points, self._slopes
+        full = len(points) == points.maxlen
+        if full:  # the first point leaves the window with its slopes
+            first_step, first_level = points[0]
+            for other_step, other_level in itertools.islice(points, 1, None):
+                if other_step != first_step:
+                    del slopes[bisect_left(slopes, (other_level - first_level) / (other_step - first_step))]
+        for other_step, other_level in itertools.islice(points, 1 if full else 0, None):
+            if other_step != step:
+                insort(slopes, (level - other_level) / (step - other_step))
+        points.append((step, level))
+
+    @property
+    def slope(self) -> float:
+        """The median pairwise slope, as ``statistics.median`` takes it; 0 under 4 points or without a pair."""
+        slopes, count = self._slopes, len(self._slopes)
+        if len(self.points) < 4 or not count:
+            return 0.0
+        middle = count // 2
+        return slopes[middle] if count % 2 else (slopes[middle - 1] + slopes[middle]) / 2
 
 
 def theil_sen(points: list[tuple[int, int]]) -> float:
