@@ -1,0 +1,196 @@
+"""One worker life of an mlx-lm fine-tune: load, resume, train to the target, save, report through the Session.
+
+Steps are optimizer steps. mlx-lm counts micro-batch iterations (``iters``, ``steps_per_eval``, ``save_every``,
+``steps_per_report``); iteration ``it`` of the configured shape ends in optimizer step ``ceil(it / accum)``, so
+an action due at iteration ``it`` happens at the end of that step and keeps mlx-lm's name (adapter files are
+``{it:07d}_adapters.safetensors``). The target is ``iters // grad_accumulation_steps`` steps (mlx-lm never
+applies a trailing partial accumulation either) and does not change when the daemon changes batch × accum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.utils import maybe_set_recommended_wired_limit
+
+from worker.inject import Leak, transient_peak, use_peak
+from worker.mlx_lm import setup
+from worker.mlx_lm.batches import StepBatches
+from worker.mlx_lm.trainer import Trainer
+from worker.session import Session
+
+# Fault injection for testing the supervisor (the built-in job's --leak-mb-per-step and friends).
+INJECT_LEAK = "MLXSUP_INJECT_LEAK_MB_PER_STEP"
+INJECT_PEAK = "MLXSUP_INJECT_PEAK_MB_PER_SAMPLE"
+INJECT_PEAK_UNTIL = "MLXSUP_INJECT_PEAK_UNTIL_STEP"
+STATS_FILE = "MLXSUP_STATS_FILE"  # the benchmark's: iterations/s of this life's training loop, as JSON
+
+
+class Schedule:
+    """When mlx-lm's iteration-counted actions fall, in optimizer steps of the configured accumulation."""
+
+    def __init__(self, args: types.SimpleNamespace) -> None:
+        self.accum = args.grad_accumulation_steps
+        self.target = args.iters // self.accum
+
+    def due(self, step: int, every: int) -> int | None:
+        """The last iteration that is a multiple of ``every`` within optimizer step ``step`` (1-based)."""
+        last = step * self.accum
+        due = last - last % every
+        return due if due > (step - 1) * self.accum else None
+
+
+def run(args: types.SimpleNamespace) -> int:
+    """Train under the daemon (or standalone) until the target step; 0 when done."""
+    schedule = Schedule(args)
+    session = Session.from_env(target_steps=schedule.target, batch=args.batch_size, accum=schedule.accum)
+    try:
+        _train(session, args, schedule)
+    finally:
+        session.close()
+    return 0
+
+
+def _train(session: Session, args: types.SimpleNamespace, schedule: Schedule) -> None:
+    with session.busy("model_load"):
+        model, tokenizer = setup.load_model(args)
+        train_set, valid_set, test_set = setup.load_data(args, tokenizer)
+        setup.prepare(model, args)
+        optimizer = setup.build_optimizer(args)
+    resumed = session.resume(model, optimizer, trainable_only=True)
+    step = resumed.step
+    if step == 0 and args.resume_adapter_file:
+        model.load_weights(args.resume_adapter_file, strict=False)
+    effective = session.batch * session.accum
+    _check_resume(resumed.extra, args, effective)
+    setup.write_adapter_config(args)
+    maybe_set_recommended_wired_limit()  # what mlx_lm's train() does (Metal only; see README)
+    threshold = session.settings.cache_clear_bytes or args.clear_cache_threshold
+    trainer = Trainer(model, optimizer, args, StepBatches(train_set, effective, args.max_seq_length, args.seed),
+                      threshold)
+    validation = _validation_batches(valid_set, args)
+    _header(model, args, schedule, session, step)
+    if step == 0 and validation is not None:
+        with session.busy("validation"):
+            _log(f"Iter 0: Val loss {trainer.evaluate(validation, args.val_batches, session.batch):.3f}")
+    step = _loop(session, trainer, validation, args, schedule, step)
+    with session.busy("saving"):
+        trainer.save(None)
+    if args.test and len(test_set) >= args.batch_size:
+        with session.busy("test"):
+            tests = StepBatches(test_set, args.batch_size, args.max_seq_length, args.seed)
+            _log(f"Test loss {trainer.evaluate(tests, args.test_batches, session.batch):.3f}")
+    session.finish(step, _extra(args, step, effective, schedule))
+
+
+def _loop(session: Session, trainer: Trainer, validation: StepBatches | None, args: types.SimpleNamespace,
+          schedule: Schedule, step: int) -> int:
+    leak = Leak(float(os.environ.get(INJECT_LEAK) or 0))
+    peak_mb, peak_until = float(os.environ.get(INJECT_PEAK) or 0), int(os.environ.get(INJECT_PEAK_UNTIL) or 0)
+    report = _Report(args)
+    effective = session.batch * session.accum
+    first = True
+    while step < schedule.target:
+        peak = transient_peak(peak_mb if peak_until <= 0 or step < peak_until else 0.0, session.batch)
+        with session.busy("compile") if first else contextlib.nullcontext():
+            result = trainer.step(step, session.batch)
+        use_peak(peak)
+        del peak
+        step += 1
+        first = False
+        leak.step(step, None)
+        report.add(result.loss, result.tokens, result.seconds, schedule.accum)
+        val_loss = None
+        if validation is not None and (schedule.due(step, args.steps_per_eval) or step == schedule.target):
+            with session.busy("validation"):
+                started = time.perf_counter()
+                val_loss = trainer.evaluate(validation, args.val_batches, session.batch)
+            _log(f"Iter {step * schedule.accum}: Val loss {val_loss:.3f}, "
+                 f"Val took {time.perf_counter() - started:.3f}s")
+        if schedule.due(step, args.steps_per_report) or step == schedule.target:
+            report.flush(step * schedule.accum, trainer.optimizer)
+        saved = schedule.due(step, args.save_every)
+        if saved is not None:
+            with session.busy("saving"):
+                trainer.save(saved)
+        session.end_step(step, result.loss, _extra(args, step, effective, schedule),
+                         tokens_per_second=result.tokens / result.seconds, val_loss=val_loss)
+    report.write_stats()
+    return step
+
+
+class _Report:
+    """mlx-lm's periodic training-loss line, and this life's throughput for the benchmark."""
+
+    def __init__(self, args: types.SimpleNamespace) -> None:
+        self.losses: list[float] = []
+        self.tokens = self.trained_tokens = 0
+        self.seconds = self.life_seconds = 0.0
+        self.iterations = self.life_iterations = 0
+
+    def add(self, loss: float, tokens: int, seconds: float, iterations: int) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+        self.seconds += seconds
+        self.iterations += iterations
+
+    def flush(self, iteration: int, optimizer: Any) -> None:
+        if not self.losses:
+            return
+        self.trained_tokens += self.tokens
+        self.life_seconds += self.seconds
+        self.life_iterations += self.iterations
+        rate = optimizer.learning_rate.item()
+        _log(f"Iter {iteration}: Train loss {sum(self.losses) / len(self.losses):.3f}, Learning Rate {rate:.3e}, "
+             f"It/sec {self.iterations / self.seconds:.3f}, Tokens/sec {self.tokens / self.seconds:.3f}, "
+             f"Trained Tokens {self.trained_tokens}, Peak mem {mx.get_peak_memory() / 1e9:.3f} GB")
+        self.losses, self.tokens, self.seconds, self.iterations = [], 0, 0.0, 0
+
+    def write_stats(self) -> None:
+        path = os.environ.get(STATS_FILE)
+        if path and self.life_seconds > 0:
+            Path(path).write_text(json.dumps({
+                "iterations": self.life_iterations, "seconds": self.life_seconds,
+                "iterations_per_second": self.life_iterations / self.life_seconds}))
+
+
+def _validation_batches(valid_set: Any, args: types.SimpleNamespace) -> StepBatches | None:
+    if len(valid_set) < args.batch_size or args.val_batches == 0:
+        if len(valid_set) == 0:
+            _log("Warning: no validation set; training proceeds without validation")
+        return None
+    return StepBatches(valid_set, args.batch_size, args.max_seq_length, args.seed)
+
+
+def _extra(args: types.SimpleNamespace, step: int, effective: int, schedule: Schedule) -> dict[str, Any]:
+    return {"data_position": step, "iteration": step * schedule.accum, "seed": args.seed,
+            "effective_batch": effective}
+
+
+def _check_resume(extra: dict[str, Any], args: types.SimpleNamespace, effective: int) -> None:
+    """A checkpoint of another seed or effective batch resumes, but not exactly: say so."""
+    for key, now in (("seed", args.seed), ("effective_batch", effective)):
+        if key in extra and extra[key] != now:
+            _log(f"Warning: the checkpoint was made with {key} {extra[key]}, this run has {now}: the data "
+                 "order differs from an uninterrupted run")
+
+
+def _header(model: Any, args: types.SimpleNamespace, schedule: Schedule, session: Session, step: int) -> None:
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    where = f"resuming at step {step}" if step else "from the start"
+    _log(f"{args.fine_tune_type} fine-tune of {args.model}: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters "
+         f"trainable; {schedule.target} optimizer steps of {session.batch}x{session.accum}, {where}")
+
+
+def _log(line: str) -> None:
+    print(line, flush=True, file=sys.stdout)
