@@ -6,7 +6,7 @@ and ``meta.json`` (written last, with the size and SHA-256 of every other file).
 of checkpoints or the new one, never a half-written ``ckpt-*``. Loading verifies every checksum and falls back
 to older checkpoints.
 
-``list_checkpoints`` and ``latest_step`` only look at names and never import mlx: the daemon calls them.
+Names (``list_checkpoints``, ``latest_step``) come from ``protocol.checkpoints``, which the daemon reads.
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from protocol.checkpoints import META_FILE, checkpoint_name, list_checkpoints, step_of
+
 if TYPE_CHECKING:
     import mlx.core as mx
 
 FORMAT = 1
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
-META_FILE = "meta.json"
 _CHUNK = 1 << 20
 _RESERVED = ("step", "created", "format", "files")
-_NAME = re.compile(r"ckpt-(\d{10,})")
 # .tmp: a checkpoint being written; .trash: the previous copy of a step being replaced (restorable);
 # .prune: an old checkpoint being deleted (renamed first so a half-deleted one never looks complete).
 _SCRATCH = re.compile(r"\.(tmp|trash|prune)-ckpt-(\d+)-(\d+)-[0-9a-f]+")
@@ -63,23 +63,6 @@ class Checkpoint:
     optimizer: dict[str, mx.array]
 
 
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint directories in ``directory``, oldest first by step; by name only, nothing is verified."""
-    try:
-        entries = list(os.scandir(directory))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    found = [(int(m.group(1)), Path(e.path)) for e in entries
-             if (m := _NAME.fullmatch(e.name)) and e.is_dir(follow_symlinks=False)]
-    return [path for _, path in sorted(found)]
-
-
-def latest_step(directory: Path) -> int | None:
-    """Step of the newest checkpoint by name (cheap, unverified); None when there is none."""
-    paths = list_checkpoints(directory)
-    return _step_of(paths[-1]) if paths else None
-
-
 def save_checkpoint(directory: Path, step: int, model: dict[str, mx.array], optimizer: dict[str, mx.array],
                     meta: dict[str, Any], keep: int = 3) -> Path:
     """Durably write checkpoint ``step`` into ``directory``, keep the newest ``keep``, and return its path.
@@ -94,7 +77,7 @@ def save_checkpoint(directory: Path, step: int, model: dict[str, mx.array], opti
     json.dumps(meta)  # fail with TypeError before touching the disk if meta is not JSON
     directory = Path(directory)
     tmp = directory / f".tmp-ckpt-{step}-{os.getpid()}-{secrets.token_hex(4)}"
-    final = directory / f"ckpt-{step:010d}"
+    final = directory / checkpoint_name(step)
     _IN_FLIGHT.add(tmp.name)
     try:
         _ensure_dir(directory)
@@ -155,7 +138,7 @@ def _install(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``, first moving an existing ``final`` aside (rename cannot replace a dir)."""
     trash: Path | None = None
     if os.path.lexists(final):
-        trash = final.parent / f".trash-ckpt-{_step_of(final)}-{os.getpid()}-{secrets.token_hex(4)}"
+        trash = final.parent / f".trash-ckpt-{step_of(final)}-{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(final, trash)
     try:
         os.rename(tmp, final)
@@ -175,7 +158,7 @@ def _prune(directory: Path, saved: Path, keep: int) -> None:
     """
     others = [path for path in list_checkpoints(directory) if path != saved]
     for path in others[: max(0, len(others) - (keep - 1))]:
-        doomed = directory / f".prune-ckpt-{_step_of(path)}-{os.getpid()}-{secrets.token_hex(4)}"
+        doomed = directory / f".prune-ckpt-{step_of(path)}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             os.rename(path, doomed)
         except OSError:
@@ -220,7 +203,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise _Damaged(f"{META_FILE}: not valid JSON ({exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _Damaged(f"{META_FILE}: not a format-{FORMAT} checkpoint record")
-    if meta.get("step") != _step_of(path):
+    if meta.get("step") != step_of(path):
         raise _Damaged(f"{META_FILE}: step {meta.get('step')!r} does not match the directory name")
     files = meta.get("files")
     if not isinstance(files, dict) or set(files) != {MODEL_FILE, OPTIMIZER_FILE} or not all(
@@ -242,7 +225,7 @@ def _clean_scratch(directory: Path) -> None:
         if match is None or entry.name in _IN_FLIGHT or _alive(int(match.group(3))):
             continue
         kind, step = match.group(1), int(match.group(2))
-        final = directory / f"ckpt-{step:010d}"
+        final = directory / checkpoint_name(step)
         if kind == "trash" and not os.path.lexists(final):
             # The writer died between moving the old copy aside and renaming the new one in: the old copy
             # is a complete checkpoint, so put it back rather than lose the step.
@@ -303,8 +286,3 @@ def _remove(path: Path) -> None:
         return
     with contextlib.suppress(OSError):  # e.g. the parent is not a directory: nothing of ours to remove
         path.unlink(missing_ok=True)
-
-
-def _step_of(path: Path) -> int:
-    """The step encoded in a ``ckpt-{step:010d}`` directory name."""
-    return int(path.name.removeprefix("ckpt-"))
