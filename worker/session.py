@@ -7,12 +7,14 @@ checkpoint and resume; telemetry and commands are simply skipped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -97,6 +99,7 @@ class Session:
         self._stop_reason = ""
         self._hello_sent = False
         self.fast_exit = False
+        self._send_lock = threading.Lock()  # keepalive() may be called from another thread
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._socket: zmq.Socket[bytes] | None = None
         if settings.endpoint:
@@ -199,6 +202,33 @@ class Session:
         self._send(CheckpointSaved(step, str(path), time.perf_counter() - started, nbytes))
         return path
 
+    # Stand-in for the lead's public keepalive()/busy() (same API); main's version replaces this at merge.
+    def keepalive(self) -> None:
+        """Send a heartbeat now (thread-safe): the daemon counts it as a sign of life."""
+        self._send(Heartbeat(time.time()))
+
+    @contextlib.contextmanager
+    def busy(self, what: str, interval: float = 1.0) -> Iterator[None]:
+        """Keep heartbeats going from a background thread while the block runs (model load, compile,
+        validation, saving), so a long block is never taken for a hang."""
+        if self._socket is None:
+            yield
+            return
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                self.keepalive()
+
+        thread = threading.Thread(target=beat, name=f"mlxsup-busy-{what}", daemon=True)
+        self.keepalive()
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
     def finish(self, step: int, extra: dict[str, Any] | None = None) -> None:
         """Training is done: save a final checkpoint and tell the daemon (the process may then exit 0)."""
         self.save(step, extra)
@@ -240,12 +270,13 @@ class Session:
                          self.target_steps, self.batch, self.accum))
 
     def _send(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat) -> None:
-        if self._socket is None:
-            return
-        try:
-            self._socket.send(encode(message), zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # telemetry is best effort; the daemon samples our footprint itself
+        with self._send_lock:
+            if self._socket is None:
+                return
+            try:
+                self._socket.send(encode(message), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # telemetry is best effort; the daemon samples our footprint itself
 
     def _poll(self) -> list[Command]:
         assert self._socket is not None

@@ -199,7 +199,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise OptionError(f"config: reading {path} needs PyYAML, which mlx-lm brings: "
                           "pip install 'mlx-supervisor[mlx-lm]'") from None
     try:
-        loaded = yaml.load(path.read_text(), _yaml_loader(yaml))  # noqa: S506 - a SafeLoader subclass
+        loaded = yaml.load(path.read_text(), _yaml_loader(yaml))  # a SafeLoader subclass: no arbitrary objects
     except OSError as exc:
         raise OptionError(f"config: cannot read {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
@@ -221,7 +221,7 @@ def check_value(key: Any, value: Any, where: str = "") -> Any:
         "json": (dict, list)}[option.kind]
     if value is None and option.kind in ("str", "json"):
         return value
-    if isinstance(value, bool) and option.kind != "flag" or not isinstance(value, expected):
+    if (isinstance(value, bool) and option.kind != "flag") or not isinstance(value, expected):
         raise OptionError(f"{key} = {value!r}{where}: expected {'/'.join(t.__name__ for t in expected)}")
     if option.choices and value not in option.choices:
         raise OptionError(f"{key} = {value!r}{where}: expected one of {', '.join(option.choices)}")
@@ -236,7 +236,7 @@ def check_value(key: Any, value: Any, where: str = "") -> Any:
 def _yaml_loader(yaml: Any) -> Any:
     """A SafeLoader that reads 1e-5 as a float, like mlx_lm.lora's (without changing yaml.SafeLoader itself)."""
 
-    class Loader(yaml.SafeLoader):  # type: ignore[name-defined,misc]
+    class Loader(yaml.SafeLoader):  # type: ignore[misc]
         pass
 
     Loader.add_implicit_resolver(

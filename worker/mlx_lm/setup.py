@@ -43,7 +43,7 @@ def prepare(model: nn.Module, args: types.SimpleNamespace) -> None:
     """Freeze the model and make the fine-tuned part trainable, as ``mlx_lm.lora.train_model`` does."""
     mx.random.seed(args.seed)  # LoRA's initial weights; a resumed run overwrites them from its checkpoint
     model.freeze()
-    layers = model.layers  # type: ignore[attr-defined]
+    layers = model.layers
     if args.num_layers > len(layers):
         raise ValueError(f"num_layers = {args.num_layers}, but the model has only {len(layers)} layers")
     if args.fine_tune_type == "full":

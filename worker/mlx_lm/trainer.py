@@ -19,7 +19,7 @@ import dataclasses
 import time
 import types
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -62,7 +62,7 @@ class Trainer:
         self.batches = batches
         self.clear_threshold = clear_threshold
         if args.grad_checkpoint:
-            grad_checkpoint(model.layers[0])  # type: ignore[attr-defined]
+            grad_checkpoint(model.layers[0])
         # Built now, after resume replaced optimizer.state: the compiled step captures these objects.
         self.state = [model.state, optimizer.state, mx.random.state]
         loss_and_grad = nn.value_and_grad(model, weighted_loss)
@@ -99,7 +99,7 @@ class Trainer:
             loss = loss + value
             mx.eval(self.state, loss, grad)
             self.clear_cache()
-        return StepResult(loss.item(), total, time.perf_counter() - started)
+        return StepResult(cast(float, loss.item()), total, time.perf_counter() - started)
 
     def evaluate(self, batches: StepBatches, count: int, batch: int) -> float:
         """Per-token mean loss over the first ``count`` chunks of ``batches`` (-1: all), in micro-batches of
@@ -114,11 +114,11 @@ class Trainer:
                 mx.eval(total_loss)
                 self.clear_cache()
         self.model.train()
-        return total_loss.item() / max(total_tokens, 1)
+        return cast(float, total_loss.item()) / max(total_tokens, 1)
 
     def _loss_sum(self, part: MicroBatch) -> mx.array:
         loss, ntokens = default_loss(self.model, part.tokens, part.lengths)
-        return loss * ntokens
+        return loss * ntokens  # type: ignore[no-any-return]
 
     def save(self, iteration: int | None) -> None:
         save_adapters(self.model, self.args, iteration)
