@@ -295,6 +295,9 @@ class Job:
             "mlx_peak": message.mlx_peak, "footprint": message.footprint,
             "leak_bytes_per_step": round(life.estimator.slope), "transient": life.estimator.transient,
         }
+        for optional in ("tokens_per_second", "val_loss"):  # sent by workers that know them (mlx-lm jobs)
+            if getattr(message, optional) is not None:
+                telemetry[optional] = getattr(message, optional)
         self.recorder.record("step", **telemetry)
         self.publish(self.name, "telemetry", telemetry)
         if self.state != JobState.RUNNING:
