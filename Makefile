@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench faults lint clean
+.PHONY: venv demo demo-lora test bench faults lint clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,14 @@ demo: $(STAMP)
 	$(PY) -m supervisor.tools.plot .demo/state/jobs/demo --summary .demo/summary.json -o .demo/memory.png
 	@echo "summary: .demo/summary.json  plot: .demo/memory.png"
 
+demo-lora: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[plot,mlx-lm]"
+	rm -rf .demo-lora
+	HF_HUB_OFFLINE=1 $(PY) -m worker.mlx_lm.tiny .demo-lora
+	$(VENV)/bin/mlxsupd run -c deploy/lora.toml lora --summary .demo-lora/summary.json
+	$(PY) -m supervisor.tools.plot .demo-lora/state/jobs/lora --summary .demo-lora/summary.json -o .demo-lora/memory.png
+	@echo "summary: .demo-lora/summary.json  plot: .demo-lora/memory.png  adapters: .demo-lora/adapters"
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
@@ -36,4 +44,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy supervisor worker protocol
 
 clean:
-	rm -rf $(VENV) .demo .bench .faults
+	rm -rf $(VENV) .demo .demo-lora .bench .faults
