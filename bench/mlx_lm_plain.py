@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load(namespace.model)
     train_set, valid_set, _ = load_dataset(namespace, tokenizer)
     timing = Timing()
+    cpu = time.process_time()
     lora.train_model(namespace, model, train_set, valid_set, training_callback=timing)
     args.out.write_text(json.dumps({"iterations": timing.iterations, "seconds": timing.seconds,
-                                    "iterations_per_second": timing.iterations / timing.seconds}))
+                                    "iterations_per_second": timing.iterations / timing.seconds,
+                                    "cpu_seconds": time.process_time() - cpu}))
     return 0
 
 

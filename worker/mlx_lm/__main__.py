@@ -1,7 +1,7 @@
 """``python -m worker.mlx_lm [mlx_lm.lora's options]``: an mlx-lm fine-tune, supervised through the Session SDK.
 
-Exit status: 0 when trained to the end, 2 on a bad option or an mlx-lm outside the tested range, 75 after a
-checkpoint-and-exit asked for by the daemon.
+Exit status: 0 when trained to the end; 2 on a bad option, an mlx-lm outside the tested range, or a model or data
+set mlx-lm cannot load; 75 after a checkpoint-and-exit asked for by the daemon.
 """
 
 from __future__ import annotations
