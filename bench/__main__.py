@@ -42,7 +42,7 @@ class Plan:
 
 FULL = Plan(overhead_steps=600, overhead_pairs=11, sdk_calls=5000, reaction_steps=40, goodput_steps=1000,
             ckpt_mb=100, ckpt_rounds=5, idle_seconds=10.0, control_requests=500, flood_messages=50_000,
-            flood_linger=3.0, mlx_lm_iters=150, mlx_lm_pairs=5)
+            flood_linger=3.0, mlx_lm_iters=100, mlx_lm_pairs=9)
 QUICK = Plan(overhead_steps=100, overhead_pairs=1, sdk_calls=1000, reaction_steps=12, goodput_steps=100,
              ckpt_mb=10, ckpt_rounds=1, idle_seconds=2.0, control_requests=50, flood_messages=2000,
              flood_linger=1.0, mlx_lm_iters=30, mlx_lm_pairs=1)

@@ -23,7 +23,7 @@ from bench.analysis import restart_cycles, summarize_cycles
 from bench.common import PYTHON, BenchError, median, read_json, rounded, run_child, run_child_rusage, run_supervised
 
 RESTART_ITERS = 40  # about 13 steps per life: 2-3 restarts
-OPTIONS: dict[str, Any] = {"iters": 200, "batch_size": 4, "num_layers": 4, "learning_rate": 1e-4, "val_batches": 2,
+OPTIONS: dict[str, Any] = {"iters": 100, "batch_size": 4, "num_layers": 4, "learning_rate": 1e-4, "val_batches": 2,
                            "steps_per_eval": 100_000, "save_every": 100_000, "steps_per_report": 10}
 
 

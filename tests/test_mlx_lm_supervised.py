@@ -127,6 +127,19 @@ class TestSupervisedFineTune:
         assert run.summary["restarts"] == 1
         assert bitwise_equal(run.final(), reference)
 
+    def test_validation_longer_than_hang_timeout_is_not_taken_for_a_hang(self, tiny: Tiny, config_file: Any,
+                                                                         tmp_path: Path, spawn: Any) -> None:
+        from worker.mlx_lm.tiny import write_data
+
+        write_data(tmp_path / "data", seed=0, valid=1200)  # 300 validation batches, each validation ~3-15 s
+        spec = {**job(tiny, tmp_path, "2GiB"), "hang_timeout": 2.0}
+        spec["mlx_lm"] = {**spec["mlx_lm"], "data": str(tmp_path / "data"), "iters": 2, "val_batches": -1}
+        run = start(config_file, tmp_path, spawn, spec).wait()
+        assert run.code == 0 and run.summary["outcome"] == "finished" and run.summary["restarts"] == 0
+        # Both steps waited on a whole validation (before the first, after the last): longer than hang_timeout.
+        assert [r["step"] for r in run.telemetry] == [1, 2]
+        assert all(r["step_seconds"] > 2.0 for r in run.telemetry), run.telemetry
+
     @staticmethod
     def _kill_after_checkpoint(run: Run, step: int) -> int:
         """SIGKILL the worker's group once a checkpoint at ``step`` or later is on disk; return its pid."""

@@ -33,6 +33,7 @@ INJECT_LEAK = "MLXSUP_INJECT_LEAK_MB_PER_STEP"
 INJECT_PEAK = "MLXSUP_INJECT_PEAK_MB_PER_SAMPLE"
 INJECT_PEAK_UNTIL = "MLXSUP_INJECT_PEAK_UNTIL_STEP"
 STATS_FILE = "MLXSUP_STATS_FILE"  # the benchmark's: iterations/s of this life's training loop, as JSON
+WARMUP_ITERATIONS = 10  # left out of the benchmark's iterations/s: the first steps compile
 
 
 class Schedule:
@@ -129,7 +130,7 @@ def _loop(session: Session, trainer: Trainer, validation: StepBatches | None, ar
         val_loss, aside = _between_steps(session, trainer, validation, args, schedule, step, report)
         session.end_step(step, result.loss, _extra(args, step, effective, schedule),
                          tokens_per_second=result.tokens / result.seconds, val_loss=val_loss)
-        report.loop_seconds += time.perf_counter() - began - aside
+        report.timed(time.perf_counter() - began - aside, schedule.accum)
     return step
 
 
@@ -164,7 +165,8 @@ class _Report:
         self.losses: list[float] = []
         self.tokens = self.trained_tokens = 0
         self.seconds = 0.0
-        self.iterations = self.life_iterations = 0
+        self.iterations = 0
+        self.seen_iterations = self.timed_iterations = 0
         self.loop_seconds = 0.0
         self.cpu_started = time.process_time()
 
@@ -173,7 +175,6 @@ class _Report:
         self.tokens += tokens
         self.seconds += seconds
         self.iterations += iterations
-        self.life_iterations += iterations
 
     def flush(self, iteration: int, optimizer: Any) -> None:
         if not self.losses:
@@ -185,12 +186,20 @@ class _Report:
              f"Trained Tokens {self.trained_tokens}, Peak mem {mx.get_peak_memory() / 1e9:.3f} GB")
         self.losses, self.tokens, self.seconds, self.iterations = [], 0, 0.0, 0
 
+    def timed(self, seconds: float, iterations: int) -> None:
+        """Count a step's loop time, after the first WARMUP_ITERATIONS (compilation) as the benchmark's plain
+        arm skips mlx-lm's first report window."""
+        self.seen_iterations += iterations
+        if self.seen_iterations > WARMUP_ITERATIONS:
+            self.loop_seconds += seconds
+            self.timed_iterations += iterations
+
     def write_stats(self) -> None:
         path = os.environ.get(STATS_FILE)
         if path and self.loop_seconds > 0:
             Path(path).write_text(json.dumps({
-                "iterations": self.life_iterations, "seconds": self.loop_seconds,
-                "iterations_per_second": self.life_iterations / self.loop_seconds,
+                "iterations": self.timed_iterations, "seconds": self.loop_seconds,
+                "iterations_per_second": self.timed_iterations / self.loop_seconds,
                 "cpu_seconds": time.process_time() - self.cpu_started}))
 
 
