@@ -145,6 +145,7 @@ class TestConfigTable:
         ({"mlx_lm": {"checkpoint_dir": "x"}}, "checkpoint_dir is set by the supervisor"),
         ({"command": ["x"], "mlx_lm": {"model": "m"}}, "'command' and 'mlx_lm' are both set"),
         ({"train": {"steps": 3}, "mlx_lm": {"model": "m"}}, "'train' and 'mlx_lm' are both set"),
+        ({"sdk": False, "mlx_lm": {"model": "m"}}, "'sdk = false' and 'mlx_lm' are both set"),
         ({"batch": 8, "mlx_lm": {"batch_size": 4}}, "batch = 8 conflicts with mlx_lm.batch_size = 4"),
         ({"accum": 2, "mlx_lm": {"model": "m"}}, "accum = 2 conflicts with mlx_lm.grad_accumulation_steps = 1"),
         ({"cache_clear": "1MB", "mlx_lm": {"clear_cache_threshold": "2MB"}}, "cache_clear (1000000 bytes)"),

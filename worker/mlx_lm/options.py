@@ -286,6 +286,9 @@ def configure_job(table: Mapping[str, Any], job: Mapping[str, Any], base: Path,
     for key in ("command", "train"):
         if key in job:
             raise OptionError(f"'{key}' and 'mlx_lm' are both set: a job runs one kind of worker; remove one")
+    if job.get("sdk") is False:
+        raise OptionError("'sdk = false' and 'mlx_lm' are both set: the mlx-lm worker reports through the Session "
+                          "SDK; remove sdk")
     if "checkpoint_dir" in table:
         raise OptionError("mlx_lm.checkpoint_dir is set by the supervisor: use the job's checkpoint_dir")
     resolved = {key: _absolute(key, value, base) for key, value in table.items()}
