@@ -22,7 +22,6 @@ from typing import Any
 from bench.analysis import restart_cycles, summarize_cycles
 from bench.common import PYTHON, BenchError, median, read_json, rounded, run_child, run_child_rusage, run_supervised
 
-RESTART_ITERS = 40  # about 13 steps per life: 2-3 restarts
 OPTIONS: dict[str, Any] = {"iters": 100, "batch_size": 4, "num_layers": 4, "learning_rate": 1e-4, "val_batches": 2,
                            "steps_per_eval": 100_000, "save_every": 100_000, "steps_per_report": 10}
 
@@ -82,11 +81,12 @@ def throughput(work: Path, options: dict[str, Any], pairs: int, timeout: float) 
             "mlx_lm_process_cpu_ratio": rounded(median([r["process_cpu_ratio"] for r in rows])), "pairs": rows}
 
 
-def restart_cost(work: Path, options: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """A leak run that recycles the worker; the checkpoint and recovery phases per restart."""
+def restart_cost(work: Path, options: dict[str, Any], iters: int, timeout: float) -> dict[str, Any]:
+    """A leak run that recycles the worker (about every 13 steps); the checkpoint and recovery phases per
+    restart."""
     job = {"budget": "700MiB", "checkpoint_every": 0,
            "env": {"HF_HUB_OFFLINE": "1", "MLXSUP_INJECT_LEAK_MB_PER_STEP": "40"},
-           "mlx_lm": {**options, "iters": RESTART_ITERS, "adapter_path": str(work / "adapters")}}
+           "mlx_lm": {**options, "iters": iters, "adapter_path": str(work / "adapters")}}
     run = run_supervised(work, job, timeout)
     if run.summary.get("outcome") != "finished" or not run.summary.get("restarts"):
         raise BenchError(f"mlx-lm leak run: {run.summary.get('outcome')}, {run.summary.get('restarts')} restarts")
@@ -97,11 +97,13 @@ def restart_cost(work: Path, options: dict[str, Any], timeout: float) -> dict[st
             "recovery": summarize_cycles(cycles), "cycles": cycles, "job_dir": str(run.job_dir)}
 
 
-def measure(work: Path, iters: int, pairs: int, timeout: float) -> dict[str, Any]:
+def measure(work: Path, iters: int, pairs: int, restart_iters: int, timeout: float) -> dict[str, Any]:
+    """Throughput pairs of ``iters`` iterations (the first 10, compiling, are left out of both arms), then a leak
+    run of ``restart_iters``."""
     model, data = build_model(work / "tiny", timeout)
     options = {**OPTIONS, "model": str(model), "data": str(data), "iters": iters}
     result = throughput(work / "throughput", options, pairs, timeout)
-    result["restart"] = restart_cost(work / "restart", options, timeout)
+    result["restart"] = restart_cost(work / "restart", options, restart_iters, timeout)
     result["options"] = options
     result["note"] = ("ratio: iterations/s supervised (mlxsupd run, [jobs.NAME.mlx_lm]) ÷ plain (mlx-lm's train() "
                       "as mlx_lm.lora runs it), training loop only, wall clock; cpu_ratio: CPU seconds of the "
