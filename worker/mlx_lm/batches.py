@@ -53,7 +53,9 @@ class StepBatches:
         self.effective = effective
         self.max_seq_length = max_seq_length
         self.seed = seed
-        order = sorted(range(len(dataset)), key=dataset.itemlen)  # mlx-lm's grouping
+        # mlx-lm's grouping: sorted by itemlen, which for its CacheDataset is the length of the raw JSON record
+        # (its number of keys), so in practice the file's order.
+        order = sorted(range(len(dataset)), key=dataset.itemlen)
         self.chunks = [order[i:i + effective] for i in range(0, len(order) - effective + 1, effective)]
         self._epoch = -1
         self._permutation: np.ndarray[Any, Any] = np.arange(0)
