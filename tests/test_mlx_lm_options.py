@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -181,3 +182,12 @@ def test_options_import_neither_mlx_nor_mlx_lm() -> None:
              "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlx', 'mlx_lm', 'yaml'}))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_mlx_lm_worker_imports_only_worker_and_protocol() -> None:
+    """worker.mlx_lm, like the rest of worker/, never imports the daemon's packages."""
+    probe = ("import sys, worker.mlx_lm.run, worker.mlx_lm.__main__; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'supervisor', 'worker', 'protocol', 'mlx_lm'}))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.stdout.strip().splitlines()[-1] == "['mlx_lm', 'protocol', 'worker']", done.stderr
