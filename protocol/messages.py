@@ -79,10 +79,12 @@ class Goodbye:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Liveness, both ways. ``sent_at`` is the sender's wall clock (same machine)."""
+    """Liveness, both ways. ``sent_at`` is the sender's wall clock (same machine). A worker's heartbeat may
+    carry its spawn token: before its hello (while it loads a model) that is how the daemon knows it is alive."""
 
     TAG: ClassVar[str] = "heartbeat"
     sent_at: float
+    token: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -251,8 +251,8 @@ class Session:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(self.settings.endpoint)
         self._socket = sock
-        self._pulse = Pulse(self._lock, lambda: self._send_locked(Heartbeat(time.time())), self._drain_locked,
-                            lambda: self._last_heard, self.settings.orphan_timeout, EXIT_CHECKPOINTED)
+        self._pulse = Pulse(self._lock, self._heartbeat_locked, self._drain_locked, lambda: self._last_heard,
+                            self.settings.orphan_timeout, EXIT_CHECKPOINTED)
         self._pulse.start()
 
     def _say_hello(self, start_step: int) -> None:
@@ -273,6 +273,10 @@ class Session:
             self._socket.send(encode(message), zmq.NOBLOCK)
         except zmq.Again:
             pass  # telemetry is best effort; the daemon samples our footprint itself
+
+    def _heartbeat_locked(self) -> None:
+        # The token lets the daemon count this as a sign of life even before our hello (a long model load).
+        self._send_locked(Heartbeat(time.time(), self.settings.token))
 
     def _poll(self) -> list[Command]:
         """Commands received since the last boundary; notes a lost or silent daemon."""
