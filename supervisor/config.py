@@ -16,7 +16,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from supervisor import paths
 from supervisor.core.policy import Limits
-from supervisor.core.sizes import SizeError, parse_budget, parse_bytes, parse_fraction_of
+from supervisor.core.sizes import SizeError, format_bytes, parse_budget, parse_bytes, parse_fraction_of
 
 
 class ConfigError(ValueError):
@@ -246,6 +246,13 @@ def _validate(config: Config, total: int) -> None:
         _validate_job(name, job, total, where)
 
 
+def check_limits(limits: Limits) -> None:
+    """SizeError unless warn <= budget < kill (the escalation bands must come in this order)."""
+    if not limits.warn <= limits.budget < limits.kill:
+        raise SizeError(f"need warn <= budget < kill, got warn {format_bytes(limits.warn)}, budget "
+                        f"{format_bytes(limits.budget)}, kill {format_bytes(limits.kill)}")
+
+
 def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
     prefix = f"{where}: jobs.{name}"
     if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
@@ -257,8 +264,10 @@ def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
         parse_fraction_of(job.cache_limit, limits.budget)
     except SizeError as exc:
         raise ConfigError(f"{prefix}: {exc}") from None
-    if not limits.warn <= limits.budget < limits.kill:
-        raise ConfigError(f"{prefix}: need warn <= budget < kill, got {limits}")
+    try:
+        check_limits(limits)
+    except SizeError as exc:
+        raise ConfigError(f"{prefix}: {exc}") from None
     positive = ("batch", "accum", "min_batch", "keep_checkpoints", "max_attempts_without_progress")
     for key in positive:
         if getattr(job, key) < 1:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import paths
-from supervisor.control.client import TIMEOUT, ControlClient, curve_keys
+from supervisor.control.client import TIMEOUT, ControlClient, UsageError, curve_keys
 from supervisor.control.commands import REGISTRY, ControlError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply (default 5)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in REGISTRY.items():
-        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+        command_parser = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(command_parser)
+        # --json after the command too; SUPPRESS keeps the top-level value when it is not given here.
+        command_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                                    help="print the result as JSON (for scripts)")
     _local_parsers(sub)
     return parser
 
@@ -116,12 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             from supervisor.cli.live import shell
 
-            return shell(client, args)
+            return shell(client, args, events)
         if args.command == "top":
             from supervisor.cli.live import top
 
             return top(client, events, args.once, args.seconds)
         return run_command(args, client, events)
+    except UsageError as exc:
+        print(f"mlxsupctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ControlError as exc:
         print(f"mlxsupctl: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_UNREACHABLE if exc.code == TIMEOUT else EXIT_REFUSED

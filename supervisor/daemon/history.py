@@ -30,14 +30,19 @@ class History:
         if len(self.events) > self.limit:
             del self.events[: len(self.events) - self.limit]
         if self.path is not None:
-            line = json.dumps(event, default=str, separators=(",", ":")) + "\n"
-            # O_APPEND + one write per line: concurrent readers never see half a line from us.
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
+            append_jsonl(self.path, event)
         return event
+
+
+def append_jsonl(path: Path, event: dict[str, Any]) -> None:
+    """Append one JSON line (file created 0600); OSError when it cannot be written."""
+    line = json.dumps(event, default=str, separators=(",", ":")) + "\n"
+    # O_APPEND + one write per line: concurrent readers never see half a line from us.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
@@ -51,6 +56,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         text = path.read_text(errors="replace")
     except FileNotFoundError:
         return []
+    return parse_jsonl(text)
+
+
+def parse_jsonl(text: str) -> list[dict[str, Any]]:
+    """The JSON object lines of ``text``; anything else is skipped."""
     events = []
     for line in text.splitlines():
         try:

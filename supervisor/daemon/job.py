@@ -173,8 +173,17 @@ class Job:
         self.next_config = (config, limits)
         self.history.record("config_changed", applies="next start")
 
-    def start(self, now: float, reason: str = "start") -> None:
-        """Spawn a worker now (from any startable state)."""
+    def _operator(self, action: str, client: str, **fields: Any) -> None:
+        """Record who asked for an operator action (a key's name, "local", or "daemon" for its own starts)."""
+        self.log.info("operator_request", action=action, client=client, **fields)
+        self.history.record("operator", action=action, client=client, **fields)
+
+    def start(self, now: float, reason: str = "start", client: str = "local") -> None:
+        """Spawn a worker now (from any startable state), at ``client``'s request."""
+        self._operator("start", client, reason=reason)
+        self._spawn(now, reason)
+
+    def _spawn(self, now: float, reason: str) -> None:
         if self.next_config is not None:
             self.config, self.limits = self.next_config
             self.policy = policy_config(self.config)
@@ -198,8 +207,9 @@ class Job:
         self.history.record("spawn", pid=proc.pid, batch=self.batch, accum=self.accum,
                             from_checkpoint=start_checkpoint)
 
-    def stop(self, now: float, reason: str = "stop") -> None:
+    def stop(self, now: float, reason: str = "stop", client: str = "local") -> None:
         """Checkpoint and stop (or just stop when no worker is running)."""
+        self._operator("stop", client, reason=reason)
         self.stop_requested = True
         self.stop_reason = reason
         life = self.life
@@ -212,17 +222,23 @@ class Job:
         elif not life.term_sent:
             self._ask_exit(now, Decision(Action.CHECKPOINT_EXIT, None, reason), JobState.STOPPING)
 
-    def checkpoint(self) -> bool:
+    def checkpoint(self, client: str = "local") -> bool:
         """Ask the worker for a checkpoint at its next step boundary."""
-        return self._command(Command.CHECKPOINT, "requested")
+        sent = self._command(Command.CHECKPOINT, "requested")
+        if sent:
+            self._operator("checkpoint", client)
+        return sent
 
-    def set_limits(self, limits: Limits) -> None:
-        self.log.info("budget_changed", old=self.limits.budget, new=limits.budget, kill=limits.kill)
-        self.history.record("budget", budget=limits.budget, warn=limits.warn, kill=limits.kill)
+    def set_limits(self, limits: Limits, client: str = "local") -> None:
+        self.log.info("budget_changed", old=self.limits.budget, new=limits.budget, kill=limits.kill, client=client)
+        self.history.record("budget", budget=limits.budget, warn=limits.warn, kill=limits.kill, client=client)
         self.limits = limits
 
-    def signal(self, signum: int) -> bool:
-        return self.life is not None and self.life.proc.signal_group(signum)
+    def signal(self, signum: int, client: str = "local") -> bool:
+        sent = self.life is not None and self.life.proc.signal_group(signum)
+        if sent:
+            self._operator("signal", client, signal=signal.Signals(signum).name)
+        return sent
 
     # -- inputs from the daemon ----------------------------------------------------------------------
 
@@ -508,7 +524,7 @@ class Job:
         self.stats.restarts += 1
         self.stats.restart_reasons[reason] += 1
         self.history.record("restart", reason=reason, batch=self.batch, accum=self.accum)
-        self.start(now, f"restart: {reason}")
+        self._spawn(now, f"restart: {reason}")
 
     def _note_batch(self, step: int, batch: int, accum: int) -> None:
         history = self.stats.batch_history

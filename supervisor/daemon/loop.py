@@ -48,6 +48,7 @@ class Daemon:
         self.jobs: dict[str, Job] = {}
         self.by_identity: dict[bytes, Job] = {}
         self.stopping = False
+        self.stopped_by = "local"  # who asked for the shutdown (a signal counts as local), for the jobs' history
         self.reload_requested = False
         self.on_turn: Callable[[Daemon, float], None] | None = None
         self.extra_sockets: dict[zmq.Socket[bytes], Callable[[float], None]] = {}
@@ -255,7 +256,7 @@ class Daemon:
 
     def _stop_all(self, now: float, reason: str) -> None:
         for job in self.jobs.values():
-            job.stop(now, reason)
+            job.stop(now, reason, client=self.stopped_by)
 
     def _kill_all(self) -> None:
         """Last resort on the way out: no worker outlives the daemon's loop unsupervised."""

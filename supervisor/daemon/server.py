@@ -8,7 +8,9 @@ import structlog
 
 from protocol.control import ControlError
 from supervisor.config import Config, ConfigError, load_config
+from supervisor.control.audit import AuditTrail
 from supervisor.control.server import ControlServer
+from supervisor.core.sizes import parse_bytes
 from supervisor.core.states import TERMINAL_STATES
 from supervisor.daemon.loop import Daemon
 
@@ -23,10 +25,12 @@ class DaemonService:
         self.daemon = Daemon(config)
         self.pending: Config | None = None
         self.removing: set[str] = set()
-        self.restart_when_stopped: set[str] = set()
+        self.restart_when_stopped: dict[str, str] = {}  # job -> the client who asked for the restart
+        audit = AuditTrail(config.state_dir / "audit.jsonl", parse_bytes(config.daemon.log_max_bytes),
+                           config.daemon.log_keep)
         try:
             self.control = ControlServer(self, self.daemon.context, self.daemon.run_dir, config.daemon.control,
-                                         lambda value: config.resolve(value, config.path.parent))
+                                         lambda value: config.resolve(value, config.path.parent), audit)
         except BaseException:
             self.daemon.close()
             raise
@@ -51,8 +55,8 @@ class DaemonService:
             "changed": sorted(n for n in set(old_jobs) & set(new_jobs) if old_jobs[n] != new_jobs[n]),
         }
 
-    def update(self) -> dict[str, list[str]]:
-        """Apply the last reread: add, remove (after a checkpoint) and reconfigure jobs."""
+    def update(self, client: str = "local") -> dict[str, list[str]]:
+        """Apply the last reread: add, remove (after a checkpoint) and reconfigure jobs; reload the keys."""
         changes = self.reread() if self.pending is None else self._diff(self.pending)
         new = self.pending
         assert new is not None
@@ -62,10 +66,10 @@ class DaemonService:
         for name in changes["added"]:
             job = self.daemon.add_job(name)
             if job.config.autostart:
-                job.start(now, "added by update")
+                job.start(now, "added by update", client=client)
         for name in changes["removed"]:
             self.removing.add(name)
-            self.daemon.jobs[name].stop(now, "removed from config")
+            self.daemon.jobs[name].stop(now, "removed from config", client=client)
         for name in changes["changed"]:
             self.daemon.jobs[name].reconfigure(new.jobs[name], new.jobs[name].limits(self.daemon.total_memory))
         try:
@@ -102,11 +106,11 @@ class DaemonService:
                 daemon.jobs.pop(name, None)
                 self.removing.discard(name)
                 log.info("job_removed", job=name)
-        for name in list(self.restart_when_stopped):
+        for name, client in list(self.restart_when_stopped.items()):
             job = daemon.jobs.get(name)
             if job is not None and not job.busy and job.state in TERMINAL_STATES:
-                self.restart_when_stopped.discard(name)
-                job.start(now, "restart requested")
+                del self.restart_when_stopped[name]
+                job.start(now, "restart requested", client=client)
 
     # -- lifetime -------------------------------------------------------------------------------------
 
@@ -118,9 +122,9 @@ class DaemonService:
                  control=self.control.endpoint, events=self.control.events_endpoint)
         for job in daemon.jobs.values():
             if job.config.autostart:
-                job.start(now, "autostart")
+                job.start(now, "autostart", client="daemon")
             elif was_active(job.history.events):
-                job.start(now, "resume: the job was running when the daemon stopped")
+                job.start(now, "resume: the job was running when the daemon stopped", client="daemon")
         try:
             return daemon.run()
         finally:
