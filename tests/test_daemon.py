@@ -374,21 +374,3 @@ class TestInteractive:
         assert top.returncode == 0 and lines[0].startswith("JOB")
         leaky = next(line for line in lines if line.startswith("leaky"))
         assert "[" in leaky and "/600.0 MiB" in leaky
-
-
-class TestAuthorizedKeys:
-    """The allow-list parser accepts both formats and keys that contain '#' (a Z85 digit)."""
-
-    def test_formats(self, tmp_path: Path) -> None:
-        from supervisor.config import ConfigError
-        from supervisor.control.server import read_authorized_keys
-
-        key = "iR+c]@Nlb@)e8u#NeVdOov8@Io&.J3SWlk03e+<<"
-        path = tmp_path / "keys"
-        path.write_text(f"# a comment\n\n{key}\n")
-        assert read_authorized_keys(path) == {key.encode()}
-        path.write_text(f'#  ZeroMQ CURVE Public Certificate\nmetadata\ncurve\n    public-key = "{key}"\n')
-        assert read_authorized_keys(path) == {key.encode()}
-        path.write_text("too-short\n")
-        with pytest.raises(ConfigError, match="keys:1 is not a 40-char Z85 public key"):
-            read_authorized_keys(path)
