@@ -28,7 +28,7 @@ FAILURE_LOG_EVERY = 60.0  # seconds between two log lines about failing audit wr
 class RateLimit:
     """At most ``burst`` events per key in each ``window`` seconds; remembers how many it held back."""
 
-    def __init__(self, burst: int = 10, window: float = 60.0, max_keys: int = 1024) -> None:
+    def __init__(self, burst: int = 20, window: float = 60.0, max_keys: int = 1024) -> None:
         self.burst = burst
         self.window = window
         self.max_keys = max_keys

@@ -54,11 +54,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def make_keys(directory: Path) -> dict[str, tuple[bytes, bytes]]:
-    """CURVE keypairs (public, secret) for the server, an authorized client and an intruder."""
+def make_keys(directory: Path, extra: tuple[str, ...] = ()) -> dict[str, tuple[bytes, bytes]]:
+    """CURVE keypairs (public, secret) for the server, an authorized client, an intruder and ``extra`` ones."""
     directory.mkdir(mode=0o700)
     keys = {}
-    for name in ("server", "alice", "mallory"):
+    for name in ("server", "alice", "mallory", *extra):
         zmq.auth.create_certificates(str(directory), name)
         public, secret = zmq.auth.load_certificate(str(directory / f"{name}.key_secret"))
         assert secret is not None
