@@ -36,7 +36,8 @@ class ControlConfig:
     tcp: str = _f("", "optional TCP endpoint for remote control, e.g. tcp://0.0.0.0:7781 (requires CURVE)")
     events_tcp: str = _f("", "optional TCP endpoint for the event stream (requires CURVE like `tcp`)")
     server_key: str = _f("", "CURVE secret key file of the daemon (made by `mlxsupctl keygen`)")
-    authorized_keys: str = _f("", "file listing the public keys (one per line) allowed to connect over TCP")
+    authorized_keys: str = _f("", "file listing the public keys allowed over TCP, one per line, each with an "
+                                  "optional role (read, operate, admin; default admin) and name")
     allow_plaintext_loopback: bool = _f(False, "allow TCP without CURVE, only when bound to 127.0.0.1/::1")
 
 
@@ -53,7 +54,8 @@ class DaemonConfig:
     floor_hysteresis: str = _f("512MiB", "memory above the floor needed before waiting jobs resume")
     log_format: str = _f("auto", "daemon log lines: auto (console on a terminal, else json), console, json")
     log_file: str = _f("", "daemon log file (default: stderr, which launchd/systemd capture); SIGUSR1 reopens it")
-    log_max_bytes: str = _f("50MiB", "rotate the daemon log file (and worker logs, at spawn) past this size")
+    log_max_bytes: str = _f("50MiB", "rotate the daemon log file, audit.jsonl (and worker logs, at spawn) past "
+                                      "this size")
     log_keep: int = _f(3, "rotated log files kept")
     control: ControlConfig = dataclasses.field(default_factory=ControlConfig, metadata={"help": "", "unit": ""})
 

@@ -188,6 +188,14 @@ class TestAuthorizedKeys:
         keys = read_authorized_keys(path)
         assert len(keys) == 2 and {p.role for p in keys.values()} == {Role.ADMIN}
 
+    def test_the_readme_example(self, tmp_path: Path) -> None:
+        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+        block = readme.split("# authorized_keys:", 1)[1].split("```", 1)[0]
+        path = tmp_path / "keys"
+        path.write_text("# authorized_keys:" + block)
+        roles = {p.name: p.role for p in read_authorized_keys(path).values()}
+        assert roles == {"grafana": Role.READ, "ana-laptop": Role.OPERATE, "ops": Role.ADMIN}
+
     @pytest.mark.parametrize(("text", "message"), [
         ("too-short\n", "keys:1: 'too-short' is not a 40-char Z85 public key"),
         (f'public-key = "{KEY}" role = "root"\n', "role 'root' is not one of read, operate, admin"),

@@ -101,10 +101,10 @@ def curve(area: Area, client: Control, endpoint: str, keys: dict[str, tuple[byte
         result.note("BUG: ZAP authenticates at the handshake only, so an open session of a revoked key keeps working")
     result.count = len(cases)
     result.survived = sum(not answered for answered in cases.values()) if accepted and session_ok else 0
-    refused_log = (area.root / "daemon.log").read_text(errors="replace").count('"control_auth_refused"')
+    refused_log = (area.root / "daemon.log").read_text(errors="replace").count('"control_refused"')
     result.note(f"authorized key answered before revocation: {accepted}; "
                 + ", ".join(f"{k}: {'ANSWERED' if v else 'refused'}" for k, v in cases.items())
-                + f"; control_auth_refused logged {refused_log}x")
+                + f"; control_refused logged {refused_log}x")
     return result
 
 
