@@ -18,8 +18,8 @@ import zmq
 
 from protocol.control import decode_event
 from supervisor.control.access import Role
-from tests.faults.common import SMALL, Area, FaultResult, Workspace, json_lines, start_daemon, sweep_orphans, wait_until
-from tests.faults.security import free_port, make_keys
+from tests.faults.common import Area, FaultResult, Workspace, json_lines, wait_until
+from tests.faults.security import start_curve_daemon
 from tests.faults.wire import Control
 
 # The role each command needs (the table; tests/test_access.py walks the same one in-process).
@@ -198,20 +198,14 @@ def unauthenticated(endpoint: str, keys: dict[str, tuple[bytes, bytes]], ipc: Co
 
 
 def run(ws: Workspace) -> list[FaultResult]:
-    area = ws.area("access")
-    keys = make_keys(area.root / "keys", ("reader", "viewer", "operator", "admin"))
-    (area.root / "authorized").write_text(allow_list(keys, "reader", "viewer", "operator", "admin"))
-    endpoint, events = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    control = {"tcp": endpoint, "events_tcp": events, "server_key": str(area.root / "keys" / "server.key_secret"),
-               "authorized_keys": str(area.root / "authorized")}
-    config = area.config({"j": {"checkpoint_every": 20, "budget": "2GiB", "train": {**SMALL, "steps": 10**7}}},
-                         control=control)
-    daemon = start_daemon(area, config, ws.mark)
+    names = ("reader", "viewer", "operator", "admin")
+    started = start_curve_daemon(ws, "access", lambda keys, _: allow_list(keys, *names), names, events=True)
+    area, keys, endpoint, events, daemon = (started.area, started.keys, started.endpoint, started.events,
+                                            started.daemon)
     results: list[FaultResult] = []
     try:
         ipc = Control.ipc(area.run_dir)
         try:
-            wait_until(lambda: ipc.job("j")["state"] == "RUNNING", 30, 0.05)
             results.append(revoked_subscriber(area, daemon.pid, events, keys, ipc))
             results.append(unauthenticated(endpoint, keys, ipc))
             ipc_sent = local_requests(ipc)
@@ -225,11 +219,7 @@ def run(ws: Workspace) -> list[FaultResult]:
             results[-1].survived = min(results[-1].survived, results[-1].count - 1)
         results.append(audit_completeness(area, sent, ipc_sent))
     finally:
-        daemon.kill(signal.SIGTERM, 30)
-        daemon.kill()
-        orphans = sweep_orphans(ws.mark, 5)
-        if results:
-            results[-1].orphans += orphans
+        started.stop(ws, results)
     return results
 
 
