@@ -256,17 +256,35 @@ def curve_keys(directory: Path, *names: str) -> dict[str, tuple[bytes, bytes]]:
     return keys
 
 
+def curve_service(config_file: Any, tmp_path: Path) -> tuple[DaemonService, dict[str, tuple[bytes, bytes]], Path]:
+    """A daemon service with a CURVE event endpoint on loopback; readers alice and bob are authorized."""
+    keys = curve_keys(tmp_path, "server", "alice", "bob")
+    authorized = tmp_path / "authorized"
+    authorized.write_text("".join(f'public-key = "{keys[n][0].decode()}" role = "read" name = "{n}"\n'
+                                  for n in ("alice", "bob")))
+    control = {"events_tcp": "tcp://127.0.0.1:0", "server_key": str(tmp_path / "server.key_secret"),
+               "authorized_keys": str(authorized)}
+    return DaemonService(load_config(config_file({"j": {"autostart": False}}, control=control))), keys, authorized
+
+
 class TestEventRevocation:
     """A subscriber whose key is removed stops receiving within one reload; an authorized one goes on."""
 
+    def test_a_bad_allow_list_is_refused_by_reread_and_changes_nothing(self, config_file: Any,
+                                                                       tmp_path: Path) -> None:
+        svc, _, authorized = curve_service(config_file, tmp_path)
+        try:
+            before = dict(svc.control.keys)
+            authorized.write_text('public-key = "short" role = "read"\n')
+            with pytest.raises(ControlError, match=r"config not reloaded: .*not a 40-char Z85 public key"):
+                svc.control.dispatch("reread", {}, LOCAL)
+            assert svc.pending is None and svc.control.keys == before
+        finally:
+            svc.close()
+
     def test_revoked_subscriber_is_cut_off(self, config_file: Any, tmp_path: Path) -> None:
-        keys = curve_keys(tmp_path, "server", "alice", "bob")
-        authorized = tmp_path / "authorized"
+        svc, keys, authorized = curve_service(config_file, tmp_path)
         lines = {n: f'public-key = "{keys[n][0].decode()}" role = "read" name = "{n}"\n' for n in ("alice", "bob")}
-        authorized.write_text(lines["alice"] + lines["bob"])
-        control = {"events_tcp": "tcp://127.0.0.1:0", "server_key": str(tmp_path / "server.key_secret"),
-                   "authorized_keys": str(authorized)}
-        svc = DaemonService(load_config(config_file({"j": {"autostart": False}}, control=control)))
         context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         subs = {}
         try:

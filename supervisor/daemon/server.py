@@ -8,6 +8,7 @@ import structlog
 
 from protocol.control import ControlError
 from supervisor.config import Config, ConfigError, load_config
+from supervisor.control.access import read_authorized_keys
 from supervisor.control.audit import AuditTrail
 from supervisor.control.server import ControlServer
 from supervisor.core.sizes import parse_bytes
@@ -45,6 +46,9 @@ class DaemonService:
         """Load the config file again; report what an update would change."""
         try:
             new = load_config(self.config.path, total_memory=self.daemon.total_memory)
+            control = new.daemon.control
+            if control.server_key and control.authorized_keys:  # a bad allow-list refuses the whole reread
+                read_authorized_keys(new.resolve(control.authorized_keys, new.path.parent))
         except ConfigError as exc:
             raise ControlError(ControlError.BAD_VALUE, f"config not reloaded: {exc}") from None
         self.pending = new
