@@ -167,6 +167,27 @@ class TestAuditTrail:
         assert last["suppressed_before"] == 95 and last["error"] == "unauthenticated"
 
 
+class TestBudgetForce:
+    """A refused live budget is applied with --force, and the audit trail says it was forced."""
+
+    def test_bands_out_of_order_refused_then_forced(self, config_file: Any) -> None:
+        svc = DaemonService(load_config(config_file({"j": {"autostart": False, "budget": "4GiB", "warn": "3GiB"}})))
+        try:
+            operator = Principal("ana", Role.OPERATE)
+            with pytest.raises(ControlError) as caught:
+                svc.control.dispatch("budget", {"job": "j", "value": "2GiB"}, operator, "a")
+            assert caught.value.code == "bad_value"
+            assert "warn 3.00 GiB, budget 2.00 GiB" in caught.value.message and "--force" in caught.value.message
+            assert svc.daemon.jobs["j"].limits.budget == 4 * 2**30
+            svc.control.dispatch("budget", {"job": "j", "value": "2GiB", "force": True}, operator, "b")
+            assert svc.daemon.jobs["j"].limits.budget == 2 * 2**30
+            records = {r["id"]: r for r in read_jsonl(svc.config.state_dir / "audit.jsonl")}
+            assert records["a"]["error"] == "bad_value" and records["b"]["args"]["force"] is True
+            assert records["b"]["client"] == "ana" and records["b"]["result"]["budget_bytes"] == 2 * 2**30
+        finally:
+            svc.close()
+
+
 class TestAuthorizedKeys:
     """The allow-list: roles and names per line; bare keys and keygen files keep meaning admin."""
 

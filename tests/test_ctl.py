@@ -3,6 +3,7 @@ endpoint, in one-shot use and inside the interactive shell."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -38,21 +39,32 @@ def loopback_daemon(spawn: Any, config_file: Any, tmp_path: Path) -> Any:
     daemon.stop()
 
 
+def ctl(endpoint: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "supervisor.cli.mlxsupctl", "-s", endpoint, "--timeout", "3", *args],
+                          input=stdin, capture_output=True, text=True, timeout=30)
+
+
 @pytest.mark.slow
-class TestEventEndpointMissing:
-    """`tail -f JOB telemetry` over -s tcp:// without --events: exit 2 naming --events; the shell lives on."""
+class TestOverLoopbackTcp:
+    """`tail -f JOB telemetry` over -s tcp:// without --events: exit 2 naming --events; the shell lives on.
+    `audit` shows the trail, `version` the counters."""
+
+    def test_audit_and_counters(self, loopback_daemon: str) -> None:
+        assert ctl(loopback_daemon, "reread").returncode == 0
+        records = json.loads(ctl(loopback_daemon, "audit", "-n", "1", "--json").stdout)["records"]
+        assert [(r["client"], r["command"], r["role"]) for r in records] == [("loopback", "reread", "admin")]
+        text = ctl(loopback_daemon, "audit").stdout
+        assert "loopback" in text and "reread" in text
+        control = json.loads(ctl(loopback_daemon, "version", "--json").stdout)["control"]
+        assert control["audit_records"] == 1 and control["audit_write_failures"] == 0
 
     def test_one_shot_exits_2_naming_events(self, loopback_daemon: str) -> None:
-        done = subprocess.run([sys.executable, "-m", "supervisor.cli.mlxsupctl", "-s", loopback_daemon, "--timeout",
-                               "3", "tail", "-f", "j", "telemetry", "--seconds", "1"],
-                              capture_output=True, text=True, timeout=30)
+        done = ctl(loopback_daemon, "tail", "-f", "j", "telemetry", "--seconds", "1")
         assert done.returncode == 2, done.stderr
         assert "--events" in done.stderr and "Traceback" not in done.stderr
 
     def test_shell_reports_it_and_keeps_the_session(self, loopback_daemon: str) -> None:
-        done = subprocess.run([sys.executable, "-m", "supervisor.cli.mlxsupctl", "-s", loopback_daemon, "--timeout",
-                               "3"], input="tail -f j telemetry --seconds 1\nversion\nquit\n",
-                              capture_output=True, text=True, timeout=30)
+        done = ctl(loopback_daemon, stdin="tail -f j telemetry --seconds 1\nversion\nquit\n")
         assert done.returncode == 0, done.stderr
         assert "--events" in done.stdout and "Traceback" not in done.stdout + done.stderr
         assert "mlxsupd" in done.stdout.split("--events", 1)[1]  # `version` answered after the error
