@@ -149,7 +149,7 @@ def revoked_subscriber(area: Area, daemon_pid: int, events: str, keys: dict[str,
                         steps[name].append((int(decode_event(sub.recv_multipart()[1])["step"]), time.monotonic()))
                 time.sleep(0.01)
 
-        listen(3.0)
+        listen(2.0)
         before = {n: len(v) for n, v in steps.items()}
         (area.root / "authorized").write_text(allow_list(keys, "reader", "operator", "admin"))  # viewer goes
         sent_at = time.monotonic()
@@ -159,7 +159,7 @@ def revoked_subscriber(area: Area, daemon_pid: int, events: str, keys: dict[str,
         wait_until(lambda: log.read_text(errors="replace").count('"events_rebound"') > rebinds, 10, 0.02)
         reloaded_at = time.monotonic()
         step_at_reload = int(ipc.job("j")["step"])
-        listen(4.0)
+        listen(2.5)
         late = [s for s, t in steps["viewer"] if t > reloaded_at and s > step_at_reload]
         kept = [t for s, t in steps["reader"] if s > step_at_reload]
         result.count = 1
@@ -184,7 +184,7 @@ def unauthenticated(endpoint: str, keys: dict[str, tuple[bytes, bytes]], ipc: Co
     for _ in range(3):
         intruder = Control(endpoint, (keys["mallory"][0], keys["mallory"][1], keys["server"][0]))
         try:
-            answered = intruder.request("version", timeout=1.0) is not None
+            answered = intruder.request("version", timeout=0.5) is not None
         finally:
             intruder.close()
         result.count += 1
