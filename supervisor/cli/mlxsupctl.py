@@ -1,7 +1,8 @@
 """``mlxsupctl``: control a running mlxsupd (one-shot commands, an interactive shell, tail, top, plot).
 
 Exit status: 0 success; 1 the daemon refused the request (error reply: unknown job, wrong state, bad
-value); 2 usage or config error; 3 no reply from the daemon (not running, wrong endpoint, not authorized).
+value, forbidden for the key's role); 2 usage or config error; 3 no reply from the daemon (not running, wrong
+endpoint, not authorized).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ LOCAL = ("keygen", "top", "plot", "service", "shell")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlxsupctl", description="Control a running mlxsupd. Without a command: an interactive shell.",
-        epilog="Exit status: 0 ok, 1 refused by the daemon, 2 usage/config error, 3 daemon unreachable.")
+        epilog="Exit status: 0 ok, 1 refused by the daemon (also: forbidden for the key's role), 2 usage/config "
+               "error, 3 daemon unreachable.")
     parser.add_argument("-c", "--config", type=Path, default=None,
                         help=f"config of the daemon, to find its socket (default: {paths.default_config_path()})")
     parser.add_argument("-s", "--server", default=None, help="control endpoint, e.g. tcp://host:7781")
