@@ -137,6 +137,14 @@ class TestAuditTrail:
         service.control.dispatch("shutdown", {}, Principal("admin-key", Role.ADMIN), "2")
         assert service.daemon.stopped_by == "admin-key"
 
+    def test_arguments_too_deep_to_record_are_still_audited(self, service: DaemonService) -> None:
+        nested: Any = "j"
+        for _ in range(1000):  # msgpack decodes up to 1024 levels; json.dumps gives up around 1000
+            nested = [nested]
+        assert ask(service, LOCAL, "stop", {"job": nested}, "deep") == "bad_request"
+        record = read_jsonl(service.config.state_dir / "audit.jsonl")[-1]
+        assert record["id"] == "deep" and record["args"] == {"unprintable": "arguments nested too deep to record"}
+
     def test_rotates_like_the_logs_and_reads_back_across_files(self, tmp_path: Path) -> None:
         trail = AuditTrail(tmp_path / "audit.jsonl", max_bytes=2000, keep=2)
         for number in range(100):

@@ -279,6 +279,9 @@ class ControlServer:
             error = (ControlError.BAD_REQUEST, str(exc))
         except ControlError as exc:
             error = (exc.code, exc.message)
+        except Exception as exc:  # a bug outside the handlers must not take the daemon down either
+            log.exception("control_request_failed")
+            error = (ControlError.INTERNAL, f"{exc.__class__.__name__}: {str(exc)[:200]}")
         if error is not None:
             log.info("control_error", code=error[0], message=error[1][:200], client=principal.name)
         try:
@@ -319,7 +322,10 @@ class ControlServer:
 
 def _bounded(args: dict[str, Any]) -> Any:
     """A request's arguments for the audit: as sent, or their first characters when they are large."""
-    text = json.dumps(args, default=str)
+    try:
+        text = json.dumps(args, default=str)
+    except (RecursionError, ValueError, TypeError):  # msgpack decodes deeper nesting than json encodes
+        return {"unprintable": "arguments nested too deep to record"}
     return args if len(text) <= MAX_AUDIT_ARGS else {"truncated": text[:MAX_AUDIT_ARGS]}
 
 
