@@ -2,9 +2,9 @@
 
 A checkpoint is a directory ``ckpt-{step:010d}/`` holding ``model.safetensors``, ``optimizer.safetensors``
 and ``meta.json`` (written last, with the size and SHA-256 of every other file). It is built in a
-``.tmp-ckpt-*`` directory, fsynced, and renamed into place, so a crash at any moment leaves either the old set
-of checkpoints or the new one, never a half-written ``ckpt-*``. Loading verifies every checksum and falls back
-to older checkpoints.
+``.tmp-ckpt-*`` directory, synced (``F_FULLFSYNC`` on macOS), and renamed into place, so a crash at any moment
+leaves either the old set of checkpoints or the new one, never a half-written ``ckpt-*``. Loading verifies every
+checksum and falls back to older checkpoints.
 
 Names (``list_checkpoints``, ``latest_step``) come from ``protocol.checkpoints``, which the daemon reads.
 """
@@ -12,6 +12,7 @@ Names (``list_checkpoints``, ``latest_step``) come from ``protocol.checkpoints``
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -130,7 +131,7 @@ def _write_contents(tmp: Path, step: int, model: dict[str, mx.array], optimizer:
     with open(tmp / META_FILE, "w", encoding="utf-8") as fh:
         json.dump(record, fh, indent=1, sort_keys=True)
         fh.flush()
-        os.fsync(fh.fileno())
+        full_fsync(fh.fileno())
     _fsync_dir(tmp)
 
 
@@ -256,7 +257,7 @@ def _hash_file(path: Path, *, sync: bool) -> tuple[str, int]:
     size = 0
     with open(path, "rb") as fh:
         if sync:
-            os.fsync(fh.fileno())
+            full_fsync(fh.fileno())
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
             size += len(chunk)
@@ -270,11 +271,28 @@ def _ensure_dir(directory: Path) -> None:
         _fsync_dir(directory.parent)
 
 
+def full_fsync(fd: int) -> None:
+    """Make what was written to ``fd`` (a file, or a directory's entries) survive a power loss.
+
+    On macOS ``fsync`` only hands the data to the drive, whose cache may still lose it (xnu fsync(2)); only
+    ``fcntl(F_FULLFSYNC)`` asks the drive to flush. Where that fcntl does not exist or fails (a file system that
+    does not support it), ``fsync`` is what there is.
+    """
+    command = getattr(fcntl, "F_FULLFSYNC", None)
+    if command is not None:
+        try:
+            fcntl.fcntl(fd, command)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
 def _fsync_dir(directory: Path) -> None:
-    """fsync a directory so renames and new entries inside it survive a power loss."""
+    """Sync a directory so renames and new entries inside it survive a power loss."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        full_fsync(fd)
     finally:
         os.close(fd)
 

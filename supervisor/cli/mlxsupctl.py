@@ -18,7 +18,6 @@ from supervisor.control.client import TIMEOUT, ControlClient, UsageError, curve_
 from supervisor.control.commands import REGISTRY, ControlError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-LOCAL = ("keygen", "top", "plot", "service", "shell")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +55,12 @@ def _local_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     plot = sub.add_parser("plot", help="memory vs step and time for a job, from its recorded telemetry")
     plot.add_argument("job")
     plot.add_argument("-o", "--output", type=Path, default=None, help="PNG or SVG file (default JOB-memory.png)")
+    doctor = sub.add_parser("doctor", help="check this machine before a first run (PASS/WARN/FAIL with the fix)",
+                            description="Check Python, MLX, the footprint readers, memory, the run dir, the "
+                            "config, the service manager and the daemon. Exit status 0 when nothing fails.")
+    doctor.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the checks as JSON")
     try:
-        from supervisor.install.units import add_service_parser
+        from supervisor.install.service import add_service_parser
     except ImportError:  # pragma: no cover - the module ships with the package
         return
     add_service_parser(sub)
@@ -106,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         return keygen(args.name, args.dir)
     if args.command == "service":
         return int(args.func(args))
+    if args.command == "doctor":
+        from supervisor.cli.doctor import doctor
+
+        return doctor(args.config, args.json)
     try:
         if args.command == "plot":
             from supervisor.cli.live import plot

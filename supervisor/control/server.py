@@ -34,6 +34,8 @@ from supervisor.config import ConfigError, ControlConfig
 from supervisor.control.access import LOCAL, LOOPBACK, Principal, authorize, read_authorized_keys
 from supervisor.control.audit import AuditTrail
 from supervisor.control.commands import REGISTRY, ControlError
+from supervisor.core.events import Refused
+from supervisor.daemon.rundir import ipc_socket
 
 if TYPE_CHECKING:
     from supervisor.daemon.server import DaemonService
@@ -66,13 +68,14 @@ class ControlServer:
         self.routers: dict[zmq.Socket[bytes], Principal | None] = {}  # socket -> its fixed principal, None: CURVE
         self.zap: zmq.Socket[bytes] | None = None
         self.keys: dict[bytes, Principal] = {}  # Z85 public key -> who it is
-        self.endpoint = f"ipc://{run_dir / 'control.sock'}"
-        self.events_endpoint = f"ipc://{run_dir / 'events.sock'}"
+        control, events = ipc_socket(run_dir, "control.sock"), ipc_socket(run_dir, "events.sock")
+        self.endpoint = f"ipc://{control}"
+        self.events_endpoint = f"ipc://{events}"
         self.pubs: list[zmq.Socket[bytes]] = []
         self.events_tcp = ""  # the bound TCP event endpoint (port resolved), rebound when a key is revoked
         try:
-            self.routers[self._router(self.endpoint, run_dir / "control.sock")] = LOCAL
-            self._bind(self._pub(), self.events_endpoint, run_dir / "events.sock")
+            self.routers[self._router(self.endpoint, control)] = LOCAL
+            self._bind(self._pub(), self.events_endpoint, events)
             self._setup_tcp(config, resolve)
         except zmq.ZMQError as exc:
             self.close()
@@ -304,20 +307,27 @@ class ControlServer:
             raise
         changes = command.changes_state(args)
         try:
-            result = command.handle(self.service, command.check(args), client=principal.name)
+            result = self._handle(name, args, principal)
         except ControlError as exc:
             if changes:
                 self.audit.record(principal.name, name, **audited, error=exc.code, message=exc.message[:200])
             raise
-        except Exception as exc:  # a handler bug must not take the daemon down; say so and keep serving
-            log.exception("control_handler_failed")
-            error = ControlError(ControlError.INTERNAL, f"{exc.__class__.__name__}: {exc}")
-            if changes:
-                self.audit.record(principal.name, name, **audited, error=error.code, message=error.message[:200])
-            raise error from None
         if changes:
             self.audit.record(principal.name, name, **audited, result=result)
         return result
+
+    def _handle(self, name: str, args: dict[str, Any], principal: Principal) -> Any:
+        """Run a command; every failure becomes a ControlError."""
+        command = REGISTRY[name]
+        try:
+            return command.handle(self.service, command.check(args), client=principal.name)
+        except Refused as exc:  # the job's lifecycle cannot take the request in its current state
+            raise ControlError(ControlError.BAD_STATE, str(exc)) from None
+        except ControlError:
+            raise
+        except Exception as exc:  # a handler bug must not take the daemon down; say so and keep serving
+            log.exception("control_handler_failed")
+            raise ControlError(ControlError.INTERNAL, f"{exc.__class__.__name__}: {exc}") from None
 
 
 def _bounded(args: dict[str, Any]) -> Any:

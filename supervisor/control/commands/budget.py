@@ -42,8 +42,9 @@ class Budget(ControlCommand):
         if "value" in args:
             try:
                 limits = dataclasses.replace(job.config, budget=args["value"]).limits(daemon.daemon.total_memory)
+                check_limits(limits)  # never forced: the escalation needs its bands in order
             except SizeError as exc:
-                raise ControlError(ControlError.BAD_VALUE, str(exc)) from None
+                raise ControlError(ControlError.BAD_VALUE, f"budget for {job.name}: {exc}") from None
             problems = budget_problems(job, limits)
             if problems and not args.get("force"):
                 raise ControlError(ControlError.BAD_VALUE, f"budget {args['value'][:32]!r} for {job.name} refused: "
@@ -58,13 +59,9 @@ class Budget(ControlCommand):
 
 
 def budget_problems(job: Job, limits: Limits) -> list[str]:
-    """Why ``limits`` cannot work for ``job`` now: bands out of order, under the measured baseline, or a kill
-    ceiling the worker is already above (it would be killed at once, without a checkpoint)."""
+    """Why ``limits`` would not work for ``job`` now (``--force`` overrides): under the measured baseline, or a
+    kill ceiling the worker is already above (it would be killed at once, without a checkpoint)."""
     problems = []
-    try:
-        check_limits(limits)
-    except SizeError as exc:
-        problems.append(str(exc))
     life = job.life
     baseline = life.estimator.baseline if life is not None else None
     if baseline is not None and limits.budget < baseline:
