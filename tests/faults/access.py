@@ -55,17 +55,9 @@ def role_matrix(area: Area, endpoint: str, keys: dict[str, tuple[bytes, bytes]],
         name = NAMES[role]
         client = Control(endpoint, (keys[name][0], keys[name][1], server))
         try:
-            restarted_from: int | None = None
             for command, args in ARGS.items():
-                if command == "stop" and restarted_from is not None:
-                    # A stop while a restart is pending is issue 11's race (the restart wins): let it finish.
-                    wait_until(lambda c=client, p=restarted_from: _running_other_than(c, p), 30, 0.1)
-                if command == "restart":
-                    restarted_from = _pid(client)
                 reply = client.request(command, args, timeout=10.0) or {"ok": False, "error": {"code": "no reply"}}
                 code = "ok" if reply.get("ok") else str(reply.get("error", {}).get("code"))
-                if command == "restart" and code != "ok":
-                    restarted_from = None
                 sent[client.last_id] = f"{name}:{command}:{code}"
                 result.count += 1
                 if (code == "forbidden") == (role < NEEDS[command]) and code != "no reply":
@@ -78,17 +70,6 @@ def role_matrix(area: Area, endpoint: str, keys: dict[str, tuple[bytes, bytes]],
     result.note(f"{result.count} requests, {forbidden} forbidden (read 10, operate 5 expected)"
                 + ("; WRONG: " + ", ".join(wrong) if wrong else ""))
     return result
-
-
-def _pid(client: Control) -> int | None:
-    reply = client.request("status", {"job": "j"}) or {}
-    return reply["result"]["jobs"][0]["pid"] if reply.get("ok") else None
-
-
-def _running_other_than(client: Control, pid: int | None) -> bool:
-    reply = client.request("status", {"job": "j"}) or {}
-    row = reply["result"]["jobs"][0] if reply.get("ok") else {}
-    return row.get("state") == "RUNNING" and row.get("pid") != pid
 
 
 def audit_completeness(area: Area, sent: dict[str, str], ipc_sent: dict[str, str]) -> FaultResult:
