@@ -36,6 +36,8 @@ Publish = Callable[[str, str, dict[str, Any]], None]  # (job, kind, data)
 SendToWorker = Callable[[bytes, bytes], None]  # (identity, frame)
 log = structlog.get_logger("mlxsupd")
 IO_ERROR_LOG_EVERY = 60.0  # seconds between log lines about the same kind of failing write
+# Log event names that differ from the history's (scripts and the fault campaign read the log by these).
+LOG_NAMES = {"hello": "worker_hello", "exit": "worker_exit", "budget": "budget_changed"}
 __all__ = ["Job", "JobPaths", "Refused", "settings_of"]
 
 
@@ -177,12 +179,11 @@ class Job:
 
     def on_hello(self, hello: Hello, identity: bytes, now: float) -> None:
         self.identity = identity
-        self.feed(ev.HelloIn(now, hello.pid, hello.start_step, hello.target_steps, hello.batch, hello.accum))
+        self.feed(ev.HelloIn(now, hello))
 
     def on_message(self, message: Message, now: float) -> None:
         if isinstance(message, Step):
-            self.feed(ev.StepIn(now, message.step, message.batch, message.accum, message.loss, message.step_seconds,
-                                message.mlx_active, message.mlx_cache, message.mlx_peak, message.footprint))
+            self.feed(ev.StepIn(now, message))
         elif isinstance(message, Goodbye):
             self.feed(ev.GoodbyeIn(now, message.reason, message.step, self._newest()))
         else:
@@ -254,7 +255,7 @@ class Job:
         elif isinstance(action, ev.Decided):
             self._decided(action)
         elif isinstance(action, ev.Note):
-            getattr(self.log, action.level)(action.event, **action.fields)
+            getattr(self.log, action.level)(LOG_NAMES.get(action.event, action.event), **action.fields)
             if action.history:
                 self.history_record(action.event, **action.fields)
 

@@ -115,7 +115,9 @@ def worker_raw(area: Area, count: int, rng: random.Random, paced: bool = True) -
         time.sleep(0.2)
         tally["replies"] += peer.drain()
     finally:
-        peer.close()
+        # Deliver everything still queued (a loaded daemon drains slowly); dropping it would leave frames
+        # that no log line can account for.
+        peer.close(linger_ms=30_000)
     return tally
 
 
@@ -133,7 +135,7 @@ def worker_hypothesis(area: Area, examples: int, seed_value: int) -> int:
     try:
         one()
     finally:
-        peer.close()
+        peer.close(linger_ms=30_000)
     return ran[0]
 
 
