@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -149,8 +150,8 @@ class Job:
     def restart(self, now: float, client: str = "local") -> None:
         self.feed(ev.Restart(now, client))
 
-    def shutdown(self, now: float) -> None:
-        self.feed(ev.Shutdown(now))
+    def shutdown(self, now: float, client: str = "local") -> None:
+        self.feed(ev.Shutdown(now, client))
 
     def checkpoint(self, client: str = "local") -> None:
         self.feed(ev.CheckpointNow(client))
@@ -162,7 +163,7 @@ class Job:
         proc = self._current()
         sent = proc is not None and proc.signal_group(signum)
         if sent:
-            self.history_record("signal", signum=signum, client=client)
+            self.history_record("signal", signal=signal.Signals(signum).name, client=client)
         return sent
 
     def reconfigure(self, config: JobConfig, limits: Limits) -> None:
@@ -173,9 +174,9 @@ class Job:
 
     # -- inputs from the daemon ----------------------------------------------------------------------
 
-    def accepts(self, hello: Hello) -> bool:
-        """True when ``hello`` carries the spawn token of this job's current worker."""
-        return self._current() is not None and secrets.compare_digest(hello.token, self.token)
+    def accepts(self, token: str) -> bool:
+        """True when ``token`` is the spawn token of this job's current worker."""
+        return self._current() is not None and secrets.compare_digest(token, self.token)
 
     def on_hello(self, hello: Hello, identity: bytes, now: float) -> None:
         self.identity = identity
