@@ -4,12 +4,12 @@ The daemon runs a job in steady state: ``--worker train`` is the overhead benchm
 built-in MLX job, small model, batch 8, no periodic checkpoints), ``--worker synthetic`` the paced Session-SDK
 worker of the sweep. ``--mode run`` is ``mlxsupd run`` as the overhead benchmark uses it, ``--mode service`` the
 service daemon (control and event sockets; ``--subscriber`` adds a client subscribed to every event).
-Over a window of ``--seconds``, py-spy samples the daemon's Python stack (idle samples, blocked in poll, are
-not recorded) while the daemon's CPU time is read per thread from /proc. Each sample is assigned to one
-component: by the loop's branch it was taken in (message handling, 20 Hz sampling, heartbeats, job ticks,
-hooks, control requests, the poll itself), and inside message handling by its innermost frame (recv, decode,
-lifecycle, estimator, policy, job actions, recorder, publish, logging). A component's CPU per message is the
-main thread's CPU times its share of the samples, divided by the steps recorded in the window; libzmq's I/O
+Over a window of ``--seconds`` the daemon's CPU time is read per thread from /proc, and over a second window as
+long py-spy samples the daemon's Python stack (samples blocked in poll are idle and not counted). Each sample is
+assigned to one component: by the loop's branch it was taken in (message handling, 20 Hz sampling, heartbeats,
+job ticks, hooks, control requests, the poll itself), and inside message handling by its innermost frame (recv,
+decode, lifecycle, estimator, policy, job actions, recorder, publish, logging). A component's CPU per message is
+the main thread's CPU times its share of the samples, divided by the steps recorded in the window; libzmq's I/O
 threads (which read the ipc socket) are reported on their own line.
 """
 
@@ -125,15 +125,21 @@ def _subscriber(endpoint: str, stop: threading.Event, seen: list[int]) -> None:
 
 
 def profile_window(pid: int, seconds: float, rate: int, out: Path) -> dict[str, Any]:
-    """py-spy over ``seconds`` while the daemon's per-thread CPU is read at both ends."""
+    """The daemon's per-thread CPU over ``seconds``, then py-spy over as long again.
+
+    Two windows, because py-spy either pauses the process for every sample (exact stacks, but the pauses add
+    CPU time to every thread) or reads it while it runs (no added CPU, but stacks caught mid-change land on
+    the wrong line): the CPU is read while nothing watches, the shares come from paused, exact samples.
+    """
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         raise BenchError("py-spy is not installed (pip install py-spy)")
     cpu0, started = thread_cpu(pid), time.time()
-    argv = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
-            "--format", "raw", "--nonblocking", "-o", str(out)]
-    code = subprocess.run(argv, capture_output=True, timeout=seconds + 60, check=False).returncode
+    time.sleep(seconds)
     cpu1, ended = thread_cpu(pid), time.time()
+    argv = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
+            "--format", "raw", "-o", str(out)]
+    code = subprocess.run(argv, capture_output=True, timeout=seconds + 60, check=False).returncode
     if code != 0 or not out.exists():
         raise BenchError(f"py-spy exited {code}")
     return {"start": started, "end": ended, "cpu": {k: cpu1[k] - cpu0[k] for k in cpu0}}

@@ -80,11 +80,19 @@ class Goodbye:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Heartbeat:
     """Liveness, both ways. ``sent_at`` is the sender's wall clock (same machine). A worker's heartbeat may
-    carry its spawn token: before its hello (while it loads a model) that is how the daemon knows it is alive."""
+    carry its spawn token: before its hello (while it loads a model) that is how the daemon knows it is alive.
+
+    The daemon's heartbeats may say how the worker may hold its step telemetry: while its footprint plus the
+    step's transient, and that footprint's trend ``hold_horizon`` steps ahead, stay under ``hold_below`` bytes,
+    steps may wait up to ``hold`` seconds and go out together (one wakeup of the daemon for many steps); any
+    other step goes out at once, with the held ones before it. Absent: every step is sent at once."""
 
     TAG: ClassVar[str] = "heartbeat"
     sent_at: float
     token: str | None = None
+    hold: float | None = None
+    hold_below: int | None = None
+    hold_horizon: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -51,6 +51,9 @@ class DaemonConfig:
     log_dir: str = _f("", "daemon and worker logs; default ~/Library/Logs/mlx-supervisor or <state_dir>/logs")
     sample_interval: float = _f(0.05, "seconds between footprint samples of each worker", "s")
     heartbeat_interval: float = _f(1.0, "seconds between heartbeats to each worker", "s")
+    telemetry_hold: float = _f(0.25, "seconds a worker may hold the telemetry of steps far from its warn band and "
+                                     "send them together (one daemon wakeup for many steps); 0: every step at once",
+                               "s")
     system_floor: str = _f("0", "available system memory below which jobs checkpoint and wait (bytes or %)")
     floor_hysteresis: str = _f("512MiB", "memory above the floor needed before waiting jobs resume")
     log_format: str = _f("auto", "daemon log lines: auto (console on a terminal, else json), console, json")
@@ -252,6 +255,8 @@ def _validate(config: Config, total: int) -> None:
     for key in ("sample_interval", "heartbeat_interval"):
         if not 0.001 <= getattr(d, key) <= 60:
             raise ConfigError(f"{where}: daemon.{key} = {getattr(d, key)}: must be between 0.001 and 60 seconds")
+    if not 0 <= d.telemetry_hold <= 10:
+        raise ConfigError(f"{where}: daemon.telemetry_hold = {d.telemetry_hold}: must be between 0 and 10 seconds")
     if d.log_format not in ("auto", "console", "json"):
         raise ConfigError(f"{where}: daemon.log_format = {d.log_format!r}: expected auto, console or json")
     try:

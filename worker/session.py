@@ -37,6 +37,7 @@ from protocol import (
 from protocol.footprint import self_footprint
 from protocol.messages import EXIT_CHECKPOINTED
 from worker import checkpoint as ckpt
+from worker.hold import StepHold
 from worker.pulse import Pulse
 
 ENV_PREFIX = "MLXSUP_"
@@ -103,6 +104,7 @@ class Session:
         self._socket: zmq.Socket[bytes] | None = None
         self._lock = threading.Lock()  # the socket, shared with the pulse thread
         self._inbox: list[Command] = []  # commands received, handled at the next step boundary
+        self._hold = StepHold()  # step frames held while memory is far from the daemon's bands
         self._pulse: Pulse | None = None
         if settings.endpoint:
             self._connect()
@@ -228,6 +230,8 @@ class Session:
             self._pulse.stop()
             self._pulse = None
         if self._socket is not None:
+            with self._lock:
+                self._send_frames(self._hold.release())
             self._socket.close(linger=linger_ms)
             self._socket = None
         if self._context is not None:
@@ -269,10 +273,23 @@ class Session:
     def _send_locked(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat) -> None:
         if self._socket is None:
             return
-        try:
-            self._socket.send(encode(message), zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # telemetry is best effort; the daemon samples our footprint itself
+        frame = encode(message)
+        if isinstance(message, Step):
+            transient = max(0, message.mlx_peak - message.mlx_active)
+            frames = self._hold.step(frame, message.step, message.footprint, transient)
+        elif isinstance(message, Heartbeat):
+            frames = [frame]  # a sign of life; held steps keep waiting
+        else:
+            frames = self._hold.release(frame)  # held steps first: the daemon sees everything in order
+        self._send_frames(frames)
+
+    def _send_frames(self, frames: list[bytes]) -> None:
+        assert self._socket is not None
+        for frame in frames:
+            try:
+                self._socket.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # telemetry is best effort; the daemon samples our footprint itself
 
     def _heartbeat_locked(self) -> None:
         # The token lets the daemon count this as a sign of life even before our hello (a long model load).
@@ -302,9 +319,13 @@ class Session:
                 continue
             if isinstance(message, Heartbeat):
                 self._last_heard = max(self._last_heard, message.sent_at)
+                self._hold.configure(message.hold, message.hold_below, message.hold_horizon)
             elif isinstance(message, Command):
                 self._last_heard = time.time()
                 self._inbox.append(message)
+                self._hold.stop_holding()
+        if self._hold.due():  # the loop is slow to reach its next step: the pulse thread sends them
+            self._send_frames(self._hold.release())
 
     def _leave(self, reason: str, step: int, code: int) -> None:
         self._log("worker_exit", {"reason": reason, "step": step})

@@ -1,4 +1,4 @@
-"""The daemon's control plane: a ROUTER for requests, a PUB for events, CURVE authentication over TCP.
+"""The daemon's control plane: a ROUTER for requests, an XPUB for events, CURVE authentication over TCP.
 
 All sockets are polled by the daemon's one loop. ZAP (the ZeroMQ authentication protocol) is answered in
 the same loop, against an allow-list of client public keys and their roles that a reread refreshes. A revoked
@@ -9,6 +9,7 @@ checked against the role its command needs; state-changing requests and refusals
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -72,6 +73,7 @@ class ControlServer:
         self.endpoint = f"ipc://{control}"
         self.events_endpoint = f"ipc://{events}"
         self.pubs: list[zmq.Socket[bytes]] = []
+        self.topics: dict[zmq.Socket[bytes], set[bytes]] = {}  # each event socket's subscribed topic prefixes
         self.events_tcp = ""  # the bound TCP event endpoint (port resolved), rebound when a key is revoked
         try:
             self.routers[self._router(self.endpoint, control)] = LOCAL
@@ -102,11 +104,14 @@ class ControlServer:
         return sock
 
     def _pub(self, curve: tuple[bytes, bytes] | None = None) -> zmq.Socket[bytes]:
-        sock: zmq.Socket[bytes] = self.context.socket(zmq.PUB)
+        # XPUB, not PUB: it hands us its subscriptions, so an event nobody subscribed to is never encoded.
+        # Past SNDHWM a subscriber's events are dropped (XPUB_NODROP stays off): a slow one never blocks us.
+        sock: zmq.Socket[bytes] = self.context.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.LINGER, 0)
         self._secure(sock, curve)
         self.pubs.append(sock)
+        self.topics[sock] = set()
         return sock
 
     @staticmethod
@@ -164,8 +169,11 @@ class ControlServer:
         return public, secret
 
     def sockets(self) -> dict[zmq.Socket[bytes], Callable[[float], None]]:
+        # Subscriptions first: the loop serves readable sockets in this order, so a client that subscribes and
+        # then sends a request gets the events that request causes.
         handlers: dict[zmq.Socket[bytes], Callable[[float], None]] = {
-            router: self._drainer(router, principal) for router, principal in self.routers.items()}
+            pub: functools.partial(self._on_subscriptions, pub) for pub in self.pubs}
+        handlers.update({router: self._drainer(router, principal) for router, principal in self.routers.items()})
         if self.zap is not None:
             handlers[self.zap] = self._on_zap
         return handlers
@@ -177,12 +185,35 @@ class ControlServer:
     # -- events ---------------------------------------------------------------------------------------
 
     def publish(self, job: str, kind: str, data: dict[str, Any]) -> None:
-        frames = [event_topic(job, kind), encode_event(data)]
-        for pub in self.pubs:
+        """Send an event to the subscribers of its topic; encoded only when there is one (per the
+        subscriptions read so far: the loop reads them as they arrive)."""
+        topic = b""
+        frames: list[bytes] = []
+        for pub, prefixes in self.topics.items():
+            if not prefixes:
+                continue
+            topic = topic or event_topic(job, kind)
+            if not any(topic.startswith(prefix) for prefix in prefixes):
+                continue
+            frames = frames or [topic, encode_event(data)]
             try:
                 pub.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
                 pass  # a slow subscriber loses events; the daemon never waits for it
+
+    def _on_subscriptions(self, pub: zmq.Socket[bytes], now: float) -> None:
+        """Read what changed: XPUB passes a topic's first subscription and, when its last subscriber
+        unsubscribes or disconnects, its unsubscription."""
+        topics = self.topics[pub]
+        for _ in range(MAX_DRAIN):
+            try:
+                message = pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if message[:1] == b"\x01":
+                topics.add(message[1:])
+            elif message[:1] == b"\x00":
+                topics.discard(message[1:])
 
     def _rebind_events(self) -> None:
         """Drop every TCP event subscriber: unbinding closes the sessions its listener accepted. Authorized

@@ -258,6 +258,20 @@ def regrow(batch: int, accum: int, config: PolicyConfig) -> tuple[int, int]:
     return batch, accum
 
 
+def hold_threshold(limits: Limits, sampled: int, reported: int) -> int:
+    """Footprint, as the worker measures its own, under which it may hold the telemetry of a step: as far
+    below the warn band as the warn band is below the budget, less what the rest of its process group holds
+    (the last group sample ``sampled`` over the worker's last reported footprint ``reported``)."""
+    others = max(0, sampled - reported)
+    return max(0, limits.warn - (limits.budget - limits.warn) - others)
+
+
+def hold_horizon(config: PolicyConfig) -> int:
+    """Steps of footprint trend a worker looks ahead before holding a step: twice what a predicted breach
+    leaves (the steps a checkpoint needs, plus the one the command lands late)."""
+    return 2 * (config.checkpoint_steps + 1)
+
+
 def backoff_delay(failures: int, initial: float, maximum: float) -> float:
     """Exponential backoff before restart number ``failures`` (1-based)."""
     return float(min(maximum, initial * 2 ** max(0, failures - 1)))

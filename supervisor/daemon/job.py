@@ -19,14 +19,14 @@ from typing import Any
 
 import structlog
 
-from protocol import CheckpointSaved, Command, Goodbye, Hello, Message, Step, encode
+from protocol import CheckpointSaved, Command, Goodbye, Heartbeat, Hello, Message, Step, encode
 from protocol.checkpoints import latest_step
 from supervisor.config import JobConfig, worker_argv
 from supervisor.core import events as ev
 from supervisor.core.events import Action, Event, Refused
 from supervisor.core.lifecycle import JobStats, Life, Lifecycle, Settings
 from supervisor.core.policy import Action as Do
-from supervisor.core.policy import Limits, PolicyConfig
+from supervisor.core.policy import Limits, PolicyConfig, hold_horizon, hold_threshold
 from supervisor.core.sizes import parse_bytes, parse_fraction_of
 from supervisor.core.states import JobState
 from supervisor.daemon.history import History
@@ -193,6 +193,16 @@ class Job:
                                     bytes=message.nbytes)
                 self.publish(self.name, "log", {"event": "checkpoint", "step": message.step})
             self.feed(ev.Heard(now))
+
+    def heartbeat(self, sent_at: float, hold: float) -> Heartbeat:
+        """The heartbeat for this job's worker, with how long (at most ``hold`` seconds, and a quarter of the
+        hang timeout) and how far from its bands it may hold step telemetry: see ``worker.hold``."""
+        life = self.lifecycle.life
+        hold = min(hold, self.lifecycle.settings.hang_timeout / 4)
+        if hold <= 0 or life is None or not life.estimator.levels:
+            return Heartbeat(sent_at)  # nothing to compare the group's footprint with yet: no holding
+        below = hold_threshold(self.limits, self.last_sampled, life.estimator.level)
+        return Heartbeat(sent_at, None, hold, below, hold_horizon(self.lifecycle.policy))
 
     def on_sample(self, now: float, available: int, floor: int) -> None:
         """Sample the current worker's group and every departing worker, and act on the total."""

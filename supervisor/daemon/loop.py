@@ -192,6 +192,8 @@ class Daemon:
             self.hooks.on_reload(now)
         if now >= self._next_sample:
             self._sample_all(now)
+            for job in self.jobs.values():
+                job.recorder.flush_due()  # telemetry lines reach the file within about a second
             interval = self.config.daemon.sample_interval
             self._next_sample = max(self._next_sample + interval, now + interval / 4)
         if now >= self._next_heartbeat:
@@ -245,10 +247,10 @@ class Daemon:
             job.on_sample(now, available, self.floor)
 
     def _heartbeat_all(self) -> None:
-        frame = encode(Heartbeat(time.time()))
+        sent_at, hold = time.time(), self.config.daemon.telemetry_hold
         for job in self.jobs.values():
             if job.identity is not None:
-                self._send_to_worker(job.identity, frame)
+                self._send_to_worker(job.identity, encode(job.heartbeat(sent_at, hold)))
 
     def _drain_workers(self, now: float) -> None:
         for _ in range(MAX_DRAIN):
@@ -286,7 +288,7 @@ class Daemon:
         self.by_identity = {k: v for k, v in self.by_identity.items() if v is not job}
         self.by_identity[identity] = job
         job.on_hello(hello, identity, now)
-        self._send_to_worker(identity, encode(Heartbeat(time.time())))
+        self._send_to_worker(identity, encode(job.heartbeat(time.time(), self.config.daemon.telemetry_hold)))
 
     def _drain_wakeups(self) -> None:
         try:

@@ -1,0 +1,98 @@
+"""Holding step telemetry: calm steps wait (bounded in time and count), anything near the bands goes at once with
+what was held before it, in order. Pure bookkeeping with an injected clock; the socket-level behaviour is
+tested in tests/test_supervise.py."""
+
+from __future__ import annotations
+
+from protocol import Heartbeat
+from supervisor.core.policy import Limits, PolicyConfig, hold_horizon, hold_threshold
+from worker.hold import StepHold
+
+MiB = 1 << 20
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def allowed(clock: Clock, below: int = 1000 * MiB, hold: float = 0.25, max_held: int = 1000) -> StepHold:
+    h = StepHold(clock, max_held=max_held)
+    h.configure(hold, below, 6)
+    h.step(b"first", 1, 100 * MiB, 0)  # the first step of a process always goes at once
+    return h
+
+
+class TestHolding:
+    """When a step waits and when it goes."""
+
+    def test_without_the_daemons_word_every_step_goes_at_once(self) -> None:
+        h = StepHold(Clock())
+        assert [h.step(bytes([i]), i, 100 * MiB, 0) for i in range(1, 4)] == [[b"\x01"], [b"\x02"], [b"\x03"]]
+        h.configure(None, None, None)  # a heartbeat without the hold fields
+        assert h.step(b"x", 4, 100 * MiB, 0) == [b"x"]
+
+    def test_calm_steps_wait_until_the_oldest_has_waited_hold_seconds(self) -> None:
+        clock = Clock()
+        h = allowed(clock)
+        for step in range(2, 6):
+            clock.now += 0.05
+            assert h.step(f"s{step}".encode(), step, 100 * MiB, 0) == []
+        assert not h.due()
+        clock.now += 0.25
+        assert h.due()
+        assert h.step(b"s6", 6, 100 * MiB, 0) == [b"s2", b"s3", b"s4", b"s5", b"s6"]
+
+    def test_a_step_near_the_band_goes_at_once_after_the_held_ones(self) -> None:
+        clock = Clock()
+        h = allowed(clock, below=500 * MiB)
+        assert h.step(b"calm", 2, 100 * MiB, 0) == []
+        assert h.step(b"hot", 3, 450 * MiB, 60 * MiB) == [b"calm", b"hot"]  # footprint + transient >= below
+
+    def test_a_trend_that_reaches_the_band_within_the_horizon_is_not_calm(self) -> None:
+        h = allowed(Clock(), below=500 * MiB)
+        assert h.step(b"a", 2, 200 * MiB, 0) == [b"a"]  # +100 MiB/step from step 1: 200 + 6 x 100 >= 500
+        h2 = allowed(Clock(), below=500 * MiB)
+        assert h2.step(b"a", 2, 140 * MiB, 0) == []  # +40 MiB/step: 140 + 6 x 40 < 500
+
+    def test_a_command_stops_holding_until_the_next_heartbeat(self) -> None:
+        clock = Clock()
+        h = allowed(clock)
+        assert h.step(b"a", 2, 100 * MiB, 0) == []
+        h.stop_holding()
+        assert h.due()
+        assert h.step(b"b", 3, 100 * MiB, 0) == [b"a", b"b"]
+        h.configure(0.25, 1000 * MiB, 6)
+        assert h.step(b"c", 4, 100 * MiB, 0) == []
+
+    def test_at_most_max_held_frames_wait(self) -> None:
+        h = allowed(Clock(), max_held=3)
+        assert [h.step(b"x", s, 100 * MiB, 0) for s in range(2, 5)] == [[], [], []]
+        assert h.step(b"y", 5, 100 * MiB, 0) == [b"x", b"x", b"x", b"y"]
+
+    def test_release_puts_the_held_steps_before_another_frame(self) -> None:
+        h = allowed(Clock())
+        h.step(b"s2", 2, 100 * MiB, 0)
+        assert h.release(b"goodbye") == [b"s2", b"goodbye"]
+        assert h.release() == []
+
+
+class TestDaemonSide:
+    """What the daemon tells the worker."""
+
+    def test_threshold_is_as_far_below_warn_as_warn_is_below_budget_less_the_rest_of_the_group(self) -> None:
+        limits = Limits(warn=850 * MiB, budget=1000 * MiB, kill=1100 * MiB)
+        assert hold_threshold(limits, sampled=300 * MiB, reported=300 * MiB) == 700 * MiB
+        assert hold_threshold(limits, sampled=400 * MiB, reported=300 * MiB) == 600 * MiB  # a child holds 100
+        assert hold_threshold(limits, sampled=2000 * MiB, reported=100 * MiB) == 0
+        assert hold_horizon(PolicyConfig(checkpoint_steps=2)) == 6
+
+    def test_the_hold_fields_are_optional_on_the_wire(self) -> None:
+        from protocol import decode, encode
+
+        assert decode(encode(Heartbeat(1.0))) == Heartbeat(1.0)
+        assert b"hold" not in encode(Heartbeat(1.0))
+        assert decode(encode(Heartbeat(1.0, None, 0.25, 5, 6))) == Heartbeat(1.0, None, 0.25, 5, 6)

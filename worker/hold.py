@@ -1,0 +1,76 @@
+"""Holding step telemetry while memory is far from the daemon's bands, so many steps cost the daemon one wakeup.
+
+Every Step frame wakes the daemon, and a wakeup on a machine busy with training costs it far more than the
+frame itself (cold caches). Far from the warn band nothing urgent rides on a step's telemetry: the daemon's
+own footprint samples guard the budget, and the leak prediction only needs steps near the band. So while the
+daemon allows it (its heartbeats carry ``hold``, ``hold_below`` and ``hold_horizon``, see
+``protocol.messages.Heartbeat``), a calm step's frame is held, and the held frames go out together when one
+of them has waited ``hold`` seconds. A step that is not calm (its footprint plus transient, or the footprint's
+trend ``hold_horizon`` steps ahead, reaches ``hold_below``) goes out at once with the held ones before it:
+the edge trigger. So do any frame other than a step (held steps go first, order is kept), and every step of a
+worker that has not been told to hold. A command from the daemon stops holding until its next heartbeat.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+MAX_HELD = 1000  # frames held at most (about 130 kB): a very fast loop sends a burst before the timer
+
+
+class StepHold:
+    """Which frames to send now; pure bookkeeping (no socket), the clock is injectable."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_held: int = MAX_HELD) -> None:
+        self.clock = clock
+        self.max_held = max_held
+        self.hold = 0.0  # seconds a calm step may wait; 0: send every step at once
+        self.below = 0
+        self.horizon = 0
+        self.held: list[bytes] = []
+        self.held_since = 0.0
+        self._last: tuple[int, int] | None = None  # (step, footprint) of the previous step
+        self._sent_a_step = False
+
+    def configure(self, hold: float | None, below: int | None, horizon: int | None) -> None:
+        """What the daemon's latest heartbeat allows (any field absent: hold nothing)."""
+        if hold is None or below is None or horizon is None:
+            self.hold = 0.0
+        else:
+            self.hold, self.below, self.horizon = max(0.0, hold), below, horizon
+
+    def stop_holding(self) -> None:
+        """The daemon is acting (it sent a command): every step at once until it says otherwise."""
+        self.hold = 0.0
+
+    def calm(self, step: int, footprint: int, transient: int) -> bool:
+        """Whether this step is far enough from the band to wait; updates the trend."""
+        last, self._last = self._last, (step, footprint)
+        if self.hold <= 0 or not self._sent_a_step:
+            return False  # not allowed, or the first step of this process (restarts are timed by it)
+        trend = 0.0
+        if last is not None and step > last[0]:
+            trend = max(0.0, (footprint - last[1]) / (step - last[0]))
+        return footprint + transient < self.below and footprint + trend * self.horizon < self.below
+
+    def step(self, frame: bytes, step: int, footprint: int, transient: int) -> list[bytes]:
+        """A step's frame: [] when it is held, else every frame to send now, in order."""
+        if self.calm(step, footprint, transient) and len(self.held) < self.max_held and not self.due():
+            if not self.held:
+                self.held_since = self.clock()
+            self.held.append(frame)
+            return []
+        self._sent_a_step = True
+        return self.release(frame)
+
+    def release(self, frame: bytes | None = None) -> list[bytes]:
+        """The held frames (and ``frame`` after them), to send now."""
+        frames, self.held = self.held, []
+        if frame is not None:
+            frames.append(frame)
+        return frames
+
+    def due(self) -> bool:
+        """Whether the oldest held frame has waited ``hold`` seconds (or holding was stopped)."""
+        return bool(self.held) and (self.hold <= 0 or self.clock() - self.held_since >= self.hold)
