@@ -149,6 +149,27 @@ class TestRoundTrip:
         assert ckpt is not None and ckpt.optimizer == {}
         assert_same_arrays(ckpt.model, model)
 
+    def test_a_file_with_gaps_between_tensors_is_verified_from_disk_then_loaded(self, tmp_path: Path) -> None:
+        """Another writer may leave bytes between tensors: the hash of the file is then taken from disk."""
+        path = save_step(tmp_path, 1)
+        target = path / "model.safetensors"
+        model = arrays_for(1)[0]
+        spans, data = {}, b""
+        for key, array in model.items():
+            raw = bytes(memoryview(array.reshape(-1)))
+            spans[key] = {"dtype": {mx.float32: "F32", mx.float16: "F16"}[array.dtype], "shape": list(array.shape),
+                          "data_offsets": [len(data), len(data) + len(raw)]}
+            data += raw + b"\xee" * 8  # a gap after each tensor
+        header = json.dumps(spans).encode()
+        target.write_bytes(len(header).to_bytes(8, "little") + header + data)
+        meta = json.loads((path / "meta.json").read_text())
+        sums = ck._checksums(target, sync=False, sha256=True, crc32=False)
+        meta["files"]["model.safetensors"] = {"sha256": sums.sha256, "bytes": sums.size}
+        (path / "meta.json").write_text(json.dumps(meta))
+        ckpt = load_latest(tmp_path)
+        assert ckpt is not None and ckpt.step == 1
+        assert_same_arrays(ckpt.model, model)
+
     def test_rejects_reserved_meta_keys_and_bad_keep(self, tmp_path: Path) -> None:
         model, optimizer = arrays_for(1)
         with pytest.raises(ValueError, match="reserved"):
@@ -221,8 +242,55 @@ def delete_model_file(path: Path) -> None:
     (path / "model.safetensors").unlink()
 
 
+def _header_end(target: Path) -> int:
+    return 8 + int.from_bytes(target.read_bytes()[:8], "little")
+
+
+def flip_first_tensor_byte(path: Path) -> None:
+    target = path / "model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[_header_end(target)] ^= 0x80  # the first byte of the first tensor in the file
+    target.write_bytes(bytes(data))
+
+
+def rename_tensor_in_header(path: Path) -> None:
+    target = path / "model.safetensors"
+    data = target.read_bytes()
+    target.write_bytes(data.replace(b'"l.bias"', b'"l.bjas"', 1))  # still a valid layout: only the hash notices
+
+
+def reshape_tensor_in_header(path: Path) -> None:
+    target = path / "model.safetensors"
+    data = target.read_bytes()
+    target.write_bytes(data.replace(b"[16,8]", b"[99,8]", 1))  # no longer fills its bytes
+
+
+def flip_header_length(path: Path) -> None:
+    target = path / "optimizer.safetensors"
+    data = bytearray(target.read_bytes())
+    data[0] ^= 0x04
+    target.write_bytes(bytes(data))
+
+
+def append_byte(path: Path) -> None:
+    with open(path / "model.safetensors", "ab") as fh:
+        fh.write(b"\0")
+
+
+def claim_a_huge_tensor(path: Path) -> None:
+    """The header says the first tensor has 2**40 elements; the file keeps its size (its data is cut short)."""
+    target = path / "model.safetensors"
+    data = target.read_bytes()
+    end = _header_end(target)
+    header = data[8:end].replace(b"[16,8]", b"[1099511627776]", 1)
+    target.write_bytes(len(header).to_bytes(8, "little") + header + data[end:len(data) - (len(header) - (end - 8))])
+    assert target.stat().st_size == len(data)
+
+
 DAMAGE = [
     truncate_model, flip_byte_optimizer, delete_meta, garbage_meta, meta_without_files, delete_model_file,
+    flip_first_tensor_byte, rename_tensor_in_header, reshape_tensor_in_header, flip_header_length, append_byte,
+    claim_a_huge_tensor,
 ]
 
 
@@ -241,6 +309,29 @@ class TestDamage:
         assert len(events) == 1 and events[0][0] == "checkpoint_damaged"
         assert events[0][1]["path"] == str(newest) and events[0][1]["problem"]
         assert newest.is_dir() and latest_step(tmp_path) == 2  # left for the operator
+
+    @pytest.mark.parametrize("damage", [None, flip_byte_optimizer, flip_first_tensor_byte], ids=str)
+    def test_without_a_crc32_the_sha256_is_checked(self, tmp_path: Path, damage: Any) -> None:
+        """Checkpoints written before the CRC-32 was stored (or by other SDKs) are verified by SHA-256."""
+        save_step(tmp_path, 1)
+        newest = save_step(tmp_path, 2)
+        meta = json.loads((newest / "meta.json").read_text())
+        for entry in meta["files"].values():
+            del entry["crc32"]
+        (newest / "meta.json").write_text(json.dumps(meta))
+        if damage is not None:
+            damage(newest)
+        ckpt = load_latest(tmp_path)
+        assert ckpt is not None and ckpt.step == (2 if damage is None else 1)
+
+    def test_the_checksums_stored_are_those_of_the_files(self, tmp_path: Path) -> None:
+        import hashlib
+        import zlib
+
+        path = save_step(tmp_path, 1)
+        for name, entry in json.loads((path / "meta.json").read_text())["files"].items():
+            data = (path / name).read_bytes()
+            assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "crc32": zlib.crc32(data)}
 
     def test_all_damaged_returns_none_after_logging_each(self, tmp_path: Path) -> None:
         paths = [save_step(tmp_path, step) for step in (1, 2, 3)]

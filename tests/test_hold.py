@@ -4,6 +4,10 @@ tested in tests/test_supervise.py."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from typing import Any
+
 from protocol import Heartbeat
 from supervisor.core.policy import Limits, PolicyConfig, hold_horizon, hold_threshold
 from worker.hold import StepHold
@@ -96,3 +100,62 @@ class TestDaemonSide:
         assert decode(encode(Heartbeat(1.0))) == Heartbeat(1.0)
         assert b"hold" not in encode(Heartbeat(1.0))
         assert decode(encode(Heartbeat(1.0, None, 0.25, 5, 6))) == Heartbeat(1.0, None, 0.25, 5, 6)
+
+
+class TestSessionHolding:
+    """A real Session over a real socket: held steps arrive together, in order, and none is lost."""
+
+    @staticmethod
+    def steps_received(router: Any, wait_ms: int) -> list[int]:
+        from protocol import Step, decode
+
+        got: list[int] = []
+        while router.poll(wait_ms):
+            message = decode(router.recv_multipart()[1])
+            if isinstance(message, Step):
+                got.append(message.step)
+            wait_ms = 50
+        return got
+
+    def test_calm_steps_wait_until_an_urgent_step_the_pulse_or_close(
+            self, tmp_path: Path) -> None:
+        import zmq
+
+        from protocol import encode
+        from worker.session import Session, SessionSettings
+
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        endpoint = f"ipc://{tmp_path / 'w.sock'}"
+        router.bind(endpoint)
+        session = Session(SessionSettings(endpoint=endpoint, token="t" * 32, orphan_timeout=60), 100, batch=8)
+        def tell(hold: float, below: int) -> None:
+            """A daemon heartbeat with the hold fields; returns once the session's pulse thread has read it."""
+            router.send_multipart([identity, encode(Heartbeat(time.time(), None, hold, below, 6))])
+            deadline = time.monotonic() + 10
+            while (session._hold.hold, session._hold.below) != (hold, below) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        try:
+            session.end_step(1, 1.0)
+            identity = router.recv_multipart()[0]  # the hello
+            assert self.steps_received(router, 2000) == [1]
+            tell(30.0, 1 << 50)
+            for step in range(2, 6):
+                session.end_step(step, 1.0)
+            assert self.steps_received(router, 600) == []  # held: calm, and 30 s allowed
+            tell(30.0, 1)  # now every footprint is near the band
+            session.end_step(6, 1.0)
+            assert self.steps_received(router, 2000) == [2, 3, 4, 5, 6]  # at once, the held ones first
+            tell(0.3, 1 << 50)
+            session.end_step(7, 1.0)
+            session.end_step(8, 1.0)
+            assert self.steps_received(router, 3000) == [7, 8]  # the pulse thread sent them after 0.3 s
+            session.end_step(9, 1.0)
+            session.end_step(10, 1.0)
+        finally:
+            session.close()
+        assert self.steps_received(router, 2000) == [9, 10]  # close sends what was held
+        router.close(linger=0)
+        context.term()

@@ -16,10 +16,13 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
 import re
 import secrets
 import shutil
+import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
 FORMAT = 1
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
-_CHUNK = 1 << 20
+_CHUNK = 4 << 20
 _RESERVED = ("step", "created", "format", "files")
 # .tmp: a checkpoint being written; .trash: the previous copy of a step being replaced (restorable);
 # .prune: an old checkpoint being deleted (renamed first so a half-deleted one never looks complete).
@@ -125,8 +128,8 @@ def _write_contents(tmp: Path, step: int, model: dict[str, mx.array], optimizer:
     for name, arrays in ((MODEL_FILE, model), (OPTIMIZER_FILE, optimizer)):
         path = tmp / name
         mx.save_safetensors(str(path), arrays)  # an empty dict gives a valid, tensor-less file
-        digest, size = _hash_file(path, sync=True)
-        files[name] = {"sha256": digest, "bytes": size}
+        sums = _checksums(path, sync=True, sha256=True, crc32=True)
+        files[name] = {"sha256": sums.sha256, "crc32": sums.crc32, "bytes": sums.size}
     record = {**meta, "step": step, "created": time.time(), "format": FORMAT, "files": files}
     with open(tmp / META_FILE, "w", encoding="utf-8") as fh:
         json.dump(record, fh, indent=1, sort_keys=True)
@@ -174,12 +177,16 @@ def _load_verified(path: Path) -> Checkpoint:
     meta = _read_meta(path)
     for name, expected in meta["files"].items():
         try:
-            digest, size = _hash_file(path / name, sync=False)
+            # The CRC-32 (when the writer stored one) catches truncation and bit flips at twice SHA-256's speed.
+            fast = isinstance(expected.get("crc32"), int)
+            sums = _checksums(path / name, sync=False, sha256=not fast, crc32=fast)
         except OSError as exc:
             raise _Damaged(f"{name}: {exc.strerror or exc}") from exc
-        if size != expected["bytes"]:
-            raise _Damaged(f"{name}: {size} bytes, expected {expected['bytes']}")
-        if digest != expected["sha256"]:
+        if sums.size != expected["bytes"]:
+            raise _Damaged(f"{name}: {sums.size} bytes, expected {expected['bytes']}")
+        if fast and sums.crc32 != expected["crc32"]:
+            raise _Damaged(f"{name}: crc32 mismatch")
+        if not fast and sums.sha256 != expected["sha256"]:
             raise _Damaged(f"{name}: sha256 mismatch")
     arrays: list[dict[str, mx.array]] = []
     for name in (MODEL_FILE, OPTIMIZER_FILE):
@@ -209,6 +216,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     files = meta.get("files")
     if not isinstance(files, dict) or set(files) != {MODEL_FILE, OPTIMIZER_FILE} or not all(
         isinstance(f, dict) and isinstance(f.get("sha256"), str) and isinstance(f.get("bytes"), int)
+        and isinstance(f.get("crc32", 0), int)
         for f in files.values()
     ):
         raise _Damaged(f"{META_FILE}: missing or malformed 'files' checksums")
@@ -251,17 +259,74 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _hash_file(path: Path, *, sync: bool) -> tuple[str, int]:
-    """SHA-256 and size of a file, read in 1 MiB chunks; with ``sync`` also fsync it."""
-    digest = hashlib.sha256()
+@dataclass(frozen=True)
+class _Sums:
+    size: int
+    sha256: str | None
+    crc32: int | None
+
+
+def _checksums(path: Path, *, sync: bool, sha256: bool, crc32: bool) -> _Sums:
+    """Size and the chosen checksums of a file; with ``sync`` it is also made durable (``full_fsync``).
+
+    The file is read once, sequentially, in large chunks, while a thread per checksum works on the chunks
+    already read (hashlib and zlib release the GIL), and the sync runs in a thread of its own: the time is about
+    the longest of these, not their sum. A load reads the file from disk only here; ``mx.load`` then copies it
+    from the page cache.
+    """
+    digest, crc = hashlib.sha256(), [0]
+    consumers: list[Callable[[bytes], object]] = []
+    if sha256:
+        consumers.append(digest.update)
+    if crc32:
+        consumers.append(lambda chunk: crc.__setitem__(0, zlib.crc32(chunk, crc[0])))
+    queues: list[queue.Queue[bytes | None]] = [queue.Queue(maxsize=4) for _ in consumers]  # bounds the memory
+    threads = [threading.Thread(target=_consume, args=(q, fn), name="checkpoint-sum", daemon=True)
+               for q, fn in zip(queues, consumers, strict=True)]
+    for thread in threads:
+        thread.start()
     size = 0
-    with open(path, "rb") as fh:
-        if sync:
-            full_fsync(fh.fileno())
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            syncing = _Background(full_fsync, fh.fileno()) if sync else None
+            try:
+                while chunk := fh.read(_CHUNK):
+                    for q in queues:
+                        q.put(chunk)
+                    size += len(chunk)
+            finally:
+                if syncing is not None:
+                    syncing.result()  # raises what the sync raised (a full disk, an I/O error)
+    finally:
+        for q, thread in zip(queues, threads, strict=True):
+            q.put(None)
+            thread.join()
+    return _Sums(size, digest.hexdigest() if sha256 else None, crc[0] if crc32 else None)
+
+
+class _Background:
+    """``function(*args)`` in a thread; ``result()`` waits for it and raises what it raised."""
+
+    def __init__(self, function: Callable[..., object], *args: object) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(function, args), name="checkpoint-sync", daemon=True)
+        self._thread.start()
+
+    def _run(self, function: Callable[..., object], args: tuple[object, ...]) -> None:
+        try:
+            function(*args)
+        except BaseException as exc:  # handed to the caller's thread by result()
+            self._error = exc
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _consume(chunks: queue.Queue[bytes | None], checksum: Callable[[bytes], object]) -> None:
+    while (chunk := chunks.get()) is not None:
+        checksum(chunk)
 
 
 def _ensure_dir(directory: Path) -> None:
