@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import analysis, ckpt_io, control, goodput, mlx_lm, overhead, reaction, report
+from bench import analysis, ckpt_io, control, daemon_cost, goodput, mlx_lm, overhead, reaction, report
 from bench.common import ROOT, SMALL, BenchError, atomic_write_json
 
 
@@ -36,6 +36,7 @@ class Plan:
     control_requests: int
     flood_messages: int
     flood_linger: float
+    daemon_window: float  # seconds of steady streaming each daemon CPU figure is measured over
     mlx_lm_iters: int
     mlx_lm_pairs: int
     mlx_lm_restart_iters: int
@@ -43,10 +44,10 @@ class Plan:
 
 FULL = Plan(overhead_steps=600, overhead_pairs=11, sdk_calls=5000, reaction_steps=40, goodput_steps=1000,
             ckpt_mb=100, ckpt_rounds=5, idle_seconds=10.0, control_requests=500, flood_messages=50_000,
-            flood_linger=3.0, mlx_lm_iters=100, mlx_lm_pairs=9, mlx_lm_restart_iters=40)
+            flood_linger=3.0, mlx_lm_iters=100, mlx_lm_pairs=9, mlx_lm_restart_iters=40, daemon_window=15.0)
 QUICK = Plan(overhead_steps=100, overhead_pairs=1, sdk_calls=1000, reaction_steps=12, goodput_steps=100,
              ckpt_mb=10, ckpt_rounds=1, idle_seconds=2.0, control_requests=50, flood_messages=2000,
-             flood_linger=1.0, mlx_lm_iters=20, mlx_lm_pairs=1, mlx_lm_restart_iters=20)
+             flood_linger=1.0, mlx_lm_iters=20, mlx_lm_pairs=1, mlx_lm_restart_iters=20, daemon_window=2.0)
 RUN_TIMEOUT = 600.0  # seconds any one child may take before its group is killed
 SECTION_ERRORS = (BenchError, OSError, subprocess.SubprocessError, KeyError, ValueError, TypeError)
 
@@ -79,9 +80,14 @@ def _mlx_lm(work: Path, plan: Plan) -> dict[str, Any]:
     return mlx_lm.measure(work, plan.mlx_lm_iters, plan.mlx_lm_pairs, plan.mlx_lm_restart_iters, RUN_TIMEOUT)
 
 
+def _daemon(work: Path, plan: Plan) -> dict[str, Any]:
+    return {"sweep": daemon_cost.sweep(work / "sweep", plan.daemon_window),
+            "sixteen_jobs": daemon_cost.sixteen_jobs(work / "sixteen", plan.daemon_window, plan.control_requests)}
+
+
 SECTIONS: list[tuple[str, Callable[[Path, Plan], dict[str, Any]]]] = [
     ("overhead", _overhead), ("reaction", _reaction), ("goodput", _goodput), ("checkpoint", _checkpoint),
-    ("control", _control), ("mlx_lm", _mlx_lm),
+    ("control", _control), ("daemon", _daemon), ("mlx_lm", _mlx_lm),
 ]
 
 
@@ -127,6 +133,21 @@ def collect(details: dict[str, Any]) -> dict[str, Any]:
         "daemon_idle_cpu_fraction": ctl.get("daemon_idle_cpu_fraction"),
         "daemon_rss_bytes": ctl.get("daemon_rss_bytes"),
         "mlx_lm_ratio": details.get("mlx_lm", {}).get("mlx_lm_ratio"),
+        **_daemon_metrics(details.get("daemon", {})),
+    }
+
+
+def _daemon_metrics(daemon: dict[str, Any]) -> dict[str, Any]:
+    """The step-rate sweep and the 16-job figures: daemon CPU per 1000 telemetry messages and per second."""
+    sweep, sixteen = daemon.get("sweep", {}), daemon.get("sixteen_jobs", {})
+    by_rate = {str(row["rate"]): row for row in sweep.get("rates", [])}
+    return {
+        "daemon_cpu_ms_per_1000_msgs": {rate: row.get("daemon_cpu_ms_per_1000_msgs") for rate, row in by_rate.items()},
+        "daemon_cpu_fraction_by_rate": {rate: row.get("daemon_cpu_fraction") for rate, row in by_rate.items()},
+        "daemon_sweep_fit": {"fixed": sweep.get("fixed_cpu_fraction"),
+                             "marginal": sweep.get("marginal_cpu_ms_per_1000_msgs")},
+        "sixteen_jobs": {k: sixteen.get(k) for k in ("daemon_cpu_fraction", "daemon_cpu_ms_per_1000_msgs",
+                                                     "steps_per_s", "control_p50_ms", "control_p99_ms")},
     }
 
 

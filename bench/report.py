@@ -46,6 +46,18 @@ def _mib(value: Any) -> str:
     return f"{value / MiB:.1f} MiB" if isinstance(value, int | float) else "null"
 
 
+def _fractions(value: Any) -> str:
+    if not isinstance(value, dict) or not value:
+        return "null"
+    return " / ".join(f"{v * 100:.2f} %" if isinstance(v, int | float) else "null" for v in value.values())
+
+
+def _fit(value: Any) -> str:
+    if not isinstance(value, dict) or value.get("fixed") is None:
+        return "null"
+    return f"{value['fixed'] * 100:.2f} % + {value['marginal']:.1f} ms"
+
+
 def _count(value: Any) -> str:
     return f"{value:,.0f}" if isinstance(value, int | float) else "null"
 
@@ -85,6 +97,13 @@ ROWS: list[tuple[str, tuple[str, ...], Target, Callable[[Any], str]]] = [
     ("control_p99_ms ('status' round trip)", ("control_p99_ms",), Target("<=", 10), _ms),
     ("telemetry_msgs_per_s (daemon ingest)", ("telemetry_msgs_per_s",), Target(">=", 1000), _count),
     ("daemon_idle_cpu_fraction", ("daemon_idle_cpu_fraction",), Target("<=", 0.01), _percent),
+    ("daemon CPU per 1000 msgs at 10 steps/s", ("daemon_cpu_ms_per_1000_msgs", "10"), Target(), _ms),
+    ("daemon CPU per 1000 msgs at 100 steps/s", ("daemon_cpu_ms_per_1000_msgs", "100"), Target(), _ms),
+    ("daemon CPU per 1000 msgs at 1000 steps/s", ("daemon_cpu_ms_per_1000_msgs", "1000"), Target(), _ms),
+    ("  daemon CPU at 10 / 100 / 1000 steps/s", ("daemon_cpu_fraction_by_rate",), Target(), _fractions),
+    ("  fixed (per second) + marginal (per 1000 msgs)", ("daemon_sweep_fit",), Target(), _fit),
+    ("16 jobs configured, 4 running: daemon CPU", ("sixteen_jobs", "daemon_cpu_fraction"), Target(), _percent),
+    ("16 jobs: control_p99_ms ('status' round trip)", ("sixteen_jobs", "control_p99_ms"), Target("<=", 10), _ms),
     ("daemon_rss_bytes", ("daemon_rss_bytes",), Target("<=", 100 * MiB), _mib),
     ("mlx_lm_ratio (supervised/plain mlx_lm.lora it/s)", ("mlx_lm_ratio",), Target(">=", 0.98), _ratio),
     ("  CPU of the training phase: plain ÷ supervised worker", ("details", "mlx_lm", "mlx_lm_cpu_ratio"), Target(),
