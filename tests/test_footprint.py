@@ -188,6 +188,25 @@ class TestGroupSampler:
             samples.append(sampler.sample(2.0 + len(samples)))
         assert not any(s.complete for s in samples) and samples[-1].bytes == 0
 
+    def test_statm_reads_agree_with_psutil_and_stop_at_the_reaped_process(self, spawn: Spawn) -> None:
+        """On Linux a member's RSS is one pread of its statm, kept open: what psutil reads, and never a recycled
+        pid's once the process is reaped. Without procfs the sampler reads through psutil."""
+        leader = spawn(PARENT, ALLOCATE, self.GRANDCHILD)
+        tell(leader, "spawn")
+        sampler, fallback = GroupSampler(leader.pid), GroupSampler(leader.pid)
+        fallback._procfs = False
+        with_statm, with_psutil = sampler.sample(0.0), fallback.sample(0.0)
+        assert (with_statm.pids, with_statm.complete) == (2, True) == (with_psutil.pids, with_psutil.complete)
+        assert with_statm.bytes == pytest.approx(with_psutil.bytes, rel=0.05)
+        assert len(sampler._statm) == (2 if sampler._procfs else 0)
+        os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait(timeout=10)
+        assert sampler._read(leader.pid) is None  # reaped: the kept descriptor answers ESRCH
+        assert leader.pid not in sampler._statm
+        sampler.close()
+        fallback.close()
+        assert sampler._statm == {}
+
     def test_pid_that_never_existed(self, spawn: Spawn) -> None:
         gone = spawn("pass")
         gone.wait(timeout=10)

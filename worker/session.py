@@ -41,6 +41,7 @@ from worker.hold import StepHold
 from worker.pulse import Pulse
 
 ENV_PREFIX = "MLXSUP_"
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,8 +310,9 @@ class Session:
         sock = self._socket
         if sock is None:
             return
-        # EVENTS is a cheap getsockopt; poll() would build a Poller per call on the per-step path.
-        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        # EVENTS is a cheap getsockopt; poll() would build a Poller per call on the per-step path. Plain ints:
+        # masking with the zmq.POLLIN enum member builds a flag object every step.
+        while int(sock.getsockopt(_EVENTS)) & _POLLIN:
             frame = sock.recv(zmq.NOBLOCK)
             try:
                 message = decode(frame)

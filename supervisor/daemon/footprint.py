@@ -91,6 +91,26 @@ def _scanned_group_pids(pgid: int) -> list[int]:
     return members
 
 
+class _Statm:
+    """RSS of one process from its ``/proc/<pid>/statm``, opened once: a sample is one ``pread`` instead of
+    psutil's open, read, parse and close. Once the process is reaped the descriptor answers ESRCH, so a recycled
+    pid is never read through it; a zombie reads 0."""
+
+    PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def __init__(self, pid: int) -> None:
+        self.fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY)  # OSError when the pid does not exist (any more)
+
+    def read(self) -> int | None:
+        try:
+            return int(os.pread(self.fd, 128, 0).split(None, 2)[1]) * self.PAGE_SIZE  # "size resident shared ..."
+        except OSError:  # ESRCH: gone
+            return None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class GroupSampler:
     """Samples the footprint of a worker's process group."""
 
@@ -103,6 +123,8 @@ class GroupSampler:
         self._next_refresh = -math.inf
         self._members: list[int] = [pid]
         self._macos = darwin() is not None
+        self._procfs = not self._macos and os.path.isdir("/proc/self")
+        self._statm: dict[int, _Statm] = {}
         self._processes: dict[int, psutil.Process] = {}
 
     def sample(self, now: float) -> GroupSample:
@@ -128,8 +150,17 @@ class GroupSampler:
             self._next_refresh = now
         return GroupSample(total, count, complete)
 
+    def close(self) -> None:
+        """Release what the sampler keeps open (the group is gone)."""
+        for statm in self._statm.values():
+            statm.close()
+        self._statm.clear()
+        self._processes.clear()
+
     def _refresh(self) -> None:
         members = [self.pid, *(pid for pid in group_pids(self.pid) if pid != self.pid)]
+        for pid in [pid for pid in self._statm if pid not in members]:
+            self._statm.pop(pid).close()
         self._processes = {pid: proc for pid, proc in self._processes.items() if pid in members}
         self._members = members
 
@@ -139,12 +170,26 @@ class GroupSampler:
                 return phys_footprint(pid)
             except FootprintUnreadable:
                 return None
+        if self._procfs:
+            return self._read_statm(pid)
         try:
             proc = self._processes.get(pid) or self._processes.setdefault(pid, psutil.Process(pid))
             return int(proc.memory_info().rss)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             self._processes.pop(pid, None)
             return None
+
+    def _read_statm(self, pid: int) -> int | None:
+        statm = self._statm.get(pid)
+        if statm is None:
+            try:
+                statm = self._statm[pid] = _Statm(pid)
+            except OSError:  # gone (or not ours)
+                return None
+        footprint = statm.read()
+        if footprint is None:
+            self._statm.pop(pid).close()
+        return footprint
 
 
 # --- the machine ------------------------------------------------------------------------------------------

@@ -119,6 +119,7 @@ class RealProcess:
         if self._returncode is None and self._leader_exited():
             self._sweep()  # before reaping: the zombie leader still reserves its pid and process group
             self._returncode = self._popen.wait()
+            self._sampler.close()
         return self._returncode
 
     def _leader_exited(self) -> bool:
