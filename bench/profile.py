@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench.common import PYTHON, SMALL, BenchError, Child, short_run_dir, write_config
 from bench.daemon_cost import LiveDaemon, synthetic_job, thread_cpu
 
@@ -134,15 +136,28 @@ def profile_window(pid: int, seconds: float, rate: int, out: Path) -> dict[str, 
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         raise BenchError("py-spy is not installed (pip install py-spy)")
-    cpu0, started = thread_cpu(pid), time.time()
+    cpu0, workers0, started = thread_cpu(pid), _children_cpu(pid), time.time()
     time.sleep(seconds)
-    cpu1, ended = thread_cpu(pid), time.time()
+    cpu1, workers1, ended = thread_cpu(pid), _children_cpu(pid), time.time()
     argv = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
             "--format", "raw", "-o", str(out)]
     code = subprocess.run(argv, capture_output=True, timeout=seconds + 60, check=False).returncode
     if code != 0 or not out.exists():
         raise BenchError(f"py-spy exited {code}")
-    return {"start": started, "end": ended, "cpu": {k: cpu1[k] - cpu0[k] for k in cpu0}}
+    worker_cpu = sum(cpu - workers0[child] for child, cpu in workers1.items() if child in workers0)
+    return {"start": started, "end": ended, "cpu": {k: cpu1[k] - cpu0[k] for k in cpu0}, "worker_cpu": worker_cpu}
+
+
+def _children_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each descendant of the daemon (its workers)."""
+    cpu: dict[int, float] = {}
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        cpu[child.pid] = times.user + times.system
+    return cpu
 
 
 def table(counts: collections.Counter[str], window: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -157,6 +172,7 @@ def table(counts: collections.Counter[str], window: dict[str, Any], steps: int) 
                                          "us_per_msg": round(other * 1e6 / steps, 2),
                                          "ms_per_s": round(other * 1e3 / seconds, 3)}
     return {"steps": steps, "seconds": round(seconds, 2), "steps_per_s": round(steps / seconds, 1),
+            "worker_cpu_us_per_msg": round(window["worker_cpu"] * 1e6 / steps, 1),
             "daemon_cpu_s": round(main + other, 4), "daemon_cpu_us_per_msg": round((main + other) * 1e6 / steps, 2),
             "daemon_cpu_fraction": round((main + other) / seconds, 5), "samples": total, "idle_samples": idle,
             "components": rows}
@@ -166,7 +182,9 @@ def render(result: dict[str, Any]) -> str:
     """The component table as text: samples, share, µs per message, ms per second."""
     lines = [f"{result['steps']} steps in {result['seconds']} s ({result['steps_per_s']}/s); daemon CPU "
              f"{result['daemon_cpu_s']} s = {result['daemon_cpu_us_per_msg']} µs/msg, "
-             f"{result['daemon_cpu_fraction'] * 100:.2f} % of a core; {result['samples']} samples "
+             f"{result['daemon_cpu_fraction'] * 100:.2f} % of a core "
+             f"(worker: {result['worker_cpu_us_per_msg']} µs/msg); "
+             f"{result['samples']} samples "
              f"(+{result['idle_samples']} idle)",
              f"{'component':<34} {'samples':>7} {'share':>6} {'µs/msg':>8} {'ms/s':>7}"]
     for name, row in result["components"].items():
