@@ -29,6 +29,7 @@ from protocol import (
     Hello,
     ProtocolError,
     Step,
+    Welcome,
     decode,
     encode,
 )
@@ -254,6 +255,8 @@ class Session:
             elif isinstance(message, Command):
                 self._last_heard = time.time()
                 commands.append(message)
+            elif isinstance(message, Welcome):  # version 1 is the only one yet: nothing to switch
+                self._last_heard = time.time()
         if os.getppid() != self._parent:
             self._stop_reason = "daemon_lost"
         elif time.time() - self._last_heard > self.settings.orphan_timeout:
