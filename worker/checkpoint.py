@@ -1,21 +1,20 @@
 """Durable, verified checkpoint I/O for MLX training.
 
-A checkpoint is a directory ``ckpt-{step:010d}/`` holding ``model.safetensors``, ``optimizer.safetensors``
-and ``meta.json`` (written last, with the size and SHA-256 of every other file). It is built in a
-``.tmp-ckpt-*`` directory, fsynced, and renamed into place, so a crash at any moment leaves either the old set
-of checkpoints or the new one, never a half-written ``ckpt-*``. Loading verifies every checksum and falls back
-to older checkpoints.
+The format is ``protocol.checkpoints`` (any SDK may store any files); the Python SDK stores
+``model.safetensors`` and ``optimizer.safetensors`` beside ``meta.json`` (written last, with the size and
+SHA-256 of every other file). A checkpoint is built in a ``.tmp-ckpt-*`` directory, fsynced, and renamed into
+place, so a crash at any moment leaves either the old set of checkpoints or the new one, never a half-written
+``ckpt-*``. Loading verifies every checksum and falls back to older checkpoints.
 
-``list_checkpoints`` and ``latest_step`` only look at names and never import mlx: the daemon calls them.
+``list_checkpoints`` and ``latest_step`` (from ``protocol.checkpoints``) only look at names and never import
+mlx: the daemon calls them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import time
@@ -24,19 +23,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from protocol.checkpoints import (
+    FORMAT,
+    META_FILE,
+    RESERVED_META,
+    SCRATCH,
+    CheckpointDamaged,
+    checkpoint_name,
+    latest_step,
+    list_checkpoints,
+    step_of,
+    verify,
+)
+from protocol.checkpoints import hash_file as _hash_file
+
 if TYPE_CHECKING:
     import mlx.core as mx
 
-FORMAT = 1
+__all__ = ["FORMAT", "META_FILE", "Checkpoint", "CheckpointError", "latest_step", "list_checkpoints",
+           "load_latest", "save_checkpoint"]
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
-META_FILE = "meta.json"
-_CHUNK = 1 << 20
-_RESERVED = ("step", "created", "format", "files")
-_NAME = re.compile(r"ckpt-(\d{10,})")
-# .tmp: a checkpoint being written; .trash: the previous copy of a step being replaced (restorable);
-# .prune: an old checkpoint being deleted (renamed first so a half-deleted one never looks complete).
-_SCRATCH = re.compile(r"\.(tmp|trash|prune)-ckpt-(\d+)-(\d+)-[0-9a-f]+")
 # Scratch directories this process is writing right now; anything else with our pid is left over from a
 # previous process that had the same pid (pids are reused, e.g. in a fresh container).
 _IN_FLIGHT: set[str] = set()
@@ -46,10 +53,6 @@ LogFn = Callable[[str, dict[str, Any]], None]
 
 class CheckpointError(Exception):
     """A checkpoint could not be written or none could be loaded; message names the path and problem."""
-
-
-class _Damaged(Exception):
-    """A checkpoint directory failed verification (internal; load_latest logs it and moves on)."""
 
 
 @dataclass(frozen=True)
@@ -63,23 +66,6 @@ class Checkpoint:
     optimizer: dict[str, mx.array]
 
 
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint directories in ``directory``, oldest first by step; by name only, nothing is verified."""
-    try:
-        entries = list(os.scandir(directory))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    found = [(int(m.group(1)), Path(e.path)) for e in entries
-             if (m := _NAME.fullmatch(e.name)) and e.is_dir(follow_symlinks=False)]
-    return [path for _, path in sorted(found)]
-
-
-def latest_step(directory: Path) -> int | None:
-    """Step of the newest checkpoint by name (cheap, unverified); None when there is none."""
-    paths = list_checkpoints(directory)
-    return _step_of(paths[-1]) if paths else None
-
-
 def save_checkpoint(directory: Path, step: int, model: dict[str, mx.array], optimizer: dict[str, mx.array],
                     meta: dict[str, Any], keep: int = 3) -> Path:
     """Durably write checkpoint ``step`` into ``directory``, keep the newest ``keep``, and return its path.
@@ -89,12 +75,12 @@ def save_checkpoint(directory: Path, step: int, model: dict[str, mx.array], opti
     """
     if keep < 1 or step < 0:
         raise ValueError(f"keep must be >= 1 and step >= 0 (got keep={keep}, step={step})")
-    if clash := [key for key in _RESERVED if key in meta]:
+    if clash := [key for key in RESERVED_META if key in meta]:
         raise ValueError(f"meta keys {clash} are reserved by the checkpoint format")
     json.dumps(meta)  # fail with TypeError before touching the disk if meta is not JSON
     directory = Path(directory)
     tmp = directory / f".tmp-ckpt-{step}-{os.getpid()}-{secrets.token_hex(4)}"
-    final = directory / f"ckpt-{step:010d}"
+    final = directory / checkpoint_name(step)
     _IN_FLIGHT.add(tmp.name)
     try:
         _ensure_dir(directory)
@@ -126,7 +112,7 @@ def load_latest(directory: Path, log: LogFn | None = None) -> Checkpoint | None:
     for path in reversed(list_checkpoints(directory)):
         try:
             return _load_verified(path)
-        except _Damaged as exc:
+        except CheckpointDamaged as exc:
             if log is not None:
                 log("checkpoint_damaged", {"path": str(path), "problem": str(exc)})
     return None
@@ -155,7 +141,7 @@ def _install(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``, first moving an existing ``final`` aside (rename cannot replace a dir)."""
     trash: Path | None = None
     if os.path.lexists(final):
-        trash = final.parent / f".trash-ckpt-{_step_of(final)}-{os.getpid()}-{secrets.token_hex(4)}"
+        trash = final.parent / f".trash-ckpt-{step_of(final)}-{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(final, trash)
     try:
         os.rename(tmp, final)
@@ -175,7 +161,7 @@ def _prune(directory: Path, saved: Path, keep: int) -> None:
     """
     others = [path for path in list_checkpoints(directory) if path != saved]
     for path in others[: max(0, len(others) - (keep - 1))]:
-        doomed = directory / f".prune-ckpt-{_step_of(path)}-{os.getpid()}-{secrets.token_hex(4)}"
+        doomed = directory / f".prune-ckpt-{step_of(path)}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             os.rename(path, doomed)
         except OSError:
@@ -187,48 +173,21 @@ def _load_verified(path: Path) -> Checkpoint:
     """Verify meta.json and every checksum of one checkpoint, then load and evaluate its arrays."""
     import mlx.core as mx  # lazily: the daemon imports this module without mlx
 
-    meta = _read_meta(path)
-    for name, expected in meta["files"].items():
-        try:
-            digest, size = _hash_file(path / name, sync=False)
-        except OSError as exc:
-            raise _Damaged(f"{name}: {exc.strerror or exc}") from exc
-        if size != expected["bytes"]:
-            raise _Damaged(f"{name}: {size} bytes, expected {expected['bytes']}")
-        if digest != expected["sha256"]:
-            raise _Damaged(f"{name}: sha256 mismatch")
+    meta = verify(path)
+    if set(meta["files"]) != {MODEL_FILE, OPTIMIZER_FILE}:
+        raise CheckpointDamaged(f"{META_FILE}: lists {sorted(meta['files'])}, expected the Python SDK's "
+                                f"{MODEL_FILE} and {OPTIMIZER_FILE}")
     arrays: list[dict[str, mx.array]] = []
     for name in (MODEL_FILE, OPTIMIZER_FILE):
         try:
             loaded = mx.load(str(path / name))
             if not isinstance(loaded, dict):
-                raise _Damaged(f"{name}: not a safetensors file")
+                raise CheckpointDamaged(f"{name}: not a safetensors file")
             mx.eval(list(loaded.values()))  # read now: the caller may delete the files afterwards
         except (RuntimeError, ValueError, OSError) as exc:
-            raise _Damaged(f"{name}: {exc}") from exc
+            raise CheckpointDamaged(f"{name}: {exc}") from exc
         arrays.append(loaded)
     return Checkpoint(path=path, step=meta["step"], meta=meta, model=arrays[0], optimizer=arrays[1])
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    """Parse meta.json and check the fields verification relies on."""
-    try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise _Damaged(f"{META_FILE}: {exc.strerror or exc}") from exc
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise _Damaged(f"{META_FILE}: not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise _Damaged(f"{META_FILE}: not a format-{FORMAT} checkpoint record")
-    if meta.get("step") != _step_of(path):
-        raise _Damaged(f"{META_FILE}: step {meta.get('step')!r} does not match the directory name")
-    files = meta.get("files")
-    if not isinstance(files, dict) or set(files) != {MODEL_FILE, OPTIMIZER_FILE} or not all(
-        isinstance(f, dict) and isinstance(f.get("sha256"), str) and isinstance(f.get("bytes"), int)
-        for f in files.values()
-    ):
-        raise _Damaged(f"{META_FILE}: missing or malformed 'files' checksums")
-    return meta
 
 
 def _clean_scratch(directory: Path) -> None:
@@ -238,11 +197,11 @@ def _clean_scratch(directory: Path) -> None:
     except OSError:
         return  # nothing to clean; a save reports the real problem when it tries to write
     for entry in entries:
-        match = _SCRATCH.fullmatch(entry.name)
+        match = SCRATCH.fullmatch(entry.name)
         if match is None or entry.name in _IN_FLIGHT or _alive(int(match.group(3))):
             continue
         kind, step = match.group(1), int(match.group(2))
-        final = directory / f"ckpt-{step:010d}"
+        final = directory / checkpoint_name(step)
         if kind == "trash" and not os.path.lexists(final):
             # The writer died between moving the old copy aside and renaming the new one in: the old copy
             # is a complete checkpoint, so put it back rather than lose the step.
@@ -265,19 +224,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _hash_file(path: Path, *, sync: bool) -> tuple[str, int]:
-    """SHA-256 and size of a file, read in 1 MiB chunks; with ``sync`` also fsync it."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        if sync:
-            os.fsync(fh.fileno())
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def _ensure_dir(directory: Path) -> None:
@@ -303,8 +249,3 @@ def _remove(path: Path) -> None:
         return
     with contextlib.suppress(OSError):  # e.g. the parent is not a directory: nothing of ours to remove
         path.unlink(missing_ok=True)
-
-
-def _step_of(path: Path) -> int:
-    """The step encoded in a ``ckpt-{step:010d}`` directory name."""
-    return int(path.name.removeprefix("ckpt-"))
