@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[plot]"
 	rm -rf .demo
 	$(VENV)/bin/mlxsupd run -c deploy/demo.toml demo --summary .demo/summary.json
-	$(PY) -m supervisor.plot .demo/state/jobs/demo --summary .demo/summary.json -o .demo/memory.png
+	$(PY) -m supervisor.tools.plot .demo/state/jobs/demo --summary .demo/summary.json -o .demo/memory.png
 	@echo "summary: .demo/summary.json  plot: .demo/memory.png"
 
 test: $(STAMP)

@@ -124,7 +124,7 @@ def collect(details: dict[str, Any]) -> dict[str, Any]:
 
 def _plots(details: dict[str, Any], out_dir: Path) -> dict[str, str]:
     """Memory plots of the adaptive leak run and the peak run, when matplotlib is installed."""
-    from supervisor.plot import PlotError, limits_from_summary, plot_job
+    from supervisor.tools.plot import PlotError, limits_from_summary, plot_job
 
     jobs = {"leak-adaptive": details.get("goodput", {}).get("arms", {}).get("supervised", {}).get("job_dir"),
             "peak-reaction": details.get("reaction", {}).get("job_dir")}

@@ -139,15 +139,15 @@ class SupervisedRun:
 
 def run_supervised(work: Path, job: dict[str, Any], timeout: float, name: str = "j") -> SupervisedRun:
     """Supervise one job with ``mlxsupd run`` in ``work`` (its state dir) and collect what it recorded."""
-    from supervisor.history import read_history
-    from supervisor.recorder import read_records
+    from supervisor.daemon.history import read_history
+    from supervisor.daemon.recorder import read_records
 
     work.mkdir(parents=True, exist_ok=True)
     summary_path = work / "summary.json"
     with short_run_dir() as run_dir:
         config = write_config(work / "mlxsup.toml", {"run_dir": str(run_dir), "state_dir": str(work / "state")},
                               {name: job})
-        argv = [PYTHON, "-m", "supervisor.cli", "run", "-c", str(config), name, "--summary", str(summary_path),
+        argv = [PYTHON, "-m", "supervisor.cli.mlxsupd", "run", "-c", str(config), name, "--summary", str(summary_path),
                 "--log-format", "json"]
         started = time.monotonic()
         code, cpu = run_child_rusage(argv, timeout, log=work / "mlxsupd.log")

@@ -1,9 +1,9 @@
 """Control plane and daemon footprint: idle CPU and RSS, control-request latency, telemetry ingest rate.
 
-- daemon idle: ``python -m supervisor.cli -c CONFIG`` (service mode, foreground) with two jobs that do not
+- daemon idle: ``python -m supervisor.cli.mlxsupd -c CONFIG`` (service mode, foreground) with two jobs that do not
   autostart; after a settling second, CPU time (user + system, psutil) over ``idle_seconds`` ÷ wall, and
   RSS at the end. Then SIGTERM: it should exit 0 within a few seconds.
-- control latency: when ``supervisor.control_client.ControlClient`` exists (feature-detected: the control
+- control latency: when ``supervisor.control.client.ControlClient`` exists (feature-detected: the control
   plane is being built alongside), ``status`` requests round-tripped over the daemon's ipc control socket
   while it idles, p50/p99 in ms; null with a note otherwise.
 - telemetry ingest: a synthetic worker (``bench.flood``, spawned by ``mlxsupd run`` with its token) floods
@@ -41,7 +41,7 @@ NOT_BUILT = "control plane not built yet"
 def control_client_class() -> Any | None:
     """``ControlClient`` when the control plane is importable and has the request API we use, else None."""
     try:
-        module = importlib.import_module("supervisor.control_client")
+        module = importlib.import_module("supervisor.control.client")
     except ImportError:
         return None
     client = getattr(module, "ControlClient", None)
@@ -108,7 +108,7 @@ def daemon_idle(work: Path, idle_seconds: float, requests: int) -> dict[str, Any
     with short_run_dir() as run_dir:
         config = write_config(work / "mlxsupd.toml", {"run_dir": str(run_dir), "state_dir": str(work / "state")},
                               {"a": job, "b": job})
-        argv = [PYTHON, "-m", "supervisor.cli", "-c", str(config), "--log-format", "json"]
+        argv = [PYTHON, "-m", "supervisor.cli.mlxsupd", "-c", str(config), "--log-format", "json"]
         with open(work / "daemon.log", "ab") as log, Child(argv, stdout=log, stderr=subprocess.STDOUT) as child:
             control_up = _wait_for(run_dir / "control.sock", child, 5.0)
             if not _wait_for(run_dir / "workers.sock", child, 5.0):

@@ -27,6 +27,22 @@ class Request:
     args: dict[str, Any]
 
 
+class ControlError(Exception):
+    """A request that cannot be done; ``code`` is stable for scripts, the message names the problem."""
+
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_COMMAND = "unknown_command"
+    NO_SUCH_JOB = "no_such_job"
+    BAD_STATE = "bad_state"
+    BAD_VALUE = "bad_value"
+    INTERNAL = "internal"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class RequestError(ProtocolError):
     """A malformed request; ``request_id`` is the id when it could still be read, so the reply can echo it."""
 

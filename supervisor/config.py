@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from supervisor import paths
-from supervisor.policy import Limits
-from supervisor.sizes import SizeError, parse_budget, parse_bytes, parse_fraction_of
+from supervisor.core.policy import Limits
+from supervisor.core.sizes import SizeError, parse_budget, parse_bytes, parse_fraction_of
 
 
 class ConfigError(ValueError):
@@ -161,7 +161,7 @@ def parse_config(raw: dict[str, Any], path: Path, total_memory: int | None = Non
 
 
 def _total_memory() -> int:
-    from supervisor.footprint import system_memory
+    from supervisor.daemon.footprint import system_memory
 
     return system_memory()[1]
 

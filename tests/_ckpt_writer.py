@@ -13,7 +13,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from worker.checkpoint import latest_step, save_checkpoint
+from protocol.checkpoints import latest_step
+from worker.checkpoint import save_checkpoint
 
 
 def main() -> None:

@@ -103,4 +103,4 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
 
 
 def mlxsupd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "supervisor.cli", *args]
+    return [sys.executable, "-m", "supervisor.cli.mlxsupd", *args]

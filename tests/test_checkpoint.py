@@ -22,15 +22,10 @@ import mlx.optimizers as optim
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
+from protocol import checkpoints as names
+from protocol.checkpoints import latest_step, list_checkpoints
 from worker import checkpoint as ck
-from worker.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    latest_step,
-    list_checkpoints,
-    load_latest,
-    save_checkpoint,
-)
+from worker.checkpoint import Checkpoint, CheckpointError, load_latest, save_checkpoint
 
 WRITER = Path(__file__).with_name("_ckpt_writer.py")
 # The directory worker.checkpoint was imported from, so subprocesses import the very same module.
@@ -280,7 +275,7 @@ class TestListing:
         probe = (
             "import importlib.util, sys\n"
             "from pathlib import Path\n"
-            f"spec = importlib.util.spec_from_file_location('ckpt_probe', {ck.__file__!r})\n"
+            f"spec = importlib.util.spec_from_file_location('ckpt_probe', {names.__file__!r})\n"
             "mod = importlib.util.module_from_spec(spec); sys.modules['ckpt_probe'] = mod\n"
             "spec.loader.exec_module(mod)\n"
             f"print(mod.latest_step({where}), len(mod.list_checkpoints({where})))\n"

@@ -95,7 +95,7 @@ class TestInvalid:
 
     def test_daemon_exits_2_naming_the_key(self, tmp_path: Path) -> None:
         path = write(tmp_path, "[jobs.a]\nbudget = 'lots'\n")
-        done = subprocess.run([sys.executable, "-m", "supervisor.cli", "run", "-c", str(path), "a"],
+        done = subprocess.run([sys.executable, "-m", "supervisor.cli.mlxsupd", "run", "-c", str(path), "a"],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 2
         assert "jobs.a" in done.stderr and "lots" in done.stderr
@@ -105,7 +105,7 @@ class TestReference:
     """README's config reference is the generated one."""
 
     def test_readme_matches_generated_reference(self) -> None:
-        from supervisor.docs import config_reference
+        from supervisor.tools.docs import config_reference
 
         root = Path(__file__).resolve().parent.parent
         assert config_reference() in (root / "README.md").read_text()

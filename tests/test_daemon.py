@@ -17,7 +17,7 @@ import msgpack
 import pytest
 import zmq
 
-from supervisor.history import read_history
+from supervisor.daemon.history import read_history
 from tests.conftest import SMALL, mlxsupd
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,8 @@ class Daemon:
         self.wait(lambda: self.ctl("version").returncode == 0, 30, "daemon answers")
 
     def ctl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "supervisor.ctl", "-c", str(self.config), "--json", "--timeout", "3", *args]
+        argv = [sys.executable, "-m", "supervisor.cli.mlxsupctl", "-c", str(self.config), "--json", "--timeout", "3",
+                *args]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
     def json(self, *args: str) -> Any:
@@ -120,7 +121,7 @@ class TestCommands:
     def test_tail_history_signal_version_help(self, daemon: Any) -> None:
         d = daemon()
         d.wait(running(d, "leaky", "steady"), 60, "both jobs running")
-        follow = subprocess.run([sys.executable, "-m", "supervisor.ctl", "-c", str(d.config), "tail", "-f",
+        follow = subprocess.run([sys.executable, "-m", "supervisor.cli.mlxsupctl", "-c", str(d.config), "tail", "-f",
                                  "steady", "telemetry", "--seconds", "3"], capture_output=True, text=True, timeout=30)
         records = [json.loads(line) for line in follow.stdout.splitlines()]
         assert len(records) >= 3 and all("step" in r and "footprint" in r for r in records)
@@ -254,7 +255,7 @@ class TestAuthentication:
     def test_curve(self, daemon: Any, tmp_path: Path) -> None:
         keys = tmp_path / "keys"
         for name in ("server", "alice", "mallory"):
-            subprocess.run([sys.executable, "-m", "supervisor.ctl", "keygen", name, "--dir", str(keys)],
+            subprocess.run([sys.executable, "-m", "supervisor.cli.mlxsupctl", "keygen", name, "--dir", str(keys)],
                            check=True, capture_output=True, timeout=30)
         assert oct(os.stat(keys / "alice.key_secret").st_mode & 0o777) == "0o600"
         (tmp_path / "authorized").write_text((keys / "alice.key").read_text())
@@ -262,7 +263,7 @@ class TestAuthentication:
         d = daemon({"steady": {**two_jobs()["steady"], "autostart": False}},
                    control={"tcp": f"tcp://127.0.0.1:{port}", "server_key": str(keys / "server.key_secret"),
                             "authorized_keys": str(tmp_path / "authorized")})
-        remote = [sys.executable, "-m", "supervisor.ctl", "-s", f"tcp://127.0.0.1:{port}", "--timeout", "2",
+        remote = [sys.executable, "-m", "supervisor.cli.mlxsupctl", "-s", f"tcp://127.0.0.1:{port}", "--timeout", "2",
                   "--json"]
         ok = subprocess.run([*remote, "--key", str(keys / "alice.key_secret"), "--server-key",
                              str(keys / "server.key"), "version"], capture_output=True, text=True, timeout=30)
@@ -297,7 +298,7 @@ class TestExampleConfig:
         config = root / "deploy" / "mlxsup.example.toml"
         env = {"HOME": str(tmp_path), "XDG_RUNTIME_DIR": str(run_dir), "XDG_STATE_HOME": str(tmp_path / "xdg")}
         proc = spawn(mlxsupd("-c", str(config)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ctl = [sys.executable, "-m", "supervisor.ctl", "-c", str(config), "--json"]
+        ctl = [sys.executable, "-m", "supervisor.cli.mlxsupctl", "-c", str(config), "--json"]
         full_env = {**os.environ, **env}
         deadline = time.monotonic() + 90
         states: dict[str, str] = {}
@@ -360,11 +361,11 @@ class TestInteractive:
     def test_shell_and_top(self, daemon: Any) -> None:
         d = daemon()
         d.wait(running(d, "leaky", "steady"), 60, "both running")
-        shell = subprocess.run([sys.executable, "-m", "supervisor.ctl", "-c", str(d.config)],
+        shell = subprocess.run([sys.executable, "-m", "supervisor.cli.mlxsupctl", "-c", str(d.config)],
                                input="help\nstatus steady\nbogus\nquit\n", capture_output=True, text=True, timeout=30)
         assert shell.returncode == 0
         assert "checkpoint" in shell.stdout and "steady" in shell.stdout and "RUNNING" in shell.stdout
-        top = subprocess.run([sys.executable, "-m", "supervisor.ctl", "-c", str(d.config), "top", "--once"],
+        top = subprocess.run([sys.executable, "-m", "supervisor.cli.mlxsupctl", "-c", str(d.config), "top", "--once"],
                              capture_output=True, text=True, timeout=30)
         lines = top.stdout.splitlines()
         assert top.returncode == 0 and lines[0].startswith("JOB")
@@ -377,7 +378,7 @@ class TestAuthorizedKeys:
 
     def test_formats(self, tmp_path: Path) -> None:
         from supervisor.config import ConfigError
-        from supervisor.control import read_authorized_keys
+        from supervisor.control.server import read_authorized_keys
 
         key = "iR+c]@Nlb@)e8u#NeVdOov8@Io&.J3SWlk03e+<<"
         path = tmp_path / "keys"

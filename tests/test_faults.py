@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from supervisor.config import parse_config
-from supervisor.daemon import Daemon, RunDirError, prepare_run_dir
-from supervisor.system import RealProcess
+from supervisor.daemon.loop import Daemon
+from supervisor.daemon.rundir import RunDirError, prepare_run_dir
+from supervisor.daemon.system import RealProcess
 from tests.faults.process_faults import NS_LAST_PID, RacyPopen
 
 ROOT = Path(__file__).resolve().parent.parent

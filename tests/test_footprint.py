@@ -16,16 +16,10 @@ from typing import Any
 import psutil
 import pytest
 
-from supervisor import footprint
-from supervisor.footprint import (
-    RUSAGE_INFO_V2,
-    GroupSample,
-    GroupSampler,
-    pressure_level,
-    process_footprint,
-    self_footprint,
-    system_memory,
-)
+from protocol import footprint as protocol_footprint
+from protocol.footprint import RUSAGE_INFO_V2, self_footprint
+from supervisor.daemon import footprint
+from supervisor.daemon.footprint import GroupSample, GroupSampler, pressure_level, process_footprint, system_memory
 
 MiB = 1024 * 1024
 PAGE = 4096
@@ -246,7 +240,7 @@ class TestMacosApisWithFakes:
     """The macOS ctypes paths, driven by Python fakes of the C functions (runs on every platform)."""
 
     def test_rusage_info_v2_layout_matches_sys_resource_h(self) -> None:
-        struct = footprint._rusage_info_v2_type()
+        struct = protocol_footprint._rusage_info_v2_type()
         assert ctypes.sizeof(struct) == 16 + 18 * 8
         assert struct.ri_resident_size.offset == 64
         assert struct.ri_phys_footprint.offset == 72
@@ -265,11 +259,11 @@ class TestMacosApisWithFakes:
             ctypes.c_uint64.from_address(address + 72).value = 3 * 1024**3 + 5  # ri_phys_footprint
             return 0
 
-        assert footprint._macos_phys_footprint(4242, fake_proc_pid_rusage) == 3 * 1024**3 + 5
+        assert protocol_footprint._macos_phys_footprint(4242, fake_proc_pid_rusage) == 3 * 1024**3 + 5
         assert calls == [(4242, 2)]
 
     def test_macos_phys_footprint_is_none_when_fake_libproc_fails(self) -> None:
-        assert footprint._macos_phys_footprint(4242, lambda pid, flavor, buffer: -1) is None
+        assert protocol_footprint._macos_phys_footprint(4242, lambda pid, flavor, buffer: -1) is None
 
     def test_macos_pressure_level_read_from_fake_sysctlbyname(self) -> None:
         def fake_sysctlbyname(name: bytes, old: Any, old_size: Any, new: Any, new_size: int) -> int:
@@ -301,7 +295,7 @@ class TestMachine:
             assert pressure_level() is None
 
     def test_import_pulls_in_neither_ctypes_nor_mlx(self) -> None:
-        probe = "import sys, supervisor.footprint; print(sorted({'ctypes', 'mlx'} & set(sys.modules)))"
+        probe = "import sys, supervisor.daemon.footprint; print(sorted({'ctypes', 'mlx'} & set(sys.modules)))"
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True)
         assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr

@@ -14,10 +14,10 @@ import pytest
 
 from protocol import Command, Hello, Step, decode
 from supervisor.config import JobConfig
-from supervisor.footprint import GroupSample
-from supervisor.job import Job, JobPaths
-from supervisor.policy import Limits
-from supervisor.states import JobState
+from supervisor.core.policy import Limits
+from supervisor.core.states import JobState
+from supervisor.daemon.footprint import GroupSample
+from supervisor.daemon.job import Job, JobPaths
 
 MiB = 2**20
 

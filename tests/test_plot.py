@@ -1,4 +1,4 @@
-"""supervisor.plot: memory plots from a real supervised run's telemetry and history."""
+"""supervisor.tools.plot: memory plots from a real supervised run's telemetry and history."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.plot import NoTelemetry, PlotError, PlotUnavailable, main, plot_job, resolve_limits
+from supervisor.tools.plot import NoTelemetry, PlotError, PlotUnavailable, main, plot_job, resolve_limits
 from tests.conftest import SMALL, mlxsupd
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

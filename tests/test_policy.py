@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from supervisor.policy import (
+from supervisor.core.policy import (
     Action,
     Diagnosis,
     Estimator,

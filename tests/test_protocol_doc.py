@@ -57,5 +57,5 @@ class TestEnvironment:
     def test_environment_table_matches_daemon_and_sdk(self) -> None:
         documented = set(re.findall(r"^\| `(MLXSUP_\w+)` \|", SPEC, flags=re.M))
         read = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(SessionSettings)}
-        set_by_daemon = set(re.findall(r'"(MLXSUP_\w+)"', (ROOT / "supervisor" / "job.py").read_text()))
+        set_by_daemon = set(re.findall(r'"(MLXSUP_\w+)"', (ROOT / "supervisor" / "daemon" / "job.py").read_text()))
         assert documented == read == set_by_daemon

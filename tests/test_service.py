@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.service import (
+from supervisor.install.units import (
     LABEL,
     UNIT,
     add_service_parser,
@@ -43,7 +43,7 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="in
 def example_files() -> dict[str, bytes]:
     """The committed examples, keyed by path relative to deploy/: rendered with placeholder paths."""
     def prog(python: str) -> list[str]:
-        return [python, "-m", "supervisor.cli"]
+        return [python, "-m", "supervisor.cli.mlxsupd"]
 
     agent_cfg = Path("/Users/you/Library/Application Support/mlx-supervisor/mlxsup.toml")
     daemon_cfg = Path("/Library/Application Support/mlx-supervisor/mlxsup.toml")
@@ -147,7 +147,7 @@ class TestPlist:
         assert plist["Label"] == LABEL
         argv = plist["ProgramArguments"]
         assert Path(argv[0]).is_absolute() and Path(argv[0]).exists()
-        assert argv[1:] == ["-m", "supervisor.cli", "-c", str(config)] and Path(argv[-1]).is_absolute()
+        assert argv[1:] == ["-m", "supervisor.cli.mlxsupd", "-c", str(config)] and Path(argv[-1]).is_absolute()
         assert plist["KeepAlive"] == {"SuccessfulExit": False} and plist["RunAtLoad"] is True
         assert plist["ExitTimeOut"] == 235 and plist["ThrottleInterval"] > 0
         assert plist["ProcessType"] == "Standard"
@@ -172,7 +172,7 @@ class TestPlist:
 
     def test_relative_paths_are_rejected(self, config: Path) -> None:
         with pytest.raises(ValueError, match="absolute"):
-            render_plist(["python", "-m", "supervisor.cli"], config, config.parent, config.parent)
+            render_plist(["python", "-m", "supervisor.cli.mlxsupd"], config, config.parent, config.parent)
         with pytest.raises(ValueError, match="absolute"):
             render_plist(daemon_program(), Path("mlxsup.toml"), config.parent, config.parent)
 
@@ -388,7 +388,7 @@ class TestRefusals:
 
 
 class TestCommandLine:
-    """The parser: `service` under a parent parser owning -c, and the `python -m supervisor.service` entry."""
+    """The parser: `service` under a parent parser owning -c, and the `python -m supervisor.install.units` entry."""
 
     def parser(self) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(prog="mlxsupctl")
@@ -414,7 +414,7 @@ class TestCommandLine:
         assert exc.value.code == 2
 
     def test_module_entry_point(self, home: Path, config: Path) -> None:
-        argv = [sys.executable, "-m", "supervisor.service", "install", "--dry-run", "--platform", "macos",
+        argv = [sys.executable, "-m", "supervisor.install.units", "install", "--dry-run", "--platform", "macos",
                 "-c", str(config)]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
                               env={**os.environ, "HOME": str(home)})

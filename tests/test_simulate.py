@@ -1,4 +1,4 @@
-"""The policy replayed on a synthetic 72 GiB machine (supervisor.simulate): behaviours, output and CLI."""
+"""The policy replayed on a synthetic 72 GiB machine (supervisor.tools.simulate): behaviours, output and CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.simulate import POLICIES, Result, build_parser, scenario_from_args, simulate
+from supervisor.tools.simulate import POLICIES, Result, build_parser, scenario_from_args, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 LEAK = ("--memory", "72GiB", "--leak-mb", "100", "--steps", "10000", "--batch", "64")
@@ -29,7 +29,7 @@ def run(*argv: str, policy: str = "adaptive") -> Result:
 
 
 def cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "supervisor.simulate", *argv], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "supervisor.tools.simulate", *argv], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.sizes import SizeError, format_bytes, parse_budget, parse_bytes, parse_fraction_of
+from supervisor.core.sizes import SizeError, format_bytes, parse_budget, parse_bytes, parse_fraction_of
 
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 TOTAL = int(23.4 * GiB)  # a 24 GB machine as psutil reports it

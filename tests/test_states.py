@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.states import TERMINAL_STATES, TRANSITIONS, JobState, TransitionError, check_transition
+from supervisor.core.states import TERMINAL_STATES, TRANSITIONS, JobState, TransitionError, check_transition
 
 
 class TestTable:

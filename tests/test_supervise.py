@@ -11,7 +11,7 @@ from typing import Any
 import psutil
 import pytest
 
-from supervisor.history import read_history
+from supervisor.daemon.history import read_history
 from tests.conftest import SMALL, mlxsupd
 
 pytestmark = pytest.mark.slow

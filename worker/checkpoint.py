@@ -6,8 +6,7 @@ SHA-256 of every other file). A checkpoint is built in a ``.tmp-ckpt-*`` directo
 place, so a crash at any moment leaves either the old set of checkpoints or the new one, never a half-written
 ``ckpt-*``. Loading verifies every checksum and falls back to older checkpoints.
 
-``list_checkpoints`` and ``latest_step`` (from ``protocol.checkpoints``) only look at names and never import
-mlx: the daemon calls them.
+Names (``list_checkpoints``, ``latest_step``) come from ``protocol.checkpoints``, which the daemon reads.
 """
 
 from __future__ import annotations

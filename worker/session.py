@@ -33,8 +33,8 @@ from protocol import (
     decode,
     encode,
 )
+from protocol.footprint import self_footprint
 from protocol.messages import EXIT_CHECKPOINTED
-from supervisor.footprint import self_footprint
 from worker import checkpoint as ckpt
 
 ENV_PREFIX = "MLXSUP_"

@@ -36,6 +36,7 @@ CHECKS: dict[str, str] = {
     "keep_checkpoints": "at most MLXSUP_KEEP_CHECKPOINTS checkpoints are kept, the newest among them",
     "finish": "running to target_steps: final checkpoint, goodbye finished, exit 0",
 }
+TIMING_WINDOW = 1.0  # seconds of steps over which step_seconds must add up to the wall time
 NEEDS = {"resume": {"checkpoint_exit"}, "keep_checkpoints": {"checkpoint_exit", "lost_daemon", "sigterm"}}
 _BAD_FRAMES: list[tuple[bytes, ...]] = [
     (b"\xc1",), (b"",), (b"not msgpack at all",), (msgpack.packb([1, "command", "checkpoint_exit"]),),
@@ -133,22 +134,26 @@ def _check_telemetry(life: Life, report: Report, options: Options, hello: Hello)
     for _ in range(6):
         items.extend(life.steps(1, options.timeout))
         rss.append(life.rss())
+    while items[-1][0] - items[0][0] < TIMING_WINDOW and len(items) < 200:
+        items.extend(life.steps(1, options.timeout))  # a window long enough to outweigh our own scheduling
     steps = [step for _, step in items]
     problems = []
     numbers = [s.step for s in steps]
-    if numbers != list(range(hello.start_step + 1, hello.start_step + 1 + len(steps))):
-        problems.append(f"steps {numbers}: expected consecutive steps from start_step + 1")
+    expected = list(range(hello.start_step + 1, hello.start_step + 1 + len(steps)))
+    if numbers != expected:
+        problems.append(f"steps {numbers[:8]}...: expected consecutive steps from {expected[0]}")
     if any((s.batch, s.accum) != (hello.batch, hello.accum) for s in steps):
         problems.append("batch or accum differ from the hello's")
     if any(not s.step_seconds > 0 or s.tokens_per_second < 0 for s in steps):
         problems.append("step_seconds must be > 0 and tokens_per_second >= 0")
     wall = items[-1][0] - items[0][0]
     reported = sum(s.step_seconds for s in steps[1:])
-    if not abs(reported - wall) <= max(0.5 * wall, 0.05):
+    if not abs(reported - wall) <= 0.5 * wall + 0.25:
         problems.append(f"step_seconds add up to {reported:.3f} over {wall:.3f} s of wall time: seconds expected")
-    ratios = [s.footprint / r for s, r in zip(steps, rss, strict=True) if r]
+    sampled = steps[: len(rss)]
+    ratios = [s.footprint / r for s, r in zip(sampled, rss, strict=True) if r]
     if not ratios or not all(0.25 <= x <= 4 for x in ratios):
-        problems.append(f"footprint {steps[-1].footprint} vs resident set {rss[-1]}: bytes of the worker expected")
+        problems.append(f"footprint {sampled[-1].footprint} vs resident set {rss[-1]}: bytes of the worker expected")
     if any(s.mlx_peak and s.mlx_active > s.mlx_peak for s in steps):
         problems.append("mlx_peak below mlx_active: the peak since the previous step cannot be below it")
     mean_ms = 1000 * sum(s.step_seconds for s in steps) / len(steps)
@@ -184,14 +189,12 @@ def _check_robustness(life: Life, report: Report, options: Options) -> None:
     report.begin("malformed_frames_survived")
     for parts in _BAD_FRAMES:
         life.send_raw(*parts)
-    until = time.monotonic() + 0.3  # long enough for a worker that acts on bad frames to show it
-    while True:
-        life.steps(1, options.timeout)  # refuses a checkpoint or goodbye caused by an invalid frame
-        if time.monotonic() >= until:
-            break
+    # A valid command right behind them: its checkpoint must be the only effect. A worker that acted on an
+    # invalid frame (most of them ask for checkpoint_exit) shows a second checkpoint or a goodbye here.
     life.send(Command(Command.CHECKPOINT, "fence"))
     life.expect_a(CheckpointSaved, "checkpoint_saved for a valid command after the malformed frames",
                   options.timeout, refuse=_not_done)
+    life.steps(3, options.timeout)  # refuses a checkpoint or goodbye caused by an invalid frame
     report.record("malformed_frames_survived", [],
                   f"{len(_BAD_FRAMES)} malformed frames dropped, next valid command honoured")
     report.begin("unknown_fields_ignored")

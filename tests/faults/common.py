@@ -23,7 +23,7 @@ from typing import IO, Any
 import psutil
 
 from supervisor.config import write_config
-from supervisor.history import read_jsonl as json_lines  # noqa: F401 - the campaign reads logs with it
+from supervisor.daemon.history import read_jsonl as json_lines  # noqa: F401 - the campaign reads logs with it
 from tests.faults.wire import answers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ class Area:
         return write_config(self.root / "mlxsup.toml", keys, jobs)
 
     def history(self, job: str) -> list[dict[str, Any]]:
-        from supervisor.history import read_history
+        from supervisor.daemon.history import read_history
 
         return read_history(self.job_dir(job) / "history.jsonl")
 
@@ -158,7 +158,7 @@ def group(argv: list[str], log: Path | None = None, mark: str = "", env: dict[st
 
 
 def mlxsupd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "supervisor.cli", *args]
+    return [sys.executable, "-m", "supervisor.cli.mlxsupd", *args]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

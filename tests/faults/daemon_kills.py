@@ -14,6 +14,7 @@ import random
 import signal
 import time
 
+from protocol.checkpoints import latest_step
 from tests.faults.common import (
     SMALL,
     Area,
@@ -29,7 +30,6 @@ from tests.faults.common import (
     wait_until,
 )
 from tests.faults.wire import Control
-from worker.checkpoint import latest_step
 
 ORPHAN_LIMIT = 5.0  # seconds the orphaned worker may take to checkpoint and exit
 

@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from protocol.checkpoints import list_checkpoints
 from tests.faults.common import (
     MODEL,
     SMALL,
@@ -32,7 +33,6 @@ from tests.faults.common import (
     wait_until,
 )
 from tests.faults.wire import Control
-from worker.checkpoint import list_checkpoints
 
 ATTEMPTS = 3
 BACKOFF = 0.2

@@ -14,7 +14,7 @@ import msgpack
 from hypothesis import strategies as st
 
 from protocol import CheckpointSaved, Goodbye, Heartbeat, Hello, Message, Step, encode
-from supervisor.commands import REGISTRY
+from supervisor.control.commands import REGISTRY
 
 POISON = "__fuzz__"
 OVERSIZED = 300 * 1024  # above the control protocol's 256 KiB but under the socket's hard limit: error reply

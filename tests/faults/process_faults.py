@@ -22,7 +22,8 @@ from typing import Any
 
 import psutil
 
-from supervisor.system import RealProcess
+from protocol.checkpoints import latest_step
+from supervisor.daemon.system import RealProcess
 from tests.faults.common import (
     SMALL,
     Area,
@@ -34,7 +35,6 @@ from tests.faults.common import (
     wait_until,
 )
 from tests.faults.wire import Control
-from worker.checkpoint import latest_step
 
 NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
 HANG_TIMEOUT = 2.0

@@ -18,7 +18,7 @@ import zmq
 import zmq.auth
 
 from protocol import CheckpointSaved, Goodbye, Hello, Step, encode
-from supervisor.daemon import RunDirError, prepare_run_dir
+from supervisor.daemon.rundir import RunDirError, prepare_run_dir
 from tests.faults.common import (
     SMALL,
     Area,

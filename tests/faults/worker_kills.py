@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 
+from protocol.checkpoints import latest_step
 from tests.faults.common import (
     MODEL,
     Area,
@@ -33,7 +34,6 @@ from tests.faults.common import (
     wait_until,
     worker_of,
 )
-from worker.checkpoint import latest_step
 
 STEPS_PER_KILL = 3  # job length: enough steps that the kills run out before the training does
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from supervisor.footprint import GroupSample, GroupSampler, pressure_level, system_memory
+from supervisor.daemon.footprint import GroupSample, GroupSampler, pressure_level, system_memory
 
 
 class WorkerProcess(Protocol):

@@ -8,7 +8,7 @@ where a worker exited (a restart) and where the batch changed (annotated ``batch
 matplotlib is optional (``pip install 'mlx-supervisor[plot]'``) and imported only when a plot is drawn, with
 the non-interactive Agg canvas, so the daemon never pays for it.
 
-    python -m supervisor.plot JOB_DIR -o memory.png [--summary summary.json]
+    python -m supervisor.tools.plot JOB_DIR -o memory.png [--summary summary.json]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from supervisor.history import read_history
-from supervisor.recorder import read_records
+from supervisor.daemon.history import read_history
+from supervisor.daemon.recorder import read_records
 
 FORMATS = (".png", ".svg")
 INSTALL_HINT = "pip install 'mlx-supervisor[plot]'"
@@ -249,7 +249,7 @@ def _title(name: str, series: Series) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m supervisor.plot",
+    parser = argparse.ArgumentParser(prog="python -m supervisor.tools.plot",
                                      description="Plot a supervised job's memory against time and step.")
     parser.add_argument("job_dir", type=Path, help="the job's state directory (<state_dir>/jobs/NAME)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output file, .png or .svg")

@@ -6,13 +6,14 @@ import argparse
 import signal as signals
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from supervisor.commands.base import ControlCommand, ControlError, job_of
-from supervisor.sizes import SizeError, format_bytes, parse_budget, parse_fraction_of
-from supervisor.states import PROCESS_STATES, STARTABLE_STATES
+from protocol.control import ControlError
+from supervisor.control.commands.base import ControlCommand, job_of
+from supervisor.core.sizes import SizeError, format_bytes, parse_budget, parse_fraction_of
+from supervisor.core.states import PROCESS_STATES, STARTABLE_STATES
 
 if TYPE_CHECKING:
-    from supervisor.job import Job
-    from supervisor.service_main import DaemonService
+    from supervisor.daemon.job import Job
+    from supervisor.daemon.server import DaemonService
 
 SIGNALS = ("TERM", "KILL", "INT", "HUP", "USR1", "USR2", "STOP", "CONT")
 
@@ -135,7 +136,7 @@ class Budget(ControlCommand):
             total = daemon.daemon.total_memory
             try:
                 budget = parse_budget(args["value"], total)
-                from supervisor.policy import Limits
+                from supervisor.core.policy import Limits
 
                 limits = Limits(parse_fraction_of(job.config.warn, budget), budget,
                                 parse_fraction_of(job.config.kill, budget))

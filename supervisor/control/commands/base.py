@@ -10,25 +10,11 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from protocol.control import ControlError
+
 if TYPE_CHECKING:
-    from supervisor.job import Job
-    from supervisor.service_main import DaemonService
-
-
-class ControlError(Exception):
-    """A request that cannot be done; ``code`` is stable for scripts, the message names the problem."""
-
-    BAD_REQUEST = "bad_request"
-    UNKNOWN_COMMAND = "unknown_command"
-    NO_SUCH_JOB = "no_such_job"
-    BAD_STATE = "bad_state"
-    BAD_VALUE = "bad_value"
-    INTERNAL = "internal"
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    from supervisor.daemon.job import Job
+    from supervisor.daemon.server import DaemonService
 
 
 class ControlCommand:

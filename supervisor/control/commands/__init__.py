@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from supervisor.commands.base import ControlCommand, ControlError
-from supervisor.commands.daemon import Help, Reread, Shutdown, Update, Version
-from supervisor.commands.jobs import Budget, Checkpoint, History, Restart, Signal, Start, Status, Stop
-from supervisor.commands.tail import Tail
+from protocol.control import ControlError
+from supervisor.control.commands.base import ControlCommand
+from supervisor.control.commands.daemon import Help, Reread, Shutdown, Update, Version
+from supervisor.control.commands.jobs import Budget, Checkpoint, History, Restart, Signal, Start, Status, Stop
+from supervisor.control.commands.tail import Tail
 
 REGISTRY: dict[str, ControlCommand] = {
     command.name: command

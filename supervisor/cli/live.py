@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor.commands import REGISTRY, ControlError
-from supervisor.control_client import ControlClient
-from supervisor.sizes import format_bytes
+from supervisor.control.client import ControlClient
+from supervisor.control.commands import REGISTRY, ControlError
+from supervisor.core.sizes import format_bytes
 
 BAR = 20
 
@@ -106,7 +106,7 @@ class Shell(cmd.Cmd):
         self.intro = "mlxsupctl shell: 'help' lists commands, 'quit' leaves."
 
     def default(self, line: str) -> bool:  # type: ignore[override]
-        from supervisor.ctl import build_parser, run_command
+        from supervisor.cli.mlxsupctl import build_parser, run_command
 
         try:
             words = shlex.split(line)
@@ -194,13 +194,13 @@ def plot(args: argparse.Namespace) -> int:
     """Plot a job's recorded memory (from the config's state dir; works without a running daemon)."""
     from supervisor import paths
     from supervisor.config import load_config
-    from supervisor.plot import plot_job
+    from supervisor.tools.plot import plot_job
 
     config = load_config(args.config or paths.default_config_path())
     if args.job not in config.jobs:
         print(f"mlxsupctl: no job {args.job!r} in {config.path}", file=sys.stderr)
         return 2
-    from supervisor.footprint import system_memory
+    from supervisor.daemon.footprint import system_memory
 
     limits = config.jobs[args.job].limits(system_memory()[1])
     out = args.output or Path(f"{args.job}-memory.png")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from supervisor.commands.base import ControlCommand
+from supervisor.control.commands.base import ControlCommand
 
 if TYPE_CHECKING:
-    from supervisor.service_main import DaemonService
+    from supervisor.daemon.server import DaemonService
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -72,7 +72,7 @@ class Help(ControlCommand):
     help = "list the daemon's commands"
 
     def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
-        from supervisor.commands import REGISTRY
+        from supervisor.control.commands import REGISTRY
 
         return {"commands": {name: command.help for name, command in sorted(REGISTRY.items())}}
 

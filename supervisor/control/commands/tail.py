@@ -6,12 +6,13 @@ import argparse
 import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from supervisor.commands.base import ControlCommand, ControlError, job_of
+from protocol.control import ControlError
+from supervisor.control.commands.base import ControlCommand, job_of
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from supervisor.service_main import DaemonService
+    from supervisor.daemon.server import DaemonService
 
 STREAMS = ("stdout", "stderr", "telemetry")
 MAX_CHUNK = 64 * 1024

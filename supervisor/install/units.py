@@ -1,6 +1,6 @@
 """``mlxsupctl service install|uninstall|status``: run mlxsupd under launchd (macOS) or systemd (Linux).
 
-The service file runs ``<python> -m supervisor.cli -c <config>`` with absolute paths: the interpreter is
+The service file runs ``<python> -m supervisor.cli.mlxsupd -c <config>`` with absolute paths: the interpreter is
 ``sys.executable`` made absolute but *not* symlink-resolved (a venv's ``bin/python`` is a symlink to the base
 interpreter, and resolving it would lose the venv's packages). ``--dry-run`` prints the file and the commands
 instead of writing or running anything; ``--platform`` renders either platform's file on any machine.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from supervisor import paths
 from supervisor.config import Config, ConfigError, load_config
-from supervisor.sizes import SizeError, parse_bytes
+from supervisor.core.sizes import SizeError, parse_bytes
 
 LABEL = "com.mlx-supervisor.mlxsupd"
 UNIT = "mlxsupd.service"
@@ -38,7 +38,7 @@ EXIT_OK, EXIT_NOT_RUNNING, EXIT_USAGE, EXIT_MANAGER = 0, 1, 2, 3
 # would crawl. Adaptive is for XPC services that are boosted on demand; Interactive is for GUI apps.
 PROCESS_TYPE = "Standard"
 PLIST_NOTE = """
-     mlxsupd {kind}, rendered by `mlxsupctl service install` (supervisor/service.py).
+     mlxsupd {kind}, rendered by `mlxsupctl service install` (supervisor/install/units.py).
      KeepAlive SuccessfulExit=false: restarted after a crash, not after a clean stop (exit 0).
      ExitTimeOut: seconds from SIGTERM to SIGKILL, long enough for every job to checkpoint.
      ProcessType Standard: Background would throttle CPU and I/O of the daemon and all its workers.{extra}
@@ -62,7 +62,7 @@ def stop_timeout(config: Config | None) -> int:
 
 def daemon_program() -> list[str]:
     """argv prefix that runs mlxsupd with this interpreter (absolute, symlinks kept: see module doc)."""
-    return [os.path.abspath(sys.executable), "-m", "supervisor.cli"]
+    return [os.path.abspath(sys.executable), "-m", "supervisor.cli.mlxsupd"]
 
 
 def _search_path(program0: str, platform: str) -> str:
@@ -135,7 +135,7 @@ def render_unit(program: list[str], config: Path, working_dir: Path, system: boo
     fence = f"MemoryMax={_memory_max(memory_max)}" if memory_max else "#MemoryMax=64G"
     lines = [
         f"# mlxsupd {'system' if system else 'user'} unit, rendered by `mlxsupctl service install`"
-        " (supervisor/service.py).",
+        " (supervisor/install/units.py).",
         "[Unit]",
         "Description=mlx-supervisor: MLX training under hard memory budgets (mlxsupd)",
         *(["After=network.target"] if system else []),
@@ -408,8 +408,8 @@ def run_service(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m supervisor.service install|uninstall|status [options]``, as ``mlxsupctl service``."""
-    parser = argparse.ArgumentParser(prog="python -m supervisor.service")
+    """``python -m supervisor.install.units install|uninstall|status [options]``, as ``mlxsupctl service``."""
+    parser = argparse.ArgumentParser(prog="python -m supervisor.install.units")
     add_service_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["service", *(sys.argv[1:] if argv is None else argv)])
     return int(args.func(args))

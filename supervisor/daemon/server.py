@@ -6,10 +6,11 @@ from typing import Any
 
 import structlog
 
+from protocol.control import ControlError
 from supervisor.config import Config, ConfigError, load_config
-from supervisor.control import ControlServer
-from supervisor.daemon import Daemon
-from supervisor.states import TERMINAL_STATES
+from supervisor.control.server import ControlServer
+from supervisor.core.states import TERMINAL_STATES
+from supervisor.daemon.loop import Daemon
 
 log = structlog.get_logger("mlxsupd")
 
@@ -41,8 +42,6 @@ class DaemonService:
         try:
             new = load_config(self.config.path, total_memory=self.daemon.total_memory)
         except ConfigError as exc:
-            from supervisor.commands import ControlError
-
             raise ControlError(ControlError.BAD_VALUE, f"config not reloaded: {exc}") from None
         self.pending = new
         old_jobs, new_jobs = self.config.jobs, new.jobs
@@ -72,8 +71,6 @@ class DaemonService:
         try:
             self.control.reload_keys(new.daemon.control, lambda v: new.resolve(v, new.path.parent))
         except ConfigError as exc:
-            from supervisor.commands import ControlError
-
             raise ControlError(ControlError.BAD_VALUE, f"authorized keys not reloaded: {exc}") from None
         self.pending = None
         log.info("config_updated", **changes)

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from supervisor.config import Config
-from supervisor.daemon import Daemon
-from supervisor.job import Job
-from supervisor.sizes import format_bytes
-from supervisor.states import JobState
+from supervisor.core.sizes import format_bytes
+from supervisor.core.states import JobState
+from supervisor.daemon.job import Job
+from supervisor.daemon.loop import Daemon
 
 OUTCOMES = {JobState.FINISHED: "finished", JobState.FATAL: "fatal"}
 

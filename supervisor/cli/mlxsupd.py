@@ -12,7 +12,7 @@ from pathlib import Path
 
 from supervisor import paths
 from supervisor.config import ConfigError, load_config
-from supervisor.logs import configure
+from supervisor.daemon.logs import configure
 
 EXIT_CONFIG = 2
 
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     sink = None
     if config.daemon.log_file:
-        from supervisor.logs import RotatingFile
-        from supervisor.sizes import parse_bytes
+        from supervisor.core.sizes import parse_bytes
+        from supervisor.daemon.logs import RotatingFile
 
         sink = RotatingFile(config.resolve(config.daemon.log_file, config.log_dir / "mlxsupd.log"),
                             parse_bytes(config.daemon.log_max_bytes), config.daemon.log_keep)
@@ -73,16 +73,16 @@ def main(argv: list[str] | None = None) -> int:
             known = ", ".join(sorted(config.jobs)) or "none"
             print(f"mlxsupd: no job {args.job!r} in {config.path} (jobs: {known})", file=sys.stderr)
             return EXIT_CONFIG
-        from supervisor.daemon import RunDirError
-        from supervisor.run import run_one
+        from supervisor.daemon.run import run_one
+        from supervisor.daemon.rundir import RunDirError
 
         try:
             return run_one(config, args.job, args.summary, args.max_seconds)
         except RunDirError as exc:
             print(f"mlxsupd: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-    from supervisor.daemon import RunDirError
-    from supervisor.service_main import serve
+    from supervisor.daemon.rundir import RunDirError
+    from supervisor.daemon.server import serve
 
     try:
         return serve(config)

@@ -6,61 +6,28 @@ deadline, a backoff's end). Signal handlers only set flags and wake the loop thr
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import socket
-import stat
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 import structlog
 import zmq
 
 from protocol import MAX_MESSAGE_BYTES, Heartbeat, Hello, ProtocolError, Welcome, decode, encode, negotiate
 from supervisor.config import Config
-from supervisor.job import Job, JobPaths
-from supervisor.sizes import parse_bytes, parse_fraction_of
-from supervisor.states import PROCESS_STATES, TERMINAL_STATES
-from supervisor.system import RealSystem, System
+from supervisor.core.sizes import parse_bytes, parse_fraction_of
+from supervisor.core.states import PROCESS_STATES, TERMINAL_STATES
+from supervisor.daemon.job import Job, JobPaths
+from supervisor.daemon.rundir import lock_run_dir, prepare_run_dir
+from supervisor.daemon.system import RealSystem, System
 
 log = structlog.get_logger("mlxsupd")
 MAX_DRAIN = 1000
 CRITICAL_PRESSURE = 4  # kern.memorystatus_vm_pressure_level: 1 normal, 2 warn, 4 critical
-
-
-class RunDirError(RuntimeError):
-    """The run directory is unsafe or unusable; the message names it."""
-
-
-def prepare_run_dir(path: Path) -> Path:
-    """Create the private run dir (0700); refuse one that others could write to."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = path.lstat()
-    if not stat.S_ISDIR(info.st_mode):
-        raise RunDirError(f"run dir {path} is not a directory (a symlink is not followed)")
-    if info.st_uid != os.getuid():
-        raise RunDirError(f"run dir {path} belongs to uid {info.st_uid}, not to us ({os.getuid()})")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise RunDirError(f"run dir {path} is writable by group or others (mode {oct(info.st_mode & 0o777)})")
-    os.chmod(path, 0o700)
-    return path
-
-
-def _lock_run_dir(run_dir: Path) -> IO[str]:
-    """One daemon per run dir: a second one would steal the first one's sockets."""
-    handle = open(run_dir / "mlxsupd.lock", "w")  # noqa: SIM115 - held for the daemon's life
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise RunDirError(f"another mlxsupd is already running with run dir {run_dir}") from None
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
 
 
 class Daemon:
@@ -75,7 +42,7 @@ class Daemon:
                                            log_keep=config.daemon.log_keep)
         self.one_shot = one_shot
         self.run_dir = prepare_run_dir(config.run_dir)
-        self._lock = _lock_run_dir(self.run_dir)
+        self._lock = lock_run_dir(self.run_dir)
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.workers = self._bind_worker_socket()
         self.jobs: dict[str, Job] = {}

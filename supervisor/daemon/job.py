@@ -1,8 +1,8 @@
 """One supervised job: its state machine, its current worker life, escalation and restarts.
 
 The daemon feeds a Job messages, samples and ticks; the Job answers with commands to its worker, signals to
-the worker's process group and state changes. Decisions come from ``supervisor.policy``; OS effects go
-through ``supervisor.system``; every decision is one structured log event that explains itself.
+the worker's process group and state changes. Decisions come from ``supervisor.core.policy``; OS effects go
+through ``supervisor.daemon.system``; every decision is one structured log event that explains itself.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 import structlog
 
 from protocol import CheckpointSaved, Command, Goodbye, Hello, Message, Step, encode
+from protocol.checkpoints import latest_step
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.config import JobConfig, worker_argv
-from supervisor.history import History
-from supervisor.policy import (
+from supervisor.core.policy import (
     Action,
     Decision,
     Diagnosis,
@@ -33,11 +33,11 @@ from supervisor.policy import (
     on_sample,
     on_step,
 )
-from supervisor.recorder import Recorder
-from supervisor.sizes import parse_bytes, parse_fraction_of
-from supervisor.states import PROCESS_STATES, JobState, check_transition
-from supervisor.system import System, WorkerProcess
-from worker.checkpoint import latest_step
+from supervisor.core.sizes import parse_bytes, parse_fraction_of
+from supervisor.core.states import PROCESS_STATES, JobState, check_transition
+from supervisor.daemon.history import History
+from supervisor.daemon.recorder import Recorder
+from supervisor.daemon.system import System, WorkerProcess
 
 Publish = Callable[[str, str, dict[str, Any]], None]  # (job, kind, data)
 SendToWorker = Callable[[bytes, bytes], None]  # (identity, frame)

@@ -12,8 +12,7 @@ import zmq
 import zmq.auth
 
 from protocol import ProtocolError
-from protocol.control import Request, decode_event, decode_reply, encode_request
-from supervisor.commands.base import ControlError
+from protocol.control import ControlError, Request, decode_event, decode_reply, encode_request
 
 TIMEOUT = "timeout"
 UNREACHABLE = "unreachable"

@@ -25,11 +25,11 @@ from protocol.control import (
     encode_reply,
     event_topic,
 )
-from supervisor.commands import REGISTRY, ControlError
 from supervisor.config import ConfigError, ControlConfig
+from supervisor.control.commands import REGISTRY, ControlError
 
 if TYPE_CHECKING:
-    from supervisor.service_main import DaemonService
+    from supervisor.daemon.server import DaemonService
 
 log = structlog.get_logger("mlxsupd")
 MAX_DRAIN = 200

@@ -1,8 +1,8 @@
-"""Replay the real supervisor policy against a synthetic machine: ``python -m supervisor.simulate``.
+"""Replay the real supervisor policy against a synthetic machine: ``python -m supervisor.tools.simulate``.
 
 The scenarios that matter most (a 72 GiB Mac leaking 100 MiB per step for 10,000 steps) do not fit on the
-machines the test suite runs on, so this drives the very functions the daemon uses (``supervisor.policy``'s
-``Estimator``, ``on_sample`` and ``on_step``) with the same glue as ``supervisor.job.Job``: the consecutive
+machines the test suite runs on, so this drives the very functions the daemon uses (``supervisor.core.policy``'s
+``Estimator``, ``on_sample`` and ``on_step``) with the same glue as ``supervisor.daemon.job.Job``: the consecutive
 over-budget count, the kill ceiling, checkpoint-and-exit restarting at the decided batch, predictive leak
 recycling, regrowth, and FATAL after ``--max-attempts`` lives without a newer checkpoint. Deterministic for
 a given ``--seed`` (the seed only feeds the noise).
@@ -41,8 +41,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from supervisor.policy import Action, Decision, Diagnosis, Estimator, Limits, PolicyConfig, on_sample, on_step
-from supervisor.sizes import SizeError, format_bytes, parse_budget, parse_bytes, parse_fraction_of
+from supervisor.core.policy import Action, Decision, Diagnosis, Estimator, Limits, PolicyConfig, on_sample, on_step
+from supervisor.core.sizes import SizeError, format_bytes, parse_budget, parse_bytes, parse_fraction_of
 
 MiB = 1024 * 1024
 POLICIES = ("adaptive", "shrink-only", "stop")
@@ -80,7 +80,7 @@ class Scenario:
         return per_sample * batch * accum + self.micro_overhead * accum
 
     def policy_config(self, policy: str) -> PolicyConfig:
-        """The tunables ``supervisor.job.policy_config`` builds for such a job under ``policy``."""
+        """The tunables ``supervisor.daemon.job.policy_config`` builds for such a job under ``policy``."""
         return PolicyConfig(
             leak_threshold=self.leak_threshold, min_batch=self.min_batch, max_batch=self.batch,
             min_steps_per_life=self.min_steps_per_life, regrow_after_steps=self.regrow_after_steps,
@@ -126,7 +126,7 @@ class Result:
 
 @dataclasses.dataclass
 class _Life:
-    """One simulated worker process, with the fields of ``supervisor.job.Life`` the policy needs."""
+    """One simulated worker process, with the fields of ``supervisor.daemon.job.Life`` the policy needs."""
 
     start_checkpoint: int
     batch: int
@@ -143,7 +143,7 @@ class _Life:
 
 
 class Simulation:
-    """One policy over one scenario, following ``supervisor.job.Job`` wherever a simulated worker can go."""
+    """One policy over one scenario, following ``supervisor.daemon.job.Job`` wherever a simulated worker can go."""
 
     def __init__(self, scenario: Scenario, policy: str) -> None:
         if policy not in POLICIES:
@@ -308,7 +308,7 @@ def simulate(scenario: Scenario, policy: str) -> Result:
 # -- command line ------------------------------------------------------------------------------------------
 
 
-_SIZES = {  # option: (default, help); parsed with supervisor.sizes
+_SIZES = {  # option: (default, help); parsed with supervisor.core.sizes
     "memory": ("72GiB", "total memory of the machine"),
     "budget": ("85%", "bytes, percent of --memory or 'total - 8GiB'"),
     "warn": ("85%", "warn band: percent of the budget or bytes"),
@@ -346,9 +346,9 @@ def _flag(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m supervisor.simulate`` argument parser."""
+    """The ``python -m supervisor.tools.simulate`` argument parser."""
     parser = argparse.ArgumentParser(
-        prog="python -m supervisor.simulate",
+        prog="python -m supervisor.tools.simulate",
         description="Replay the supervisor's policy against a synthetic machine and job (see pydoc).",
     )
     for name, (text, what) in _SIZES.items():

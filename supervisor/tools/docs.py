@@ -1,4 +1,4 @@
-"""``python -m supervisor.docs``: the config reference, generated from the config dataclasses.
+"""``python -m supervisor.tools.docs``: the config reference, generated from the config dataclasses.
 
 README.md carries this output verbatim; a test keeps the two equal.
 """

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import paths
-from supervisor.commands import REGISTRY, ControlError
-from supervisor.control_client import TIMEOUT, ControlClient, curve_keys
+from supervisor.control.client import TIMEOUT, ControlClient, curve_keys
+from supervisor.control.commands import REGISTRY, ControlError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 LOCAL = ("keygen", "top", "plot", "service", "shell")
@@ -51,7 +51,7 @@ def _local_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     plot.add_argument("job")
     plot.add_argument("-o", "--output", type=Path, default=None, help="PNG or SVG file (default JOB-memory.png)")
     try:
-        from supervisor.service import add_service_parser
+        from supervisor.install.units import add_service_parser
     except ImportError:  # pragma: no cover - the module ships with the package
         return
     add_service_parser(sub)
@@ -83,7 +83,7 @@ def show(args: argparse.Namespace, result: Any, render: Any) -> None:
 def run_command(args: argparse.Namespace, client: ControlClient, events: str) -> int:
     command = REGISTRY[args.command]
     if args.command == "tail" and args.follow:
-        from supervisor.ctl_live import follow
+        from supervisor.cli.live import follow
 
         return follow(client, events, command.to_wire(args), args.json, args.seconds)
     result = client.call(args.command, command.to_wire(args))
@@ -95,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "keygen":
-        from supervisor.ctl_live import keygen
+        from supervisor.cli.live import keygen
 
         return keygen(args.name, args.dir)
     if args.command == "service":
         return int(args.func(args))
     try:
         if args.command == "plot":
-            from supervisor.ctl_live import plot
+            from supervisor.cli.live import plot
 
             return plot(args)
         client, events = connect(args)
@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.command is None:
-            from supervisor.ctl_live import shell
+            from supervisor.cli.live import shell
 
             return shell(client, args)
         if args.command == "top":
-            from supervisor.ctl_live import top
+            from supervisor.cli.live import top
 
             return top(client, events, args.once, args.seconds)
         return run_command(args, client, events)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from supervisor.history import read_jsonl
+from supervisor.daemon.history import read_jsonl
 
 
 class Recorder:

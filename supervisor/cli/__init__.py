@@ -1,0 +1,1 @@
+"""Command-line entry points: ``mlxsupd`` (the daemon) and ``mlxsupctl`` (its control client)."""

@@ -1,0 +1,1 @@
+"""The daemon: its poll loop, jobs carrying out the lifecycle's actions, OS effects, and what it records."""

@@ -1,0 +1,1 @@
+"""Installing mlxsupd as a launchd or systemd service."""

@@ -1,0 +1,1 @@
+"""Tools around the daemon: the policy simulator, memory plots and the generated config reference."""
