@@ -207,7 +207,7 @@ def decode(frame: bytes) -> Message:
 def _check(tag: str, field: _Field, body: dict[str, Any]) -> Any:
     name, kind = field.name, field.kind
     value = body.get(name)
-    if value is None and (name not in body or field.nullable):
+    if value is None and (name not in body or not field.required):  # nil in an optional field: absent
         if field.required:
             raise ProtocolError(f"{tag}: missing field {name!r}", "missing_field")
         return field.default

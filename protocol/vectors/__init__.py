@@ -45,6 +45,13 @@ def _pack(body: Any) -> str:
     return packed.hex()
 
 
+def _nested(depth: int) -> Any:
+    value: Any = None
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def _valid_vectors() -> list[dict[str, Any]]:
     step_full = {**_STEP, "tokens_per_second": 16384.5, "val_loss": 2.75}
     unicode_hello = {**_HELLO, "job": "tränîng-✓", "token": ""}
@@ -60,6 +67,11 @@ def _valid_vectors() -> list[dict[str, Any]]:
         _valid("step", "step", _STEP, {**_STEP, **_STEP_DEFAULTS}, True),
         _valid("step_with_optional_fields", "step", step_full, step_full, True),
         _valid("step_val_loss_nil", "step", {**_STEP, "val_loss": None}, {**_STEP, **_STEP_DEFAULTS}, False),
+        _valid("step_optional_fields_nil", "step", {**_STEP, "tokens_per_second": None, "val_loss": None},
+               {**_STEP, **_STEP_DEFAULTS}, False),
+        _valid("hello_protocol_nil", "hello", {**_HELLO, "protocol": None}, {**_HELLO, "protocol": 1}, False),
+        _valid("step_deeply_nested_unknown_field", "step", {**_STEP, "tree": _nested(100)},
+               {**_STEP, **_STEP_DEFAULTS}, False),
         _valid("step_integer_loss", "step", {**_STEP, "loss": 3}, {**_STEP, **_STEP_DEFAULTS, "loss": 3.0}, False),
         _valid("step_largest_integers", "step", {**_STEP, "footprint": 2**63 - 1, "mlx_peak": 2**40},
                {**_STEP, **_STEP_DEFAULTS, "footprint": 2**63 - 1, "mlx_peak": 2**40}, True),
@@ -98,6 +110,9 @@ def _invalid_vectors() -> list[dict[str, Any]]:
         _invalid("garbage_byte", None, "not_msgpack", raw=b"\xc1"),
         _invalid("truncated_map", None, "not_msgpack", raw=bytes.fromhex(_pack(beat))[:-3]),
         _invalid("integer_key", None, "not_msgpack", raw=b"\x83\xa1v\x01\xa1t\xa9heartbeat\x07\xcb" + b"\0" * 8),
+        _invalid("nested_too_deep", None, "not_msgpack",  # an unknown field nested 5000 arrays deep
+                 raw=bytes.fromhex(_pack({**beat, "tree": None}))[:-1] + b"\x91" * 5000 + b"\xc0"),
+        _invalid("trailing_bytes", None, "not_msgpack", raw=bytes.fromhex(_pack(beat)) + b"\xc0"),
         _invalid("array_frame", [1, "heartbeat", 1.5], "not_a_map"),
         _invalid("integer_frame", 7, "not_a_map"),
         _invalid("newer_version", {**beat, "v": 2}, "version"),
