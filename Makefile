@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RUST_CRATE := sdk/rust
+LEAKY := $(RUST_CRATE)/target/release/examples/leaky
 
-.PHONY: venv demo test bench faults lint clean
+.PHONY: venv demo test bench faults lint clean rust conformance
 
 venv: $(STAMP)
 
@@ -27,6 +29,20 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
+# The Rust SDK's example, built offline from Debian's packaged crates (see sdk/rust/.cargo/config.toml).
+rust:
+	cd $(RUST_CRATE) && cargo build --release --offline --example leaky
+
+# The conformance kit against the Python SDK's example and the Rust example; report in .conformance/results.json.
+conformance: $(STAMP) rust
+	rm -f .conformance/results.json
+	status=0; \
+	$(PY) -m protocol.conformance --name python-sdk --results .conformance/results.json -- \
+		$(PY) examples/sdk_loop.py 3000 || status=1; \
+	$(PY) -m protocol.conformance --name rust-leaky --results .conformance/results.json -- \
+		$(LEAKY) --steps 1000 --leak-mb 1 --step-ms 3 || status=1; \
+	echo "results: .conformance/results.json"; exit $$status
+
 faults: $(STAMP)
 	$(PY) -m tests.faults $(if $(QUICK),--quick,)
 
@@ -36,4 +52,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy supervisor worker protocol
 
 clean:
-	rm -rf $(VENV) .demo .bench .faults
+	rm -rf $(VENV) .demo .bench .faults .conformance $(RUST_CRATE)/target

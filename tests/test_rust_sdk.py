@@ -1,0 +1,101 @@
+"""The Rust SDK (sdk/rust, crate mlxsup-worker): its own tests on the shared vectors, the conformance kit, and
+examples/leaky.rs recycled by the real mlxsupd before its leak crosses the budget.
+
+The crate is built once per test session, offline from Debian's packaged crates (sdk/rust/.cargo/config.toml;
+`.ci/run` installs them). Set MLXSUP_SKIP_RUST=1 to skip these tests on a machine without cargo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, mlxsupd
+
+CRATE = ROOT / "sdk" / "rust"
+LEAKY = CRATE / "target" / "release" / "examples" / "leaky"
+INSTALL_HINT = ("apt-get install cargo librust-zmq-dev librust-rmp-serde-dev librust-serde-json-dev "
+                "librust-sha2-dev librust-libc-dev libzmq3-dev")
+
+
+def cargo(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run cargo in the crate's directory, where .cargo/config.toml points it at the packaged crates."""
+    program = os.environ.get("CARGO") or shutil.which("cargo")
+    if program is None:
+        if os.environ.get("MLXSUP_SKIP_RUST") == "1":
+            pytest.skip("MLXSUP_SKIP_RUST=1 and no cargo")
+        pytest.fail(f"cargo not found: {INSTALL_HINT} (or set MLXSUP_SKIP_RUST=1)")
+    return subprocess.run([program, *args], cwd=CRATE, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def leaky() -> Path:
+    """The release build of examples/leaky.rs (built once per session; cargo skips it when up to date)."""
+    done = cargo("build", "--release", "--offline", "--example", "leaky")
+    assert done.returncode == 0, f"{done.stderr[-3000:]}\nneeds: {INSTALL_HINT}"
+    return LEAKY
+
+
+class TestCrate:
+    """The crate's own tests pass: its codec against protocol/vectors/frames.json, its checkpoint names."""
+
+    def test_cargo_test_passes_on_the_shared_vectors(self, leaky: Path) -> None:
+        done = cargo("test", "--release", "--offline")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "valid_frames_decode_to_the_expected_fields ... ok" in done.stdout
+        assert "invalid_frames_are_refused_with_their_kind ... ok" in done.stdout
+        assert "canonical_frames_re_encode_byte_for_byte ... ok" in done.stdout
+
+
+class TestConformance:
+    """examples/leaky.rs passes every check of the conformance kit."""
+
+    def test_leaky_passes_the_kit(self, leaky: Path) -> None:
+        done = subprocess.run([sys.executable, "-m", "protocol.conformance", "--json", "--", str(leaky),
+                               "--steps", "1000", "--leak-mb", "1", "--step-ms", "3"],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        report = json.loads(done.stdout)
+        assert [c for c in report["checks"] if not c["ok"]] == []
+        assert done.returncode == 0 and report["passed"] == 12
+
+
+class TestSupervised:
+    """mlxsupd recycles the leaking Rust worker before its budget; it resumes exactly and finishes."""
+
+    def standalone_checksum(self, leaky: Path, steps: int) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLXSUP_")}
+        done = subprocess.run([str(leaky), "--steps", str(steps), "--step-ms", "0"], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().rsplit("checksum ", 1)[1]
+
+    def test_leak_is_recycled_before_the_budget(self, leaky: Path, config_file: Any, tmp_path: Path) -> None:
+        steps = 150
+        path = config_file({"leaky": {
+            "command": [str(leaky), "--steps", str(steps), "--leak-mb", "8", "--step-ms", "30"],
+            "budget": "160MiB", "checkpoint_every": 0}})
+        summary_path = tmp_path / "summary.json"
+        done = subprocess.run(mlxsupd("run", "-c", str(path), "leaky", "--summary", str(summary_path)),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads(summary_path.read_text())
+        assert summary["outcome"] == "finished" and summary["steps_completed"] == steps
+        # Unsupervised it would cross 160 MiB near step 20; here every life is recycled first.
+        assert summary["restarts"] >= 4 and set(summary["restart_reasons"]) <= {"leak", "leak_predicted"}
+        assert summary["samples_over_kill"] == 0 and summary["max_sampled_bytes"] < summary["kill_bytes"]
+        assert summary["batch_history"] == [[0, 8, 1]]  # a leak is recycled at the same batch
+        history = [json.loads(line) for line in Path(summary["history_path"]).read_text().splitlines()]
+        exits = [e for e in history if e["event"] == "exit"]
+        assert [e["code"] for e in exits[:-1]] == [75] * (len(exits) - 1) and exits[-1]["code"] == 0
+        assert all(e["checkpoint"] == e["step"] for e in exits)  # every life left with a checkpoint of its step
+        starts = [e["from_checkpoint"] for e in history if e["event"] == "spawn"]
+        assert starts == [0] + [e["checkpoint"] for e in exits[:-1]]  # each life resumed where the last one left
+        stdout = (tmp_path / "state" / "logs" / "jobs" / "leaky" / "stdout.log").read_text()
+        assert stdout.strip().rsplit("checksum ", 1)[1] == self.standalone_checksum(leaky, steps)
