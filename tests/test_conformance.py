@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from protocol.conformance import CHECKS
-from tests.conftest import ROOT, mlxsupd
+from tests.conftest import ROOT, run_to_end
 
 REF = [sys.executable, str(ROOT / "tests" / "_ref_worker.py"), "--steps", "800"]
 SDK_EXAMPLE = [sys.executable, str(ROOT / "examples" / "sdk_loop.py"), "3000"]
@@ -119,11 +119,8 @@ class TestForwardCompatibility:
     def test_newer_worker_runs_to_the_end_under_mlxsupd(self, config_file: Any, tmp_path: Path) -> None:
         path = config_file({"j": {"command": [*REF[:2], "--steps", "60", "--future"], "checkpoint_every": 0,
                                   "env": {"PYTHONPATH": str(ROOT)}}})
-        summary_path = tmp_path / "s.json"
-        done = subprocess.run(mlxsupd("run", "-c", str(path), "j", "--summary", str(summary_path)),
-                              capture_output=True, text=True, timeout=120)
+        done, summary = run_to_end(path, "j", tmp_path / "s.json", timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
-        summary = json.loads(summary_path.read_text())
         assert summary["outcome"] == "finished" and summary["steps_completed"] == 60
         assert "worker_frame_rejected" not in done.stderr
         stdout = (tmp_path / "state" / "logs" / "jobs" / "j" / "stdout.log").read_text()

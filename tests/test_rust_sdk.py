@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, mlxsupd
+from tests.conftest import ROOT, run_to_end
 
 CRATE = ROOT / "sdk" / "rust"
 LEAKY = CRATE / "target" / "release" / "examples" / "leaky"
@@ -81,11 +81,8 @@ class TestSupervised:
         path = config_file({"leaky": {
             "command": [str(leaky), "--steps", str(steps), "--leak-mb", "8", "--step-ms", "30"],
             "budget": "160MiB", "checkpoint_every": 0}})
-        summary_path = tmp_path / "summary.json"
-        done = subprocess.run(mlxsupd("run", "-c", str(path), "leaky", "--summary", str(summary_path)),
-                              capture_output=True, text=True, timeout=300)
+        done, summary = run_to_end(path, "leaky", tmp_path / "summary.json", timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-        summary = json.loads(summary_path.read_text())
         assert summary["outcome"] == "finished" and summary["steps_completed"] == steps
         # Unsupervised it would cross 160 MiB near step 20; here every life is recycled first.
         assert summary["restarts"] >= 4 and set(summary["restart_reasons"]) <= {"leak", "leak_predicted"}

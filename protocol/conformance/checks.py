@@ -101,6 +101,13 @@ def _hello(life: Life, options: Options) -> Hello:
     return first
 
 
+def _start(harness: Harness, report: Report, check: str, batch: int, accum: int) -> tuple[Life, Hello]:
+    """Spawn a life whose first check is ``check`` and read its hello."""
+    life = harness.spawn(batch=batch, accum=accum)
+    report.begin(check)
+    return life, _hello(life, harness.options)
+
+
 def _check_hello(life: Life, report: Report, options: Options) -> Hello:
     report.begin("hello")
     hello = _hello(life, options)
@@ -247,9 +254,7 @@ def life_one(harness: Harness, report: Report, state: State) -> None:
 
 def life_two(harness: Harness, report: Report, state: State) -> None:
     options = harness.options
-    life = harness.spawn(batch=2, accum=2)
-    report.begin("resume")
-    hello = _hello(life, options)
+    life, hello = _start(harness, report, "resume", batch=2, accum=2)
     first = life.steps(1, options.timeout)[0][1]
     problems = []
     if state.exit_step is None:
@@ -275,9 +280,7 @@ def life_two(harness: Harness, report: Report, state: State) -> None:
 
 def life_three(harness: Harness, report: Report, state: State) -> None:
     options = harness.options
-    life = harness.spawn(batch=4, accum=1)
-    report.begin("sigterm")
-    hello = _hello(life, options)
+    life, hello = _start(harness, report, "sigterm", batch=4, accum=1)
     life.steps(2, options.timeout)
     life.signal_group(signal.SIGTERM)
     saved, bye, code, took = _leaves(life, options.kill_grace, "after SIGTERM")
@@ -300,9 +303,7 @@ def life_three(harness: Harness, report: Report, state: State) -> None:
 
 def life_four(harness: Harness, report: Report, state: State) -> None:
     options = harness.options
-    life = harness.spawn(batch=4, accum=1)
-    report.begin("finish")
-    hello = _hello(life, options)
+    life, hello = _start(harness, report, "finish", batch=4, accum=1)
     bye = life.expect_a(Goodbye, "goodbye at the end of training", options.finish_timeout)
     code = life.wait_exit(options.timeout)
     target = hello.target_steps
