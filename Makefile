@@ -45,6 +45,7 @@ conformance: $(STAMP) rust
 
 faults: $(STAMP)
 	$(PY) -m tests.faults $(if $(QUICK),--quick,)
+	$(if $(QUICK),,MLXSUP_MODEL_EXAMPLES=3000 $(PY) -m pytest -q tests/test_lifecycle_model.py)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff mypy

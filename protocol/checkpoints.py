@@ -44,11 +44,11 @@ def step_of(path: Path) -> int:
 def list_checkpoints(directory: Path) -> list[Path]:
     """Checkpoint directories in ``directory``, oldest first by step; by name only, nothing is verified.
 
-    A directory that cannot be read (missing, not a directory, no permission) has none.
+    A missing directory has none; one that cannot be read raises OSError.
     """
     try:
         entries = list(os.scandir(directory))
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     found = [(int(m.group(1)), Path(e.path)) for e in entries
              if (m := NAME.fullmatch(e.name)) and e.is_dir(follow_symlinks=False)]

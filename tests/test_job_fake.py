@@ -6,7 +6,6 @@ The same logic runs against real processes in test_supervise.py; here the timing
 from __future__ import annotations
 
 import signal
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,48 +15,10 @@ from protocol import Command, Hello, Step, decode
 from supervisor.config import JobConfig
 from supervisor.core.policy import Limits
 from supervisor.core.states import JobState
-from supervisor.daemon.footprint import GroupSample
 from supervisor.daemon.job import Job, JobPaths
+from tests.fakeos import FakeProcess, FakeSystem
 
 MiB = 2**20
-
-
-class FakeProcess:
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.code: int | None = None
-        self.sampled = 100 * MiB
-        self.complete = True
-        self.signals: list[int] = []
-
-    def poll(self) -> int | None:
-        return self.code
-
-    def signal_group(self, signum: int) -> bool:
-        self.signals.append(signum)
-        return self.code is None
-
-    def sample(self, now: float) -> GroupSample:
-        return GroupSample(self.sampled, 1, self.complete)
-
-
-class FakeSystem:
-    def __init__(self) -> None:
-        self.clock = 1000.0
-        self.procs: list[FakeProcess] = []
-
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None, log_dir: Path) -> FakeProcess:
-        self.procs.append(FakeProcess(4000 + len(self.procs)))
-        return self.procs[-1]
-
-    def now(self) -> float:
-        return self.clock
-
-    def memory(self) -> tuple[int, int]:
-        return 8 << 30, 16 << 30
-
-    def pressure(self) -> int | None:
-        return None
 
 
 class Harness:
@@ -78,7 +39,7 @@ class Harness:
     def hello(self, step: int = 0) -> None:
         life = self.job.life
         assert life is not None
-        hello = Hello(life.token, self.proc.pid, "j", step, 1000, life.batch, life.accum)
+        hello = Hello(self.job.token, self.proc.pid, "j", step, 1000, life.batch, life.accum)
         self.job.on_hello(hello, b"id", self.system.clock)
 
     def advance(self, seconds: float) -> None:
@@ -87,6 +48,10 @@ class Harness:
 
     def sample(self, sampled: int, complete: bool = True) -> None:
         self.proc.sampled, self.proc.complete = sampled, complete
+        self.job.on_sample(self.system.clock, 8 << 30, 0)
+
+    def sample_departing(self) -> None:
+        """A sample round in which only the departing workers' footprints changed."""
         self.job.on_sample(self.system.clock, 8 << 30, 0)
 
     def step(self, step: int, footprint: int = 100 * MiB) -> None:
@@ -124,11 +89,17 @@ class TestEscalationWithFakeSystem:
         h.sample(1200 * MiB)
         assert h.proc.signals == [signal.SIGTERM]
 
-    def test_partial_samples_never_act(self, tmp_path: Path) -> None:
+    def test_partial_samples_under_the_kill_ceiling_never_act(self, tmp_path: Path) -> None:
         h = Harness(tmp_path)
         for _ in range(5):
-            h.sample(5000 * MiB, complete=False)
+            h.sample(1099 * MiB, complete=False)
         assert h.proc.signals == [] and h.actions() == []
+
+    def test_a_partial_sample_over_the_kill_ceiling_acts(self, tmp_path: Path) -> None:
+        """Defect 6: a partial sum only under-counts, so one over the ceiling is over for sure."""
+        h = Harness(tmp_path)
+        h.sample(1200 * MiB, complete=False)
+        assert h.proc.signals == [signal.SIGTERM] and h.job.state == JobState.STOPPING
 
     def test_peak_breach_restarts_with_half_the_batch(self, tmp_path: Path) -> None:
         h = Harness(tmp_path, batch=8)
@@ -159,7 +130,7 @@ class TestLivenessWithFakeSystem:
             h.advance(0.0)
             if h.job.state == JobState.FATAL:
                 break
-            delays.append(h.job.retry_at - h.system.clock)
+            delays.append(h.job.lifecycle.retry_at - h.system.clock)
             h.advance(delays[-1])
             h.hello()
         assert delays == [1.0, 2.0, 3.0]
@@ -171,7 +142,7 @@ class TestRegrowthWithFakeSystem:
 
     def test_failed_regrowth_backs_off(self, tmp_path: Path) -> None:
         h = Harness(tmp_path, batch=8, regrow_after_steps=5)
-        h.job.batch, h.job.accum = 4, 2  # as after an earlier shrink
+        h.job.lifecycle.batch, h.job.lifecycle.accum = 4, 2  # as after an earlier shrink
         h.proc.code = 75
         h.job.life.pending = None  # type: ignore[union-attr]
         h.advance(0.0)
@@ -187,7 +158,7 @@ class TestRegrowthWithFakeSystem:
         assert h.job.batch == 8
         h.sample(1050 * MiB)
         h.sample(1050 * MiB)
-        assert h.job.policy.regrow_after_steps == 10
+        assert h.job.lifecycle.policy.regrow_after_steps == 10
 
 
 @pytest.fixture(autouse=True)
@@ -196,25 +167,49 @@ def no_orphans() -> None:
 
 
 class TestOverlappedRestartWithFakeSystem:
-    """After a requested checkpoint-and-exit, the successor starts at the goodbye; the old one is reaped later."""
+    """After a requested checkpoint-and-exit the successor starts at the goodbye when its memory fits next to the
+    departing worker's, else as soon as it does; the old one is reaped later, or SIGKILLed."""
 
-    def test_successor_spawns_at_goodbye_and_the_old_worker_is_reaped_or_killed(self, tmp_path: Path) -> None:
+    def test_successor_waits_for_the_departing_memory_then_the_old_worker_is_killed(self, tmp_path: Path) -> None:
         from protocol import Goodbye
 
         h = Harness(tmp_path, kill_grace=1.0)
+        for step in range(1, 6):
+            h.step(step, footprint=100 * MiB)  # a baseline of 100 MiB: what the successor will need
         h.sample(1050 * MiB)
         h.sample(1050 * MiB)
         old = h.proc
         h.job.on_message(Goodbye("peak", 3), h.system.clock)
-        assert len(h.system.procs) == 2 and h.job.state == JobState.STARTING
-        assert h.job.busy and [p for p, _ in h.job.departing] == [old]
+        assert len(h.system.procs) == 1 and h.job.state == JobState.STARTING and h.job.busy
+        old.sampled = 950 * MiB  # tearing down, still too big to fit a successor next to it (budget 1000)
+        h.sample_departing()
+        assert len(h.system.procs) == 1 and old.signals == []
+        old.sampled = 400 * MiB
+        h.sample_departing()
+        assert len(h.system.procs) == 2 and list(h.job.procs.values()) == [old, h.proc]
         h.advance(1.0)
         assert old.signals == []  # still tearing down: left alone
         h.advance(5.5)
         assert old.signals == [signal.SIGKILL]  # never exited: killed
         old.code = -9
         h.advance(0.1)
-        assert h.job.departing == []
+        assert h.job.lifecycle.departing == {} and list(h.job.procs.values()) == [h.proc]
+
+    def test_departing_and_current_footprints_add_up_against_the_budget(self, tmp_path: Path) -> None:
+        from protocol import Goodbye
+
+        h = Harness(tmp_path)
+        h.sample(100 * MiB)  # no baseline yet: the smallest sample of the life is what a successor needs
+        h.sample(1050 * MiB)
+        h.sample(1050 * MiB)
+        old = h.proc
+        h.job.on_message(Goodbye("peak", 3), h.system.clock)
+        old.sampled = 300 * MiB
+        h.sample_departing()  # room: the successor spawns
+        h.hello()
+        h.sample(750 * MiB)  # 750 + 300 >= budget: the departing worker (its checkpoint is durable) goes
+        assert old.signals == [signal.SIGKILL] and h.proc.signals == []
+        assert h.job.last_sampled == 1050 * MiB and h.job.state == JobState.RUNNING
 
     def test_a_worker_that_finishes_instead_is_not_restarted(self, tmp_path: Path) -> None:
         from protocol import Goodbye

@@ -97,9 +97,13 @@ class TestOnSample:
         decision, over = on_sample(sampled, True, over_before, LIMITS, Estimator(CONFIG), 8, 1, CONFIG)
         assert (decision.action, over) == (action, over_after)
 
-    def test_incomplete_sample_never_acts(self) -> None:
-        decision, over = on_sample(10 * GiB, False, 5, LIMITS, Estimator(CONFIG), 8, 1, CONFIG)
+    def test_incomplete_sample_under_the_kill_ceiling_never_acts(self) -> None:
+        decision, over = on_sample(LIMITS.kill - 1, False, 5, LIMITS, Estimator(CONFIG), 8, 1, CONFIG)
         assert decision.action is Action.NONE and over == 5
+
+    def test_incomplete_sample_over_the_kill_ceiling_kills(self) -> None:
+        decision, _ = on_sample(10 * GiB, False, 5, LIMITS, Estimator(CONFIG), 8, 1, CONFIG)
+        assert decision.action is Action.KILL and decision.diagnosis is Diagnosis.KILL_CEILING
 
 
 class TestDiagnosis:

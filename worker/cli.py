@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--peak-until-step", type=int, default=0, help="stop the peak after this step (0: never)")
     arg("--crash-after-steps", type=int, default=-1, help="test fault: exit 3 after this many steps in one life")
     arg("--hang-after-steps", type=int, default=-1, help="test fault: stop responding after this many steps")
+    arg("--step-sleep", type=float, default=0.0, help="test fault: every step also sleeps this long (a slow step)")
     arg("--stats-file", default="", help="write {steps, seconds, steps_per_second} of this life as JSON at exit")
     arg("--fault-once-file", default="", help="fire each test fault only while this file does not exist")
     return parser

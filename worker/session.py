@@ -7,10 +7,12 @@ checkpoint and resume; telemetry and commands are simply skipped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +38,7 @@ from protocol import (
 from protocol.footprint import self_footprint
 from protocol.messages import EXIT_CHECKPOINTED
 from worker import checkpoint as ckpt
+from worker.pulse import Pulse
 
 ENV_PREFIX = "MLXSUP_"
 
@@ -91,7 +94,6 @@ class Session:
         self.accum = settings.accum or accum
         self._model: Any = None
         self._optimizer: Any = None
-        self._parent = os.getppid()
         self._last_heard = time.time()
         self._last_end = time.perf_counter()
         self._stop_reason = ""
@@ -99,6 +101,9 @@ class Session:
         self.fast_exit = False
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._socket: zmq.Socket[bytes] | None = None
+        self._lock = threading.Lock()  # the socket, shared with the pulse thread
+        self._inbox: list[Command] = []  # commands received, handled at the next step boundary
+        self._pulse: Pulse | None = None
         if settings.endpoint:
             self._connect()
         if settings.cache_limit:
@@ -127,6 +132,16 @@ class Session:
     @property
     def checkpoint_dir(self) -> Path | None:
         return Path(self.settings.checkpoint_dir) if self.settings.checkpoint_dir else None
+
+    def keepalive(self) -> None:
+        """Tell the daemon this worker is alive (from any thread); a no-op without a daemon."""
+        if self._pulse is not None:
+            self._pulse.keepalive()
+
+    def busy(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """``with session.busy("validation"):`` keeps heartbeats going while a long model load, compile,
+        evaluation or save runs, so the daemon's ``hang_timeout`` does not fire."""
+        return self._pulse.busy(what) if self._pulse is not None else contextlib.nullcontext()
 
     def resume(self, model: Any, optimizer: Any) -> Resumed:
         """Attach the model and optimizer to checkpoint, and load the newest good checkpoint into them."""
@@ -170,6 +185,8 @@ class Session:
         exit_command = next((a for a in actions if a.action == Command.CHECKPOINT_EXIT), None)
         if exit_command is not None and step >= self.target_steps:
             exit_command = None  # the loop is about to finish (and checkpoint) anyway
+        if exit_command is not None and self._pulse is not None:
+            self._pulse.leaving = True  # the watchdog gives the checkpoint on the way out time to land
         periodic = settings.checkpoint_every and step % settings.checkpoint_every == 0
         if exit_command is not None or periodic or any(a.action == Command.CHECKPOINT for a in actions):
             self.save(step, extra)
@@ -199,6 +216,9 @@ class Session:
 
     def close(self, linger_ms: int = 1000) -> None:
         """Flush pending telemetry (bounded by ``linger_ms``) and release the socket."""
+        if self._pulse is not None:
+            self._pulse.stop()
+            self._pulse = None
         if self._socket is not None:
             self._socket.close(linger=linger_ms)
             self._socket = None
@@ -223,6 +243,9 @@ class Session:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(self.settings.endpoint)
         self._socket = sock
+        self._pulse = Pulse(self._lock, lambda: self._send_locked(Heartbeat(time.time())), self._drain_locked,
+                            lambda: self._last_heard, self.settings.orphan_timeout, EXIT_CHECKPOINTED)
+        self._pulse.start()
 
     def _say_hello(self, start_step: int) -> None:
         if self._socket is None or self._hello_sent:
@@ -232,6 +255,10 @@ class Session:
                          self.target_steps, self.batch, self.accum))
 
     def _send(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat) -> None:
+        with self._lock:
+            self._send_locked(message)
+
+    def _send_locked(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat) -> None:
         if self._socket is None:
             return
         try:
@@ -240,11 +267,22 @@ class Session:
             pass  # telemetry is best effort; the daemon samples our footprint itself
 
     def _poll(self) -> list[Command]:
-        assert self._socket is not None
-        commands: list[Command] = []
+        """Commands received since the last boundary; notes a lost or silent daemon."""
+        with self._lock:
+            self._drain_locked()
+            commands, self._inbox = self._inbox, []
+        if self._pulse is not None:
+            self._stop_reason = self._stop_reason or self._pulse.orphan_reason()
+        return commands
+
+    def _drain_locked(self) -> None:
+        """Read every pending frame (called with the lock held, by the loop or the pulse thread)."""
+        sock = self._socket
+        if sock is None:
+            return
         # EVENTS is a cheap getsockopt; poll() would build a Poller per call on the per-step path.
-        while int(self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            frame = self._socket.recv(zmq.NOBLOCK)
+        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            frame = sock.recv(zmq.NOBLOCK)
             try:
                 message = decode(frame)
             except ProtocolError as exc:
@@ -254,14 +292,9 @@ class Session:
                 self._last_heard = max(self._last_heard, message.sent_at)
             elif isinstance(message, Command):
                 self._last_heard = time.time()
-                commands.append(message)
+                self._inbox.append(message)
             elif isinstance(message, Welcome):  # version 1 is the only one yet: nothing to switch
                 self._last_heard = time.time()
-        if os.getppid() != self._parent:
-            self._stop_reason = "daemon_lost"
-        elif time.time() - self._last_heard > self.settings.orphan_timeout:
-            self._stop_reason = "daemon_silent"
-        return commands
 
     def _leave(self, reason: str, step: int, code: int) -> None:
         self._log("worker_exit", {"reason": reason, "step": step})

@@ -65,6 +65,8 @@ def _loop(session: Session, args: argparse.Namespace, fault_due: FaultDue, model
         use_peak(peak)
         del peak
         leak.step(step, grads)
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
         step += 1
         done_in_life += 1
         session.end_step(step, cast(float, loss.item()), extra={"data_position": step, "seed": args.seed})

@@ -17,7 +17,6 @@ from supervisor.control.client import TIMEOUT, ControlClient, curve_keys
 from supervisor.control.commands import REGISTRY, ControlError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-LOCAL = ("keygen", "top", "plot", "service", "shell")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,6 @@ from protocol import ProtocolError
 from protocol.control import ControlError, Request, decode_event, decode_reply, encode_request
 
 TIMEOUT = "timeout"
-UNREACHABLE = "unreachable"
 
 
 def curve_keys(key_file: Path, server_key_file: Path | None) -> tuple[bytes, bytes, bytes]:

@@ -27,6 +27,7 @@ from protocol.control import (
 )
 from supervisor.config import ConfigError, ControlConfig
 from supervisor.control.commands import REGISTRY, ControlError
+from supervisor.core.events import Refused
 
 if TYPE_CHECKING:
     from supervisor.daemon.server import DaemonService
@@ -261,4 +262,7 @@ class ControlServer:
         if command is None:
             raise ControlError(ControlError.UNKNOWN_COMMAND,
                                f"unknown command {name[:32]!r}; try 'help' ({', '.join(sorted(REGISTRY))})")
-        return command.handle(self.service, command.check(args))
+        try:
+            return command.handle(self.service, command.check(args))
+        except Refused as exc:  # the job's lifecycle cannot take the request in its current state
+            raise ControlError(ControlError.BAD_STATE, str(exc)) from None

@@ -141,8 +141,8 @@ def on_sample(
     config: PolicyConfig,
 ) -> tuple[Decision, int]:
     """Decide on one footprint sample; returns the decision and the new consecutive-over-budget count."""
-    if not complete:
-        return NOTHING, over_count  # a partial sample never triggers action on its own
+    if not complete and sampled < limits.kill:
+        return NOTHING, over_count  # a partial sum only under-counts: alone it acts only over the kill ceiling
     if sampled >= limits.kill:
         shrink = diagnose_breach(estimator, batch, accum, config)
         reason = f"sample {sampled} >= kill ceiling {limits.kill}"

@@ -24,7 +24,7 @@ class JobState(IntEnum):
 
 
 S = JobState
-# A worker process exists (or may still exist) in these states.
+# A worker process exists (or may still exist, or is about to be spawned) in these states.
 PROCESS_STATES: Final = frozenset({S.STARTING, S.RUNNING, S.CHECKPOINTING, S.STOPPING})
 # The job will not run again without an operator.
 TERMINAL_STATES: Final = frozenset({S.STOPPED, S.FINISHED, S.FATAL})
@@ -38,7 +38,7 @@ TRANSITIONS: Final[dict[JobState, frozenset[JobState]]] = {
     S.RUNNING: frozenset({S.CHECKPOINTING, S.STOPPING, S.BACKOFF, S.FINISHED, S.FATAL, S.STOPPED, S.STARTING,
                           S.WAITING_FOR_MEMORY}),
     S.CHECKPOINTING: frozenset({S.STOPPING, S.BACKOFF, S.FINISHED, S.FATAL, S.STOPPED, S.STARTING,
-                                S.WAITING_FOR_MEMORY, S.RUNNING}),
+                                S.WAITING_FOR_MEMORY}),
     S.STOPPING: frozenset({S.BACKOFF, S.STOPPED, S.FATAL, S.FINISHED, S.STARTING, S.WAITING_FOR_MEMORY}),
     S.BACKOFF: frozenset({S.STARTING, S.STOPPED, S.FATAL}),
     S.WAITING_FOR_MEMORY: frozenset({S.STARTING, S.STOPPED}),

@@ -17,6 +17,15 @@ import structlog
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+def rotate_files(path: Path, keep: int) -> None:
+    """x -> x.1 -> ... -> x.keep (the oldest is dropped); ``path`` itself is gone afterwards."""
+    for index in range(keep, 0, -1):
+        newer = path.with_name(f"{path.name}.{index - 1}") if index > 1 else path
+        if newer.exists():
+            os.replace(newer, path.with_name(f"{path.name}.{index}"))
+    path.unlink(missing_ok=True)
+
+
 class RotatingFile:
     """A text sink that rotates by size and can be reopened; what structlog writes to."""
 
@@ -42,11 +51,7 @@ class RotatingFile:
     def rotate(self) -> None:
         """mlxsupd.log -> mlxsupd.log.1 -> ... -> .keep (dropped), then a fresh file."""
         self._file.close()
-        for index in range(self.keep, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{index}")
-            newer = self.path.with_name(f"{self.path.name}.{index - 1}") if index > 1 else self.path
-            if newer.exists():
-                os.replace(newer, older)
+        rotate_files(self.path, self.keep)
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115
 
     def reopen(self) -> None:

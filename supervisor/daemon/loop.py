@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 import zmq
@@ -20,7 +20,7 @@ import zmq
 from protocol import MAX_MESSAGE_BYTES, Heartbeat, Hello, ProtocolError, Welcome, decode, encode, negotiate
 from supervisor.config import Config
 from supervisor.core.sizes import parse_bytes, parse_fraction_of
-from supervisor.core.states import PROCESS_STATES, TERMINAL_STATES
+from supervisor.core.states import TERMINAL_STATES
 from supervisor.daemon.job import Job, JobPaths
 from supervisor.daemon.rundir import lock_run_dir, prepare_run_dir
 from supervisor.daemon.system import RealSystem, System
@@ -30,17 +30,53 @@ MAX_DRAIN = 1000
 CRITICAL_PRESSURE = 4  # kern.memorystatus_vm_pressure_level: 1 normal, 2 warn, 4 critical
 
 
+SocketHandlers = dict[zmq.Socket[bytes], Callable[[float], None]]
+
+
+class Hooks(Protocol):
+    """What a mode of the daemon adds to the loop (the service: control sockets, events, reload)."""
+
+    def sockets(self) -> SocketHandlers:
+        """Extra sockets to poll, with their handlers; asked once, when the loop starts."""
+
+    def publish(self, job: str, kind: str, data: dict[str, Any]) -> None:
+        """An event of a job (kind: telemetry, state, decision, log)."""
+
+    def on_reload(self, now: float) -> None:
+        """SIGHUP arrived."""
+
+    def on_turn(self, daemon: Daemon, now: float) -> None:
+        """Called once per loop turn, after the jobs."""
+
+
+class NoHooks:
+    """The plain loop: nothing to add."""
+
+    def sockets(self) -> SocketHandlers:
+        return {}
+
+    def publish(self, job: str, kind: str, data: dict[str, Any]) -> None:
+        pass
+
+    def on_reload(self, now: float) -> None:
+        pass
+
+    def on_turn(self, daemon: Daemon, now: float) -> None:
+        pass
+
+
 class Daemon:
     """Supervises the configured jobs until told to stop (or, in one-shot mode, until they are done)."""
 
     def __init__(
         self, config: Config, job_names: list[str] | None = None, system: System | None = None,
-        one_shot: bool = False,
+        one_shot: bool = False, hooks: Hooks | None = None,
     ) -> None:
         self.config = config
         self.system = system or RealSystem(log_max=parse_bytes(config.daemon.log_max_bytes),
                                            log_keep=config.daemon.log_keep)
         self.one_shot = one_shot
+        self.hooks: Hooks = hooks or NoHooks()
         self.run_dir = prepare_run_dir(config.run_dir)
         self._lock = lock_run_dir(self.run_dir)
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -49,13 +85,10 @@ class Daemon:
         self.by_identity: dict[bytes, Job] = {}
         self.stopping = False
         self.reload_requested = False
-        self.on_turn: Callable[[Daemon, float], None] | None = None
-        self.extra_sockets: dict[zmq.Socket[bytes], Callable[[float], None]] = {}
-        self.on_reload: Callable[[float], None] | None = None
+        self.extra_sockets: SocketHandlers = {}
         self._end = float("inf")
         self._next_sample = self._next_heartbeat = 0.0
         self._shutdown_started = False
-        self.publishers: list[Callable[[str, str, dict[str, Any]], None]] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -83,13 +116,18 @@ class Daemon:
         return sock
 
     def add_job(self, name: str) -> Job:
+        """Supervise job ``name`` of the config; a job that is still here (even stopping) is never replaced."""
+        if name in self.jobs:
+            raise ValueError(f"job {name!r} is already supervised")
         job_config = self.config.jobs[name]
         job_dir = self.config.job_dir(name)
         paths = JobPaths(self.config.checkpoint_dir(name), self.config.log_dir / "jobs" / name,
                          job_dir / "history.jsonl", job_dir / "telemetry.jsonl")
         orphan = max(3.0, 5 * self.config.daemon.heartbeat_interval)
         job = Job(name, job_config, job_config.limits(self.total_memory), paths, self.system,
-                  self.worker_endpoint, self._send_to_worker, self._publish, orphan_timeout=orphan)
+                  self.worker_endpoint, self._send_to_worker, self.hooks.publish, orphan_timeout=orphan,
+                  telemetry_max=parse_bytes(self.config.daemon.log_max_bytes),
+                  telemetry_keep=self.config.daemon.log_keep)
         self.jobs[name] = job
         return job
 
@@ -98,10 +136,6 @@ class Daemon:
             self.workers.send_multipart([identity, frame], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone or queue full: the worker's own deadlines cover it
             log.debug("send_to_worker_failed", error=str(exc))
-
-    def _publish(self, job: str, kind: str, data: dict[str, Any]) -> None:
-        for publisher in self.publishers:
-            publisher(job, kind, data)
 
     # -- signals --------------------------------------------------------------------------------------
 
@@ -126,6 +160,7 @@ class Daemon:
         self._end = now + max_seconds if max_seconds else float("inf")
         self._next_sample = self._next_heartbeat = now
         self._shutdown_started = False
+        self.extra_sockets = self.hooks.sockets()
         poller = zmq.Poller()
         poller.register(self.workers, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
@@ -149,10 +184,11 @@ class Daemon:
         if self.stopping and not self._shutdown_started:
             self._shutdown_started = True
             log.info("daemon_stopping", jobs=len(self.jobs))
-            self._stop_all(now, "daemon shutdown")
-        if self.reload_requested and self.on_reload is not None:
+            for job in self.jobs.values():
+                job.shutdown(now)
+        if self.reload_requested:
             self.reload_requested = False
-            self.on_reload(now)
+            self.hooks.on_reload(now)
         if now >= self._next_sample:
             self._sample_all(now)
             interval = self.config.daemon.sample_interval
@@ -164,8 +200,7 @@ class Daemon:
         available = self._available() if self._needs_memory() else self.total_memory
         for job in list(self.jobs.values()):
             job.tick(now, available, self.floor + self.hysteresis)
-        if self.on_turn is not None:
-            self.on_turn(self, now)
+        self.hooks.on_turn(self, now)
 
     def _wait(self, poller: zmq.Poller) -> None:
         """Poll until the next deadline (at most 1 s), then serve whatever became readable."""
@@ -201,7 +236,7 @@ class Daemon:
         return bool(self.floor) and any(j.state.name == "WAITING_FOR_MEMORY" for j in self.jobs.values())
 
     def _sample_all(self, now: float) -> None:
-        running = [j for j in self.jobs.values() if j.life is not None and j.state in PROCESS_STATES]
+        running = [j for j in self.jobs.values() if j.procs]
         if not running:
             return
         available = self._available() if self.floor else self.total_memory
@@ -211,8 +246,8 @@ class Daemon:
     def _heartbeat_all(self) -> None:
         frame = encode(Heartbeat(time.time()))
         for job in self.jobs.values():
-            if job.life is not None and job.life.identity is not None:
-                self._send_to_worker(job.life.identity, frame)
+            if job.identity is not None:
+                self._send_to_worker(job.identity, frame)
 
     def _drain_workers(self, now: float) -> None:
         for _ in range(MAX_DRAIN):
@@ -231,7 +266,7 @@ class Daemon:
             job = self.by_identity.get(identity)
             if isinstance(message, Hello):
                 self._on_hello(message, identity, now)
-            elif job is not None and job.life is not None and job.life.identity == identity:
+            elif job is not None and job.identity == identity:
                 job.on_message(message, now)
             else:
                 log.warning("worker_message_ignored", type=message.TAG, reason="unknown peer (no valid hello)")
@@ -259,29 +294,24 @@ class Daemon:
         except BlockingIOError:
             pass
 
-    def _stop_all(self, now: float, reason: str) -> None:
-        for job in self.jobs.values():
-            job.stop(now, reason)
-
     def _kill_all(self) -> None:
-        """Last resort on the way out: no worker outlives the daemon's loop unsupervised."""
+        """Last resort on the way out: no worker outlives the daemon's loop unsupervised.
+
+        Current workers get SIGTERM (the SDK checkpoints at its next step boundary), departing ones SIGKILL
+        (their checkpoint is durable); whatever is left after 5 s gets SIGKILL, and everything is reaped.
+        """
+        procs = [(job.pid == proc.pid, proc) for job in self.jobs.values() for proc in job.procs.values()]
+        for current, proc in procs:
+            if proc.poll() is None:
+                proc.signal_group(signal.SIGTERM if current else signal.SIGKILL)
         deadline = time.monotonic() + 5
-        for job in self.jobs.values():
-            for proc, _ in job.departing:
-                if proc.poll() is None:
-                    proc.signal_group(signal.SIGKILL)
+        for final in (False, True):
+            for _, proc in procs:
                 while proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.02)
-        for job in self.jobs.values():
-            if job.life is not None and job.life.proc.poll() is None:
-                job.life.proc.signal_group(signal.SIGTERM)
-        for job in self.jobs.values():
-            while job.life is not None and job.life.proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if job.life is not None and job.life.proc.poll() is None:
-                job.life.proc.signal_group(signal.SIGKILL)
-                while job.life.proc.poll() is None and time.monotonic() < deadline + 2:
-                    time.sleep(0.02)
+                if proc.poll() is None and not final:
+                    proc.signal_group(signal.SIGKILL)
+            deadline += 2
 
     def close(self) -> None:
         for job in self.jobs.values():

@@ -13,7 +13,7 @@ from supervisor.config import Config
 from supervisor.core.sizes import format_bytes
 from supervisor.core.states import JobState
 from supervisor.daemon.job import Job
-from supervisor.daemon.loop import Daemon
+from supervisor.daemon.loop import Daemon, NoHooks
 
 OUTCOMES = {JobState.FINISHED: "finished", JobState.FATAL: "fatal"}
 
@@ -47,7 +47,7 @@ def summarize(job: Job, wall_seconds: float) -> dict[str, Any]:
     }
 
 
-class ProgressLine:
+class ProgressLine(NoHooks):
     """One status line, rewritten in place on a terminal, printed every few seconds otherwise."""
 
     def __init__(self, stream: IO[str], every: float = 5.0) -> None:
@@ -56,7 +56,7 @@ class ProgressLine:
         self.every = 0.25 if self.tty else every
         self.last = 0.0
 
-    def __call__(self, daemon: Daemon, now: float) -> None:
+    def on_turn(self, daemon: Daemon, now: float) -> None:
         if now - self.last < self.every:
             return
         self.last = now
@@ -82,10 +82,9 @@ def render(job: Job) -> str:
 def run_one(config: Config, name: str, summary_path: Path | None, max_seconds: float | None = None) -> int:
     """Supervise job ``name`` to the end; exit status 0 when it finished, 1 otherwise."""
     started = time.monotonic()
-    daemon = Daemon(config, [name], one_shot=True)
-    daemon.install_signal_handlers()
     progress = ProgressLine(sys.stderr)
-    daemon.on_turn = progress
+    daemon = Daemon(config, [name], one_shot=True, hooks=progress)
+    daemon.install_signal_handlers()
     job = daemon.jobs[name]
     try:
         job.start(daemon.system.now(), "mlxsupd run")

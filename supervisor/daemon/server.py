@@ -9,31 +9,69 @@ import structlog
 from protocol.control import ControlError
 from supervisor.config import Config, ConfigError, load_config
 from supervisor.control.server import ControlServer
+from supervisor.core.events import Refused
 from supervisor.core.states import TERMINAL_STATES
-from supervisor.daemon.loop import Daemon
+from supervisor.daemon.loop import Daemon, SocketHandlers
+from supervisor.daemon.system import System
 
 log = structlog.get_logger("mlxsupd")
 
 
-class DaemonService:
-    """The daemon plus what only the service mode has: control socket, events, config reload."""
+def config_diff(old: Config, new: Config) -> dict[str, list[str]]:
+    """Jobs added, removed and changed from ``old`` to ``new``."""
+    before, after = old.jobs, new.jobs
+    return {
+        "added": sorted(set(after) - set(before)),
+        "removed": sorted(set(before) - set(after)),
+        "changed": sorted(n for n in set(before) & set(after) if before[n] != after[n]),
+    }
 
-    def __init__(self, config: Config) -> None:
+
+class DaemonService:
+    """The daemon plus what only the service mode has: control socket, events, config reload.
+
+    It is the daemon loop's hooks: the loop polls its control sockets, hands it every job event to publish,
+    tells it about SIGHUP, and lets it drop removed jobs once their workers are gone.
+    """
+
+    def __init__(self, config: Config, system: System | None = None) -> None:
         self.config = config
-        self.daemon = Daemon(config)
         self.pending: Config | None = None
         self.removing: set[str] = set()
-        self.restart_when_stopped: set[str] = set()
+        self.daemon = Daemon(config, system=system, hooks=self)
         try:
             self.control = ControlServer(self, self.daemon.context, self.daemon.run_dir, config.daemon.control,
                                          lambda value: config.resolve(value, config.path.parent))
         except BaseException:
             self.daemon.close()
             raise
-        self.daemon.extra_sockets.update(self.control.sockets())
-        self.daemon.publishers.append(self.control.publish)
-        self.daemon.on_reload = self._on_hup
-        self.daemon.on_turn = self._on_turn
+
+    # -- the loop's hooks -----------------------------------------------------------------------------
+
+    def sockets(self) -> SocketHandlers:
+        return self.control.sockets()
+
+    def publish(self, job: str, kind: str, data: dict[str, Any]) -> None:
+        self.control.publish(job, kind, data)
+
+    def on_reload(self, now: float) -> None:
+        log.info("sighup", action="reread and update")
+        try:
+            self.reread()
+            self.update()
+        except (ControlError, ConfigError) as exc:  # a bad config on SIGHUP keeps the running one
+            log.error("reload_failed", error=str(exc))
+            self.pending = None
+
+    def on_turn(self, daemon: Daemon, now: float) -> None:
+        for name in list(self.removing):
+            job = daemon.jobs.get(name)
+            if job is None or (not job.busy and job.state in TERMINAL_STATES):
+                if job is not None:
+                    job.recorder.close()
+                daemon.jobs.pop(name, None)
+                self.removing.discard(name)
+                log.info("job_removed", job=name)
 
     # -- config reload --------------------------------------------------------------------------------
 
@@ -44,69 +82,48 @@ class DaemonService:
         except ConfigError as exc:
             raise ControlError(ControlError.BAD_VALUE, f"config not reloaded: {exc}") from None
         self.pending = new
-        old_jobs, new_jobs = self.config.jobs, new.jobs
-        return {
-            "added": sorted(set(new_jobs) - set(old_jobs)),
-            "removed": sorted(set(old_jobs) - set(new_jobs)),
-            "changed": sorted(n for n in set(old_jobs) & set(new_jobs) if old_jobs[n] != new_jobs[n]),
-        }
+        return config_diff(self.config, new)
 
     def update(self) -> dict[str, list[str]]:
-        """Apply the last reread: add, remove (after a checkpoint) and reconfigure jobs."""
-        changes = self.reread() if self.pending is None else self._diff(self.pending)
+        """Apply the last reread: add, remove (after a checkpoint) and reconfigure jobs.
+
+        A job removed and added back before its worker has exited keeps its entry (one worker per checkpoint
+        directory): its removal is cancelled and the new config applies at its next start.
+        """
+        new = self.pending
+        changes = self.reread() if new is None else config_diff(self.config, new)
         new = self.pending
         assert new is not None
+        try:
+            self.control.reload_keys(new.daemon.control, lambda v: new.resolve(v, new.path.parent))
+        except ConfigError as exc:
+            raise ControlError(ControlError.BAD_VALUE, f"authorized keys not reloaded: {exc}") from None
         now = self.daemon.system.now()
-        self.config = new
-        self.daemon.config = new
+        self.config = self.daemon.config = new
         for name in changes["added"]:
-            job = self.daemon.add_job(name)
-            if job.config.autostart:
-                job.start(now, "added by update")
+            self._add(name, now)
         for name in changes["removed"]:
             self.removing.add(name)
             self.daemon.jobs[name].stop(now, "removed from config")
         for name in changes["changed"]:
             self.daemon.jobs[name].reconfigure(new.jobs[name], new.jobs[name].limits(self.daemon.total_memory))
-        try:
-            self.control.reload_keys(new.daemon.control, lambda v: new.resolve(v, new.path.parent))
-        except ConfigError as exc:
-            raise ControlError(ControlError.BAD_VALUE, f"authorized keys not reloaded: {exc}") from None
         self.pending = None
         log.info("config_updated", **changes)
         return changes
 
-    def _diff(self, new: Config) -> dict[str, list[str]]:
-        old_jobs = self.config.jobs
-        return {
-            "added": sorted(set(new.jobs) - set(old_jobs)),
-            "removed": sorted(set(old_jobs) - set(new.jobs)),
-            "changed": sorted(n for n in set(old_jobs) & set(new.jobs) if old_jobs[n] != new.jobs[n]),
-        }
-
-    def _on_hup(self, now: float) -> None:
-        log.info("sighup", action="reread and update")
-        try:
-            self.reread()
-            self.update()
-        except Exception as exc:  # a bad config on SIGHUP keeps the running one
-            log.error("reload_failed", error=str(exc))
-            self.pending = None
-
-    def _on_turn(self, daemon: Daemon, now: float) -> None:
-        for name in list(self.removing):
-            job = daemon.jobs.get(name)
-            if job is None or (not job.busy and job.state in TERMINAL_STATES):
-                if job is not None:
-                    job.recorder.close()
-                daemon.jobs.pop(name, None)
-                self.removing.discard(name)
-                log.info("job_removed", job=name)
-        for name in list(self.restart_when_stopped):
-            job = daemon.jobs.get(name)
-            if job is not None and not job.busy and job.state in TERMINAL_STATES:
-                self.restart_when_stopped.discard(name)
-                job.start(now, "restart requested")
+    def _add(self, name: str, now: float) -> None:
+        config = self.config.jobs[name]
+        job = self.daemon.jobs.get(name)
+        if job is None:
+            job = self.daemon.add_job(name)
+        else:  # removed earlier, still winding down: keep the entry, take the new config
+            self.removing.discard(name)
+            job.reconfigure(config, config.limits(self.daemon.total_memory))
+        if config.autostart and not self.daemon.stopping:
+            try:
+                job.restart(now) if job.busy else job.start(now, "added by update")
+            except Refused as exc:
+                log.warning("job_not_started", job=name, reason=str(exc))
 
     # -- lifetime -------------------------------------------------------------------------------------
 

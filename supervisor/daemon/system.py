@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from supervisor.daemon.footprint import GroupSample, GroupSampler, pressure_level, system_memory
+from supervisor.daemon.logs import rotate_files
 
 
 class WorkerProcess(Protocol):
@@ -101,11 +102,7 @@ def rotate_if_large(path: Path, max_bytes: int, keep: int) -> None:
             return
     except FileNotFoundError:
         return
-    for index in range(keep, 0, -1):
-        newer = path.with_name(f"{path.name}.{index - 1}") if index > 1 else path
-        if newer.exists():
-            os.replace(newer, path.with_name(f"{path.name}.{index}"))
-    path.unlink(missing_ok=True)
+    rotate_files(path, keep)
 
 
 class RealSystem:

@@ -1,11 +1,11 @@
-"""Replay the real supervisor policy against a synthetic machine: ``python -m supervisor.tools.simulate``.
+"""Replay the real supervisor against a synthetic machine: ``python -m supervisor.tools.simulate``.
 
 The scenarios that matter most (a 72 GiB Mac leaking 100 MiB per step for 10,000 steps) do not fit on the
-machines the test suite runs on, so this drives the very functions the daemon uses (``supervisor.core.policy``'s
-``Estimator``, ``on_sample`` and ``on_step``) with the same glue as ``supervisor.daemon.job.Job``: the consecutive
-over-budget count, the kill ceiling, checkpoint-and-exit restarting at the decided batch, predictive leak
-recycling, regrowth, and FATAL after ``--max-attempts`` lives without a newer checkpoint. Deterministic for
-a given ``--seed`` (the seed only feeds the noise).
+machines the test suite runs on, so this feeds the daemon's own job lifecycle (``supervisor.core.lifecycle``:
+the escalation, the consecutive over-budget count, the kill ceiling, predictive leak recycling, shrinking,
+regrowth and its back-off, the restart ladder and FATAL after ``--max-attempts`` lives without a newer
+checkpoint) with the events of a synthetic worker and clock. Only the worker is simulated here; there is no
+copy of any decision. Deterministic for a given ``--seed`` (the seed only feeds the noise).
 
 The synthetic job, per worker life (a restart reclaims everything; the leak does not depend on the batch):
 
@@ -32,17 +32,22 @@ the cost of running at a smaller batch.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
 import math
 import random
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from supervisor.core.policy import Action, Decision, Diagnosis, Estimator, Limits, PolicyConfig, on_sample, on_step
+from protocol import Command
+from protocol.messages import EXIT_CHECKPOINTED
+from supervisor.core import events as ev
+from supervisor.core.lifecycle import Lifecycle, Settings
+from supervisor.core.policy import Limits, PolicyConfig
 from supervisor.core.sizes import SizeError, format_bytes, parse_budget, parse_bytes, parse_fraction_of
+from supervisor.core.states import TERMINAL_STATES, JobState
 
 MiB = 1024 * 1024
 POLICIES = ("adaptive", "shrink-only", "stop")
@@ -73,19 +78,24 @@ class Scenario:
     leak_threshold: float = 1.0 * MiB
     regrow_after_steps: int = 50
     min_steps_per_life: int = 10
+    shrink_factor: float = 0.5
+    keep_effective_batch: bool = True
 
     def step_time(self, batch: int, accum: int) -> float:
         """Seconds of one optimizer step split as ``batch`` x ``accum``."""
         per_sample = (self.step_seconds - self.micro_overhead * self.accum) / (self.batch * self.accum)
         return per_sample * batch * accum + self.micro_overhead * accum
 
-    def policy_config(self, policy: str) -> PolicyConfig:
-        """The tunables ``supervisor.daemon.job.policy_config`` builds for such a job under ``policy``."""
-        return PolicyConfig(
-            leak_threshold=self.leak_threshold, min_batch=self.min_batch, max_batch=self.batch,
+    def settings(self, policy: str) -> Settings:
+        """The lifecycle settings ``supervisor.daemon.job.settings_of`` builds for such a job under ``policy``."""
+        config = PolicyConfig(
+            leak_threshold=self.leak_threshold, shrink_factor=self.shrink_factor, min_batch=self.min_batch,
+            max_batch=self.batch, keep_effective_batch=self.keep_effective_batch,
             min_steps_per_life=self.min_steps_per_life, regrow_after_steps=self.regrow_after_steps,
             adaptive=policy == "adaptive",
         )
+        return Settings(policy=config, mode=policy, batch=self.batch, accum=self.accum,
+                        max_attempts=self.max_attempts)
 
 
 @dataclasses.dataclass
@@ -125,157 +135,161 @@ class Result:
 
 
 @dataclasses.dataclass
-class _Life:
-    """One simulated worker process, with the fields of ``supervisor.daemon.job.Life`` the policy needs."""
+class _Worker:
+    """The simulated process of one life: what the synthetic job does, not what the supervisor decides."""
 
-    start_checkpoint: int
+    life: int
     batch: int
     accum: int
-    estimator: Estimator
-    last_step: int = 0
+    step: int  # the step it resumed from, then the last step it finished
     age: int = 0  # steps done in this life: how much it has leaked
-    healthy_steps: int = 0
-    over_count: int = 0
-    running: bool = True  # False once asked to exit (the job is CHECKPOINTING) or killed
-    pending: Decision | None = None
-    exit_at: int = 0  # step at whose boundary the worker checkpoints and exits (0: not asked)
+    exit_at: int = 0  # step at whose boundary it checkpoints and exits (0: not asked)
     killed: bool = False
 
 
 class Simulation:
-    """One policy over one scenario, following ``supervisor.daemon.job.Job`` wherever a simulated worker can go."""
+    """One policy over one scenario: a synthetic worker and clock around the daemon's own Lifecycle.
+
+    Only the synthetic worker lives here; every decision (escalation, restart ladder, batch, regrowth, giving
+    up) comes from ``supervisor.core.lifecycle.Lifecycle``, the class the daemon runs.
+    """
 
     def __init__(self, scenario: Scenario, policy: str) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy {policy!r}: expected one of {', '.join(POLICIES)}")
         self.scenario = scenario
         self.policy = policy
-        self.config = scenario.policy_config(policy)
+        self.lifecycle = Lifecycle(scenario.settings(policy), scenario.limits)
         self.rng = random.Random(scenario.seed)
         limits = scenario.limits
         self.result = Result(policy, scenario.steps, limits.budget, limits.warn, limits.kill)
-        self.reasons: collections.Counter[str] = collections.Counter()
-        self.batch, self.accum = scenario.batch, scenario.accum
+        self.now = 0.0  # the simulated wall clock
         self.checkpoint = 0  # newest checkpoint step
-        self.failures = 0  # consecutive lives without a newer checkpoint
         self.unsaved = 0.0  # seconds of steps done since the newest checkpoint
+        self.worker: _Worker | None = None
+        self.spawns = 0
         self.last_batch: tuple[int, int] | None = None
+        self.reason = ""
 
     def run(self) -> Result:
-        """Simulate lives until the job finishes, stops or gives up."""
-        result = self.result
-        while not result.outcome:
-            life = _Life(self.checkpoint, self.batch, self.accum, Estimator(self.config))
-            self._note_batch(life)
-            finished = self._run_life(life)
-            self._on_exit(life, finished)
-        scenario = self.scenario
-        result.steps_completed = self.checkpoint
-        result.restart_reasons = dict(self.reasons)
-        if result.wall_seconds > 0:
-            result.goodput = result.useful_seconds / result.wall_seconds
-            ideal = self.checkpoint * scenario.step_time(scenario.batch, scenario.accum)
-            result.efficiency = ideal / result.wall_seconds
-        return result
+        """Simulate until the job finishes, stops or gives up."""
+        self._feed(ev.Start(self.now, "simulate"))
+        while self.lifecycle.state not in TERMINAL_STATES:
+            if self.worker is not None:
+                self._run_life(self.worker)
+            elif self.lifecycle.state == JobState.BACKOFF:
+                self.now = max(self.now, self.lifecycle.retry_at)
+                self._feed(ev.Tick(self.now, self.scenario.memory, 0))
+            else:  # pragma: no cover - every other state has a worker or is terminal here
+                raise RuntimeError(f"simulation stuck in {self.lifecycle.state.name}")
+        self._finish()
+        return self.result
 
-    def _run_life(self, life: _Life) -> bool:
-        """Steps of one life; True when it finished the job, False when it exited or was killed."""
+    def _finish(self) -> None:
+        result, stats, scenario = self.result, self.lifecycle.stats, self.scenario
+        result.outcome = {JobState.FINISHED: "finished", JobState.FATAL: "fatal"}.get(self.lifecycle.state,
+                                                                                       "stopped")
+        result.reason = self.reason
+        result.steps_completed = self.checkpoint
+        result.restarts = stats.restarts
+        result.restart_reasons = dict(stats.restart_reasons)
+        result.first_breach_step = stats.first_breach_step
+        result.max_memory_bytes = stats.max_sampled
+        result.samples, result.samples_over_budget = stats.samples, stats.samples_over_budget
+        result.samples_over_kill = stats.samples_over_kill
+        result.wall_seconds = self.now
+        if self.now > 0:
+            result.goodput = result.useful_seconds / self.now
+            result.efficiency = self.checkpoint * scenario.step_time(scenario.batch, scenario.accum) / self.now
+
+    # -- the lifecycle and its actions --------------------------------------------------------------
+
+    def _feed(self, event: ev.Event) -> None:
+        for action in self.lifecycle.handle(event):
+            if isinstance(action, ev.Spawn):
+                self._spawn(action)
+            elif isinstance(action, ev.Send) and action.action == Command.CHECKPOINT_EXIT:
+                if self.worker is not None and not self.worker.exit_at:
+                    self.worker.exit_at = self.worker.step + 1  # the boundary it reaches next
+            elif isinstance(action, ev.Signal) and self.worker is not None and action.life == self.worker.life:
+                self.worker.killed = True  # killed on the spot, unsaved steps lost
+            elif isinstance(action, ev.StateChanged):
+                self.reason = action.reason
+
+    def _spawn(self, action: ev.Spawn) -> None:
+        if self.spawns:
+            self.now += self.scenario.restart_seconds
+        self.spawns += 1
+        worker = _Worker(action.life, action.batch, action.accum, self.checkpoint)
+        self.worker = worker
+        self._note_batch(worker)
+        self._feed(ev.Spawned(action.life, self.now, 10_000 + action.life, self.checkpoint))
+        self._feed(ev.HelloIn(self.now, 10_000 + action.life, self.checkpoint, self.scenario.steps, action.batch,
+                              action.accum))
+
+    # -- the synthetic worker -----------------------------------------------------------------------
+
+    def _run_life(self, worker: _Worker) -> None:
+        """Steps of one life until it finishes, leaves at a boundary, or is killed."""
         scenario = self.scenario
-        step = life.start_checkpoint
-        while step < scenario.steps:
-            step += 1
-            if not self._run_step(life, step):
+        while self.worker is worker:
+            step = worker.step + 1
+            if not self._run_step(worker, step):
                 self.result.steps_lost += step - 1 - self.checkpoint
                 self.unsaved = 0.0
-                return False
+                self._exit(worker, -signal.SIGTERM)
+                return
+            worker.step = step
+            self._feed(self._telemetry(worker, step))
             # As worker.Session.end_step: an exit asked for at the target step is moot (it finishes anyway).
-            leaving = 0 < life.exit_at <= step < scenario.steps
+            leaving = 0 < worker.exit_at <= step < scenario.steps
             periodic = scenario.checkpoint_every > 0 and step % scenario.checkpoint_every == 0
             if leaving or periodic or step == scenario.steps:
                 self._save(step)
-            if leaving:
-                return False
-        return True
+            if step == scenario.steps:
+                self._feed(ev.GoodbyeIn(self.now, "finished", step, self.checkpoint))
+                self._exit(worker, 0)
+            elif leaving:
+                self._feed(ev.GoodbyeIn(self.now, "asked", step, self.checkpoint))
+                self._exit(worker, EXIT_CHECKPOINTED)
+            elif worker.killed:
+                self._exit(worker, -signal.SIGTERM)
 
-    def _run_step(self, life: _Life, step: int) -> bool:
-        """One optimizer step: its samples, then its telemetry. False when a sample got the worker killed."""
+    def _exit(self, worker: _Worker, code: int) -> None:
+        """The process is gone (its teardown takes no simulated time)."""
+        if self.lifecycle.life is not None and self.lifecycle.life.id == worker.life:
+            self.worker = None
+            self._feed(ev.Exited(self.now, code, self.checkpoint))
+        else:  # it said goodbye and departed: its successor may already be waiting for its memory
+            if self.worker is worker:
+                self.worker = None
+            self._feed(ev.DepartedExited(self.now, worker.life, code))
+
+    def _run_step(self, worker: _Worker, step: int) -> bool:
+        """The samples of one optimizer step; False when one got the worker killed."""
         scenario = self.scenario
-        life.age += 1
-        transient = int(scenario.peak_per_sample * life.batch)
-        start = scenario.baseline + scenario.leak_per_step * (life.age - 1)
-        seconds = scenario.step_time(life.batch, life.accum)
+        worker.age += 1
+        transient = int(scenario.peak_per_sample * worker.batch)
+        start = scenario.baseline + scenario.leak_per_step * (worker.age - 1)
+        seconds = scenario.step_time(worker.batch, worker.accum)
         count = scenario.samples_per_step
         for i in range(1, count + 1):
-            self._sample(life, int(start + scenario.leak_per_step * i / count) + transient + self._noise())
-            if life.killed:
-                self.result.wall_seconds += seconds * i / count
+            sampled = max(0, int(start + scenario.leak_per_step * i / count) + transient + self._noise())
+            self._feed(ev.Sample(self.now + seconds * i / count, sampled, True, {}, scenario.memory, 0))
+            if worker.killed:
+                self.now += seconds * i / count
                 return False
-        self.result.wall_seconds += seconds
+        self.now += seconds
         self.unsaved += seconds
-        level = max(0, int(start + scenario.leak_per_step) + self._noise())
-        # As Job._on_step: estimate, count the step healthy, and decide only while RUNNING.
-        life.last_step = step
-        life.estimator.observe_step(step, level, transient)
-        life.healthy_steps += 1
-        if life.running:
-            decision = on_step(life.estimator, scenario.limits, life.batch, life.accum, life.healthy_steps,
-                               self.config)
-            if decision.acts:
-                self._act(life, decision)
         return True
 
-    def _sample(self, life: _Life, sampled: int) -> None:
-        """As Job.on_sample for a complete sample of ``sampled`` bytes."""
-        sampled = max(0, sampled)
-        limits, result = self.scenario.limits, self.result
-        result.samples += 1
-        result.max_memory_bytes = max(result.max_memory_bytes, sampled)
-        result.samples_over_budget += sampled > limits.budget
-        result.samples_over_kill += sampled > limits.kill
-        estimator = life.estimator
-        estimator.observe_sample(sampled)
-        if sampled >= limits.warn:
-            life.healthy_steps = 0
-        decision, life.over_count = on_sample(sampled, True, life.over_count, limits, estimator, life.batch,
-                                              life.accum, self.config)
-        if decision.acts:
-            self._act(life, decision)
-
-    def _act(self, life: _Life, decision: Decision) -> None:
-        """As Job._act: kill at once, or ask for a checkpoint-and-exit at the next step boundary."""
-        if decision.action is Action.CLEAR_CACHE:
-            return  # nothing to clear: the model's memory is leak and working set, not MLX cache
-        if self.result.first_breach_step is None and decision.diagnosis is not Diagnosis.REGROW:
-            self.result.first_breach_step = life.last_step
-        if decision.action is Action.KILL:
-            life.pending = decision
-            life.killed = True
-            life.running = False
-        elif life.running:
-            life.pending = decision
-            life.running = False
-            life.exit_at = life.last_step + 1  # the boundary the worker reaches next
-
-    def _on_exit(self, life: _Life, finished: bool) -> None:
-        """As Job._on_exit: adopt the decided batch, then finish, give up, stop or restart."""
-        result = self.result
-        progress = self.checkpoint > life.start_checkpoint
-        self.failures = 0 if progress else self.failures + 1
-        pending = life.pending
-        if pending is not None and pending.next_batch:
-            self.batch, self.accum = pending.next_batch, pending.next_accum
-        if finished:
-            result.outcome, result.reason = "finished", "worker finished"
-        elif self.failures >= self.scenario.max_attempts:
-            last = pending.reason if pending is not None else "exit"
-            result.outcome, result.reason = "fatal", f"{self.failures} attempts without progress ({last})"
-        elif pending is not None and self.policy == "stop":
-            result.outcome, result.reason = "stopped", f"policy 'stop': {pending.reason}"
-        else:
-            reason = pending.diagnosis.value if pending is not None and pending.diagnosis else "checkpointed"
-            self.reasons[reason] += 1
-            result.restarts += 1
-            result.wall_seconds += self.scenario.restart_seconds
+    def _telemetry(self, worker: _Worker, step: int) -> ev.StepIn:
+        scenario = self.scenario
+        level = max(0, int(scenario.baseline + scenario.leak_per_step * worker.age) + self._noise())
+        transient = int(scenario.peak_per_sample * worker.batch)
+        seconds = scenario.step_time(worker.batch, worker.accum)
+        # Like the real worker, the step reports its transient as MLX's in-step peak over active memory.
+        return ev.StepIn(self.now, step, worker.batch, worker.accum, 0.0, seconds, level, 0, level + transient, level)
 
     def _save(self, step: int) -> None:
         """A durable checkpoint at ``step``: the steps since the previous one now count."""
@@ -283,18 +297,18 @@ class Simulation:
         self.result.useful_seconds += self.unsaved
         self.unsaved = 0.0
 
-    def _note_batch(self, life: _Life) -> None:
-        """As Job._note_batch at a worker's hello (a life keeps one batch), bounded to HISTORY_CAP entries."""
+    def _note_batch(self, worker: _Worker) -> None:
+        """Batch history per life (a life keeps one batch), bounded to HISTORY_CAP entries."""
         result = self.result
-        current = (life.batch, life.accum)
+        current = (worker.batch, worker.accum)
         if current == self.last_batch:
             return
         if self.last_batch is not None:
             result.batch_changes += 1
-            result.batch_reductions += life.batch < self.last_batch[0]
+            result.batch_reductions += worker.batch < self.last_batch[0]
         self.last_batch = current
         if len(result.batch_history) < HISTORY_CAP:
-            result.batch_history.append([life.start_checkpoint, life.batch, life.accum])
+            result.batch_history.append([worker.step, worker.batch, worker.accum])
 
     def _noise(self) -> int:
         return int(self.rng.gauss(0.0, self.scenario.noise)) if self.scenario.noise > 0 else 0
@@ -332,13 +346,15 @@ _NUMBERS: dict[str, tuple[type, float, float, str]] = {  # option: (type, defaul
     "max_attempts": (int, 5, 1, "lives without a newer checkpoint before FATAL"),
     "regrow_after_steps": (int, 50, 0, "healthy steps before trying a larger batch"),
     "min_steps_per_life": (int, 10, 0, "recycling sooner than this also shrinks the batch"),
+    "shrink_factor": (float, 0.5, 0, "batch multiplier on a peak breach (between 0 and 1)"),
     "seed": (int, 0, 0, "seed of the noise"),
 }
 
 
 # Options that are Scenario fields under the same name and unit.
 _SAME_NAMES = ("steps", "batch", "accum", "min_batch", "step_seconds", "restart_seconds", "checkpoint_every",
-               "samples_per_step", "seed", "max_attempts", "regrow_after_steps", "min_steps_per_life")
+               "samples_per_step", "seed", "max_attempts", "regrow_after_steps", "min_steps_per_life",
+               "shrink_factor", "keep_effective_batch")
 
 
 def _flag(name: str) -> str:
@@ -355,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(_flag(name), default=text, help=f"{what} (default {text})".replace("%", "%%"))
     for name, (kind, default, _, what) in _NUMBERS.items():
         parser.add_argument(_flag(name), type=kind, default=default, help=f"{what} (default {default:g})")
+    parser.add_argument("--no-keep-effective-batch", dest="keep_effective_batch", action="store_false",
+                        help="shrink the batch without raising the accumulation")
     parser.add_argument("--policy", choices=POLICIES, default="adaptive", help="policy (default adaptive)")
     parser.add_argument("--compare", action="store_true", help="run every policy, print them side by side")
     parser.add_argument("--json", action="store_true", help="print JSON (with --compare: {policy: result})")
@@ -368,6 +386,8 @@ def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         if not math.isfinite(value) or value < minimum:
             what = "a finite number" if kind is float else "a whole number"
             parser.error(f"argument {_flag(name)}: {value} must be {what} >= {minimum:g}")
+    if not 0 < args.shrink_factor < 1:
+        parser.error(f"argument --shrink-factor: {args.shrink_factor} must be between 0 and 1")
     if args.min_batch > args.batch:
         parser.error(f"argument --min-batch: {args.min_batch} is above --batch {args.batch}")
     if args.step_seconds <= args.micro_overhead_s * args.accum:

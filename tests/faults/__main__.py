@@ -42,6 +42,7 @@ def steps(plan: Plan, seed: int) -> list[tuple[str, Callable[[Workspace], FaultR
     return [
         ("worker-kill", lambda ws: worker_kills.run(ws, plan.worker_kills, seed, plan.worker_budget)),
         ("daemon-kill", lambda ws: daemon_kills.run(ws, plan.daemon_kills, seed, plan.daemon_budget)),
+        ("daemon-kill-mid-step", daemon_kills.mid_step),
         ("hang", lambda ws: process_faults.hang(ws, plan.stops)),
         ("disk-full", disk_faults.disk_full),
         ("damaged", lambda ws: disk_faults.damaged(ws, plan.damage_rounds)),

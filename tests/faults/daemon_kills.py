@@ -159,3 +159,40 @@ def run(ws: Workspace, kills: int, seed: int, budget: float) -> FaultResult:
             daemon.kill()
         result.orphans += sweep_orphans(ws.mark, 5)
     return result
+
+
+def mid_step(ws: Workspace) -> FaultResult:
+    """SIGKILL the daemon while its worker is deep inside a 30-second step: the SDK's watchdog must end the
+    orphan within the orphan timeout (its last durable checkpoint stands), not at the step's end."""
+    result = FaultResult("daemon SIGKILL mid-step")
+    area = ws.area("daemon-kill-slow")
+    config = area.config({"j": {"hang_timeout": 120.0, "checkpoint_every": 1,
+                                "train": {**SMALL, "steps": 100, "step_sleep": 30.0}}})
+    daemon = start_daemon(area, config, ws.mark, "daemon.log")
+    client = Control.ipc(area.run_dir)
+    try:
+        pid = running_pid(client, None)
+        if pid is None:
+            result.note("job not RUNNING within 30 s")
+            return result
+        time.sleep(2.0)  # inside its first step
+        os.kill(daemon.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        daemon.wait(10)
+        wait_until(lambda: reap(pid) is not None or gone(pid), ORPHAN_LIMIT + 5, 0.01)
+        seconds = time.monotonic() - killed_at
+        result.count = 1
+        left = not group_alive(pid)
+        if seconds <= ORPHAN_LIMIT and left:
+            result.survived = 1
+        else:
+            result.orphans += int(not left)
+        result.note(f"orphan left {seconds:.2f}s after the daemon died, mid-step (limit {ORPHAN_LIMIT:.0f}s, "
+                    "steps of 30 s)")
+        result.extra["orphan_mid_step_seconds"] = round(seconds, 3)
+    finally:
+        client.close()
+        daemon.kill()
+        result.orphans += sweep_orphans(ws.mark, 5)
+    return result
+

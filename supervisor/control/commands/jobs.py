@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from protocol.control import ControlError
 from supervisor.control.commands.base import ControlCommand, job_of
 from supervisor.core.sizes import SizeError, format_bytes, parse_budget, parse_fraction_of
-from supervisor.core.states import PROCESS_STATES, STARTABLE_STATES
 
 if TYPE_CHECKING:
     from supervisor.daemon.job import Job
@@ -23,7 +22,7 @@ def describe(job: Job) -> dict[str, Any]:
     life, stats, limits = job.life, job.stats, job.limits
     estimator = life.estimator if life is not None else None
     return {
-        "name": job.name, "state": job.state.name, "pid": life.proc.pid if life else None,
+        "name": job.name, "state": job.state.name, "pid": job.pid,
         "step": stats.steps_completed, "target_steps": stats.target_steps,
         "steps_per_second": round(stats.steps_per_second, 3), "sampled_bytes": job.last_sampled,
         "max_sampled_bytes": stats.max_sampled, "budget_bytes": limits.budget, "warn_bytes": limits.warn,
@@ -32,6 +31,7 @@ def describe(job: Job) -> dict[str, Any]:
         "transient_bytes": estimator.transient if estimator else 0,
         "baseline_bytes": estimator.baseline if estimator else None,
         "samples_over_budget": stats.samples_over_budget, "final_loss": stats.final_loss,
+        "io_errors": dict(job.io_errors),
     }
 
 
@@ -40,6 +40,15 @@ def status_line(row: dict[str, Any]) -> str:
     return (f"{row['name']:<16} {row['state']:<18} pid {row['pid'] or '-'!s:<7} "
             f"step {row['step']}/{row['target_steps'] or '?':<8} mem {mem:<22} "
             f"batch {row['batch']}x{row['accum']}  restarts {row['restarts']}")
+
+
+def refuse_while_stopping(daemon: DaemonService, job: Job) -> None:
+    """Nothing starts while the daemon shuts down (the signal may not have reached the jobs yet) or while the
+    job is being removed from the config."""
+    if daemon.daemon.stopping:
+        raise ControlError(ControlError.BAD_STATE, "the daemon is shutting down")
+    if job.name in daemon.removing:
+        raise ControlError(ControlError.BAD_STATE, f"job {job.name} is being removed from the config")
 
 
 class Status(ControlCommand):
@@ -65,10 +74,7 @@ class Start(ControlCommand):
 
     def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
         job = job_of(daemon, args["job"])
-        if job.state not in STARTABLE_STATES:
-            raise ControlError(ControlError.BAD_STATE, f"job {job.name} is {job.state.name}; cannot start")
-        if job.name in daemon.removing:
-            raise ControlError(ControlError.BAD_STATE, f"job {job.name} is being removed from the config")
+        refuse_while_stopping(daemon, job)
         job.start(daemon.daemon.system.now(), "start requested")
         return {"job": job.name, "state": job.state.name}
 
@@ -96,11 +102,8 @@ class Restart(ControlCommand):
 
     def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
         job = job_of(daemon, args["job"])
-        if job.life is None:
-                job.start(daemon.daemon.system.now(), "restart requested")
-        else:
-            daemon.restart_when_stopped.add(job.name)
-            job.stop(daemon.daemon.system.now(), "restart requested")
+        refuse_while_stopping(daemon, job)
+        job.restart(daemon.daemon.system.now())
         return {"job": job.name, "state": job.state.name}
 
     render = Start.render
@@ -113,8 +116,7 @@ class Checkpoint(ControlCommand):
 
     def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
         job = job_of(daemon, args["job"])
-        if not job.checkpoint():
-            raise ControlError(ControlError.BAD_STATE, f"job {job.name} has no connected worker ({job.state.name})")
+        job.checkpoint()
         return {"job": job.name, "requested": True}
 
     def render(self, result: Any) -> str:
@@ -161,7 +163,7 @@ class Signal(ControlCommand):
         name = args["signal"].upper().removeprefix("SIG")
         if name not in SIGNALS:
             raise ControlError(ControlError.BAD_VALUE, f"signal {args['signal'][:16]!r} is not one of {SIGNALS}")
-        if job.state not in PROCESS_STATES or not job.signal(getattr(signals, f"SIG{name}")):
+        if not job.signal(getattr(signals, f"SIG{name}")):
             raise ControlError(ControlError.BAD_STATE, f"job {job.name} has no running worker")
         return {"job": job.name, "signal": f"SIG{name}"}
 

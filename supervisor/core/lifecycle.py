@@ -1,0 +1,608 @@
+"""The lifecycle of one supervised job as a pure reducer: events in, actions out.
+
+Everything a job decides lives here: starting, the escalation from warn band to checkpoint-and-exit to kill,
+the restart ladder (finish, stop, restart now with the decided batch, back off after a crash, wait for
+memory, give up), operator requests, shutdown, and the accounting of a departing worker's memory during an
+overlapped restart. It reads no clock, file or process: events bring the time and the results of I/O, and
+``Job`` (supervisor.daemon.job) carries out the actions. The simulator drives this same class, so there is one
+restart ladder. The shape follows sans-I/O protocol libraries such as h11: a state machine object whose only
+effects are on itself and in the actions it returns.
+
+Rules worth stating once:
+- A crash (an exit the daemon did not ask for, other than 0) is followed by a backoff and never changes the
+  batch, whatever decision was pending.
+- An exit the daemon asked for (status 75 after a checkpoint, or a kill that carried out a memory decision)
+  adopts the decided batch and restarts at once.
+- A stop (operator, removal, shutdown) wins over everything pending; a restart request starts the job again
+  once it has stopped, unless the daemon is shutting down. Nothing starts while the daemon shuts down.
+- A departing worker (it checkpointed on request and said goodbye; its successor may already run) counts in
+  the job's footprint until it is reaped. The successor is spawned only when the departing footprint plus the
+  successor's expected baseline fits the budget; otherwise when the old process is gone.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import math
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from protocol import Command
+from protocol.messages import EXIT_CHECKPOINTED
+from supervisor.core import events as ev
+from supervisor.core.events import Action, Event, Refused
+from supervisor.core.policy import (
+    Action as Do,
+)
+from supervisor.core.policy import (
+    Decision,
+    Diagnosis,
+    Estimator,
+    Limits,
+    PolicyConfig,
+    backoff_delay,
+    on_sample,
+    on_step,
+)
+from supervisor.core.states import (
+    PROCESS_STATES,
+    STARTABLE_STATES,
+    TERMINAL_STATES,
+    JobState,
+    check_transition,
+)
+
+S = JobState
+INF = math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the lifecycle needs of a job's config; times in seconds."""
+
+    policy: PolicyConfig
+    mode: str = "adaptive"  # adaptive | shrink-only | stop
+    batch: int = 8
+    accum: int = 1
+    checkpoint_timeout: float = 30.0
+    kill_grace: float = 3.0
+    startup_timeout: float = 120.0
+    hang_timeout: float = 60.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    max_attempts: int = 5
+    clear_cache_every: float = 1.0  # seconds between clear-cache requests in the warn band
+    departing_grace: float = 5.0  # a departing worker gets kill_grace + this to exit, then SIGKILL
+
+
+@dataclasses.dataclass
+class Life:
+    """One worker process, from spawn to exit."""
+
+    id: int
+    spawned_at: float
+    batch: int
+    accum: int
+    estimator: Estimator
+    last_heard: float
+    pid: int = 0
+    start_checkpoint: int = 0  # progress is a newer checkpoint than this
+    hello: bool = False
+    last_step: int = 0
+    healthy_steps: int = 0
+    over_count: int = 0
+    pending: Decision | None = None  # why we asked it to exit (or killed it), applied when it has
+    deadline: float = INF  # checkpoint deadline, then the SIGKILL time
+    term_sent: bool = False
+    last_cache_clear: float = -INF
+    goodbye: str = ""
+    last_bytes: int = 0  # the group's last complete sample
+    min_bytes: int = 0  # its smallest (0: none yet): what a fresh worker needs when there is no baseline yet
+
+
+@dataclasses.dataclass
+class Departing:
+    """A worker that checkpointed on request and said goodbye, not yet reaped."""
+
+    kill_at: float
+    bytes: int = 0
+    killed: bool = False
+
+
+@dataclasses.dataclass
+class JobStats:
+    """Counters for status, summaries and benchmarks."""
+
+    target_steps: int = 0
+    steps_completed: int = 0
+    restarts: int = 0
+    restart_reasons: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    first_breach_step: int | None = None
+    max_sampled: int = 0
+    samples: int = 0
+    samples_over_budget: int = 0
+    samples_over_kill: int = 0
+    batch_history: list[list[int]] = dataclasses.field(default_factory=list)
+    final_loss: float | None = None
+    recoveries: list[float] = dataclasses.field(default_factory=list)
+    last_decision_at: float | None = None
+    steps_per_second: float = 0.0
+
+
+class Lifecycle:
+    """The state of one job and the one function that changes it: ``handle(event) -> actions``."""
+
+    def __init__(self, settings: Settings, limits: Limits) -> None:
+        self.settings = settings
+        self.limits = limits
+        self.policy = settings.policy  # regrow_after_steps doubles after a failed regrowth (AIMD)
+        self.state = S.STOPPED
+        self.life: Life | None = None
+        self.departing: dict[int, Departing] = {}
+        self.batch, self.accum = settings.batch, settings.accum
+        self.failures = 0  # consecutive lives without a newer checkpoint
+        self.crashes = 0  # consecutive crashes, for the backoff delay
+        self.retry_at = INF
+        self.stop_reason: str | None = None  # set while a stop is requested
+        self.restart_pending = False
+        self.shutting_down = False
+        self.deferred = False  # STARTING, waiting for a departing worker's memory before spawning
+        self.reserve = 0  # the last life's baseline: what a successor needs once restored
+        self.restart_reason = ""
+        self.regrown_to = 0  # the batch the last regrowth went to, until it proves itself or breaches
+        self.next: tuple[Settings, Limits] | None = None  # a reread config, applied at the next start
+        self.last_sampled = 0
+        self.stats = JobStats()
+        self._lives = itertools.count(1)
+        self._out: list[Action] = []
+
+    def handle(self, event: Event) -> list[Action]:
+        """Apply one event; return the actions to carry out, in order. Raises Refused for an operator request
+        the job cannot take now (nothing has changed then)."""
+        self._out = []
+        _HANDLERS[type(event)](self, event)
+        return self._out
+
+    @property
+    def busy(self) -> bool:
+        """A worker process of this job exists (current or departing) or is about to."""
+        return self.life is not None or bool(self.departing) or self.deferred
+
+    def next_deadline(self) -> float:
+        """The earliest time a Tick could change something (inf when only events can)."""
+        departing = min((d.kill_at for d in self.departing.values()), default=INF)
+        life = self.life
+        if life is None:
+            own = self.retry_at if self.state == S.BACKOFF else INF
+        elif life.term_sent or self.state in (S.CHECKPOINTING, S.STOPPING):
+            own = life.deadline
+        else:
+            own = life.last_heard + (self.settings.hang_timeout if life.hello else self.settings.startup_timeout)
+        return min(own, departing)
+
+    # -- operator events ----------------------------------------------------------------------------
+
+    def _start(self, e: ev.Start) -> None:
+        if self.shutting_down:
+            raise Refused("the daemon is shutting down")
+        if self.state not in STARTABLE_STATES:
+            raise Refused(f"job is {self.state.name}; cannot start")
+        self.restart_pending = False
+        self._begin(e.now, e.reason, client=e.client)
+
+    def _stop(self, e: ev.Stop) -> None:
+        self.restart_pending = False
+        self._request_stop(e.now, e.reason, e.client)
+
+    def _restart(self, e: ev.Restart) -> None:
+        if self.shutting_down:
+            raise Refused("the daemon is shutting down")
+        if self.deferred:
+            return  # a start is already under way
+        if self.life is None:
+            self._begin(e.now, "restart requested", client=e.client)
+            return
+        self.restart_pending = True
+        self._request_stop(e.now, "restart requested", e.client)
+
+    def _shutdown(self, e: ev.Shutdown) -> None:
+        self.shutting_down = True
+        if self.restart_pending:
+            self.restart_pending = False
+            self.stop_reason = None  # the job was meant to run: stop it as the daemon's, so it resumes with it
+        self._request_stop(e.now, "daemon shutdown", "local")
+
+    def _checkpoint_now(self, e: ev.CheckpointNow) -> None:
+        life = self.life
+        if life is None or not life.hello or self.state not in (S.RUNNING, S.CHECKPOINTING):
+            raise Refused(f"job has no connected worker ({self.state.name})")
+        self._out.append(ev.Send(Command.CHECKPOINT, f"requested by {e.client}"))
+
+    def _set_limits(self, e: ev.SetLimits) -> None:
+        lim = e.limits
+        if not 0 < lim.warn <= lim.budget < lim.kill:
+            raise Refused(f"need 0 < warn <= budget < kill, got warn {lim.warn}, budget {lim.budget}, kill {lim.kill}")
+        self.limits = lim
+        self._note("budget", budget=lim.budget, warn=lim.warn, kill=lim.kill, client=e.client)
+
+    def reconfigure(self, settings: Settings, limits: Limits) -> None:
+        """New settings from a reread config; they apply at the job's next start."""
+        self.next = (settings, limits)
+
+    # -- worker and OS events -----------------------------------------------------------------------
+
+    def _spawned(self, e: ev.Spawned) -> None:
+        life = self.life
+        if life is None or life.id != e.life:
+            return
+        life.pid, life.start_checkpoint, life.last_heard = e.pid, e.start_checkpoint, e.now
+        self._note("spawn", pid=e.pid, batch=life.batch, accum=life.accum, from_checkpoint=e.start_checkpoint)
+
+    def _spawn_failed(self, e: ev.SpawnFailed) -> None:
+        if self.life is None or self.life.id != e.life:
+            return
+        self.life = None
+        self.failures += 1
+        self._note("spawn_failed", error=e.error, level="error")
+        if self.stop_reason is not None:
+            self._change(S.STOPPED, self.stop_reason)
+        else:
+            self._after_failure(e.now, f"spawn failed: {e.error}")
+
+    def _hello(self, e: ev.HelloIn) -> None:
+        life = self.life
+        if life is None:
+            return
+        life.hello, life.last_heard = True, e.now
+        # The worker knows where it really resumed (a damaged newest checkpoint was skipped).
+        life.start_checkpoint = life.last_step = e.start_step
+        self._note("hello", pid=e.pid, start_step=e.start_step, batch=e.batch, accum=e.accum)
+        self.stats.target_steps = e.target_steps
+        self.stats.steps_completed = max(self.stats.steps_completed, e.start_step)
+        self._note_batch(e.start_step, e.batch, e.accum)
+        if self.state == S.STARTING:
+            self._change(S.RUNNING, "hello", pid=e.pid, step=e.start_step)
+
+    def _heard(self, e: ev.Heard) -> None:
+        if self.life is not None:
+            self.life.last_heard = e.now
+
+    def _step(self, e: ev.StepIn) -> None:
+        life = self.life
+        if life is None:
+            return
+        life.last_heard = e.now
+        stats = self.stats
+        if stats.last_decision_at is not None and life.spawned_at >= stats.last_decision_at:
+            # The first productive step of a life started after a breach decision.
+            stats.recoveries.append(e.now - stats.last_decision_at)
+            stats.last_decision_at = None
+        life.last_step = e.step
+        stats.steps_completed = max(stats.steps_completed, e.step)
+        stats.final_loss = e.loss
+        if e.step_seconds > 0:
+            stats.steps_per_second = 0.9 * stats.steps_per_second + 0.1 / e.step_seconds
+        self._note_batch(e.step, e.batch, e.accum)
+        life.estimator.observe_step(e.step, e.footprint, e.mlx_peak - e.mlx_active)
+        life.healthy_steps += 1
+        self._out.append(ev.Telemetry("step", {
+            "step": e.step, "loss": e.loss, "batch": e.batch, "accum": e.accum, "step_seconds": e.step_seconds,
+            "mlx_active": e.mlx_active, "mlx_cache": e.mlx_cache, "mlx_peak": e.mlx_peak, "footprint": e.footprint,
+            "leak_bytes_per_step": round(life.estimator.slope), "transient": life.estimator.transient, **e.extra,
+        }))
+        if self.state == S.RUNNING:
+            decision = on_step(life.estimator, self.limits, life.batch, life.accum, life.healthy_steps, self.policy)
+            if decision.acts:
+                self._act(life, decision, e.now, step=e.step, level=e.footprint)
+
+    def _goodbye(self, e: ev.GoodbyeIn) -> None:
+        life = self.life
+        if life is None:
+            return
+        life.goodbye, life.last_heard = e.reason, e.now
+        self._note("worker_goodbye", reason=e.reason, step=e.step, history=False)
+        requested = life.pending is not None and life.pending.action is Do.CHECKPOINT_EXIT
+        if requested and e.reason != "finished" and self.stop_reason is None:
+            # Its checkpoint is durable: plan the successor now, while the kernel tears the old one down.
+            self.departing[life.id] = Departing(e.now + self.settings.kill_grace + self.settings.departing_grace,
+                                                life.last_bytes)
+            self.reserve = life.estimator.baseline or life.min_bytes
+            self._out.append(ev.Depart(life.id))
+            self._on_exit(life, EXIT_CHECKPOINTED, e.now, e.newest)
+
+    def _sample(self, e: ev.Sample) -> None:
+        for life_id, nbytes in e.departing.items():
+            if life_id in self.departing:
+                self.departing[life_id].bytes = nbytes
+        departing = sum(d.bytes for d in self.departing.values())
+        total = (e.current or 0) + departing
+        life = self.life
+        if life is None and not self.departing:
+            return
+        if e.complete:
+            self._count_sample(total)
+        if self.deferred and self._room():
+            self._spawn(e.now)
+            return
+        policy_bytes = e.current
+        over = self.departing and total >= self.limits.budget
+        if over and not self._kill_departing(total) and total >= self.limits.kill:
+            policy_bytes = total  # the departing workers are already killed: only the current one is left
+        if life is None or policy_bytes is None or self.state not in PROCESS_STATES:
+            return
+        if e.complete:
+            life.last_bytes = e.current or 0
+            life.min_bytes = min(life.min_bytes or life.last_bytes, life.last_bytes)
+            life.estimator.observe_sample(life.last_bytes)
+            if policy_bytes >= self.limits.warn:
+                life.healthy_steps = 0
+        decision, life.over_count = on_sample(policy_bytes, e.complete, life.over_count, self.limits,
+                                              life.estimator, life.batch, life.accum, self.policy)
+        if not decision.acts and e.floor and e.available < e.floor and self.state == S.RUNNING:
+            reason = f"available {e.available} < floor {e.floor}"
+            decision = Decision(Do.CHECKPOINT_EXIT, Diagnosis.SYSTEM_FLOOR, reason, life.batch, life.accum)
+        if decision.acts:
+            self._act(life, decision, e.now, step=life.last_step, sampled=policy_bytes, budget=self.limits.budget,
+                      available=e.available, departing=departing)
+
+    def _count_sample(self, total: int) -> None:
+        stats = self.stats
+        stats.samples += 1
+        self.last_sampled = total
+        stats.max_sampled = max(stats.max_sampled, total)
+        stats.samples_over_budget += total > self.limits.budget
+        stats.samples_over_kill += total > self.limits.kill
+
+    def _kill_departing(self, total: int) -> bool:
+        """SIGKILL departing workers not yet killed (they hold nothing: their checkpoint is durable)."""
+        doomed = [life_id for life_id, d in self.departing.items() if not d.killed]
+        for life_id in doomed:
+            self.departing[life_id].killed = True
+            self._out.append(ev.Signal(life_id, signal.SIGKILL))
+            self._note("kill", signal="SIGKILL", life=life_id, level="warning",
+                       reason=f"job footprint {total} >= budget {self.limits.budget} with a departing worker")
+        return bool(doomed)
+
+    def _exited(self, e: ev.Exited) -> None:
+        if self.life is not None:
+            self._on_exit(self.life, e.code, e.now, e.newest)
+
+    def _departed(self, e: ev.DepartedExited) -> None:
+        if self.departing.pop(e.life, None) is None:
+            return
+        if e.code != EXIT_CHECKPOINTED:
+            self._note("departed_worker_exit", life=e.life, code=e.code, level="warning", history=False)
+        if self.deferred and self._room():
+            self._spawn(e.now)
+
+    def _tick(self, e: ev.Tick) -> None:
+        now = e.now
+        for life_id, departing in self.departing.items():
+            if now >= departing.kill_at:
+                departing.kill_at = INF
+                if not departing.killed:
+                    departing.killed = True
+                    self._out.append(ev.Signal(life_id, signal.SIGKILL))
+                    self._note("kill", signal="SIGKILL", life=life_id, reason="departing worker did not exit",
+                               level="warning")
+        life = self.life
+        if life is not None:
+            if life.term_sent:
+                if now >= life.deadline:
+                    self._note("kill", signal="SIGKILL", reason="grace expired", pid=life.pid, level="warning")
+                    self._out.append(ev.Signal(life.id, signal.SIGKILL))
+                    life.deadline = INF
+            else:
+                self._check_liveness(life, now)
+        elif self.deferred:
+            if self._room():
+                self._spawn(now)
+        elif self.state == S.BACKOFF and now >= self.retry_at:
+            self._restart_now(now, self.restart_reason)
+        elif self.state == S.WAITING_FOR_MEMORY and e.available >= e.resume_above:
+            self._note("memory_back", available=e.available, resume_above=e.resume_above, history=False)
+            self._restart_now(now, Diagnosis.SYSTEM_FLOOR.value)
+
+    # -- the ladder ---------------------------------------------------------------------------------
+
+    def _on_exit(self, life: Life, code: int, now: float, newest: int) -> None:
+        """The current worker is gone (or departing): finish, stop, restart, back off or give up."""
+        self.life = None
+        pending = life.pending
+        progress = newest > life.start_checkpoint
+        asked = code == EXIT_CHECKPOINTED or (life.term_sent and pending is not None)
+        crash = not asked and code != 0
+        # A smaller batch next time is a new attempt, not a repeat of the failed one.
+        new_attempt = asked and pending is not None and pending.next_batch != 0 and (
+            (pending.next_batch, pending.next_accum) != (self.batch, self.accum))
+        if progress:
+            self.failures = self.crashes = 0  # the backoff grows only over crashes without progress
+        elif not new_attempt:
+            self.failures += 1
+        self._note("exit", code=code, goodbye=life.goodbye, step=life.last_step, checkpoint=newest, progress=progress)
+        if asked and pending is not None and pending.next_batch:
+            self.batch, self.accum = pending.next_batch, pending.next_accum
+        if code == 0 and self.stop_reason is None:
+            self._change(S.FINISHED, "worker finished", step=life.last_step)
+        elif self.stop_reason is not None:
+            self._change(S.STOPPED, self.stop_reason, step=life.last_step, checkpoint=newest)
+            if self.restart_pending and not self.shutting_down:
+                self.restart_pending = False
+                self._begin(now, "restart requested")
+        elif self.failures >= self.settings.max_attempts:
+            self._change(S.FATAL, f"{self.failures} attempts without progress (last exit {code})")
+        elif crash or (pending is None and life.term_sent):
+            reason = self.restart_reason if life.term_sent else (
+                f"exit {code}" if code >= 0 else f"killed by signal {-code}")
+            self._after_failure(now, reason)
+        elif pending is not None and pending.diagnosis is Diagnosis.SYSTEM_FLOOR:
+            self._change(S.WAITING_FOR_MEMORY, pending.reason)
+        elif pending is not None and self.settings.mode == "stop":
+            self._change(S.STOPPED, f"policy 'stop': {pending.reason}", step=life.last_step)
+        else:
+            reason = pending.diagnosis.value if pending is not None and pending.diagnosis else (
+                life.goodbye or "checkpointed")
+            self._restart_now(now, reason)
+
+    def _after_failure(self, now: float, reason: str) -> None:
+        self.crashes += 1
+        if self.failures >= self.settings.max_attempts:
+            self._change(S.FATAL, f"{self.failures} attempts without progress: {reason}")
+            return
+        delay = backoff_delay(self.crashes, self.settings.backoff_initial, self.settings.backoff_max)
+        self.retry_at = now + delay
+        self.restart_reason = reason
+        self._change(S.BACKOFF, reason, delay=round(delay, 3))
+
+    def _restart_now(self, now: float, reason: str) -> None:
+        """Start the next life; every start after the first counts as a restart."""
+        self.stats.restarts += 1
+        self.stats.restart_reasons[reason] += 1
+        self._note("restart", reason=reason, batch=self.batch, accum=self.accum)
+        self._begin(now, f"restart: {reason}")
+
+    def _begin(self, now: float, reason: str, **fields: Any) -> None:
+        """Enter STARTING and spawn, or wait for a departing worker's memory first."""
+        if self.next is not None:
+            self.settings, self.limits = self.next
+            self.policy = self.settings.policy
+            self.batch, self.accum = self.settings.batch, self.settings.accum
+            self.regrown_to, self.next = 0, None
+        self.stop_reason = None
+        self.retry_at = INF
+        self._change(S.STARTING, reason, batch=self.batch, accum=self.accum, **fields)
+        if self._room():
+            self._spawn(now)
+        else:
+            self.deferred = True
+            self._note("spawn_deferred", departing=sum(d.bytes for d in self.departing.values()),
+                       reserve=self.reserve, budget=self.limits.budget)
+
+    def _room(self) -> bool:
+        """Whether a successor fits next to the departing workers' memory (always, once they are gone)."""
+        departing = sum(d.bytes for d in self.departing.values())
+        return not self.departing or departing + self.reserve <= self.limits.budget
+
+    def _spawn(self, now: float) -> None:
+        self.deferred = False
+        life_id = next(self._lives)
+        self.life = Life(life_id, now, self.batch, self.accum, Estimator(self.policy), last_heard=now)
+        self._out.append(ev.Spawn(life_id, self.batch, self.accum))
+
+    def _request_stop(self, now: float, reason: str, client: str) -> None:
+        """Checkpoint-and-exit (or kill a worker that cannot checkpoint yet); idempotent."""
+        if self.stop_reason is not None:
+            return  # already stopping: the first request's deadline stands
+        self.stop_reason = reason
+        life = self.life
+        if life is None:
+            self.deferred = False
+            if self.state not in TERMINAL_STATES:
+                self._change(S.STOPPED, reason, client=client)
+            return
+        if not life.hello:
+            self._terminate(now, reason)
+        elif life.term_sent or self.state == S.STOPPING:
+            return  # already on its way out
+        elif self.state == S.CHECKPOINTING:
+            self._change(S.STOPPING, reason, client=client)  # the pending decision and its deadline stand
+        else:
+            self._ask_exit(now, Decision(Do.CHECKPOINT_EXIT, None, reason), S.STOPPING, client=client)
+
+    # -- escalation ---------------------------------------------------------------------------------
+
+    def _check_liveness(self, life: Life, now: float) -> None:
+        if self.state in (S.CHECKPOINTING, S.STOPPING):
+            if now >= life.deadline:
+                self._terminate(now, f"checkpoint took longer than {self.settings.checkpoint_timeout}s")
+            return
+        timeout = self.settings.hang_timeout if life.hello else self.settings.startup_timeout
+        if now - life.last_heard > timeout:
+            what = "no telemetry" if life.hello else "no hello"
+            self._terminate(now, f"hung: {what} for {now - life.last_heard:.1f}s (timeout {timeout}s)")
+
+    def _act(self, life: Life, decision: Decision, now: float, **numbers: Any) -> None:
+        if decision.action is Do.CLEAR_CACHE:
+            if life.hello and now - life.last_cache_clear >= self.settings.clear_cache_every:
+                life.last_cache_clear = now
+                self._out.append(ev.Decided(decision, numbers))
+                self._out.append(ev.Send(Command.CLEAR_CACHE, decision.reason))
+            return
+        if self.stats.first_breach_step is None and decision.diagnosis is not Diagnosis.REGROW:
+            self.stats.first_breach_step = life.last_step
+        self._regrow_feedback(life, decision)
+        if decision.action is Do.KILL:
+            if not life.term_sent:
+                self._out.append(ev.Decided(decision, numbers))
+                life.pending = decision
+                self.stats.last_decision_at = now
+                self._terminate(now, decision.reason)
+        elif self.state == S.RUNNING:
+            self._out.append(ev.Decided(decision, numbers))
+            self.stats.last_decision_at = now
+            self._ask_exit(now, decision, S.CHECKPOINTING)
+
+    def _regrow_feedback(self, life: Life, decision: Decision) -> None:
+        """Additive increase, multiplicative decrease: a regrown batch that breaches doubles the wait."""
+        if decision.diagnosis is Diagnosis.REGROW:
+            self.regrown_to = decision.next_batch
+        elif decision.next_batch and decision.next_batch < life.batch and life.batch == self.regrown_to:
+            wait = self.policy.regrow_after_steps * 2
+            self.policy = dataclasses.replace(self.policy, regrow_after_steps=wait)
+            self.regrown_to = 0
+            self._note("regrow_backoff", batch=life.batch, regrow_after_steps=wait)
+
+    def _ask_exit(self, now: float, decision: Decision, state: JobState, **fields: Any) -> None:
+        life = self.life
+        assert life is not None
+        life.pending = decision
+        life.deadline = now + self.settings.checkpoint_timeout
+        self._out.append(ev.Send(Command.CHECKPOINT_EXIT, decision.reason or "asked"))
+        self._change(state, decision.reason, **fields)
+
+    def _terminate(self, now: float, reason: str) -> None:
+        life = self.life
+        if life is None or life.term_sent:
+            return
+        self._note("kill", signal="SIGTERM", reason=reason, pid=life.pid, grace=self.settings.kill_grace,
+                   step=life.last_step, level="warning")
+        life.term_sent = True
+        life.deadline = now + self.settings.kill_grace
+        self._out.append(ev.Signal(life.id, signal.SIGTERM))
+        self.restart_reason = reason
+        if self.state != S.STOPPING:
+            self._change(S.STOPPING, reason)
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+
+    def _change(self, new: JobState, reason: str, **fields: Any) -> None:
+        """The one way to change state: validated against the table, then reported."""
+        old = self.state
+        if old == new:
+            return
+        check_transition(old, new)
+        self.state = new
+        self._out.append(ev.StateChanged(old.name, new.name, reason, fields))
+
+    def _note(self, event: str, level: str = "info", history: bool = True, **fields: Any) -> None:
+        self._out.append(ev.Note(event, fields, level, history))
+
+    def _note_batch(self, step: int, batch: int, accum: int) -> None:
+        history = self.stats.batch_history
+        if not history or history[-1][1:] != [batch, accum]:
+            history.append([step, batch, accum])
+            if len(history) > 1:
+                self._note("batch_change", step=step, batch=batch, accum=accum)
+
+
+_HANDLERS: dict[type[Any], Callable[[Lifecycle, Any], None]] = {
+    ev.Start: Lifecycle._start, ev.Stop: Lifecycle._stop, ev.Restart: Lifecycle._restart,
+    ev.Shutdown: Lifecycle._shutdown, ev.CheckpointNow: Lifecycle._checkpoint_now,
+    ev.SetLimits: Lifecycle._set_limits, ev.Spawned: Lifecycle._spawned, ev.SpawnFailed: Lifecycle._spawn_failed,
+    ev.HelloIn: Lifecycle._hello, ev.StepIn: Lifecycle._step, ev.Heard: Lifecycle._heard,
+    ev.GoodbyeIn: Lifecycle._goodbye, ev.Sample: Lifecycle._sample, ev.Exited: Lifecycle._exited,
+    ev.DepartedExited: Lifecycle._departed, ev.Tick: Lifecycle._tick,
+}

@@ -1,0 +1,252 @@
+"""The job lifecycle and the daemon service around it, on a fake OS: the regressions of issue 11, one each.
+
+Each test here reproduces a defect the lifecycle used to have (numbered as in the issue) with the daemon's
+own classes, and would fail against the code before the reducer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol import Goodbye, Hello, Step
+from protocol.control import ControlError
+from supervisor.config import JobConfig, load_config, write_config
+from supervisor.core.policy import Limits
+from supervisor.core.states import JobState
+from supervisor.daemon.job import Job, JobPaths
+from supervisor.daemon.recorder import Recorder, read_records
+from supervisor.daemon.server import DaemonService
+from tests.fakeos import FakeProcess, FakeSystem
+
+MiB = 2**20
+_ids = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def no_orphans() -> None:
+    """Nothing real is spawned here."""
+
+
+class Service:
+    """A real DaemonService (its control sockets bound in a private run dir) over a fake OS."""
+
+    def __init__(self, tmp_path: Path, run_dir: Path, jobs: dict[str, dict[str, Any]]) -> None:
+        self.tmp_path, self.run_dir = tmp_path, run_dir
+        self.system = FakeSystem()
+        self.svc = DaemonService(load_config(self.write(jobs), total_memory=16 << 30), system=self.system)
+        self.daemon = self.svc.daemon
+        self.daemon._shutdown_started = False
+
+    def write(self, jobs: dict[str, dict[str, Any]]) -> Path:
+        daemon = {"run_dir": str(self.run_dir), "state_dir": str(self.tmp_path / "state")}
+        return write_config(self.tmp_path / "mlxsup.toml", daemon, {
+            name: {"budget": "1000MiB", "checkpoint_timeout": 5.0, "kill_grace": 2.0, **job}
+            for name, job in jobs.items()})
+
+    def call(self, cmd: str, **args: Any) -> Any:
+        return self.svc.control.dispatch(cmd, args)
+
+    def job(self, name: str) -> Job:
+        return self.daemon.jobs[name]
+
+    def proc(self, name: str) -> FakeProcess:
+        job = self.job(name)
+        assert job.life is not None
+        proc = job.procs[job.life.id]
+        assert isinstance(proc, FakeProcess)
+        return proc
+
+    def hello(self, name: str) -> None:
+        job, proc = self.job(name), self.proc(name)
+        job.on_hello(Hello(job.token, proc.pid, name, 0, 100, job.batch, job.accum), b"id-" + name.encode(),
+                     self.system.clock)
+
+    def turn(self, seconds: float = 0.1) -> None:
+        self.system.clock += seconds
+        self.daemon._turn(self.system.clock)
+
+    def close(self) -> None:
+        self.svc.close()
+
+
+@pytest.fixture
+def service(tmp_path: Path, run_dir: Path) -> Any:
+    made: list[Service] = []
+
+    def make(jobs: dict[str, dict[str, Any]]) -> Service:
+        made.append(Service(tmp_path, run_dir, jobs))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+class TestShutdown:
+    """1. A restart during shutdown no longer starts the job again; start is refused while stopping."""
+
+    def test_restart_then_sigterm_ends_with_the_job_stopped_and_the_daemon_done(self, service: Any) -> None:
+        s = service({"j": {}})
+        s.job("j").start(s.system.clock)
+        s.hello("j")
+        s.call("restart", job="j")
+        assert s.job("j").state == JobState.STOPPING
+        s.daemon.stopping = True  # SIGTERM
+        s.turn()
+        s.proc("j").code = 75  # it checkpointed and left
+        s.turn()
+        assert s.job("j").state == JobState.STOPPED and len(s.system.procs) == 1
+        assert s.daemon._done(True)
+        with pytest.raises(ControlError, match="shutting down"):
+            s.call("start", job="j")
+        assert len(s.system.procs) == 1
+
+
+class TestRemoveAndReadd:
+    """2. A job removed and re-added before its worker exited keeps one entry and one worker."""
+
+    def test_readded_job_waits_for_its_old_worker_then_starts_once(self, service: Any) -> None:
+        s = service({"a": {}, "b": {}})
+        job = s.job("a")
+        job.start(s.system.clock)
+        s.hello("a")
+        s.write({"b": {}})
+        s.call("update")
+        assert job.state == JobState.STOPPING and "a" in s.svc.removing
+        s.write({"a": {}, "b": {}})
+        s.call("update")
+        assert s.job("a") is job and "a" not in s.svc.removing
+        assert len(s.system.procs) == 1  # no second worker on the same checkpoint directory
+        s.proc("a").code = 75
+        s.turn()
+        assert job.state == JobState.STARTING and len(s.system.procs) == 2  # autostart, after the old exit
+        assert s.system.procs[0].reaped
+        for _ in range(3):
+            s.turn()
+        assert s.daemon.jobs.get("a") is job  # never dropped once it passes through STOPPED
+
+
+class TestCrashWhileAskedToCheckpoint:
+    """3. A crash while a checkpoint-and-exit is pending is a crash: backoff, batch unchanged."""
+
+    def test_exit_1_after_a_peak_decision_backs_off_at_the_same_batch(self, service: Any) -> None:
+        s = service({"j": {"batch": 8, "backoff_initial": 1.0}})
+        job = s.job("j")
+        job.start(s.system.clock)
+        s.hello("j")
+        for _ in range(2):
+            s.proc("j").sampled = 1050 * MiB
+            job.on_sample(s.system.clock, 8 << 30, 0)
+        assert job.state == JobState.CHECKPOINTING and job.life is not None
+        assert job.life.pending is not None and job.life.pending.next_batch == 4
+        s.proc("j").code = 1
+        s.turn()
+        assert job.state == JobState.BACKOFF and (job.batch, job.accum) == (8, 1)
+        assert job.stats.restarts == 0 and len(s.system.procs) == 1
+        s.turn(1.1)
+        assert job.state == JobState.STARTING and len(s.system.procs) == 2
+
+
+def broken_paths(tmp_path: Path) -> JobPaths:
+    """Paths where every write and scan fails: directories where files should be, a symlink loop."""
+    for name in ("history.jsonl", "telemetry.jsonl"):
+        (tmp_path / name).mkdir()
+    os.symlink("loop", tmp_path / "loop")
+    return JobPaths(tmp_path / "loop", tmp_path / "logs", tmp_path / "history.jsonl", tmp_path / "telemetry.jsonl")
+
+
+class TestWriteFailures:
+    """4. Failing history, telemetry and checkpoint-scan I/O is counted and logged, never raised."""
+
+    def test_job_keeps_supervising_and_enforcing_with_every_write_failing(self, tmp_path: Path) -> None:
+        system = FakeSystem()
+        job = Job("j", JobConfig(), Limits(850 * MiB, 1000 * MiB, 1100 * MiB), broken_paths(tmp_path), system,
+                  "ipc://x", lambda identity, frame: None, lambda *a: None)
+        job.start(system.clock)
+        proc = system.procs[-1]
+        job.on_hello(Hello(job.token, proc.pid, "j", 0, 100, 8, 1), b"id", system.clock)
+        job.on_message(Step(1, 8, 1, 1.0, 0.1, 100, 0, 100, 100), system.clock)
+        job.on_sample(system.clock, 8 << 30, 0)
+        job.recorder.close()
+        assert job.state == JobState.RUNNING
+        assert set(job.io_errors) == {"history", "telemetry", "checkpoint_scan"}
+        proc.sampled = 1200 * MiB
+        job.on_sample(system.clock, 8 << 30, 0)
+        assert proc.signals == [signal.SIGTERM]  # the budget is still enforced
+        proc.code = -15
+        job.tick(system.clock + 0.1, 8 << 30, 0)
+        assert job.state == JobState.STARTING and len(system.procs) == 2
+
+
+class TestTelemetryRotation:
+    """5. telemetry.jsonl rotates like the logs, and readers take a bounded window of its end."""
+
+    def test_rotates_past_max_bytes_and_keeps_keep_files(self, tmp_path: Path) -> None:
+        path = tmp_path / "telemetry.jsonl"
+        recorder = Recorder(path, flush_every=0.0, max_bytes=20_000, keep=2)
+        for step in range(2000):
+            recorder.record("step", step=step, padding="x" * 40)
+        recorder.close()
+        files = sorted(p.name for p in tmp_path.iterdir())
+        assert files == ["telemetry.jsonl", "telemetry.jsonl.1", "telemetry.jsonl.2"]
+        assert all(p.stat().st_size < 20_000 + 200 for p in tmp_path.iterdir())
+        steps = [r["step"] for r in read_records(path)]
+        assert steps == list(range(steps[0], 2000))  # the newest records, in order
+
+    def test_read_records_takes_only_the_window(self, tmp_path: Path) -> None:
+        path = tmp_path / "telemetry.jsonl"
+        recorder = Recorder(path, flush_every=0.0, max_bytes=0)
+        for step in range(1000):
+            recorder.record("step", step=step)
+        recorder.close()
+        window = read_records(path, window=1000)
+        assert 0 < len(window) < 50 and window[-1]["step"] == 999
+        assert [r["step"] for r in window] == list(range(window[0]["step"], 1000))
+
+
+class TestStopWhileCheckpointing:
+    """7. stop during CHECKPOINTING keeps the pending shrink and the deadline."""
+
+    def test_repeated_stops_neither_push_the_deadline_nor_drop_the_shrink(self, service: Any) -> None:
+        s = service({"j": {"batch": 8}})
+        job = s.job("j")
+        job.start(s.system.clock)
+        s.hello("j")
+        for _ in range(2):
+            s.proc("j").sampled = 1050 * MiB
+            job.on_sample(s.system.clock, 8 << 30, 0)
+        assert job.state == JobState.CHECKPOINTING  # deadline: now + 5 s
+        s.turn(2.0)
+        s.call("stop", job="j")
+        assert job.state == JobState.STOPPING
+        s.turn(2.0)
+        s.call("stop", job="j")
+        s.turn(0.9)
+        assert s.proc("j").signals == []
+        s.turn(0.2)  # 5.1 s after the decision
+        assert s.proc("j").signals == [signal.SIGTERM]
+        s.proc("j").code = 75
+        s.turn()
+        assert job.state == JobState.STOPPED and (job.batch, job.accum) == (4, 2)
+
+
+class TestGoodbyeAfterStop:
+    """A worker asked to stop that says goodbye is not restarted (no overlap for a stop)."""
+
+    def test_stop_goodbye_exit_is_stopped(self, service: Any) -> None:
+        s = service({"j": {}})
+        job = s.job("j")
+        job.start(s.system.clock)
+        s.hello("j")
+        s.call("stop", job="j")
+        job.on_message(Goodbye("stop requested", 3), s.system.clock)
+        assert len(s.system.procs) == 1
+        s.proc("j").code = 75
+        s.turn()
+        assert job.state == JobState.STOPPED and len(s.system.procs) == 1

@@ -1,0 +1,262 @@
+"""Model-based test: random interleavings of operator requests, config updates, shutdown, worker behaviour and
+memory samples, driving the real DaemonService and Jobs on a fake OS, with the lifecycle's invariants checked
+after every step. ``MLXSUP_MODEL_EXAMPLES`` sets the number of examples (make test: 200; make faults: 3000).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from protocol import Command, Goodbye, Hello, Step, decode
+from protocol.control import ControlError
+from supervisor.config import load_config, write_config
+from supervisor.core.states import TERMINAL_STATES, JobState
+from supervisor.daemon.job import Job
+from supervisor.daemon.server import DaemonService
+from tests.fakeos import FakeProcess, FakeSystem
+
+MiB = 2**20
+NAMES = ("a", "b")
+JOB = {"budget": "1000MiB", "warn": "85%", "kill": "110%", "checkpoint_timeout": 5.0, "kill_grace": 2.0,
+       "hang_timeout": 10.0, "startup_timeout": 10.0, "backoff_initial": 0.5, "backoff_max": 2.0,
+       "max_attempts_without_progress": 3, "batch": 8, "autostart": False}
+SHUTDOWN_BOUND = 5.0 + 2.0 + 1.0  # checkpoint_timeout + kill_grace + a margin
+LEVELS = {"low": 200 * MiB, "warn": 900 * MiB, "over": 1050 * MiB, "kill": 1200 * MiB}
+EXAMPLES = int(os.environ.get("MLXSUP_MODEL_EXAMPLES", "200"))
+
+
+@pytest.fixture(autouse=True)
+def no_orphans() -> None:
+    """Nothing real is spawned here."""
+
+
+@pytest.fixture(autouse=True)
+def quiet() -> Iterator[None]:
+    """Thousands of examples log hundreds of thousands of events: keep only errors."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    yield
+    structlog.reset_defaults()
+
+
+class DaemonModel(RuleBasedStateMachine):
+    """The daemon service and its jobs under arbitrary interleavings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp(prefix="mlxsup-m-", dir="/tmp"))
+        os.chmod(self.root, 0o700)
+        self.system = FakeSystem()
+        self.config_names: tuple[str, ...] = NAMES
+        self.svc = DaemonService(load_config(self._write(NAMES), total_memory=16 << 30), system=self.system)
+        self.daemon = self.svc.daemon
+        self.daemon._shutdown_started = False
+        self.sent: dict[bytes, list[str]] = {}  # worker identity -> command actions sent to it
+        self.stopping_at: float | None = None
+        self.checkpoints = 0
+
+    def _write(self, names: tuple[str, ...]) -> Path:
+        daemon = {"run_dir": str(self.root / "run"), "state_dir": str(self.root / "state")}
+        return write_config(self.root / "mlxsup.toml", daemon, {name: dict(JOB) for name in names})
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _job(self, name: str) -> Job | None:
+        job = self.daemon.jobs.get(name)
+        if job is not None and job.send_frame != self._capture:
+            job.send_frame = self._capture
+        return job
+
+    def _capture(self, identity: bytes, frame: bytes) -> None:
+        message = decode(frame)
+        if isinstance(message, Command):
+            self.sent.setdefault(identity, []).append(message.action)
+
+    def _current(self, job: Job) -> FakeProcess | None:
+        if job.life is None:
+            return None
+        proc = job.procs.get(job.life.id)
+        assert proc is None or isinstance(proc, FakeProcess)
+        return proc
+
+    def _identity(self, job: Job) -> bytes:
+        assert job.life is not None
+        return f"{job.name}-{job.life.id}".encode()
+
+    def _call(self, cmd: str, **args: Any) -> None:
+        try:
+            self.svc.control.dispatch(cmd, args)
+        except ControlError as exc:
+            assert exc.code in (ControlError.BAD_STATE, ControlError.BAD_VALUE, ControlError.NO_SUCH_JOB), exc
+
+    def _turn(self, seconds: float) -> None:
+        self.system.clock += seconds
+        self.daemon._turn(self.system.clock)
+
+    def _live(self, job: Job) -> list[FakeProcess]:
+        return [p for p in job.procs.values() if isinstance(p, FakeProcess) and p.code is None]
+
+    # -- operator -----------------------------------------------------------------------------------
+
+    @rule(name=st.sampled_from(NAMES), cmd=st.sampled_from(["start", "stop", "restart", "checkpoint"]))
+    def operator(self, name: str, cmd: str) -> None:
+        if self._job(name) is not None:
+            self._call(cmd, job=name)
+
+    @rule(name=st.sampled_from(NAMES), value=st.sampled_from(["800MiB", "1000MiB", "2GiB"]))
+    def budget(self, name: str, value: str) -> None:
+        if self._job(name) is not None:
+            self._call("budget", job=name, value=value)
+
+    @rule(names=st.sampled_from([(), ("a",), ("b",), ("a", "b")]))
+    def reread_and_update(self, names: tuple[str, ...]) -> None:
+        self._write(names)
+        self.config_names = names
+        self._call("update")
+
+    @rule()
+    def sigterm(self) -> None:
+        self.daemon.stopping = True
+        if self.stopping_at is None:
+            self.stopping_at = self.system.clock
+
+    # -- workers ------------------------------------------------------------------------------------
+
+    @rule(name=st.sampled_from(NAMES))
+    def hello(self, name: str) -> None:
+        job = self._job(name)
+        proc = self._current(job) if job is not None else None
+        if job is None or proc is None or proc.code is not None or job.identity is not None:
+            return
+        proc.term_exit = 75 if proc.term_exit is None and not proc.signals else proc.term_exit
+        job.on_hello(Hello(job.token, proc.pid, name, self.checkpoints, 1000, job.batch, job.accum),
+                     self._identity(job), self.system.clock)
+
+    @rule(name=st.sampled_from(NAMES), footprint=st.sampled_from([100 * MiB, 300 * MiB, 600 * MiB]))
+    def step(self, name: str, footprint: int) -> None:
+        job = self._job(name)
+        if job is not None and job.identity is not None and job.life is not None:
+            step = job.life.last_step + 1
+            job.on_message(Step(step, job.batch, job.accum, 1.0, 0.1, footprint, 0, footprint, footprint),
+                           self.system.clock)
+
+    @rule(name=st.sampled_from(NAMES))
+    def boundary(self, name: str) -> None:
+        """The worker reaches a step boundary: it honours a checkpoint-and-exit (goodbye, exit 75)."""
+        job = self._job(name)
+        if job is None or job.identity is None or job.life is None:
+            return
+        if "checkpoint_exit" not in self.sent.get(self._identity(job), []):
+            return
+        proc = self._current(job)
+        assert proc is not None
+        self.checkpoints += 1
+        (job.paths.checkpoints / f"ckpt-{self.checkpoints:010d}").mkdir(parents=True, exist_ok=True)
+        job.on_message(Goodbye("asked", job.life.last_step), self.system.clock)
+        proc.code = 75
+
+    @rule(name=st.sampled_from(NAMES), code=st.sampled_from([0, 75, 1, -9]))
+    def exit(self, name: str, code: int) -> None:
+        job = self._job(name)
+        proc = self._current(job) if job is not None else None
+        if job is None or proc is None or proc.code is not None:
+            return
+        unprovoked = not proc.signals and self.sent.get(self._identity(job), []).count("checkpoint_exit") == 0
+        stop_requested = job.lifecycle.stop_reason is not None or self.daemon.stopping
+        batch = (job.batch, job.accum)
+        proc.code = code
+        self._turn(0.0)
+        if code in (1, -9) and unprovoked and not stop_requested:
+            # A crash is followed by a backoff (or FATAL) and never changes the batch.
+            assert job.state in (JobState.BACKOFF, JobState.FATAL), job.state
+            assert (job.batch, job.accum) == batch
+
+    @rule(name=st.sampled_from(NAMES))
+    def hang(self, name: str) -> None:
+        job = self._job(name)
+        proc = self._current(job) if job is not None else None
+        if proc is not None:
+            proc.term_exit = None  # it will ignore SIGTERM (blocked in a step)
+
+    @rule(name=st.sampled_from(NAMES))
+    def departing_exit(self, name: str) -> None:
+        job = self._job(name)
+        if job is not None:
+            for life in job.lifecycle.departing:
+                proc = job.procs.get(life)
+                if isinstance(proc, FakeProcess) and proc.code is None:
+                    proc.code = 75
+
+    @rule(name=st.sampled_from(NAMES), level=st.sampled_from(sorted(LEVELS)),
+          departing_level=st.sampled_from(sorted(LEVELS)))
+    def sample(self, name: str, level: str, departing_level: str) -> None:
+        job = self._job(name)
+        if job is None:
+            return
+        current = self._current(job)
+        if current is not None:
+            current.sampled = LEVELS[level]
+        departing = [job.procs[life] for life in job.lifecycle.departing if life in job.procs]
+        for proc in departing:
+            assert isinstance(proc, FakeProcess)
+            proc.sampled = LEVELS[departing_level]
+        live = [p for p in (current, *departing) if isinstance(p, FakeProcess) and p.code is None]
+        killed_before = {p.pid for p in live if signal.SIGKILL in p.signals}
+        job.on_sample(self.system.clock, 8 << 30, 0)
+        total = sum(p.sampled for p in live)
+        if total >= job.limits.kill:
+            # Current plus departing over the kill ceiling always draws an action.
+            acted = [p for p in live if p.signals and p.signals[-1] in (signal.SIGKILL, signal.SIGTERM)]
+            assert acted or any(p.pid in killed_before for p in live), (total, [p.signals for p in live])
+
+    @rule(seconds=st.sampled_from([0.05, 0.5, 3.0]))
+    def advance(self, seconds: float) -> None:
+        self._turn(seconds)
+
+    # -- invariants ---------------------------------------------------------------------------------
+
+    @invariant()
+    def one_current_worker_and_none_when_terminal(self) -> None:
+        for job in self.daemon.jobs.values():
+            current = [p for life, p in job.procs.items() if life not in job.lifecycle.departing
+                       and isinstance(p, FakeProcess) and p.code is None]
+            assert len(current) <= 1, job.name
+            if job.state in TERMINAL_STATES:
+                assert job.life is None and not current, (job.name, job.state)
+
+    @invariant()
+    def shutdown_completes_in_time(self) -> None:
+        if self.stopping_at is not None and self.system.clock >= self.stopping_at + SHUTDOWN_BOUND:
+            self._turn(0.0)
+            assert self.daemon._done(True), {n: j.state.name for n, j in self.daemon.jobs.items()}
+
+    def teardown(self) -> None:
+        try:
+            self.sigterm()
+            for _ in range(int(SHUTDOWN_BOUND / 0.5) + 2):
+                self._turn(0.5)
+            assert self.daemon._done(True)
+            unreaped = [p.pid for p in self.system.procs if not p.reaped]
+            assert not unreaped, f"processes never reaped: {unreaped}"
+        finally:
+            self.svc.close()
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+DaemonModel.TestCase.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestDaemonModel = pytest.mark.timeout(1800)(DaemonModel.TestCase)
