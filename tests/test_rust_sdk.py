@@ -12,11 +12,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from protocol.conformance.harness import Harness, Options
+from protocol.messages import CheckpointSaved, Heartbeat, Hello, Step
 from tests.conftest import ROOT, run_to_end
 
 CRATE = ROOT / "sdk" / "rust"
@@ -96,3 +99,35 @@ class TestSupervised:
         assert starts == [0] + [e["checkpoint"] for e in exits[:-1]]  # each life resumed where the last one left
         stdout = (tmp_path / "state" / "logs" / "jobs" / "leaky" / "stdout.log").read_text()
         assert stdout.strip().rsplit("checksum ", 1)[1] == self.standalone_checksum(leaky, steps)
+
+
+class TestPulse:
+    """The Rust session's thread: heartbeats inside busy(), and an orphan ended mid-step."""
+
+    def test_busy_sends_heartbeats_during_a_long_evaluation(self, leaky: Path) -> None:
+        harness = Harness([str(leaky), "--steps", "50", "--step-ms", "5", "--eval-every", "3", "--eval-ms", "2500"],
+                          Options(orphan_timeout=30))
+        try:
+            life = harness.spawn(batch=4, accum=1)
+            life.expect_a(Hello, "hello", 30)
+            steps = [step for _, step in life.steps(3, 30)]  # step 3 comes after 2.5 s inside busy()
+            beats = [r.at for r in life.received if isinstance(r.message, Heartbeat)]
+            assert len(beats) >= 3, beats  # one as busy() starts, then one a second
+            assert [s.val_loss is not None for s in steps] == [False, False, True]
+        finally:
+            harness.close()
+
+    def test_an_orphan_is_ended_mid_step_by_the_watchdog(self, leaky: Path) -> None:
+        harness = Harness([str(leaky), "--steps", "50", "--step-ms", "6000"], Options(orphan_timeout=1.0))
+        try:
+            life = harness.spawn(batch=4, accum=1)
+            life.expect_a(Hello, "hello", 30)
+            life.heartbeats = False  # the daemon goes silent during the first (6 s) step
+            silent_at = time.monotonic()
+            code = life.wait_exit(10)
+            took = time.monotonic() - silent_at
+            assert code == 75
+            assert took < 4.0, took  # orphan timeout + half of it + the thread's period, not the step's end
+            assert not [r for r in life.received if isinstance(r.message, Step | CheckpointSaved)]
+        finally:
+            harness.close()

@@ -129,6 +129,8 @@ class Life:
                 raise Abort(f"no {what} within {timeout:g} s{self.exit_note()}")
             if wanted(item.message):
                 return item
+            if isinstance(item.message, Heartbeat):
+                continue  # a worker may send heartbeats at any time (keepalives while busy)
             problem = refuse(item.message) if refuse is not None else ""
             if problem:
                 raise Abort(problem)

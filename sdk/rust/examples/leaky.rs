@@ -1,13 +1,14 @@
 //! A leaking training loop supervised through the Rust SDK (no mlx-rs here: a tiny linear model in plain Rust).
 //!
-//! `leaky [--steps N] [--leak-mb MIB] [--step-ms MS] [--batch B]`: every step allocates and touches MIB
-//! mebibytes that are never freed, the way the leaking mlx-rs loop this project was written for grows
+//! `leaky [--steps N] [--leak-mb MIB] [--step-ms MS] [--batch B] [--eval-every N --eval-ms MS]`: every step
+//! allocates and touches MIB mebibytes that are never freed, the way the leaking mlx-rs loop this project was written for grows
 //! 50-100 MB per step. Under `mlxsupd` the process is recycled before its budget, resumes from its
 //! checkpoint (weights and optimizer state, restored exactly), and reaches its last step.
 //!
 //! In an mlx-rs loop the calls sit in the same places: `resume` loads the safetensors the checkpoint
 //! directory holds, `save` writes the model's and the optimizer's arrays there with mlx-rs, `clear_cache`
-//! calls MLX's cache clearing, and `end_step` follows `optimizer.update` + `eval`.
+//! calls MLX's cache clearing, and `end_step` follows `optimizer.update` + `eval`. A long validation pass
+//! runs inside `session.busy()`, so the daemon gets heartbeats meanwhile.
 
 use std::fs;
 use std::io;
@@ -26,10 +27,12 @@ struct Options {
     leak_mb: usize,
     step_ms: u64,
     batch: u64,
+    eval_every: u64,
+    eval_ms: u64,
 }
 
 fn options() -> Result<Options, String> {
-    let mut options = Options { steps: 200, leak_mb: 0, step_ms: 5, batch: 8 };
+    let mut options = Options { steps: 200, leak_mb: 0, step_ms: 5, batch: 8, eval_every: 0, eval_ms: 0 };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -39,7 +42,10 @@ fn options() -> Result<Options, String> {
             "--leak-mb" => options.leak_mb = number as usize,
             "--step-ms" => options.step_ms = number,
             "--batch" => options.batch = number.max(1),
-            _ => return Err(format!("unknown option {flag} (known: --steps --leak-mb --step-ms --batch)")),
+            "--eval-every" => options.eval_every = number,
+            "--eval-ms" => options.eval_ms = number,
+            _ => return Err(format!("unknown option {flag} (known: --steps --leak-mb --step-ms --batch \
+                                     --eval-every --eval-ms)")),
         }
     }
     Ok(options)
@@ -77,6 +83,10 @@ impl Model {
             self.weights[i] -= LR * self.velocity[i];
         }
         loss
+    }
+
+    fn validation_loss(&self) -> f64 {
+        self.weights.iter().enumerate().map(|(i, w)| (w - target(i)).powi(2)).sum::<f64>() / DIM as f64
     }
 
     fn load(&mut self, dir: &Path) -> io::Result<()> {
@@ -132,14 +142,19 @@ fn run(options: Options) -> Result<(), Box<dyn std::error::Error>> {
         leak(&mut leaked, options.leak_mb);
         step += 1;
         let tokens = (session.batch() * session.accum() * DIM as u64) as f64;
-        let stats = StepStats { tokens_per_second: tokens / started.elapsed().as_secs_f64(), ..StepStats::default() };
+        let mut stats = StepStats { tokens_per_second: tokens / started.elapsed().as_secs_f64(), ..StepStats::default() };
+        if options.eval_every > 0 && step % options.eval_every == 0 {
+            let _busy = session.busy(); // heartbeats from the pulse thread while the validation runs
+            sleep(Duration::from_millis(options.eval_ms));
+            stats.val_loss = Some(model.validation_loss());
+        }
         if let Next::Exit(code) = session.end_step_with(step, loss, stats, &mut model)? {
             std::process::exit(code);
         }
     }
     session.finish(step, &mut model)?;
-    let loss = model.weights.iter().enumerate().map(|(i, w)| (w - target(i)).powi(2)).sum::<f64>() / DIM as f64;
-    println!("leaky: finished at step {step}, loss {loss:.6}, checksum {:.12}", model.weights.iter().sum::<f64>());
+    let (loss, checksum) = (model.validation_loss(), model.weights.iter().sum::<f64>());
+    println!("leaky: finished at step {step}, loss {loss:.6}, checksum {checksum:.12}");
     Ok(())
 }
 

@@ -7,8 +7,8 @@
 //!
 //! - [`Session`]: `Session::from_env` (the `MLXSUP_*` environment), [`Session::resume`] (newest verified
 //!   checkpoint, step, batch, accum), [`Session::end_step`] once per optimizer step (telemetry, then the
-//!   daemon's commands at the step boundary), [`Session::keepalive`] while busy between steps,
-//!   [`Session::finish`].
+//!   daemon's commands at the step boundary), [`Session::keepalive`] / [`Session::busy`] while busy between
+//!   steps, [`Session::finish`]; a background thread ends an orphaned worker (its daemon gone) mid-step.
 //! - [`Checkpoints`]: durable checkpoint directories; the trainer writes its arrays into the directory it is
 //!   handed, the helper writes `meta.json` with SHA-256 hashes, syncs, renames atomically and keeps the last K.
 //! - [`protocol`]: the messages and their msgpack encoding.
@@ -32,8 +32,10 @@
 
 pub mod checkpoint;
 pub mod protocol;
+mod pulse;
 pub mod session;
 pub mod sys;
 
 pub use checkpoint::{CheckpointError, Checkpoints, Found, Saved};
+pub use pulse::BusyGuard;
 pub use session::{Error, Next, Resumed, Session, Settings, StepStats, TrainState};

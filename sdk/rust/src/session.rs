@@ -7,16 +7,18 @@
 use std::fmt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
 
 use serde_json::{json, Map, Value};
 
 use crate::checkpoint::{CheckpointError, Checkpoints, Saved};
 use crate::protocol::{self, Action, Command, Message, EXIT_CHECKPOINTED, FINISHED, PROTOCOL_VERSION};
+use crate::pulse::{BusyGuard, Pulse, Shared};
 use crate::sys;
 
-const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
-const MAX_DRAIN: usize = 10_000; // frames read at one boundary; the rest wait for the next
+const KEEPALIVE_EVERY: f64 = 1.0;
 
 /// Per-spawn settings the daemon passes in the `MLXSUP_*` environment (all optional).
 #[derive(Debug, Clone, PartialEq)]
@@ -154,9 +156,11 @@ pub enum Next {
     Exit(i32),
 }
 
+/// The connection: the socket (inside `shared`, with the pulse thread) and its context.
 struct Link {
-    socket: zmq::Socket, // dropped before the context, which waits for its sockets
-    _context: zmq::Context,
+    shared: Arc<Shared>,
+    pulse: Pulse,
+    context: zmq::Context, // dropped last: terminating it waits (up to the linger) for queued frames
 }
 
 /// Connection of one training process to its supervisor (or a standalone stand-in).
@@ -167,12 +171,9 @@ pub struct Session {
     accum: u64,
     checkpoints: Option<Checkpoints>,
     link: Option<Link>,
-    parent: u32,
-    last_heard: f64,
     stop_reason: String,
     hello_sent: bool,
     last_boundary: Instant,
-    last_sent: Instant,
     fast_exit: bool,
 }
 
@@ -189,14 +190,13 @@ impl Session {
 
     /// A session with explicit settings (connects when `settings.endpoint` is set).
     pub fn new(settings: Settings, target_steps: u64, batch: u64, accum: u64) -> Result<Session, Error> {
-        let link = if settings.endpoint.is_empty() { None } else { Some(connect(&settings.endpoint)?) };
+        let link = if settings.endpoint.is_empty() { None } else { Some(connect(&settings)?) };
         let checkpoints = settings.checkpoint_dir.as_ref().map(|d| Checkpoints::new(d, settings.keep_checkpoints));
         Ok(Session {
             batch: if settings.batch > 0 { settings.batch } else { batch.max(1) },
             accum: if settings.accum > 0 { settings.accum } else { accum.max(1) },
-            settings, target_steps, checkpoints, link, parent: std::os::unix::process::parent_id(),
-            last_heard: sys::now_unix(), stop_reason: String::new(), hello_sent: false,
-            last_boundary: Instant::now(), last_sent: Instant::now(), fast_exit: true,
+            settings, target_steps, checkpoints, link, stop_reason: String::new(), hello_sent: false,
+            last_boundary: Instant::now(), fast_exit: true,
         })
     }
 
@@ -268,7 +268,13 @@ impl Session {
             }));
         }
         self.last_boundary = now;
-        let mut commands = if self.supervised() { self.poll() } else { Vec::new() };
+        let mut commands = Vec::new();
+        if let Some(link) = &self.link {
+            commands = link.shared.take_commands();
+            if self.stop_reason.is_empty() {
+                self.stop_reason = link.shared.orphan_reason().unwrap_or_default().to_string();
+            }
+        }
         if sys::sigterm_received() && self.stop_reason.is_empty() {
             self.stop_reason = "sigterm".into();
         }
@@ -281,6 +287,9 @@ impl Session {
         let mut exit = commands.iter().find(|c| c.action == Action::CheckpointExit).cloned();
         if step >= self.target_steps {
             exit = None; // the loop is about to finish (and checkpoint) anyway
+        }
+        if let (Some(link), true) = (&self.link, exit.is_some()) {
+            link.shared.leaving.store(true, Ordering::SeqCst); // the watchdog gives this checkpoint time
         }
         let every = self.settings.checkpoint_every;
         let periodic = every > 0 && step % every == 0;
@@ -297,11 +306,20 @@ impl Session {
     }
 
     /// Tell the daemon this worker is alive while it is busy between step boundaries (loading data,
-    /// evaluating): sends a heartbeat at most once a second. Commands still wait for the next boundary.
-    pub fn keepalive(&mut self) {
-        if self.supervised() && self.last_sent.elapsed() >= KEEPALIVE_EVERY {
-            self.send(Message::Heartbeat(protocol::Heartbeat { sent_at: sys::now_unix() }));
+    /// evaluating): sends a heartbeat unless one went out in the last second. Commands still wait for the
+    /// next boundary.
+    pub fn keepalive(&self) {
+        if let Some(link) = &self.link {
+            if link.shared.seconds_since_sent() >= KEEPALIVE_EVERY {
+                link.shared.keepalive();
+            }
         }
+    }
+
+    /// Heartbeats every second from the pulse thread for as long as the guard lives:
+    /// `let _busy = session.busy();` around a long model load, compile or evaluation (`None` standalone).
+    pub fn busy(&self) -> Option<BusyGuard> {
+        self.link.as_ref().map(|link| link.pulse.busy())
     }
 
     /// Write a durable checkpoint of `state` and announce it; `None` when no checkpoint directory is set.
@@ -332,7 +350,9 @@ impl Session {
     /// Flush pending telemetry (bounded by `linger_ms`) and release the socket.
     pub fn close(&mut self, linger_ms: i32) {
         if let Some(link) = self.link.take() {
-            let _ = link.socket.set_linger(linger_ms);
+            link.shared.close(linger_ms);
+            drop(link.pulse); // joins the thread
+            drop(link.context); // waits for the queued frames, at most the linger
         }
     }
 
@@ -348,38 +368,10 @@ impl Session {
         }));
     }
 
-    fn send(&mut self, message: Message) {
+    fn send(&self, message: Message) {
         if let Some(link) = &self.link {
-            // Telemetry is best effort: a full queue drops the frame (the daemon samples memory itself).
-            let _ = link.socket.send(protocol::encode(&message), zmq::DONTWAIT);
-            self.last_sent = Instant::now();
+            link.shared.send(&message); // best effort: the daemon samples our memory itself
         }
-    }
-
-    fn poll(&mut self) -> Vec<Command> {
-        let mut commands = Vec::new();
-        for _ in 0..MAX_DRAIN {
-            let frame = match self.link.as_ref().map(|l| l.socket.recv_bytes(zmq::DONTWAIT)) {
-                Some(Ok(frame)) => frame,
-                _ => break,
-            };
-            match protocol::decode(&frame) {
-                Ok(Message::Heartbeat(beat)) => self.last_heard = self.last_heard.max(beat.sent_at),
-                Ok(Message::Command(command)) => {
-                    self.last_heard = sys::now_unix();
-                    commands.push(command);
-                }
-                Ok(Message::Welcome(_)) => self.last_heard = sys::now_unix(), // version 1 is the only one yet
-                Ok(_) => {} // a worker-to-daemon type: valid, not for us
-                Err(error) => self.log("bad_frame_from_daemon", &format!("problem={error}")),
-            }
-        }
-        if std::os::unix::process::parent_id() != self.parent {
-            self.stop_reason = "daemon_lost".into();
-        } else if sys::now_unix() - self.last_heard > self.settings.orphan_timeout {
-            self.stop_reason = "daemon_silent".into();
-        }
-        commands
     }
 
     fn leave(&mut self, reason: &str, step: u64, code: i32) -> Next {
@@ -406,13 +398,15 @@ impl Drop for Session {
     }
 }
 
-fn connect(endpoint: &str) -> Result<Link, zmq::Error> {
+fn connect(settings: &Settings) -> Result<Link, zmq::Error> {
     let context = zmq::Context::new();
     let socket = context.socket(zmq::DEALER)?;
     socket.set_sndhwm(10_000)?;
     socket.set_rcvhwm(1_000)?;
     socket.set_maxmsgsize(protocol::MAX_MESSAGE_BYTES as i64)?;
     socket.set_linger(1000)?;
-    socket.connect(endpoint)?;
-    Ok(Link { socket, _context: context })
+    socket.connect(&settings.endpoint)?;
+    let shared = Shared::new(socket, settings.orphan_timeout, settings.job.clone());
+    let pulse = Pulse::start(Arc::clone(&shared));
+    Ok(Link { shared, pulse, context })
 }
