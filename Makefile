@@ -1,16 +1,45 @@
 # Quickstart: `make demo` and `make test` work on a fresh machine (they create .venv themselves).
-PYTHON ?= python3
+#
+# Python >= 3.11 is needed. Unless PYTHON=... is given, make runs each of python3.13, python3.12, python3.11 and
+# python3 and takes the first that is new enough: looking a name up is not enough, since pyenv shims exist for
+# versions that are not selected and fail when run, and a stock Mac's python3 is 3.9.
+PYTHON_CANDIDATES := python3.13 python3.12 python3.11 python3
+NEW_ENOUGH := -c 'import sys; sys.exit(sys.version_info < (3, 11))'
+ifeq ($(origin PYTHON), undefined)
+PYTHON := $(shell for p in $(PYTHON_CANDIDATES); do $$p $(NEW_ENOUGH) >/dev/null 2>&1 && { echo $$p; break; }; done)
+endif
+GET_PYTHON := on a Mac: Homebrew \`brew install python@3.12\`, or uv \`uv python install 3.12\`; then \`make PYTHON=python3.12\`
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUST_CRATE := sdk/rust
 LEAKY := $(RUST_CRATE)/target/release/examples/leaky
 
-.PHONY: venv demo test bench faults lint clean rust conformance
+# The fast tests run again on Python 3.13 (where os.waitid exists on macOS too), in a venv of their own.
+ifeq ($(origin PYTHON313), undefined)
+PYTHON313 := $(shell for p in python3.13 $$(ls -d "$$(pyenv root 2>/dev/null)"/versions/3.13*/bin/python3.13 2>/dev/null); \
+	do $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' >/dev/null 2>&1 && { echo $$p; break; }; done)
+endif
+VENV313 := .venv-3.13
+STAMP313 := $(VENV313)/.installed
+
+# The macOS-shaped lane: these tests run again with every process made to look like macOS CPython 3.11
+# (tests/fake_macos/sitecustomize.py: no os.waitid, darwin code paths on fakes of libproc, sysctl and waitid).
+# The daemon tests are a chosen few (the whole module takes minutes): start, budget, reload, shutdown, bad requests.
+FAKE_MACOS_TESTS := tests/test_fake_macos.py tests/test_process.py tests/test_footprint.py tests/test_service.py \
+	tests/test_service_fake_managers.py tests/test_daemon.py::TestRobustness \
+	tests/test_daemon.py::TestCommands::test_budget_change_takes_effect_on_the_next_sample \
+	tests/test_daemon.py::TestReloadAndShutdown::test_sighup_adds_and_removes_jobs \
+	tests/test_daemon.py::TestReloadAndShutdown::test_sigterm_checkpoints_every_worker_then_exits_zero
+FAKE_MACOS_ENV := MLXSUP_FAKE_MACOS=1 PYTHONPATH=$(CURDIR)/tests/fake_macos
+
+.PHONY: venv demo test test-main test-fake-macos test-py313 bench faults lint clean rust conformance
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@[ -n "$(PYTHON)" ] || { echo "make: no Python >= 3.11 found (tried $(PYTHON_CANDIDATES)); $(GET_PYTHON)" >&2; exit 1; }
+	@$(PYTHON) $(NEW_ENOUGH) || { echo "make: $(PYTHON) does not run or is older than 3.11; $(GET_PYTHON)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
@@ -23,8 +52,27 @@ demo: $(STAMP)
 	$(PY) -m supervisor.tools.plot .demo/state/jobs/demo --summary .demo/summary.json -o .demo/memory.png
 	@echo "summary: .demo/summary.json  plot: .demo/memory.png"
 
-test: $(STAMP)
+test: test-main test-fake-macos test-py313
+
+test-main: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fake-macos: $(STAMP)
+	$(FAKE_MACOS_ENV) $(PY) -m pytest -q -p no:cacheprovider $(FAKE_MACOS_TESTS)
+
+$(STAMP313): pyproject.toml
+	$(PYTHON313) -m venv $(VENV313)
+	$(VENV313)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV313)/bin/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP313)
+
+ifeq ($(PYTHON313),)
+test-py313:
+	@echo "test-py313: SKIPPED: no Python 3.13 found (python3.13 or pyenv's versions/3.13*); install one to run the fast tests on 3.13"
+else
+test-py313: $(STAMP313)
+	$(VENV313)/bin/python -m pytest -q -p no:cacheprovider -m "not slow"
+endif
 
 bench: $(STAMP)
 	$(PY) -m bench
@@ -53,4 +101,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy supervisor worker protocol
 
 clean:
-	rm -rf $(VENV) .demo .bench .faults .conformance $(RUST_CRATE)/target
+	rm -rf $(VENV) $(VENV313) .demo .bench .faults .conformance $(RUST_CRATE)/target

@@ -9,6 +9,7 @@ replaced copy, ``.prune-ckpt-*`` being deleted) never count as checkpoints. The 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -61,13 +62,30 @@ def latest_step(directory: Path) -> int | None:
     return step_of(paths[-1]) if paths else None
 
 
+def full_fsync(fd: int) -> None:
+    """Make what was written to ``fd`` (a file, or a directory's entries) survive a power loss.
+
+    On macOS ``fsync`` only hands the data to the drive, whose cache may still lose it (xnu fsync(2)); only
+    ``fcntl(F_FULLFSYNC)`` asks the drive to flush. Where that fcntl does not exist or fails (a file system that
+    does not support it), ``fsync`` is what there is.
+    """
+    command = getattr(fcntl, "F_FULLFSYNC", None)
+    if command is not None:
+        try:
+            fcntl.fcntl(fd, command)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
 def hash_file(path: Path, *, sync: bool) -> tuple[str, int]:
-    """SHA-256 and size of a file, read in 1 MiB chunks; with ``sync`` also fsync it."""
+    """SHA-256 and size of a file, read in 1 MiB chunks; with ``sync`` also make it durable (``full_fsync``)."""
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as fh:
         if sync:
-            os.fsync(fh.fileno())
+            full_fsync(fh.fileno())
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
             size += len(chunk)

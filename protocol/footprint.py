@@ -3,24 +3,26 @@
 On macOS it is the physical footprint (what Activity Monitor shows and what jetsam acts on; it includes
 compressed and Metal-wired memory that RSS misses), read with ``proc_pid_rusage`` from libproc. Elsewhere it
 is RSS. Workers report their own footprint with every step (``self_footprint``); the daemon reads other
-processes' with ``phys_footprint`` (falling back to RSS itself). The macOS functions take the C function as a
-parameter so tests can hand them a fake; ctypes is imported only on macOS. Standard library only (psutil is
-imported lazily on platforms with neither procfs nor libproc).
+processes' with ``phys_footprint``. The libSystem functions come from ``protocol.darwin``, and the parsing takes
+the C function as a parameter so tests can hand it a fake; ctypes is imported only on macOS. Standard library only
+(psutil is imported lazily on platforms with neither procfs nor libproc).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
+
+from protocol import darwin as _darwin
+from protocol.darwin import RUSAGE_INFO_V2, CFunction
 
 if TYPE_CHECKING:
     import ctypes
 
-RUSAGE_INFO_V2: Final = 2
 # struct rusage_info_v2 from <sys/resource.h>: uint8_t ri_uuid[16], then these uint64_t fields in order.
 _RUSAGE_INFO_V2_FIELDS: Final = (
     "ri_user_time", "ri_system_time", "ri_pkg_idle_wkups", "ri_interrupt_wkups", "ri_pageins",
@@ -29,24 +31,32 @@ _RUSAGE_INFO_V2_FIELDS: Final = (
     "ri_child_interrupt_wkups", "ri_child_pageins", "ri_child_elapsed_abstime", "ri_diskio_bytesread",
     "ri_diskio_byteswritten",
 )  # fmt: skip
-IS_MACOS: Final = sys.platform == "darwin"
 
-CFunction = Callable[..., int]
+__all__ = ["RUSAGE_INFO_V2", "CFunction", "FootprintUnreadable", "phys_footprint", "self_footprint"]
+
+
+class FootprintUnreadable(OSError):
+    """libproc refused: ESRCH (the process is gone) or EPERM (another user's process, and we are not root)."""
 
 
 def phys_footprint(pid: int) -> int | None:
-    """macOS physical footprint of ``pid``; None off macOS or when libproc cannot tell (callers use RSS)."""
-    rusage = _libproc_rusage()
-    return None if rusage is None else _macos_phys_footprint(pid, rusage)
+    """macOS physical footprint of ``pid``; None off macOS (callers use RSS there).
+
+    Raises FootprintUnreadable when libproc cannot read the process (gone, or not ours): on macOS that is the
+    answer, never a reason to mix in another measure. A zombie reads 0.
+    """
+    calls = _darwin.darwin()
+    return None if calls is None else _macos_phys_footprint(pid, calls.proc_pid_rusage)
 
 
-def _macos_phys_footprint(pid: int, proc_pid_rusage: CFunction) -> int | None:
-    """``ri_phys_footprint`` from ``proc_pid_rusage(pid, RUSAGE_INFO_V2, &info)``; None on failure."""
+def _macos_phys_footprint(pid: int, proc_pid_rusage: CFunction) -> int:
+    """``ri_phys_footprint`` from ``proc_pid_rusage(pid, RUSAGE_INFO_V2, &info)``; FootprintUnreadable on failure."""
     import ctypes
 
     info = _rusage_info_v2_type()()
     if proc_pid_rusage(pid, RUSAGE_INFO_V2, ctypes.byref(info)) != 0:
-        return None
+        code = _darwin.errno() or errno.ESRCH
+        raise FootprintUnreadable(code, f"proc_pid_rusage({pid}): {os.strerror(code)}")
     return int(info.ri_phys_footprint)
 
 
@@ -61,28 +71,6 @@ def _rusage_info_v2_type() -> type[ctypes.Structure]:
     return RusageInfoV2
 
 
-@functools.cache
-def _libproc_rusage() -> CFunction | None:
-    """libproc's ``proc_pid_rusage``, or None off macOS or when no library provides it."""
-    if not IS_MACOS:
-        return None
-    import ctypes
-    import ctypes.util
-
-    # The dylibs live in the dyld shared cache on recent macOS: dlopen finds them though no file exists.
-    for path in ("/usr/lib/libproc.dylib", ctypes.util.find_library("proc"), "/usr/lib/libSystem.B.dylib"):
-        if not path:
-            continue
-        try:
-            function = ctypes.CDLL(path, use_errno=True).proc_pid_rusage
-        except (OSError, AttributeError):
-            continue
-        function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-        function.restype = ctypes.c_int
-        return function
-    return None
-
-
 # --- this process, per training step -----------------------------------------------------------------------
 
 
@@ -94,7 +82,7 @@ class _SelfReader:
         self._statm_fd = -1
         self._page_size = 0
         self._proc: Any = None
-        self._use_statm = sys.platform.startswith("linux")
+        self._use_statm = sys.platform.startswith("linux") and not _darwin.is_macos()
 
     def read(self) -> int:
         if self._use_statm:
@@ -102,10 +90,11 @@ class _SelfReader:
             if fd >= 0:
                 # statm is "size resident shared ...", in pages; pread leaves no offset to rewind.
                 return int(os.pread(fd, 128, 0).split(None, 2)[1]) * self._page_size
-        footprint = phys_footprint(os.getpid())
-        if footprint is not None:
-            return footprint
-        return self._psutil_rss()
+        try:
+            footprint = phys_footprint(os.getpid())
+        except FootprintUnreadable:
+            footprint = None  # cannot happen for ourselves; RSS is the honest fallback
+        return footprint if footprint is not None else self._psutil_rss()
 
     def _open_statm(self) -> int:
         with self._lock:

@@ -44,7 +44,8 @@ class ControlConfig:
 class DaemonConfig:
     """[daemon]: where things live and how often the daemon looks."""
 
-    run_dir: str = _f("", "private directory for ipc sockets (0700); default /tmp/mlxsup-UID or XDG_RUNTIME_DIR")
+    run_dir: str = _f("", "private directory for ipc sockets (0700); default $TMPDIR/mlxsup on macOS, "
+                      "else $XDG_RUNTIME_DIR/mlxsup or /tmp/mlxsup-UID")
     state_dir: str = _f("", "history, checkpoints and logs; default ~/Library/Application Support or XDG state")
     log_dir: str = _f("", "daemon and worker logs; default ~/Library/Logs/mlx-supervisor or <state_dir>/logs")
     sample_interval: float = _f(0.05, "seconds between footprint samples of each worker", "s")
@@ -92,6 +93,10 @@ class JobConfig:
     max_attempts_without_progress: int = _f(5, "consecutive starts without a newer checkpoint before FATAL")
     cache_clear: str = _f("0", "worker clears MLX's cache above this many bytes (0: never)")
     cache_limit: str = _f("10%", "MLX cache limit set in the worker: percent of budget or bytes (0: MLX's default)")
+    sdk: bool = _f(True, "false: a guard-only job: `command` runs under outside sampling alone (no hello, no "
+                   "telemetry, no checkpoints); SIGTERM at the budget, SIGKILL at the ceiling or after kill_grace")
+    restart: str = _f("on-breach", "guard-only jobs: 'on-breach' starts the command over after a budget kill, "
+                      "'never' leaves it stopped")
 
     def limits(self, total: int) -> Limits:
         """Resolve budget, warn and kill to bytes (validated at load)."""
@@ -240,8 +245,9 @@ def _validate(config: Config, total: int) -> None:
             parse_fraction_of(getattr(d, key), total)
         except SizeError as exc:
             raise ConfigError(f"{where}: daemon.{key}: {exc}") from None
-    if len(str(config.run_dir / "control.sock")) > 100:
-        raise ConfigError(f"{where}: daemon.run_dir {config.run_dir} is too long for ipc sockets (max ~90 chars)")
+    for name in paths.IPC_SOCKETS:
+        if problem := paths.socket_path_problem(config.run_dir / name):
+            raise ConfigError(f"{where}: daemon.run_dir: {problem}")
     for name, job in config.jobs.items():
         _validate_job(name, job, total, where)
 
@@ -275,6 +281,12 @@ def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
             raise ConfigError(f"{prefix}.{key} = {getattr(job, key)}: must be positive")
     if job.checkpoint_every < 0 or job.regrow_after_steps < 1 or job.min_steps_per_life < 0:
         raise ConfigError(f"{prefix}: checkpoint_every >= 0, regrow_after_steps >= 1, min_steps_per_life >= 0")
+    if not job.sdk and not job.command:
+        raise ConfigError(f"{prefix}.sdk = false: a guard-only job needs a 'command' (the built-in job uses the SDK)")
+    if job.restart not in ("on-breach", "never"):
+        raise ConfigError(f"{prefix}.restart = {job.restart!r}: expected 'on-breach' or 'never'")
+    if job.sdk and job.restart != "on-breach":
+        raise ConfigError(f"{prefix}.restart applies to guard-only jobs (sdk = false); SDK jobs restart by 'policy'")
     if job.command and job.train:
         raise ConfigError(f"{prefix}: 'train' options apply to the built-in job only; remove them or 'command'")
     managed = {"batch", "accum", "checkpoint_dir", "checkpoint-dir"} & set(job.train)

@@ -1,12 +1,17 @@
-"""Platform default locations for config, state, logs and the private run directory."""
+"""Platform default locations for config, state, logs and the private run directory, and the socket path limit."""
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
+from typing import Final
+
+from protocol.darwin import is_macos
 
 APP = "mlx-supervisor"
+# Every ipc endpoint the daemon binds in its run dir. A new one goes here, so that the config check and the bind
+# check (``socket_path_problem``) cover it.
+IPC_SOCKETS: Final = ("workers.sock", "control.sock", "events.sock")
 
 
 def _home() -> Path:
@@ -14,28 +19,68 @@ def _home() -> Path:
 
 
 def default_config_path() -> Path:
-    if sys.platform == "darwin":
+    if is_macos():
         return _home() / "Library" / "Application Support" / APP / "mlxsup.toml"
     base = os.environ.get("XDG_CONFIG_HOME") or str(_home() / ".config")
     return Path(base) / APP / "mlxsup.toml"
 
 
 def default_state_dir() -> Path:
-    if sys.platform == "darwin":
+    if is_macos():
         return _home() / "Library" / "Application Support" / APP
     base = os.environ.get("XDG_STATE_HOME") or str(_home() / ".local" / "state")
     return Path(base) / APP
 
 
 def default_log_dir() -> Path:
-    if sys.platform == "darwin":
+    if is_macos():
         return _home() / "Library" / "Logs" / APP
     return default_state_dir() / "logs"
 
 
+def darwin_user_temp_dir() -> Path | None:
+    """macOS's per-user temporary directory (``/var/folders/…/T/``): $TMPDIR, else confstr's answer."""
+    tmpdir = os.environ.get("TMPDIR")
+    if tmpdir and os.path.isabs(tmpdir):
+        return Path(tmpdir)
+    if "CS_DARWIN_USER_TEMP_DIR" in getattr(os, "confstr_names", {}):
+        try:
+            value = os.confstr("CS_DARWIN_USER_TEMP_DIR")
+        except OSError:
+            value = None
+        if value:
+            return Path(value)
+    return None
+
+
 def default_run_dir() -> Path:
-    # ipc socket paths are limited to ~100 bytes, so the run dir must stay short.
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and sys.platform != "darwin":
-        return Path(runtime) / "mlxsup"
+    """Where the daemon's sockets and lock live by default.
+
+    macOS: under the per-user $TMPDIR, not /tmp, whose entries macOS deletes after 3 days untouched (a
+    long-lived daemon would lose its sockets). Linux: $XDG_RUNTIME_DIR. Else /tmp/mlxsup-UID.
+    """
+    if is_macos():
+        temp = darwin_user_temp_dir()
+        if temp is not None:
+            return temp / "mlxsup"
+    else:
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        if runtime:
+            return Path(runtime) / "mlxsup"
     return Path("/tmp") / f"mlxsup-{os.getuid()}"
+
+
+def socket_path_limit() -> int:
+    """Bytes a Unix-domain socket path may take, its terminating NUL included (``sizeof(sun_path)``)."""
+    return 104 if is_macos() else 108
+
+
+def socket_path_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be bound as an ipc socket here (too long for ``sun_path``), or None when it can."""
+    size = len(os.fsencode(path)) + 1
+    limit = socket_path_limit()
+    if size <= limit:
+        return None
+    system = "macOS" if is_macos() else "Linux"
+    return (f"socket path {path} takes {size} bytes with its terminating NUL, over the {limit}-byte limit of "
+            f"{system} (sun_path); choose a shorter daemon.run_dir")

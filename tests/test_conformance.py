@@ -20,6 +20,8 @@ import pytest
 from protocol.conformance import CHECKS
 from tests.conftest import ROOT, run_to_end
 
+pytestmark = pytest.mark.slow  # real worker processes for seconds each
+
 REF = [sys.executable, str(ROOT / "tests" / "_ref_worker.py"), "--steps", "800"]
 SDK_EXAMPLE = [sys.executable, str(ROOT / "examples" / "sdk_loop.py"), "3000"]
 # Each broken mode of tests/_ref_worker.py and the one check it must fail.

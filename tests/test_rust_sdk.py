@@ -22,6 +22,8 @@ from protocol.conformance.harness import Harness, Options
 from protocol.messages import CheckpointSaved, Heartbeat, Hello, Step
 from tests.conftest import ROOT, run_to_end
 
+pytestmark = pytest.mark.slow  # real processes for seconds each (and a cargo build)
+
 CRATE = ROOT / "sdk" / "rust"
 LEAKY = CRATE / "target" / "release" / "examples" / "leaky"
 INSTALL_HINT = ("apt-get install cargo librust-zmq-dev librust-rmp-serde-dev librust-serde-json-dev "

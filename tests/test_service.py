@@ -18,14 +18,15 @@ from typing import Any
 
 import pytest
 
+from supervisor import paths
+from supervisor.install.service import add_service_parser, run_service
 from supervisor.install.units import (
     LABEL,
     UNIT,
-    add_service_parser,
+    current_platform,
     daemon_program,
     render_plist,
     render_unit,
-    run_service,
     stop_timeout,
 )
 
@@ -36,8 +37,8 @@ PLIST_KEYS = {"Label", "ProgramArguments", "WorkingDirectory", "EnvironmentVaria
               "StandardErrorPath"}
 UNIT_DIRECTIVES = ["Type=simple", "Restart=on-failure", "KillMode=mixed", "KillSignal=SIGTERM",
                    "ExecReload=/bin/kill -HUP $MAINPID", "Environment=PYTHONUNBUFFERED=1"]
-OTHER_PLATFORM = "linux" if sys.platform == "darwin" else "macos"
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="installs a unit for real")
+OTHER_PLATFORM = "linux" if current_platform() == "macos" else "macos"
+linux_only = pytest.mark.skipif(current_platform() != "linux", reason="installs a unit for real")
 
 
 def example_files() -> dict[str, bytes]:
@@ -52,7 +53,8 @@ def example_files() -> dict[str, bytes]:
     return {
         f"launchd/LaunchAgents/{LABEL}.plist": render_plist(
             prog("/Users/you/mlx-supervisor/.venv/bin/python"), agent_cfg,
-            Path("/Users/you/Library/Logs/mlx-supervisor"), agent_cfg.parent),
+            Path("/Users/you/Library/Logs/mlx-supervisor"), agent_cfg.parent,
+            env={"TMPDIR": "/var/folders/x1/abcdefghijklmnopqrstuvwxyz0000gn/T/"}),
         f"launchd/LaunchDaemons/{LABEL}.plist": render_plist(
             prog("/opt/mlx-supervisor/.venv/bin/python"), daemon_cfg, Path("/Library/Logs/mlx-supervisor"),
             daemon_cfg.parent, system=True),
@@ -113,7 +115,7 @@ def config(tmp_path: Path) -> Path:
 
 
 def ns(action: str, config: Path | None, **kw: Any) -> argparse.Namespace:
-    values = {"platform": "linux", "system": False, "dry_run": False, "memory_max": None, **kw}
+    values = {"platform": current_platform(), "system": False, "dry_run": False, "memory_max": None, **kw}
     return argparse.Namespace(service_action=action, config=config, **values)
 
 
@@ -150,7 +152,7 @@ class TestPlist:
         assert argv[1:] == ["-m", "supervisor.cli.mlxsupd", "-c", str(config)] and Path(argv[-1]).is_absolute()
         assert plist["KeepAlive"] == {"SuccessfulExit": False} and plist["RunAtLoad"] is True
         assert plist["ExitTimeOut"] == 235 and plist["ThrottleInterval"] > 0
-        assert plist["ProcessType"] == "Standard"
+        assert plist["ProcessType"] == "Interactive"
         assert plist["StandardOutPath"] == str(logs / "mlxsupd.out.log")
         assert plist["StandardErrorPath"] == str(logs / "mlxsupd.err.log")
         assert plist["WorkingDirectory"] == str(config.parent)
@@ -252,7 +254,7 @@ class TestDryRun:
     def test_install_dry_run_linux(self, tmp_path: Path, home: Path, config: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
         before = files_under(tmp_path)
-        assert run_service(ns("install", config, dry_run=True)) == 0
+        assert run_service(ns("install", config, dry_run=True, platform="linux")) == 0
         out = capsys.readouterr().out
         assert files_under(tmp_path) == before
         assert str(home / ".config" / "systemd" / "user" / UNIT) in out
@@ -262,7 +264,7 @@ class TestDryRun:
     def test_system_dry_run_linux(self, tmp_path: Path, home: Path, config: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
         before = files_under(tmp_path)
-        assert run_service(ns("install", config, dry_run=True, system=True, memory_max="64G")) == 0
+        assert run_service(ns("install", config, dry_run=True, system=True, memory_max="64G", platform="linux")) == 0
         out = capsys.readouterr().out
         assert files_under(tmp_path) == before
         assert "/etc/systemd/system/mlxsupd.service" in out and "WantedBy=multi-user.target" in out
@@ -273,15 +275,15 @@ class TestDryRun:
                                          monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
         monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-        assert run_service(ns("install", config, dry_run=True)) == 0
+        assert run_service(ns("install", config, dry_run=True, platform="linux")) == 0
         assert str(tmp_path / "xdg" / "systemd" / "user" / UNIT) in capsys.readouterr().out
 
     def test_uninstall_and_status_dry_run_linux(self, tmp_path: Path, home: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-        assert run_service(ns("uninstall", None, dry_run=True)) == 0
+        assert run_service(ns("uninstall", None, dry_run=True, platform="linux")) == 0
         assert "systemctl --user disable --now mlxsupd.service\nsystemctl --user daemon-reload" in \
             capsys.readouterr().out
-        assert run_service(ns("status", None, dry_run=True)) == 0
+        assert run_service(ns("status", None, dry_run=True, platform="linux")) == 0
         assert "not installed" in capsys.readouterr().out
 
     def test_install_dry_run_macos_commands(self, tmp_path: Path, home: Path, config: Path,
@@ -351,7 +353,7 @@ class TestRealLinux:
         capsys.readouterr()
         assert run_service(ns("status", None)) == 3
         out, err = capsys.readouterr()
-        assert f"{self.unit(home)} (installed)" in out and "systemctl --user status" in out + err
+        assert f"{self.unit(home)} (installed)" in out and "systemctl --user show" in out + err
 
 
 class TestRefusals:
@@ -368,7 +370,7 @@ class TestRefusals:
 
     def test_default_config_path_when_none(self, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert run_service(ns("install", None, dry_run=True)) == 2
-        assert str(home / ".config" / "mlx-supervisor" / "mlxsup.toml") in capsys.readouterr().err
+        assert str(paths.default_config_path()) in capsys.readouterr().err
 
     def test_invalid_config(self, tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
         bad = tmp_path / "bad.toml"
@@ -377,7 +379,7 @@ class TestRefusals:
         assert "budgit" in capsys.readouterr().err and files_under(home) == {}
 
     def test_bad_memory_max(self, home: Path, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        assert run_service(ns("install", config, memory_max="lots")) == 2
+        assert run_service(ns("install", config, memory_max="lots", platform="linux", dry_run=True)) == 2
         assert "--memory-max 'lots'" in capsys.readouterr().err and files_under(home) == {}
 
     @pytest.mark.parametrize("action", ["install", "uninstall", "status"])
@@ -388,7 +390,7 @@ class TestRefusals:
 
 
 class TestCommandLine:
-    """The parser: `service` under a parent parser owning -c, and the `python -m supervisor.install.units` entry."""
+    """The parser: `service` under a parent parser owning -c, and the `python -m supervisor.install.service` entry."""
 
     def parser(self) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(prog="mlxsupctl")
@@ -400,7 +402,7 @@ class TestCommandLine:
         args = self.parser().parse_args(["-c", str(config), "service", "install", "--dry-run"])
         assert args.func is run_service and args.config == config and args.service_action == "install"
         assert args.dry_run and not args.system and args.memory_max is None
-        assert args.platform == ("macos" if sys.platform == "darwin" else "linux")
+        assert args.platform == current_platform()
 
     def test_options_after_the_action(self, config: Path) -> None:
         argv = ["service", "status", "--platform", "macos", "--system", "-c", str(config)]
@@ -410,11 +412,11 @@ class TestCommandLine:
 
     def test_unknown_action_is_a_usage_error(self) -> None:
         with pytest.raises(SystemExit) as exc:
-            self.parser().parse_args(["service", "restart"])
+            self.parser().parse_args(["service", "bounce"])
         assert exc.value.code == 2
 
     def test_module_entry_point(self, home: Path, config: Path) -> None:
-        argv = [sys.executable, "-m", "supervisor.install.units", "install", "--dry-run", "--platform", "macos",
+        argv = [sys.executable, "-m", "supervisor.install.service", "install", "--dry-run", "--platform", "macos",
                 "-c", str(config)]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
                               env={**os.environ, "HOME": str(home)})

@@ -94,7 +94,10 @@ class TestPeak:
     def test_no_batch_fits_is_fatal_after_max_attempts(self) -> None:
         result = run("--leak-mb", "0", "--peak-mb-per-sample", "70000", "--max-attempts", "5")
         assert result.outcome == "fatal"
-        assert result.restarts == 4
+        # As the daemon does: each smaller batch is a new attempt (64 -> 1 in 6 shrinks), then 5 attempts at
+        # batch 1 without a checkpoint end in FATAL. (The simulator's old copy of the ladder gave up after 4.)
+        assert [b[1] for b in result.batch_history] == [64, 32, 16, 8, 4, 2, 1]
+        assert result.restarts == 6 + 4
         assert result.steps_completed == 0
 
 

@@ -2,9 +2,9 @@
 
 The format is ``protocol.checkpoints`` (any SDK may store any files); the Python SDK stores
 ``model.safetensors`` and ``optimizer.safetensors`` beside ``meta.json`` (written last, with the size and
-SHA-256 of every other file). A checkpoint is built in a ``.tmp-ckpt-*`` directory, fsynced, and renamed into
-place, so a crash at any moment leaves either the old set of checkpoints or the new one, never a half-written
-``ckpt-*``. Loading verifies every checksum and falls back to older checkpoints.
+SHA-256 of every other file). A checkpoint is built in a ``.tmp-ckpt-*`` directory, synced (``F_FULLFSYNC`` on
+macOS), and renamed into place, so a crash at any moment leaves either the old set of checkpoints or the new one,
+never a half-written ``ckpt-*``. Loading verifies every checksum and falls back to older checkpoints.
 
 Names (``list_checkpoints``, ``latest_step``) come from ``protocol.checkpoints``, which the daemon reads.
 """
@@ -29,6 +29,7 @@ from protocol.checkpoints import (
     SCRATCH,
     CheckpointDamaged,
     checkpoint_name,
+    full_fsync,
     latest_step,
     list_checkpoints,
     step_of,
@@ -39,7 +40,7 @@ from protocol.checkpoints import hash_file as _hash_file
 if TYPE_CHECKING:
     import mlx.core as mx
 
-__all__ = ["FORMAT", "META_FILE", "Checkpoint", "CheckpointError", "latest_step", "list_checkpoints",
+__all__ = ["FORMAT", "META_FILE", "Checkpoint", "CheckpointError", "full_fsync", "latest_step", "list_checkpoints",
            "load_latest", "save_checkpoint"]
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -132,7 +133,7 @@ def _write_contents(tmp: Path, step: int, model: dict[str, mx.array], optimizer:
     with open(tmp / META_FILE, "w", encoding="utf-8") as fh:
         json.dump(record, fh, indent=1, sort_keys=True)
         fh.flush()
-        os.fsync(fh.fileno())
+        full_fsync(fh.fileno())
     _fsync_dir(tmp)
 
 
@@ -233,10 +234,10 @@ def _ensure_dir(directory: Path) -> None:
 
 
 def _fsync_dir(directory: Path) -> None:
-    """fsync a directory so renames and new entries inside it survive a power loss."""
+    """Sync a directory so renames and new entries inside it survive a power loss."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        full_fsync(fd)
     finally:
         os.close(fd)
 

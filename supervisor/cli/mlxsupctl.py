@@ -49,8 +49,12 @@ def _local_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     plot = sub.add_parser("plot", help="memory vs step and time for a job, from its recorded telemetry")
     plot.add_argument("job")
     plot.add_argument("-o", "--output", type=Path, default=None, help="PNG or SVG file (default JOB-memory.png)")
+    doctor = sub.add_parser("doctor", help="check this machine before a first run (PASS/WARN/FAIL with the fix)",
+                            description="Check Python, MLX, the footprint readers, memory, the run dir, the "
+                            "config, the service manager and the daemon. Exit status 0 when nothing fails.")
+    doctor.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the checks as JSON")
     try:
-        from supervisor.install.units import add_service_parser
+        from supervisor.install.service import add_service_parser
     except ImportError:  # pragma: no cover - the module ships with the package
         return
     add_service_parser(sub)
@@ -99,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         return keygen(args.name, args.dir)
     if args.command == "service":
         return int(args.func(args))
+    if args.command == "doctor":
+        from supervisor.cli.doctor import doctor
+
+        return doctor(args.config, args.json)
     try:
         if args.command == "plot":
             from supervisor.cli.live import plot

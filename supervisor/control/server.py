@@ -28,6 +28,7 @@ from protocol.control import (
 from supervisor.config import ConfigError, ControlConfig
 from supervisor.control.commands import REGISTRY, ControlError
 from supervisor.core.events import Refused
+from supervisor.daemon.rundir import ipc_socket
 
 if TYPE_CHECKING:
     from supervisor.daemon.server import DaemonService
@@ -82,14 +83,15 @@ class ControlServer:
         self.routers: list[zmq.Socket[bytes]] = []
         self.zap: zmq.Socket[bytes] | None = None
         self.authorized: set[bytes] = set()
-        self.endpoint = f"ipc://{run_dir / 'control.sock'}"
-        self.events_endpoint = f"ipc://{run_dir / 'events.sock'}"
+        control, events = ipc_socket(run_dir, "control.sock"), ipc_socket(run_dir, "events.sock")
+        self.endpoint = f"ipc://{control}"
+        self.events_endpoint = f"ipc://{events}"
         self.pub = context.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, 10_000)
         self.pub.setsockopt(zmq.LINGER, 0)
         try:
-            self.routers.append(self._router(self.endpoint, run_dir / "control.sock"))
-            self._bind(self.pub, self.events_endpoint, run_dir / "events.sock")
+            self.routers.append(self._router(self.endpoint, control))
+            self._bind(self.pub, self.events_endpoint, events)
             self._setup_tcp(config, resolve)
         except zmq.ZMQError as exc:
             self.close()

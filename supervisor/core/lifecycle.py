@@ -76,6 +76,8 @@ class Settings:
     max_attempts: int = 5
     clear_cache_every: float = 1.0  # seconds between clear-cache requests in the warn band
     departing_grace: float = 5.0  # a departing worker gets kill_grace + this to exit, then SIGKILL
+    sdk: bool = True  # False: a guard-only job (no hello, telemetry or checkpoints; enforcement by signals)
+    restart: str = "on-breach"  # guard-only jobs: on-breach | never
 
 
 @dataclasses.dataclass
@@ -101,6 +103,7 @@ class Life:
     goodbye: str = ""
     last_bytes: int = 0  # the group's last complete sample
     min_bytes: int = 0  # its smallest (0: none yet): what a fresh worker needs when there is no baseline yet
+    killed: bool = False  # SIGKILL sent (guard-only jobs at the ceiling)
 
 
 @dataclasses.dataclass
@@ -216,6 +219,8 @@ class Lifecycle:
         self._request_stop(e.now, "daemon shutdown", "local")
 
     def _checkpoint_now(self, e: ev.CheckpointNow) -> None:
+        if not self.settings.sdk:
+            raise Refused("a guard-only job (sdk = false) cannot checkpoint")
         life = self.life
         if life is None or not life.hello or self.state not in (S.RUNNING, S.CHECKPOINTING):
             raise Refused(f"job has no connected worker ({self.state.name})")
@@ -240,6 +245,8 @@ class Lifecycle:
             return
         life.pid, life.start_checkpoint, life.last_heard = e.pid, e.start_checkpoint, e.now
         self._note("spawn", pid=e.pid, batch=life.batch, accum=life.accum, from_checkpoint=e.start_checkpoint)
+        if not self.settings.sdk:
+            self._change(S.RUNNING, "spawned (guard-only: no hello expected)", pid=e.pid)
 
     def _spawn_failed(self, e: ev.SpawnFailed) -> None:
         if self.life is None or self.life.id != e.life:
@@ -416,13 +423,16 @@ class Lifecycle:
         asked = code == EXIT_CHECKPOINTED or (life.term_sent and pending is not None)
         crash = not asked and code != 0
         # A smaller batch next time is a new attempt, not a repeat of the failed one.
-        new_attempt = asked and pending is not None and pending.next_batch != 0 and (
+        new_attempt = self.settings.sdk and asked and pending is not None and pending.next_batch != 0 and (
             (pending.next_batch, pending.next_accum) != (self.batch, self.accum))
         if progress:
             self.failures = self.crashes = 0  # the backoff grows only over crashes without progress
         elif not new_attempt:
             self.failures += 1
         self._note("exit", code=code, goodbye=life.goodbye, step=life.last_step, checkpoint=newest, progress=progress)
+        if not self.settings.sdk:
+            self._guard_exit(life, code, now)
+            return
         if asked and pending is not None and pending.next_batch:
             self.batch, self.accum = pending.next_batch, pending.next_accum
         if code == 0 and self.stop_reason is None:
@@ -446,6 +456,28 @@ class Lifecycle:
             reason = pending.diagnosis.value if pending is not None and pending.diagnosis else (
                 life.goodbye or "checkpointed")
             self._restart_now(now, reason)
+
+    def _guard_exit(self, life: Life, code: int, now: float) -> None:
+        """The ladder of a guard-only job: finish, stop, start over after a breach (restart = on-breach), or
+        give up. Without checkpoints no life counts as progress, so breaches in a row end in FATAL."""
+        pending = life.pending
+        if self.stop_reason is not None:
+            self._change(S.STOPPED, self.stop_reason, code=code)
+            if self.restart_pending and not self.shutting_down:
+                self.restart_pending = False
+                self._begin(now, "restart requested")
+        elif code == 0:
+            self._change(S.FINISHED, "command exited 0")
+        elif pending is None:
+            self._change(S.FATAL, f"command exited {code}" if code >= 0 else f"command killed by signal {-code}")
+        elif self.settings.restart == "never":
+            self._change(S.STOPPED, f"{pending.reason} (restart = never)", code=code)
+        elif self.failures >= self.settings.max_attempts:
+            self._change(S.FATAL, f"{self.failures} breaches in a row (last: {pending.reason})")
+        elif pending.diagnosis is Diagnosis.SYSTEM_FLOOR:
+            self._change(S.WAITING_FOR_MEMORY, pending.reason)
+        else:
+            self._restart_now(now, pending.diagnosis.value if pending.diagnosis else "breach")
 
     def _after_failure(self, now: float, reason: str) -> None:
         self.crashes += 1
@@ -503,7 +535,7 @@ class Lifecycle:
             if self.state not in TERMINAL_STATES:
                 self._change(S.STOPPED, reason, client=client)
             return
-        if not life.hello:
+        if not life.hello or not self.settings.sdk:
             self._terminate(now, reason)
         elif life.term_sent or self.state == S.STOPPING:
             return  # already on its way out
@@ -515,6 +547,8 @@ class Lifecycle:
     # -- escalation ---------------------------------------------------------------------------------
 
     def _check_liveness(self, life: Life, now: float) -> None:
+        if not self.settings.sdk:
+            return  # nothing is ever heard from a guard-only job: only its memory is watched
         if self.state in (S.CHECKPOINTING, S.STOPPING):
             if now >= life.deadline:
                 self._terminate(now, f"checkpoint took longer than {self.settings.checkpoint_timeout}s")
@@ -525,6 +559,9 @@ class Lifecycle:
             self._terminate(now, f"hung: {what} for {now - life.last_heard:.1f}s (timeout {timeout}s)")
 
     def _act(self, life: Life, decision: Decision, now: float, **numbers: Any) -> None:
+        if not self.settings.sdk:
+            self._guard(life, decision, now, numbers)
+            return
         if decision.action is Do.CLEAR_CACHE:
             if life.hello and now - life.last_cache_clear >= self.settings.clear_cache_every:
                 life.last_cache_clear = now
@@ -545,6 +582,25 @@ class Lifecycle:
             self.stats.last_decision_at = now
             self._ask_exit(now, decision, S.CHECKPOINTING)
 
+    def _guard(self, life: Life, decision: Decision, now: float, numbers: dict[str, Any]) -> None:
+        """A guard-only job cannot checkpoint: SIGTERM at the budget, SIGKILL at the ceiling (even while it
+        handles an earlier SIGTERM: it may go on growing)."""
+        ceiling = decision.action is Do.KILL
+        if decision.action is Do.CLEAR_CACHE or (life.term_sent and not ceiling) or life.killed:
+            return
+        if self.stats.first_breach_step is None:
+            self.stats.first_breach_step = life.last_step
+        self._out.append(ev.Decided(decision, numbers))
+        life.pending = decision
+        self.stats.last_decision_at = now
+        if ceiling and life.term_sent:
+            life.killed = True
+            self._note("kill", signal="SIGKILL", reason=decision.reason, pid=life.pid, level="warning")
+            self._out.append(ev.Signal(life.id, signal.SIGKILL))
+            return
+        life.killed = ceiling
+        self._terminate(now, decision.reason, signal.SIGKILL if ceiling else signal.SIGTERM)
+
     def _regrow_feedback(self, life: Life, decision: Decision) -> None:
         """Additive increase, multiplicative decrease: a regrown batch that breaches doubles the wait."""
         if decision.diagnosis is Diagnosis.REGROW:
@@ -563,15 +619,15 @@ class Lifecycle:
         self._out.append(ev.Send(Command.CHECKPOINT_EXIT, decision.reason or "asked"))
         self._change(state, decision.reason, **fields)
 
-    def _terminate(self, now: float, reason: str) -> None:
+    def _terminate(self, now: float, reason: str, signum: int = signal.SIGTERM) -> None:
         life = self.life
         if life is None or life.term_sent:
             return
-        self._note("kill", signal="SIGTERM", reason=reason, pid=life.pid, grace=self.settings.kill_grace,
-                   step=life.last_step, level="warning")
+        self._note("kill", signal=signal.Signals(signum).name, reason=reason, pid=life.pid,
+                   grace=self.settings.kill_grace, step=life.last_step, level="warning")
         life.term_sent = True
         life.deadline = now + self.settings.kill_grace
-        self._out.append(ev.Signal(life.id, signal.SIGTERM))
+        self._out.append(ev.Signal(life.id, signum))
         self.restart_reason = reason
         if self.state != S.STOPPING:
             self._change(S.STOPPING, reason)

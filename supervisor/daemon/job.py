@@ -36,6 +36,8 @@ Publish = Callable[[str, str, dict[str, Any]], None]  # (job, kind, data)
 SendToWorker = Callable[[bytes, bytes], None]  # (identity, frame)
 log = structlog.get_logger("mlxsupd")
 IO_ERROR_LOG_EVERY = 60.0  # seconds between log lines about the same kind of failing write
+# Log event names that differ from the history's (scripts and the fault campaign read the log by these).
+LOG_NAMES = {"hello": "worker_hello", "exit": "worker_exit", "budget": "budget_changed"}
 __all__ = ["Job", "JobPaths", "Refused", "settings_of"]
 
 
@@ -51,7 +53,7 @@ def settings_of(job: JobConfig) -> Settings:
         policy=policy, mode=job.policy, batch=job.batch, accum=job.accum, checkpoint_timeout=job.checkpoint_timeout,
         kill_grace=job.kill_grace, startup_timeout=job.startup_timeout, hang_timeout=job.hang_timeout,
         backoff_initial=job.backoff_initial, backoff_max=job.backoff_max,
-        max_attempts=job.max_attempts_without_progress,
+        max_attempts=job.max_attempts_without_progress, sdk=job.sdk, restart=job.restart,
     )
 
 
@@ -254,7 +256,7 @@ class Job:
         elif isinstance(action, ev.Decided):
             self._decided(action)
         elif isinstance(action, ev.Note):
-            getattr(self.log, action.level)(action.event, **action.fields)
+            getattr(self.log, action.level)(LOG_NAMES.get(action.event, action.event), **action.fields)
             if action.history:
                 self.history_record(action.event, **action.fields)
 

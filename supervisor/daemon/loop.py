@@ -22,7 +22,7 @@ from supervisor.config import Config
 from supervisor.core.sizes import parse_bytes, parse_fraction_of
 from supervisor.core.states import TERMINAL_STATES
 from supervisor.daemon.job import Job, JobPaths
-from supervisor.daemon.rundir import lock_run_dir, prepare_run_dir
+from supervisor.daemon.rundir import ipc_socket, lock_run_dir, prepare_run_dir
 from supervisor.daemon.system import RealSystem, System
 
 log = structlog.get_logger("mlxsupd")
@@ -108,7 +108,7 @@ class Daemon:
         sock.setsockopt(zmq.SNDHWM, 1_000)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        path = self.run_dir / "workers.sock"
+        path = ipc_socket(self.run_dir, "workers.sock")
         path.unlink(missing_ok=True)
         sock.bind(f"ipc://{path}")
         os.chmod(path, 0o600)

@@ -5,14 +5,19 @@ Everything behind one small interface so job logic can run against real processe
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from protocol import darwin as _darwin
 from supervisor.daemon.footprint import GroupSample, GroupSampler, pressure_level, system_memory
 from supervisor.daemon.logs import rotate_files
 
@@ -29,7 +34,7 @@ class WorkerProcess(Protocol):
         """Send ``signum`` to the whole group; False when nothing was left to signal."""
 
     def sample(self, now: float) -> GroupSample:
-        """Footprint of the leader and its descendants."""
+        """Footprint of the worker's process group."""
 
 
 class System(Protocol):
@@ -46,6 +51,54 @@ class System(Protocol):
 
     def pressure(self) -> int | None:
         ...
+
+
+@dataclass(frozen=True)
+class ExitProbe:
+    """Tells whether a child has exited, leaving it unreaped (a zombie still holding its pid and process group).
+
+    Raises ChildProcessError when ``pid`` is not (or no longer) a child of ours.
+    """
+
+    name: str
+    exited: Callable[[int], bool]
+
+
+@functools.cache
+def exit_probe() -> ExitProbe:
+    """The platform's way to learn of a child's exit without reaping it, chosen once.
+
+    ``os.waitid`` with WNOWAIT where CPython has it (Linux; macOS from Python 3.13). macOS builds of CPython 3.11
+    and 3.12 leave ``os.waitid`` out, so there libSystem's own ``waitid`` is called through ctypes, with xnu's
+    constants (CPython gh-113536).
+    """
+    if hasattr(os, "waitid"):
+        return ExitProbe("os.waitid", _os_waitid_exited)
+    calls = _darwin.darwin()
+    if calls is not None:
+        return ExitProbe("libSystem waitid (ctypes)", functools.partial(_libc_waitid_exited, calls.waitid))
+    raise RuntimeError(f"no way to wait for a child without reaping it on {sys.platform} (needs waitid)")
+
+
+def _os_waitid_exited(pid: int) -> bool:
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _libc_waitid_exited(waitid: _darwin.CFunction, pid: int) -> bool:
+    """``waitid(P_PID, pid, &info, WEXITED|WNOHANG|WNOWAIT)``: 0 with si_pid set once the child has exited, 0 with
+    si_pid untouched (we zero it) while it runs, -1 with errno otherwise."""
+    import ctypes
+
+    info = (ctypes.c_char * _darwin.SIGINFO_SIZE)()
+    options = _darwin.WEXITED | _darwin.WNOHANG | _darwin.WNOWAIT
+    while waitid(_darwin.P_PID, pid, info, options) != 0:
+        code = _darwin.errno()
+        if code == errno.EINTR:
+            continue
+        error = ChildProcessError if code == errno.ECHILD else OSError
+        raise error(code, f"waitid({pid}): {os.strerror(code)}")
+    si_pid = info.raw[_darwin.SI_PID_OFFSET:_darwin.SI_PID_OFFSET + 4]
+    return int.from_bytes(si_pid, sys.byteorder, signed=True) != 0
 
 
 class RealProcess:
@@ -71,7 +124,7 @@ class RealProcess:
     def _leader_exited(self) -> bool:
         """Whether the leader has exited, without reaping it (WNOWAIT)."""
         try:
-            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+            return exit_probe().exited(self.pid)
         except ChildProcessError:
             return self._popen.poll() is not None
 

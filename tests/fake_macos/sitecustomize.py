@@ -1,0 +1,49 @@
+"""The macOS-shaped test lane: make every Python process started with MLXSUP_FAKE_MACOS=1 look like macOS CPython 3.11.
+
+On PYTHONPATH (``make test-fake-macos`` puts this folder there), Python imports this module at start-up in every
+process: pytest, the daemons it starts and their workers. With MLXSUP_FAKE_MACOS=1 it
+
+- removes what macOS builds of CPython 3.11/3.12 lack: ``os.waitid`` and ``os.waitid_result`` (CPython gh-113536),
+  and, as the lane's brief asks, the waitid constants ``os.P_PID``/``P_PGID``/``P_ALL``/``P_PIDFD`` and
+  ``os.WNOWAIT``; Linux-only ``os.pidfd_open`` and ``select.epoll`` too;
+- adds ``fcntl.F_FULLFSYNC`` (51, as in macOS's <sys/fcntl.h>), which the fake ``fcntl.fcntl`` carries out as
+  the fsync it is on top of (set MLXSUP_FAKE_FULLFSYNC=fail to make it fail with ENOTSUP, as on some file systems);
+- selects the darwin code paths with fakes of libSystem's functions (fake_libsystem.py).
+
+Without MLXSUP_FAKE_MACOS=1 it does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("MLXSUP_FAKE_MACOS") == "1":
+    import errno
+    import fcntl
+    import select
+
+    import fake_libsystem
+
+    from protocol.darwin import select_darwin
+
+    for _name in ("waitid", "waitid_result", "P_PID", "P_PGID", "P_ALL", "P_PIDFD", "WNOWAIT", "pidfd_open"):
+        if hasattr(os, _name):
+            delattr(os, _name)
+    if hasattr(select, "epoll"):
+        del select.epoll
+
+    _F_FULLFSYNC = 51
+    _real_fcntl = fcntl.fcntl
+
+    def _fcntl(fd: int, cmd: int, arg: int = 0) -> int:  # type: ignore[no-untyped-def]
+        if cmd != _F_FULLFSYNC:
+            return _real_fcntl(fd, cmd, arg)
+        fake_libsystem._record("F_FULLFSYNC")
+        if os.environ.get("MLXSUP_FAKE_FULLFSYNC") == "fail":
+            raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+        os.fsync(fd)
+        return 0
+
+    fcntl.F_FULLFSYNC = _F_FULLFSYNC  # type: ignore[attr-defined]
+    fcntl.fcntl = _fcntl  # type: ignore[assignment]
+    select_darwin(fake_libsystem.FakeLibSystem())
