@@ -155,11 +155,12 @@ impl Pulse {
     pub(crate) fn start(shared: Arc<Shared>) -> Pulse {
         let inner = Arc::clone(&shared);
         let thread = thread::Builder::new().name("mlxsup-pulse".into()).spawn(move || {
-            while !inner.stop.load(Ordering::SeqCst) {
-                thread::sleep(INTERVAL);
-                if !inner.stop.load(Ordering::SeqCst) {
-                    inner.check();
+            loop {
+                thread::park_timeout(INTERVAL); // unparked early by Drop, so closing never waits a period
+                if inner.stop.load(Ordering::SeqCst) {
+                    break;
                 }
+                inner.check();
             }
         });
         Pulse { shared, thread: thread.ok() } // without a thread the loop still checks at every boundary
@@ -177,6 +178,7 @@ impl Drop for Pulse {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }
