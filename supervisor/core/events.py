@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from protocol import Hello, Step
 from supervisor.core.policy import Decision, Limits
 
 # -- events: operator ------------------------------------------------------------------------------------
@@ -86,14 +87,10 @@ class SpawnFailed:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class HelloIn:
-    """The current worker proved its spawn token and says where it resumed."""
+    """The current worker proved its spawn token (checked by the job) and says where it resumed."""
 
     now: float
-    pid: int
-    start_step: int
-    target_steps: int
-    batch: int
-    accum: int
+    msg: Hello
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -101,16 +98,7 @@ class StepIn:
     """Telemetry of one optimizer step of the current worker."""
 
     now: float
-    step: int
-    batch: int
-    accum: int
-    loss: float
-    step_seconds: float
-    mlx_active: int
-    mlx_cache: int
-    mlx_peak: int
-    footprint: int
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # optional telemetry fields
+    msg: Step
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

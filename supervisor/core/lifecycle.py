@@ -30,7 +30,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from protocol import Command
+from protocol import Command, Step
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core import events as ev
 from supervisor.core.events import Action, Event, Refused
@@ -57,6 +57,7 @@ from supervisor.core.states import (
 
 S = JobState
 INF = math.inf
+STEP_FIELDS = tuple(field.name for field in dataclasses.fields(Step))  # recorded and published as they came
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,25 +261,25 @@ class Lifecycle:
             self._after_failure(e.now, f"spawn failed: {e.error}")
 
     def _hello(self, e: ev.HelloIn) -> None:
-        life = self.life
+        life, m = self.life, e.msg
         if life is None:
             return
         life.hello, life.last_heard = True, e.now
         # The worker knows where it really resumed (a damaged newest checkpoint was skipped).
-        life.start_checkpoint = life.last_step = e.start_step
-        self._note("hello", pid=e.pid, start_step=e.start_step, batch=e.batch, accum=e.accum)
-        self.stats.target_steps = e.target_steps
-        self.stats.steps_completed = max(self.stats.steps_completed, e.start_step)
-        self._note_batch(e.start_step, e.batch, e.accum)
+        life.start_checkpoint = life.last_step = m.start_step
+        self._note("hello", pid=m.pid, start_step=m.start_step, batch=m.batch, accum=m.accum)
+        self.stats.target_steps = m.target_steps
+        self.stats.steps_completed = max(self.stats.steps_completed, m.start_step)
+        self._note_batch(m.start_step, m.batch, m.accum)
         if self.state == S.STARTING:
-            self._change(S.RUNNING, "hello", pid=e.pid, step=e.start_step)
+            self._change(S.RUNNING, "hello", pid=m.pid, step=m.start_step)
 
     def _heard(self, e: ev.Heard) -> None:
         if self.life is not None:
             self.life.last_heard = e.now
 
     def _step(self, e: ev.StepIn) -> None:
-        life = self.life
+        life, m = self.life, e.msg
         if life is None:
             return
         life.last_heard = e.now
@@ -287,23 +288,21 @@ class Lifecycle:
             # The first productive step of a life started after a breach decision.
             stats.recoveries.append(e.now - stats.last_decision_at)
             stats.last_decision_at = None
-        life.last_step = e.step
-        stats.steps_completed = max(stats.steps_completed, e.step)
-        stats.final_loss = e.loss
-        if e.step_seconds > 0:
-            stats.steps_per_second = 0.9 * stats.steps_per_second + 0.1 / e.step_seconds
-        self._note_batch(e.step, e.batch, e.accum)
-        life.estimator.observe_step(e.step, e.footprint, e.mlx_peak - e.mlx_active)
+        life.last_step = m.step
+        stats.steps_completed = max(stats.steps_completed, m.step)
+        stats.final_loss = m.loss
+        if m.step_seconds > 0:
+            stats.steps_per_second = 0.9 * stats.steps_per_second + 0.1 / m.step_seconds
+        self._note_batch(m.step, m.batch, m.accum)
+        life.estimator.observe_step(m.step, m.footprint, m.mlx_peak - m.mlx_active)
         life.healthy_steps += 1
-        self._out.append(ev.Telemetry("step", {
-            "step": e.step, "loss": e.loss, "batch": e.batch, "accum": e.accum, "step_seconds": e.step_seconds,
-            "mlx_active": e.mlx_active, "mlx_cache": e.mlx_cache, "mlx_peak": e.mlx_peak, "footprint": e.footprint,
-            "leak_bytes_per_step": round(life.estimator.slope), "transient": life.estimator.transient, **e.extra,
-        }))
+        fields = {name: value for name in STEP_FIELDS if (value := getattr(m, name)) is not None}
+        fields.update(leak_bytes_per_step=round(life.estimator.slope), transient=life.estimator.transient)
+        self._out.append(ev.Telemetry("step", fields))
         if self.state == S.RUNNING:
             decision = on_step(life.estimator, self.limits, life.batch, life.accum, life.healthy_steps, self.policy)
             if decision.acts:
-                self._act(life, decision, e.now, step=e.step, level=e.footprint)
+                self._act(life, decision, e.now, step=m.step, level=m.footprint)
 
     def _goodbye(self, e: ev.GoodbyeIn) -> None:
         life = self.life

@@ -179,12 +179,11 @@ class Job:
 
     def on_hello(self, hello: Hello, identity: bytes, now: float) -> None:
         self.identity = identity
-        self.feed(ev.HelloIn(now, hello.pid, hello.start_step, hello.target_steps, hello.batch, hello.accum))
+        self.feed(ev.HelloIn(now, hello))
 
     def on_message(self, message: Message, now: float) -> None:
         if isinstance(message, Step):
-            self.feed(ev.StepIn(now, message.step, message.batch, message.accum, message.loss, message.step_seconds,
-                                message.mlx_active, message.mlx_cache, message.mlx_peak, message.footprint))
+            self.feed(ev.StepIn(now, message))
         elif isinstance(message, Goodbye):
             self.feed(ev.GoodbyeIn(now, message.reason, message.step, self._newest()))
         else:
