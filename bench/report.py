@@ -86,6 +86,19 @@ ROWS: list[tuple[str, tuple[str, ...], Target, Callable[[Any], str]]] = [
     ("telemetry_msgs_per_s (daemon ingest)", ("telemetry_msgs_per_s",), Target(">=", 1000), _count),
     ("daemon_idle_cpu_fraction", ("daemon_idle_cpu_fraction",), Target("<=", 0.01), _percent),
     ("daemon_rss_bytes", ("daemon_rss_bytes",), Target("<=", 100 * MiB), _mib),
+    ("mlx_lm_ratio (supervised/plain mlx_lm.lora it/s)", ("mlx_lm_ratio",), Target(">=", 0.98), _ratio),
+    ("  CPU of the training phase: plain ÷ supervised worker", ("details", "mlx_lm", "mlx_lm_cpu_ratio"), Target(),
+     _ratio),
+    ("  CPU of whole processes: plain ÷ (daemon + worker)", ("details", "mlx_lm", "mlx_lm_process_cpu_ratio"),
+     Target(), _ratio),
+    ("  mlx-lm checkpoint per restart (size)", ("details", "mlx_lm", "restart", "checkpoint_bytes"), Target(),
+     lambda v: f"{v / 1024:.0f} KiB" if isinstance(v, int | float) else "null"),
+    ("  mlx-lm checkpoint per restart (write)", ("details", "mlx_lm", "restart", "checkpoint_seconds_median"),
+     Target(), _seconds),
+    ("  mlx-lm recovery per restart (decision -> next step)", ("details", "mlx_lm", "restart", "recovery", "total"),
+     Target(), _seconds),
+    ("  mlx-lm restart: start (spawn -> RUNNING: import, load, restore)",
+     ("details", "mlx_lm", "restart", "recovery", "start"), Target(), _seconds),
 ]
 
 

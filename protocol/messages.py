@@ -80,7 +80,7 @@ class Step:
     mlx_cache: int
     mlx_peak: int
     footprint: int
-    tokens_per_second: float = 0.0  # 0: not measured
+    tokens_per_second: float | None = None  # absent: not measured
     val_loss: float | None = None  # absent: no validation loss this step
 
 
@@ -106,10 +106,12 @@ class Goodbye:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Liveness, both ways. ``sent_at`` is the sender's wall clock (same machine)."""
+    """Liveness, both ways. ``sent_at`` is the sender's wall clock (same machine). A worker's heartbeat may
+    carry its spawn token: before its hello (while it loads a model) that is how the daemon knows it is alive."""
 
     TAG: ClassVar[str] = "heartbeat"
     sent_at: float
+    token: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -65,6 +65,8 @@ class JobConfig:
 
     command: list[str] = _f([], "argv of a custom training script using worker.Session; empty: the built-in LM")
     train: dict[str, Any] = _f({}, "options of the built-in LM (`python -m worker --help`), e.g. steps = 1000")
+    mlx_lm: dict[str, Any] = _f({}, "an mlx-lm fine-tune: mlx_lm.lora's options (see [jobs.NAME.mlx_lm]); "
+                                "sets batch and accum")
     env: dict[str, str] = _f({}, "extra environment variables for the worker")
     working_dir: str = _f("", "working directory of the worker (default: the daemon's)")
     autostart: bool = _f(True, "start with the daemon")
@@ -160,9 +162,25 @@ def parse_config(raw: dict[str, Any], path: Path, total_memory: int | None = Non
     if not isinstance(jobs_raw, dict):
         raise ConfigError(f"{path}: [jobs] must be a table of jobs")
     jobs = {name: _build(JobConfig, table, f"jobs.{name}", path) for name, table in jobs_raw.items()}
+    jobs = {name: _mlx_lm_job(name, job, jobs_raw[name], path) for name, job in jobs.items()}
     config = Config(path, daemon, jobs)
     _validate(config, total_memory if total_memory is not None else _total_memory())
     return config
+
+
+def _mlx_lm_job(name: str, job: JobConfig, table: dict[str, Any], path: Path) -> JobConfig:
+    """An ``mlx_lm`` table checked against the rest of the job; its batch and accum become the job's."""
+    if not job.mlx_lm:
+        return job
+    from worker.mlx_lm.options import configure_job
+    from worker.mlx_lm.requirement import MlxLmUnavailable
+
+    try:
+        cache_clear = parse_bytes(job.cache_clear) if "cache_clear" in table else None
+        kind = configure_job(job.mlx_lm, table, path.parent, cache_clear)
+    except (ValueError, MlxLmUnavailable) as exc:  # OptionError and SizeError are ValueErrors
+        raise ConfigError(f"{path}: jobs.{name}: {exc}") from None
+    return dataclasses.replace(job, mlx_lm=kind.table, batch=kind.batch, accum=kind.accum)
 
 
 def _total_memory() -> int:
@@ -305,6 +323,10 @@ def worker_argv(job: JobConfig) -> list[str]:
     """The command that runs this job's worker."""
     if job.command:
         return list(job.command)
+    if job.mlx_lm:
+        from worker.mlx_lm.options import to_argv
+
+        return [sys.executable, "-m", "worker.mlx_lm", *to_argv(job.mlx_lm)]
     from worker.cli import train_argv
 
     return [sys.executable, "-m", "worker", *train_argv(job.train)]

@@ -45,9 +45,7 @@ class Worker:
             signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_reason", "sigterm"))
 
     def send(self, message: Any) -> None:
-        body = {"v": 1, "t": message.TAG, **dataclasses.asdict(message)}
-        if body["t"] == "step" and body["val_loss"] is None:
-            del body["val_loss"]
+        body = {"v": 1, "t": message.TAG, **{k: v for k, v in dataclasses.asdict(message).items() if v is not None}}
         if self.args.future:
             body.update({"protocol": 2} if body["t"] == "hello" else {}, gpu_watts=12.5, notes=["from v2"])
         self.sock.send(msgpack.packb(body, use_bin_type=True))

@@ -25,12 +25,13 @@ from protocol.messages import negotiate
 SAMPLES = [
     Hello("tok", 123, "demo", 0, 1000, 8, 1),
     Step(5, 8, 2, 2.5, 0.01, 1 << 30, 1 << 20, 1 << 31, 3 << 30),
+    Step(6, 4, 2, 2.4, 0.01, 1 << 30, 1 << 20, 1 << 31, 3 << 30, tokens_per_second=1500.0, val_loss=2.1),
     CheckpointSaved(100, "/tmp/x/ckpt-0000000100", 0.2, 123456),
     Goodbye("finished", 1000),
     Heartbeat(1.7e9),
     Command(Command.CHECKPOINT_EXIT, "leak"),
     Welcome(1),
-    Step(6, 8, 2, 2.5, 0.01, 1, 2, 3, 4, tokens_per_second=1234.5, val_loss=2.75),
+    Heartbeat(1.7e9, "3f9a0c1d2e4b5a69"),
 ]
 
 
@@ -48,6 +49,11 @@ class TestRoundTrip:
     def test_int_is_accepted_where_a_float_is_expected(self) -> None:
         body = {"v": 1, "t": "heartbeat", "sent_at": 5}
         assert decode(frame(**body)) == Heartbeat(5.0)
+
+    def test_optional_fields_are_left_out_when_none_and_default_to_none(self) -> None:
+        body = msgpack.unpackb(encode(SAMPLES[1]))
+        assert "val_loss" not in body and "tokens_per_second" not in body
+        assert decode(encode(SAMPLES[1])).val_loss is None  # type: ignore[union-attr]
 
     def test_frames_are_small(self) -> None:
         assert all(len(encode(m)) < 256 for m in SAMPLES)
@@ -75,6 +81,8 @@ class TestRejection:
                    mlx_cache=0, mlx_peak=0, footprint=0, val_loss="low"), "step.val_loss: expected a number"),
             (frame(v=1, t="command", action="rm -rf /", reason=""), "unknown action"),
             (frame(v=1, t="heartbeat", sent_at=float("inf")), "infinite"),
+            (msgpack.packb({**msgpack.unpackb(encode(SAMPLES[1])), "val_loss": "low"}),
+             "step.val_loss: expected a number"),
             (frame(v=1, t="goodbye", reason="x" * 5000, step=1), "exceeds"),
             (b"\x00" * (MAX_MESSAGE_BYTES + 1), "exceeds the maximum"),
             (encode(Heartbeat(1.0))[:-3], "not valid msgpack"),
@@ -127,7 +135,8 @@ class TestForwardCompatibility:
     def test_optional_fields_default_when_absent_or_nil(self) -> None:
         base = {"v": 1, "t": "step", "step": 1, "batch": 2, "accum": 1, "loss": 0.5, "step_seconds": 0.1,
                 "mlx_active": 0, "mlx_cache": 0, "mlx_peak": 0, "footprint": 4096}
-        assert decode(frame(**base)) == Step(1, 2, 1, 0.5, 0.1, 0, 0, 0, 4096, 0.0, None)
+        assert decode(frame(**base)) == Step(1, 2, 1, 0.5, 0.1, 0, 0, 0, 4096, None, None)
+        assert decode(frame(**base, tokens_per_second=None)).tokens_per_second is None  # type: ignore[union-attr]
         assert decode(frame(**base, val_loss=None)).val_loss is None  # type: ignore[union-attr]
         assert decode(frame(**base, val_loss=3)).val_loss == 3.0  # type: ignore[union-attr]
 

@@ -94,6 +94,7 @@ class Session:
         self.accum = settings.accum or accum
         self._model: Any = None
         self._optimizer: Any = None
+        self._trainable_only = False
         self._last_heard = time.time()
         self._last_end = time.perf_counter()
         self._stop_reason = ""
@@ -143,9 +144,14 @@ class Session:
         evaluation or save runs, so the daemon's ``hang_timeout`` does not fire."""
         return self._pulse.busy(what) if self._pulse is not None else contextlib.nullcontext()
 
-    def resume(self, model: Any, optimizer: Any) -> Resumed:
-        """Attach the model and optimizer to checkpoint, and load the newest good checkpoint into them."""
+    def resume(self, model: Any, optimizer: Any, *, trainable_only: bool = False) -> Resumed:
+        """Attach the model and optimizer to checkpoint, and load the newest good checkpoint into them.
+
+        ``trainable_only``: checkpoint ``model.trainable_parameters()`` only (a fine-tune's adapters, not the
+        frozen base model, which is reloaded from its own files).
+        """
         self._model, self._optimizer = model, optimizer
+        self._trainable_only = trainable_only
         loaded = None
         if self.checkpoint_dir is not None:
             loaded = ckpt.load_latest(self.checkpoint_dir, log=self._log)
@@ -160,9 +166,11 @@ class Session:
         self._last_end = time.perf_counter()
         return resumed
 
-    def end_step(self, step: int, loss: float, extra: dict[str, Any] | None = None) -> None:
+    def end_step(self, step: int, loss: float, extra: dict[str, Any] | None = None, *,
+                 tokens_per_second: float | None = None, val_loss: float | None = None) -> None:
         """Report optimizer step ``step`` (1-based count of steps done) and act on pending commands.
 
+        ``tokens_per_second`` and ``val_loss`` (when this step was validated) are optional telemetry.
         May not return: on checkpoint-and-exit it saves, says goodbye and exits with status 75.
         """
         now = time.perf_counter()
@@ -171,7 +179,7 @@ class Session:
                 self._say_hello(step - 1)
             self._send(Step(step, self.batch, self.accum, float(loss), now - self._last_end,
                             mx.get_active_memory(), mx.get_cache_memory(), mx.get_peak_memory(),
-                            self_footprint()))
+                            self_footprint(), tokens_per_second, val_loss))
             mx.reset_peak_memory()
         self._last_end = now
         settings = self.settings
@@ -199,9 +207,10 @@ class Session:
             return None
         started = time.perf_counter()
         meta = {"batch": self.batch, "accum": self.accum, "job": self.settings.job, "extra": extra or {}}
+        params = self._model.trainable_parameters() if self._trainable_only else self._model.parameters()
         path = ckpt.save_checkpoint(
             self.checkpoint_dir, step,
-            dict(tree_flatten(self._model.parameters())), dict(tree_flatten(self._optimizer.state)),
+            dict(tree_flatten(params)), dict(tree_flatten(self._optimizer.state)),
             meta, keep=self.settings.keep_checkpoints,
         )
         nbytes = sum(f.stat().st_size for f in path.iterdir())
@@ -243,8 +252,8 @@ class Session:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(self.settings.endpoint)
         self._socket = sock
-        self._pulse = Pulse(self._lock, lambda: self._send_locked(Heartbeat(time.time())), self._drain_locked,
-                            lambda: self._last_heard, self.settings.orphan_timeout, EXIT_CHECKPOINTED)
+        self._pulse = Pulse(self._lock, self._heartbeat_locked, self._drain_locked, lambda: self._last_heard,
+                            self.settings.orphan_timeout, EXIT_CHECKPOINTED)
         self._pulse.start()
 
     def _say_hello(self, start_step: int) -> None:
@@ -265,6 +274,10 @@ class Session:
             self._socket.send(encode(message), zmq.NOBLOCK)
         except zmq.Again:
             pass  # telemetry is best effort; the daemon samples our footprint itself
+
+    def _heartbeat_locked(self) -> None:
+        # The token lets the daemon count this as a sign of life even before our hello (a long model load).
+        self._send_locked(Heartbeat(time.time(), self.settings.token))
 
     def _poll(self) -> list[Command]:
         """Commands received since the last boundary; notes a lost or silent daemon."""

@@ -151,7 +151,7 @@ def _check_telemetry(life: Life, report: Report, options: Options, hello: Hello)
         problems.append(f"steps {numbers[:8]}...: expected consecutive steps from {expected[0]}")
     if any((s.batch, s.accum) != (hello.batch, hello.accum) for s in steps):
         problems.append("batch or accum differ from the hello's")
-    if any(not s.step_seconds > 0 or s.tokens_per_second < 0 for s in steps):
+    if any(not s.step_seconds > 0 or (s.tokens_per_second or 0.0) < 0 for s in steps):
         problems.append("step_seconds must be > 0 and tokens_per_second >= 0")
     wall = items[-1][0] - items[0][0]
     reported = sum(s.step_seconds for s in steps[1:])

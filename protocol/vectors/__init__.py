@@ -26,7 +26,7 @@ _HELLO = {"token": "3f9a0c1d2e4b5a69788796a5b4c3d2e1", "pid": 4242, "job": "demo
           "target_steps": 1000, "batch": 8, "accum": 2}
 _STEP = {"step": 121, "batch": 8, "accum": 2, "loss": 2.5, "step_seconds": 0.125, "mlx_active": 1 << 30,
          "mlx_cache": 1 << 20, "mlx_peak": 3 << 29, "footprint": 3 << 30}
-_STEP_DEFAULTS = {"tokens_per_second": 0.0, "val_loss": None}
+_STEP_DEFAULTS = {"tokens_per_second": None, "val_loss": None}
 _HEAD = {"v": 1}
 
 
@@ -86,10 +86,14 @@ def _valid_vectors() -> list[dict[str, Any]]:
                {"reason": "finished", "step": 1000}, True),
         _valid("goodbye_daemon_silent", "goodbye", {"reason": "daemon_silent", "step": 37},
                {"reason": "daemon_silent", "step": 37}, True),
-        _valid("heartbeat", "heartbeat", {"sent_at": 1767225600.25}, {"sent_at": 1767225600.25}, True),
-        _valid("heartbeat_float32", "heartbeat", {}, {"sent_at": 1.5}, False,
+        _valid("heartbeat", "heartbeat", {"sent_at": 1767225600.25}, {"sent_at": 1767225600.25, "token": None},
+               True),
+        _valid("heartbeat_with_token", "heartbeat", {"sent_at": 1767225600.25, "token": _HELLO["token"]},
+               {"sent_at": 1767225600.25, "token": _HELLO["token"]}, True),
+        _valid("heartbeat_float32", "heartbeat", {}, {"sent_at": 1.5, "token": None}, False,
                raw=b"\x83\xa1v\x01\xa1t\xa9heartbeat\xa7sent_at\xca" + struct.pack(">f", 1.5)),
-        _valid("heartbeat_integer_time", "heartbeat", {"sent_at": 1767225600}, {"sent_at": 1767225600.0}, False),
+        _valid("heartbeat_integer_time", "heartbeat", {"sent_at": 1767225600},
+               {"sent_at": 1767225600.0, "token": None}, False),
         _valid("command_clear_cache", "command", {"action": "clear_cache", "reason": "warn band"},
                {"action": "clear_cache", "reason": "warn band"}, True),
         _valid("command_checkpoint", "command", {"action": "checkpoint", "reason": "requested"},
@@ -129,6 +133,7 @@ def _invalid_vectors() -> list[dict[str, Any]]:
         _invalid("step_loss_nil", {**step, "loss": None}, "field_type"),
         _invalid("step_batch_as_float", {**step, "batch": 8.0}, "field_type"),
         _invalid("step_val_loss_as_string", {**step, "val_loss": "low"}, "field_type"),
+        _invalid("heartbeat_token_as_integer", {**beat, "token": 42}, "field_type"),
         _invalid("goodbye_step_as_bool", {"v": 1, "t": "goodbye", "reason": "x", "step": True}, "field_type"),
         _invalid("hello_token_as_binary", {**hello, "token": b"secret"}, "field_type"),
         _invalid("command_action_as_integer", {"v": 1, "t": "command", "action": 1, "reason": ""}, "field_type"),

@@ -173,9 +173,9 @@ class Job:
 
     # -- inputs from the daemon ----------------------------------------------------------------------
 
-    def accepts(self, hello: Hello) -> bool:
-        """True when ``hello`` carries the spawn token of this job's current worker."""
-        return self._current() is not None and secrets.compare_digest(hello.token, self.token)
+    def accepts(self, token: str) -> bool:
+        """True when ``token`` is the spawn token of this job's current worker."""
+        return self._current() is not None and secrets.compare_digest(token, self.token)
 
     def on_hello(self, hello: Hello, identity: bytes, now: float) -> None:
         self.identity = identity

@@ -268,11 +268,17 @@ class Daemon:
                 self._on_hello(message, identity, now)
             elif job is not None and job.identity == identity:
                 job.on_message(message, now)
+            elif isinstance(message, Heartbeat) and message.token and (early := self._job_of(message.token)):
+                early.on_message(message, now)  # alive before its hello (loading a model): not hung
             else:
                 log.warning("worker_message_ignored", type=message.TAG, reason="unknown peer (no valid hello)")
 
+    def _job_of(self, token: str) -> Job | None:
+        """The job whose current worker was spawned with ``token``."""
+        return next((j for j in self.jobs.values() if j.accepts(token)), None)
+
     def _on_hello(self, hello: Hello, identity: bytes, now: float) -> None:
-        job = next((j for j in self.jobs.values() if j.accepts(hello)), None)
+        job = self._job_of(hello.token)
         if job is None:
             log.warning("worker_hello_rejected", pid=hello.pid, job=hello.job[:64], reason="bad spawn token")
             return

@@ -142,7 +142,8 @@ fn run(options: Options) -> Result<(), Box<dyn std::error::Error>> {
         leak(&mut leaked, options.leak_mb);
         step += 1;
         let tokens = (session.batch() * session.accum() * DIM as u64) as f64;
-        let mut stats = StepStats { tokens_per_second: tokens / started.elapsed().as_secs_f64(), ..StepStats::default() };
+        let throughput = tokens / started.elapsed().as_secs_f64();
+        let mut stats = StepStats { tokens_per_second: Some(throughput), ..StepStats::default() };
         if options.eval_every > 0 && step % options.eval_every == 0 {
             let _busy = session.busy(); // heartbeats from the pulse thread while the validation runs
             sleep(Duration::from_millis(options.eval_ms));

@@ -109,8 +109,8 @@ pub struct Step {
     pub mlx_cache: u64,
     pub mlx_peak: u64,
     pub footprint: u64,
-    /// Training throughput; 0 when not measured.
-    pub tokens_per_second: f64,
+    /// Training throughput, when measured.
+    pub tokens_per_second: Option<f64>,
     /// Validation loss, only on steps that computed one.
     pub val_loss: Option<f64>,
 }
@@ -131,10 +131,12 @@ pub struct Goodbye {
     pub step: u64,
 }
 
-/// Liveness, both ways: the sender's wall clock in seconds since the Unix epoch.
+/// Liveness, both ways: the sender's wall clock in seconds since the Unix epoch. A worker's heartbeats carry its
+/// spawn token, so that they count as signs of life even before its hello (a long model load).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Heartbeat {
     pub sent_at: f64,
+    pub token: Option<String>,
 }
 
 /// What the daemon asks for at the next step boundary.
@@ -209,6 +211,7 @@ impl Message {
                 map.insert("tokens_per_second".into(), serde_json::json!(m.tokens_per_second));
                 map.insert("val_loss".into(), serde_json::json!(m.val_loss));
             }
+            Message::Heartbeat(m) => { map.insert("token".into(), serde_json::json!(m.token)); }
             _ => {}
         }
         map
@@ -235,8 +238,8 @@ impl Message {
                                  ("step_seconds", Float(m.step_seconds)), ("mlx_active", Int(m.mlx_active.into())),
                                  ("mlx_cache", Int(m.mlx_cache.into())), ("mlx_peak", Int(m.mlx_peak.into())),
                                  ("footprint", Int(m.footprint.into()))];
-                if m.tokens_per_second != 0.0 {
-                    f.push(("tokens_per_second", Float(m.tokens_per_second)));
+                if let Some(tokens_per_second) = m.tokens_per_second {
+                    f.push(("tokens_per_second", Float(tokens_per_second)));
                 }
                 if let Some(val_loss) = m.val_loss {
                     f.push(("val_loss", Float(val_loss)));
@@ -246,7 +249,13 @@ impl Message {
             Message::CheckpointSaved(m) => vec![("step", Int(m.step.into())), ("path", Str(m.path.clone())),
                                                 ("seconds", Float(m.seconds)), ("nbytes", Int(m.nbytes.into()))],
             Message::Goodbye(m) => vec![("reason", Str(m.reason.clone())), ("step", Int(m.step.into()))],
-            Message::Heartbeat(m) => vec![("sent_at", Float(m.sent_at))],
+            Message::Heartbeat(m) => {
+                let mut f = vec![("sent_at", Float(m.sent_at))];
+                if let Some(token) = &m.token {
+                    f.push(("token", Str(token.clone())));
+                }
+                f
+            }
             Message::Command(m) => vec![("action", Str(m.action.name().to_string())),
                                         ("reason", Str(m.reason.clone()))],
         }
@@ -506,6 +515,13 @@ impl Fields<'_> {
         }
     }
 
+    fn string_opt(&self, name: &str) -> Result<Option<String>, ProtocolError> {
+        match self.get(name) {
+            None | Some(Value::Nil) => Ok(None),
+            Some(_) => self.string(name).map(Some),
+        }
+    }
+
     fn protocol(&self, value: u64) -> Result<u64, ProtocolError> {
         if value < 1 {
             return Err(self.error(ErrorKind::FieldValue, "protocol", format!("{value} is not a protocol version")));
@@ -527,7 +543,7 @@ impl Fields<'_> {
                 loss: self.float("loss")?, step_seconds: self.float("step_seconds")?,
                 mlx_active: self.int("mlx_active")?, mlx_cache: self.int("mlx_cache")?,
                 mlx_peak: self.int("mlx_peak")?, footprint: self.int("footprint")?,
-                tokens_per_second: self.float_opt("tokens_per_second")?.unwrap_or(0.0),
+                tokens_per_second: self.float_opt("tokens_per_second")?,
                 val_loss: self.float_opt("val_loss")?,
             }),
             "checkpoint_saved" => Message::CheckpointSaved(CheckpointSaved {
@@ -535,7 +551,7 @@ impl Fields<'_> {
                 nbytes: self.int("nbytes")?,
             }),
             "goodbye" => Message::Goodbye(Goodbye { reason: self.string("reason")?, step: self.int("step")? }),
-            "heartbeat" => Message::Heartbeat(Heartbeat { sent_at: self.float("sent_at")? }),
+            "heartbeat" => Message::Heartbeat(Heartbeat { sent_at: self.float("sent_at")?, token: self.string_opt("token")? }),
             "command" => {
                 let name = self.string("action")?;
                 let reason = self.string("reason")?;

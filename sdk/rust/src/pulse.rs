@@ -30,6 +30,7 @@ pub(crate) struct Shared {
     orphan_timeout: f64,
     parent: u32,
     job: String,
+    token: String,
 }
 
 #[derive(Default)]
@@ -45,13 +46,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub(crate) fn new(socket: zmq::Socket, orphan_timeout: f64, job: String) -> Arc<Shared> {
+    pub(crate) fn new(socket: zmq::Socket, orphan_timeout: f64, job: String, token: String) -> Arc<Shared> {
         let now = sys::now_unix();
         Arc::new(Shared {
             socket: Mutex::new(Some(socket)),
             state: Mutex::new(State { last_heard: now, last_sent: now, ..State::default() }),
             busy: AtomicUsize::new(0), leaving: AtomicBool::new(false), stop: AtomicBool::new(false),
-            orphan_timeout, parent: std::os::unix::process::parent_id(), job,
+            orphan_timeout, parent: std::os::unix::process::parent_id(), job, token,
         })
     }
 
@@ -64,7 +65,8 @@ impl Shared {
     }
 
     pub(crate) fn keepalive(&self) {
-        self.send(&Message::Heartbeat(Heartbeat { sent_at: sys::now_unix() }));
+        // The token makes it a sign of life even before the hello (a long model load inside busy()).
+        self.send(&Message::Heartbeat(Heartbeat { sent_at: sys::now_unix(), token: Some(self.token.clone()) }));
     }
 
     pub(crate) fn seconds_since_sent(&self) -> f64 {

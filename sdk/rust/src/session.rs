@@ -144,7 +144,7 @@ pub struct StepStats {
     pub mlx_active: u64,
     pub mlx_cache: u64,
     pub mlx_peak: u64,
-    pub tokens_per_second: f64,
+    pub tokens_per_second: Option<f64>,
     pub val_loss: Option<f64>,
 }
 
@@ -406,7 +406,7 @@ fn connect(settings: &Settings) -> Result<Link, zmq::Error> {
     socket.set_maxmsgsize(protocol::MAX_MESSAGE_BYTES as i64)?;
     socket.set_linger(1000)?;
     socket.connect(&settings.endpoint)?;
-    let shared = Shared::new(socket, settings.orphan_timeout, settings.job.clone());
+    let shared = Shared::new(socket, settings.orphan_timeout, settings.job.clone(), settings.token.clone());
     let pulse = Pulse::start(Arc::clone(&shared));
     Ok(Link { shared, pulse, context })
 }
