@@ -16,7 +16,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from supervisor import paths
 from supervisor.core.policy import Limits
-from supervisor.core.sizes import SizeError, parse_budget, parse_bytes, parse_fraction_of
+from supervisor.core.sizes import SizeError, format_bytes, parse_budget, parse_bytes, parse_fraction_of
 
 
 class ConfigError(ValueError):
@@ -36,7 +36,8 @@ class ControlConfig:
     tcp: str = _f("", "optional TCP endpoint for remote control, e.g. tcp://0.0.0.0:7781 (requires CURVE)")
     events_tcp: str = _f("", "optional TCP endpoint for the event stream (requires CURVE like `tcp`)")
     server_key: str = _f("", "CURVE secret key file of the daemon (made by `mlxsupctl keygen`)")
-    authorized_keys: str = _f("", "file listing the public keys (one per line) allowed to connect over TCP")
+    authorized_keys: str = _f("", "file listing the public keys allowed over TCP, one per line, each with an "
+                                  "optional role (read, operate, admin; default admin) and name")
     allow_plaintext_loopback: bool = _f(False, "allow TCP without CURVE, only when bound to 127.0.0.1/::1")
 
 
@@ -54,7 +55,8 @@ class DaemonConfig:
     floor_hysteresis: str = _f("512MiB", "memory above the floor needed before waiting jobs resume")
     log_format: str = _f("auto", "daemon log lines: auto (console on a terminal, else json), console, json")
     log_file: str = _f("", "daemon log file (default: stderr, which launchd/systemd capture); SIGUSR1 reopens it")
-    log_max_bytes: str = _f("50MiB", "rotate the daemon log file (and worker logs, at spawn) past this size")
+    log_max_bytes: str = _f("50MiB", "rotate the daemon log file, audit.jsonl (and worker logs, at spawn) past "
+                                      "this size")
     log_keep: int = _f(3, "rotated log files kept")
     control: ControlConfig = dataclasses.field(default_factory=ControlConfig, metadata={"help": "", "unit": ""})
 
@@ -270,6 +272,13 @@ def _validate(config: Config, total: int) -> None:
         _validate_job(name, job, total, where)
 
 
+def check_limits(limits: Limits) -> None:
+    """SizeError unless warn <= budget < kill (the escalation bands must come in this order)."""
+    if not limits.warn <= limits.budget < limits.kill:
+        raise SizeError(f"need warn <= budget < kill, got warn {format_bytes(limits.warn)}, budget "
+                        f"{format_bytes(limits.budget)}, kill {format_bytes(limits.kill)}")
+
+
 def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
     prefix = f"{where}: jobs.{name}"
     if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
@@ -281,8 +290,10 @@ def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
         parse_fraction_of(job.cache_limit, limits.budget)
     except SizeError as exc:
         raise ConfigError(f"{prefix}: {exc}") from None
-    if not limits.warn <= limits.budget < limits.kill:
-        raise ConfigError(f"{prefix}: need warn <= budget < kill, got {limits}")
+    try:
+        check_limits(limits)
+    except SizeError as exc:
+        raise ConfigError(f"{prefix}: {exc}") from None
     positive = ("batch", "accum", "min_batch", "keep_checkpoints", "max_attempts_without_progress")
     for key in positive:
         if getattr(job, key) < 1:

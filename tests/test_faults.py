@@ -46,6 +46,9 @@ def test_quick_campaign_survives_every_fault(tmp_path: Path) -> None:
     rows: dict[str, dict[str, Any]] = {row["fault"]: row for row in summary["faults"]}
     assert rows["worker SIGKILL"]["count"] >= 10 and rows["daemon SIGKILL"]["count"] >= 3, text[-3000:]
     assert "during a checkpoint write" in rows["worker SIGKILL"]["notes"]
+    assert rows["roles: every command x every role"]["count"] == 3 * 15  # every role x every command
+    assert rows["audit: every state-changing request once"]["count"] >= 45
+    assert rows["revoked event subscriber"]["count"] == 1
     for name, row in rows.items():
         if row["count"] == 0 and row["notes"].startswith("skipped"):
             continue

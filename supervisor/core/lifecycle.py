@@ -217,7 +217,7 @@ class Lifecycle:
         if self.restart_pending:
             self.restart_pending = False
             self.stop_reason = None  # the job was meant to run: stop it as the daemon's, so it resumes with it
-        self._request_stop(e.now, "daemon shutdown", "local")
+        self._request_stop(e.now, "daemon shutdown", e.client)
 
     def _checkpoint_now(self, e: ev.CheckpointNow) -> None:
         if not self.settings.sdk:

@@ -149,8 +149,8 @@ class Job:
     def restart(self, now: float, client: str = "local") -> None:
         self.feed(ev.Restart(now, client))
 
-    def shutdown(self, now: float) -> None:
-        self.feed(ev.Shutdown(now))
+    def shutdown(self, now: float, client: str = "local") -> None:
+        self.feed(ev.Shutdown(now, client))
 
     def checkpoint(self, client: str = "local") -> None:
         self.feed(ev.CheckpointNow(client))

@@ -84,6 +84,7 @@ class Daemon:
         self.jobs: dict[str, Job] = {}
         self.by_identity: dict[bytes, Job] = {}
         self.stopping = False
+        self.stopped_by = "local"  # who asked for the shutdown (a signal counts as local), for the jobs' history
         self.reload_requested = False
         self.extra_sockets: SocketHandlers = {}
         self._end = float("inf")
@@ -185,7 +186,7 @@ class Daemon:
             self._shutdown_started = True
             log.info("daemon_stopping", jobs=len(self.jobs))
             for job in self.jobs.values():
-                job.shutdown(now)
+                job.shutdown(now, self.stopped_by)
         if self.reload_requested:
             self.reload_requested = False
             self.hooks.on_reload(now)
