@@ -226,6 +226,7 @@ class Lifecycle:
         if life is None or not life.hello or self.state not in (S.RUNNING, S.CHECKPOINTING):
             raise Refused(f"job has no connected worker ({self.state.name})")
         self._out.append(ev.Send(Command.CHECKPOINT, f"requested by {e.client}"))
+        self._note("checkpoint_requested", client=e.client, step=life.last_step)
 
     def _set_limits(self, e: ev.SetLimits) -> None:
         lim = e.limits

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -162,7 +163,7 @@ class Job:
         proc = self._current()
         sent = proc is not None and proc.signal_group(signum)
         if sent:
-            self.history_record("signal", signum=signum, client=client)
+            self.history_record("signal", signal=signal.Signals(signum).name, client=client)
         return sent
 
     def reconfigure(self, config: JobConfig, limits: Limits) -> None:
