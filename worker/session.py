@@ -31,6 +31,7 @@ from protocol import (
     Hello,
     ProtocolError,
     Step,
+    Welcome,
     decode,
     encode,
 )
@@ -326,6 +327,8 @@ class Session:
                 self._last_heard = time.time()
                 self._inbox.append(message)
                 self._hold.stop_holding()
+            elif isinstance(message, Welcome):  # version 1 is the only one yet: nothing to switch
+                self._last_heard = time.time()
         if self._hold.due():  # the loop is slow to reach its next step: the pulse thread sends them
             self._send_frames(self._hold.release())
 
