@@ -159,3 +159,28 @@ class TestSessionHolding:
         assert self.steps_received(router, 2000) == [9, 10]  # close sends what was held
         router.close(linger=0)
         context.term()
+
+
+class TestJobHeartbeat:
+    """The daemon's heartbeat for a job (a Job on a fake OS): no holding until the estimator has a level of
+    this life, then a threshold that leaves room for the rest of the process group."""
+
+    def test_hold_fields_follow_the_life_and_the_group(self, tmp_path: Path) -> None:
+        from tests.test_job_fake import Harness
+
+        h = Harness(tmp_path, hang_timeout=60.0)
+        assert h.job.heartbeat(1.0, 0.25) == Heartbeat(1.0)  # no step yet
+        for step in range(1, 6):  # past the estimator's warm-up
+            h.step(step, footprint=300 * MiB)
+        h.sample(400 * MiB)  # the group holds 100 MiB more than the worker itself
+        assert h.job.heartbeat(1.0, 0.25) == Heartbeat(1.0, None, 0.25, 850 * MiB - 150 * MiB - 100 * MiB, 6)
+        assert h.job.heartbeat(1.0, 0.0) == Heartbeat(1.0)  # telemetry_hold = 0: never
+
+    def test_hold_is_at_most_a_quarter_of_the_hang_timeout(self, tmp_path: Path) -> None:
+        from tests.test_job_fake import Harness
+
+        h = Harness(tmp_path, hang_timeout=0.4)
+        for step in range(1, 6):
+            h.step(step)
+        h.sample(100 * MiB)
+        assert h.job.heartbeat(1.0, 0.25).hold == 0.1
