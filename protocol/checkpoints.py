@@ -95,12 +95,13 @@ class Sums:
     crc32: int | None
 
 
-def checksums(path: Path, *, sync: bool = False, sha256: bool = True, crc32: bool = False) -> Sums:
+def checksums(path: Path, *, sync: bool = False, sha256: bool = True, crc32: bool = False,
+              progress: Callable[[int], object] | None = None) -> Sums:
     """Size and the chosen checksums of a file; with ``sync`` it is also made durable (``full_fsync``).
 
     The file is read once, sequentially, in large chunks, while a thread per checksum works on the chunks already
     read (hashlib and zlib release the GIL), and the sync runs in a thread of its own: the time is about the
-    longest of these rather than their sum.
+    longest of these rather than their sum. ``progress(n)`` is told after each chunk how many bytes were read.
     """
     digest, crc = hashlib.sha256(), [0]
     consumers: list[Callable[[bytes], object]] = []
@@ -116,12 +117,14 @@ def checksums(path: Path, *, sync: bool = False, sha256: bool = True, crc32: boo
     size = 0
     try:
         with open(path, "rb", buffering=0) as fh:
-            syncing = _Background(full_fsync, fh.fileno()) if sync else None
+            syncing = Background(full_fsync, fh.fileno()) if sync else None
             try:
                 while chunk := fh.read(_CHUNK):
                     for q in queues:
                         q.put(chunk)
                     size += len(chunk)
+                    if progress is not None:
+                        progress(size)
             finally:
                 if syncing is not None:
                     syncing.result()  # raises what the sync raised (a full disk, an I/O error)
@@ -137,24 +140,28 @@ def _consume(chunks: queue.Queue[bytes | None], checksum: Callable[[bytes], obje
         checksum(chunk)
 
 
-class _Background:
-    """``function(*args)`` in a thread; ``result()`` waits for it and raises what it raised."""
+class Background:
+    """``function(*args, **kwargs)`` in a thread; ``result()`` waits for it and returns what it returned, or raises
+    what it raised."""
 
-    def __init__(self, function: Callable[..., object], *args: object) -> None:
+    def __init__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self._value: Any = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(function, args), name="checkpoint-sync", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(function, args, kwargs), name="checkpoint-io",
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self, function: Callable[..., object], args: tuple[object, ...]) -> None:
+    def _run(self, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
-            function(*args)
+            self._value = function(*args, **kwargs)
         except BaseException as exc:  # handed to the caller's thread by result()
             self._error = exc
 
-    def result(self) -> None:
+    def result(self) -> Any:
         self._thread.join()
         if self._error is not None:
             raise self._error
+        return self._value
 
 
 def hash_file(path: Path, *, sync: bool) -> tuple[str, int]:

@@ -170,6 +170,22 @@ class TestRoundTrip:
         assert ckpt is not None and ckpt.step == 1
         assert_same_arrays(ckpt.model, model)
 
+    def test_files_we_write_are_read_behind_the_checksum_and_odd_ones_verified_first(self, tmp_path: Path) -> None:
+        """The loader copies tensors while the file is checksummed only when the header's tensors fill the file
+        exactly (so a damaged header cannot make it allocate more than the file holds)."""
+        from worker.safetensors_load import _tensor_ends
+
+        path = save_step(tmp_path, 1)
+        for name in ("model.safetensors", "optimizer.safetensors"):
+            target = path / name
+            ends = _tensor_ends(target, target.stat().st_size)
+            assert ends is not None and max(end for _, end in ends.values()) == target.stat().st_size
+        claim_a_huge_tensor(path)
+        target = path / "model.safetensors"
+        assert _tensor_ends(target, target.stat().st_size) is None
+        target.write_bytes(b"\xff" * 64)  # a header length past the end of the file
+        assert _tensor_ends(target, 64) is None
+
     def test_rejects_reserved_meta_keys_and_bad_keep(self, tmp_path: Path) -> None:
         model, optimizer = arrays_for(1)
         with pytest.raises(ValueError, match="reserved"):

@@ -33,9 +33,10 @@ from protocol.checkpoints import (
     full_fsync,
     latest_step,
     list_checkpoints,
+    read_meta,
     step_of,
-    verify,
 )
+from worker.safetensors_load import load_file
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -170,24 +171,14 @@ def _prune(directory: Path, saved: Path, keep: int) -> None:
 
 
 def _load_verified(path: Path) -> Checkpoint:
-    """Verify meta.json and every checksum of one checkpoint, then load and evaluate its arrays."""
-    import mlx.core as mx  # lazily: the daemon imports this module without mlx
-
-    meta = verify(path)
+    """Verify meta.json and every checksum of one checkpoint while loading and evaluating its arrays (each file
+    is read from disk once: ``worker.safetensors_load``)."""
+    meta = read_meta(path)
     if set(meta["files"]) != {MODEL_FILE, OPTIMIZER_FILE}:
         raise CheckpointDamaged(f"{META_FILE}: lists {sorted(meta['files'])}, expected the Python SDK's "
                                 f"{MODEL_FILE} and {OPTIMIZER_FILE}")
-    arrays: list[dict[str, mx.array]] = []
-    for name in (MODEL_FILE, OPTIMIZER_FILE):
-        try:
-            loaded = mx.load(str(path / name))
-            if not isinstance(loaded, dict):
-                raise CheckpointDamaged(f"{name}: not a safetensors file")
-            mx.eval(list(loaded.values()))  # read now: the caller may delete the files afterwards
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise CheckpointDamaged(f"{name}: {exc}") from exc
-        arrays.append(loaded)
-    return Checkpoint(path=path, step=meta["step"], meta=meta, model=arrays[0], optimizer=arrays[1])
+    model, optimizer = (load_file(path / name, meta["files"][name]) for name in (MODEL_FILE, OPTIMIZER_FILE))
+    return Checkpoint(path=path, step=meta["step"], meta=meta, model=model, optimizer=optimizer)
 
 
 def _clean_scratch(directory: Path) -> None:
