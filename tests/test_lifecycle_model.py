@@ -87,7 +87,7 @@ class DaemonModel(RuleBasedStateMachine):
     def _current(self, job: Job) -> FakeProcess | None:
         if job.life is None:
             return None
-        proc = job.procs.get(job.life.id)
+        proc = job.procs.get((job.life.id, 0))
         assert proc is None or isinstance(proc, FakeProcess)
         return proc
 
@@ -195,7 +195,7 @@ class DaemonModel(RuleBasedStateMachine):
         job = self._job(name)
         if job is not None:
             for life in job.lifecycle.departing:
-                proc = job.procs.get(life)
+                proc = job.procs.get((life, 0))
                 if isinstance(proc, FakeProcess) and proc.code is None:
                     proc.code = 75
 
@@ -208,7 +208,7 @@ class DaemonModel(RuleBasedStateMachine):
         current = self._current(job)
         if current is not None:
             current.sampled = LEVELS[level]
-        departing = [job.procs[life] for life in job.lifecycle.departing if life in job.procs]
+        departing = [job.procs[(life, 0)] for life in job.lifecycle.departing if (life, 0) in job.procs]
         for proc in departing:
             assert isinstance(proc, FakeProcess)
             proc.sampled = LEVELS[departing_level]
@@ -230,7 +230,7 @@ class DaemonModel(RuleBasedStateMachine):
     @invariant()
     def one_current_worker_and_none_when_terminal(self) -> None:
         for job in self.daemon.jobs.values():
-            current = [p for life, p in job.procs.items() if life not in job.lifecycle.departing
+            current = [p for (life, _), p in job.procs.items() if life not in job.lifecycle.departing
                        and isinstance(p, FakeProcess) and p.code is None]
             assert len(current) <= 1, job.name
             if job.state in TERMINAL_STATES:

@@ -106,7 +106,8 @@ class DaemonService:
             self.removing.add(name)
             self.daemon.jobs[name].stop(now, "removed from config")
         for name in changes["changed"]:
-            self.daemon.jobs[name].reconfigure(new.jobs[name], new.jobs[name].limits(self.daemon.total_memory))
+            self.daemon.jobs[name].reconfigure(new.jobs[name], new.jobs[name].limits(self.daemon.total_memory),
+                                               new.layout(name))
         self.pending = None
         log.info("config_updated", **changes)
         return changes
@@ -118,7 +119,7 @@ class DaemonService:
             job = self.daemon.add_job(name)
         else:  # removed earlier, still winding down: keep the entry, take the new config
             self.removing.discard(name)
-            job.reconfigure(config, config.limits(self.daemon.total_memory))
+            job.reconfigure(config, config.limits(self.daemon.total_memory), self.config.layout(name))
         if config.autostart and not self.daemon.stopping:
             try:
                 job.restart(now) if job.busy else job.start(now, "added by update")
