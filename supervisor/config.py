@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from supervisor import paths
-from supervisor.hostfile import Layout, LayoutError, build_layout, local_addresses
 from supervisor.core.policy import Limits
 from supervisor.core.sizes import SizeError, parse_budget, parse_bytes, parse_fraction_of
+from supervisor.hostfile import Layout, LayoutError, build_layout, local_addresses
 
 
 class ConfigError(ValueError):

@@ -14,6 +14,7 @@ from typing import Any
 
 from supervisor.control.client import ControlClient
 from supervisor.control.commands import REGISTRY, ControlError
+from supervisor.control.commands.jobs import rank_line
 from supervisor.core.sizes import format_bytes
 
 BAR = 20
@@ -61,6 +62,7 @@ def top_frame(jobs: list[dict[str, Any]], decisions: dict[str, str]) -> str:
             f"{row['restarts']:>8} {row['batch']:>4}x{row['accum']:<2}")
         if row["name"] in decisions:
             lines.append(f"{'':<14} last decision: {decisions[row['name']][:100]}")
+        lines += [rank_line(rank) for rank in row.get("ranks", [])]
     return "\n".join(lines)
 
 

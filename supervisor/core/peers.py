@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core import events as ev
 from supervisor.core.gang import Outcome, Peer, combine, smallest
 from supervisor.core.life import Life, Settings
@@ -98,8 +99,11 @@ class PeerRole:
     def _owed(self, life: Life, now: float) -> bool:
         """Every local rank of ``life`` is gone: True while a follower has not said how its ranks ended."""
         owing = [h for h, p in self.peers.items() if p.owes(life.id)]
-        if owing and self.state != S.STOPPING:
-            self._change(S.STOPPING, f"waiting for hosts {', '.join(owing)} to report generation {life.id}")
+        if owing:
+            self._note("gang_waiting", hosts=owing, gen=life.id,
+                       reason=f"waiting for hosts {', '.join(owing)} to report generation {life.id}")
+            if self.state != S.STOPPING and life.code() not in (0, EXIT_CHECKPOINTED):
+                self._change(S.STOPPING, f"waiting for hosts {', '.join(owing)} to report generation {life.id}")
         return bool(owing)
 
     def _combine(self, life: Life, code: int, pending: Decision | None) -> tuple[int, Decision | None]:

@@ -28,6 +28,7 @@ from protocol.checkpoints import latest_step
 from supervisor.config import JobConfig, worker_argv
 from supervisor.core import events as ev
 from supervisor.core.events import Action, Event, Refused
+from supervisor.core.gang import Outcome
 from supervisor.core.lifecycle import JobStats, Life, Lifecycle, Settings
 from supervisor.core.policy import Action as Do
 from supervisor.core.policy import Limits, PolicyConfig
@@ -100,6 +101,7 @@ class Job:
         self.next_config: JobConfig | None = None
         self.next_layout: Layout | None = layout
         self.replies: dict[str, dict[str, Any]] = {}  # gang leader: the last answer to each follower
+        self.leader_heard: float | None = None  # gang follower: when the leader last answered
         self.last_decision: dict[int, str] = {}  # rank -> the reason of its last decision (status shows it)
         self.io_errors: dict[str, int] = {}
         self._io_logged: dict[str, float] = {}
@@ -169,6 +171,25 @@ class Job:
     def next_deadline(self) -> float:
         return self.lifecycle.next_deadline()
 
+    def rank_rows(self) -> list[dict[str, Any]]:
+        """This daemon's ranks as status and top show them: step, memory against the per-rank budget, decision."""
+        life, stats = self.life, self.stats
+        rows = []
+        for rank in self.lifecycle.settings.ranks:
+            current = life.ranks.get(rank) if life is not None else None
+            rows.append({
+                "rank": rank, "host": self.layout.me_name if self.layout else "",
+                "pid": current.pid if current is not None and current.alive else None,
+                "state": ("running" if current.hello else "starting") if current is not None and current.alive
+                else "exited" if current is not None else "-",
+                "step": current.last_step if current is not None else stats.steps_completed,
+                "sampled_bytes": current.last_bytes if current is not None else 0,
+                "max_sampled_bytes": stats.rank_max_sampled.get(rank, 0), "budget_bytes": self.limits.budget,
+                "leak_bytes_per_step": round(current.estimator.slope) if current is not None else 0,
+                "decision": self.last_decision.get(rank, ""),
+            })
+        return rows
+
     # -- operator requests (Refused when the job cannot take them now) ------------------------------
 
     def start(self, now: float, reason: str = "start", client: str = "local") -> None:
@@ -205,6 +226,12 @@ class Job:
         self.next_layout = layout
         self.lifecycle.reconfigure(settings_of(config, layout), limits)
         self.history_record("config_changed", applies="next start")
+
+    def on_peer_sync(self, now: float, host: str, gen: int, alive: int, want: bool, outcome: Outcome | None,
+                     ranks: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+        """Gang leader: a follower's state arrived; returns the answer for it."""
+        self.feed(ev.PeerSync(now, host, gen, alive, want, outcome, self._newest(), ranks))
+        return self.replies.pop(host, {"error": "no answer"})
 
     # -- inputs from the daemon ----------------------------------------------------------------------
 

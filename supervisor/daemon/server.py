@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from protocol.control import ControlError
-from supervisor.config import Config, ConfigError, load_config
+from supervisor.config import Config, ConfigError, GangConfig, load_config
 from supervisor.control.server import ControlServer
 from supervisor.core.events import Refused
 from supervisor.core.states import TERMINAL_STATES
+from supervisor.daemon.ganglink import GangLink, make_link
 from supervisor.daemon.loop import Daemon, SocketHandlers
 from supervisor.daemon.system import System
 
@@ -38,6 +41,9 @@ class DaemonService:
         self.config = config
         self.pending: Config | None = None
         self.removing: set[str] = set()
+        self.epoch = secrets.token_hex(4)  # tells this process's gang generations from an earlier one's
+        # Gang followers: job -> (its gang config, its link to the leader; None when its keys cannot be read).
+        self.links: dict[str, tuple[GangConfig, GangLink | None]] = {}
         self.daemon = Daemon(config, system=system, hooks=self)
         try:
             self.control = ControlServer(self, self.daemon.context, self.daemon.run_dir, config.daemon.control,
@@ -64,6 +70,7 @@ class DaemonService:
             self.pending = None
 
     def on_turn(self, daemon: Daemon, now: float) -> None:
+        self._gang_links(daemon, now)
         for name in list(self.removing):
             job = daemon.jobs.get(name)
             if job is None or (not job.busy and job.state in TERMINAL_STATES):
@@ -72,6 +79,25 @@ class DaemonService:
                 daemon.jobs.pop(name, None)
                 self.removing.discard(name)
                 log.info("job_removed", job=name)
+
+    def _gang_links(self, daemon: Daemon, now: float) -> None:
+        """Each gang follower job talks to its leader; a link follows its job's config (and goes with it)."""
+        for name, (gang, link) in list(self.links.items()):
+            job = daemon.jobs.get(name)
+            if job is None or not job.lifecycle.settings.follower or gang != job.config.gang:
+                if link is not None:
+                    link.close()
+                del self.links[name]
+        for name, job in daemon.jobs.items():
+            if job.lifecycle.settings.follower and name not in self.links:
+                resolve = self._resolve
+                self.links[name] = (job.config.gang, make_link(job, daemon.context, resolve))
+            link = self.links[name][1] if name in self.links else None
+            if link is not None:
+                link.turn(now)
+
+    def _resolve(self, value: str) -> Path:
+        return self.config.resolve(value, self.config.path.parent)
 
     # -- config reload --------------------------------------------------------------------------------
 
@@ -146,6 +172,9 @@ class DaemonService:
             log.info("daemon_stopped")
 
     def close(self) -> None:
+        for _, link in self.links.values():
+            if link is not None:
+                link.close()
         self.control.close()
         self.daemon.close()
 
