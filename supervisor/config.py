@@ -324,6 +324,10 @@ def _validate_gang(config: Config, name: str, total: int) -> None:
     job = config.jobs[name]
     if job.ranks < 1:
         raise ConfigError(f"{prefix}.ranks = {job.ranks}: must be at least 1")
+    if runs_mlx_launch(job.command):
+        raise ConfigError(f"{prefix}.command runs mlx.launch, which reports success when a rank dies and cuts off "
+                          "ranks still writing a checkpoint: give the training script itself as the command and "
+                          "set ranks (one host) or hosts/hostfile (several), and mlxsupd starts the ranks")
     if job.hosts and job.hostfile:
         raise ConfigError(f"{prefix}: give hosts or hostfile, not both")
     try:
@@ -342,6 +346,12 @@ def _validate_gang(config: Config, name: str, total: int) -> None:
         raise ConfigError(f"{prefix}: this host leads the gang: set daemon.control.tcp for the followers")
     if not 0.01 <= job.gang.sync_interval <= 10:
         raise ConfigError(f"{prefix}.gang.sync_interval = {job.gang.sync_interval}: must be 0.01 to 10 seconds")
+
+
+def runs_mlx_launch(command: list[str]) -> bool:
+    """Whether a command starts MLX's launcher (``mlx.launch ...`` or ``python -m mlx.launch ...``)."""
+    words = [Path(word).name for word in command[:4]]
+    return "mlx.launch" in words or "mlx._distributed_utils.launch" in words
 
 
 def worker_argv(job: JobConfig) -> list[str]:
