@@ -31,7 +31,7 @@ FAKE_MACOS_TESTS := tests/test_fake_macos.py tests/test_process.py tests/test_fo
 	tests/test_daemon.py::TestReloadAndShutdown::test_sigterm_checkpoints_every_worker_then_exits_zero
 FAKE_MACOS_ENV := MLXSUP_FAKE_MACOS=1 PYTHONPATH=$(CURDIR)/tests/fake_macos
 
-.PHONY: venv demo test test-main test-fake-macos test-py313 bench faults lint clean
+.PHONY: venv demo demo-gang test test-main test-fake-macos test-py313 bench faults lint clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,12 @@ demo: $(STAMP)
 	$(VENV)/bin/mlxsupd run -c deploy/demo.toml demo --summary .demo/summary.json
 	$(PY) -m supervisor.tools.plot .demo/state/jobs/demo --summary .demo/summary.json -o .demo/memory.png
 	@echo "summary: .demo/summary.json  plot: .demo/memory.png"
+
+# Two ranks of a data-parallel job on loopback, a leak on rank 1 only: every breach stops both at one step.
+demo-gang: $(STAMP)
+	rm -rf .demo-gang
+	$(VENV)/bin/mlxsupd run -c deploy/gang.toml gang --summary .demo-gang/summary.json
+	@echo "summary: .demo-gang/summary.json"
 
 test: test-main test-fake-macos test-py313
 
@@ -85,4 +91,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy supervisor worker protocol
 
 clean:
-	rm -rf $(VENV) $(VENV313) .demo .bench .faults
+	rm -rf $(VENV) $(VENV313) .demo .demo-gang .bench .faults

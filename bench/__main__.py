@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import analysis, ckpt_io, control, goodput, overhead, reaction, report
+from bench import analysis, ckpt_io, control, gang, goodput, overhead, reaction, report
 from bench.common import ROOT, SMALL, BenchError, atomic_write_json
 
 
@@ -36,14 +36,17 @@ class Plan:
     control_requests: int
     flood_messages: int
     flood_linger: float
+    gang_steps: int
+    gang_pairs: int
+    gang_recovery_steps: int
 
 
 FULL = Plan(overhead_steps=600, overhead_pairs=11, sdk_calls=5000, reaction_steps=40, goodput_steps=1000,
             ckpt_mb=100, ckpt_rounds=5, idle_seconds=10.0, control_requests=500, flood_messages=50_000,
-            flood_linger=3.0)
+            flood_linger=3.0, gang_steps=300, gang_pairs=5, gang_recovery_steps=120)
 QUICK = Plan(overhead_steps=100, overhead_pairs=1, sdk_calls=1000, reaction_steps=12, goodput_steps=100,
              ckpt_mb=10, ckpt_rounds=1, idle_seconds=2.0, control_requests=50, flood_messages=2000,
-             flood_linger=1.0)
+             flood_linger=1.0, gang_steps=40, gang_pairs=1, gang_recovery_steps=40)
 RUN_TIMEOUT = 600.0  # seconds any one child may take before its group is killed
 SECTION_ERRORS = (BenchError, OSError, subprocess.SubprocessError, KeyError, ValueError, TypeError)
 
@@ -72,9 +75,14 @@ def _control(work: Path, plan: Plan) -> dict[str, Any]:
     return result
 
 
+def _gang(work: Path, plan: Plan) -> dict[str, Any]:
+    return gang.measure(work, {**SMALL, "steps": plan.gang_steps}, plan.gang_pairs, plan.gang_recovery_steps,
+                        RUN_TIMEOUT)
+
+
 SECTIONS: list[tuple[str, Callable[[Path, Plan], dict[str, Any]]]] = [
     ("overhead", _overhead), ("reaction", _reaction), ("goodput", _goodput), ("checkpoint", _checkpoint),
-    ("control", _control),
+    ("control", _control), ("gang", _gang),
 ]
 
 
@@ -119,6 +127,8 @@ def collect(details: dict[str, Any]) -> dict[str, Any]:
         "control_p99_ms": ctl.get("control_p99_ms"), "telemetry_msgs_per_s": ctl.get("telemetry_msgs_per_s"),
         "daemon_idle_cpu_fraction": ctl.get("daemon_idle_cpu_fraction"),
         "daemon_rss_bytes": ctl.get("daemon_rss_bytes"),
+        "gang_step_rate_ratio": details.get("gang", {}).get("gang_step_rate_ratio"),
+        "gang_recovery_seconds": details.get("gang", {}).get("gang_recovery_seconds"),
     }
 
 

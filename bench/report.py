@@ -86,6 +86,13 @@ ROWS: list[tuple[str, tuple[str, ...], Target, Callable[[Any], str]]] = [
     ("telemetry_msgs_per_s (daemon ingest)", ("telemetry_msgs_per_s",), Target(">=", 1000), _count),
     ("daemon_idle_cpu_fraction", ("daemon_idle_cpu_fraction",), Target("<=", 0.01), _percent),
     ("daemon_rss_bytes", ("daemon_rss_bytes",), Target("<=", 100 * MiB), _mib),
+    ("gang_step_rate_ratio (2 ranks, supervised/unsupervised)", ("gang_step_rate_ratio",), Target(">=", 0.95),
+     _ratio),
+    ("gang_recovery_seconds (breach -> every rank stepping)", ("gang_recovery_seconds",), Target("<=", 3.0),
+     _seconds),
+    ("  max over restarts", ("details", "gang", "gang_recovery_seconds_max"), Target(), _seconds),
+    ("  stop steps equal on every rank", ("details", "gang", "stop_steps_equal"), Target("==", True),
+     lambda v: str(v).lower() if isinstance(v, bool) else "null"),
 ]
 
 
