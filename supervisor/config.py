@@ -113,6 +113,10 @@ class JobConfig:
                           "`ranks` ranks, one mlxsupd each ([jobs.NAME.gang])")
     hostfile: str = _f("", "instead of hosts: mlx.launch's hostfile JSON (one entry per rank)")
     gang: GangConfig = dataclasses.field(default_factory=GangConfig, metadata={"help": "", "unit": ""})
+    sdk: bool = _f(True, "false: a guard-only job: `command` runs under outside sampling alone (no hello, no "
+                   "telemetry, no checkpoints); SIGTERM at the budget, SIGKILL at the ceiling or after kill_grace")
+    restart: str = _f("on-breach", "guard-only jobs: 'on-breach' starts the command over after a budget kill, "
+                      "'never' leaves it stopped")
 
     def limits(self, total: int) -> Limits:
         """Resolve budget, warn and kill to bytes (validated at load)."""
@@ -305,6 +309,12 @@ def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
             raise ConfigError(f"{prefix}.{key} = {getattr(job, key)}: must be positive")
     if job.checkpoint_every < 0 or job.regrow_after_steps < 1 or job.min_steps_per_life < 0:
         raise ConfigError(f"{prefix}: checkpoint_every >= 0, regrow_after_steps >= 1, min_steps_per_life >= 0")
+    if not job.sdk and not job.command:
+        raise ConfigError(f"{prefix}.sdk = false: a guard-only job needs a 'command' (the built-in job uses the SDK)")
+    if job.restart not in ("on-breach", "never"):
+        raise ConfigError(f"{prefix}.restart = {job.restart!r}: expected 'on-breach' or 'never'")
+    if job.sdk and job.restart != "on-breach":
+        raise ConfigError(f"{prefix}.restart applies to guard-only jobs (sdk = false); SDK jobs restart by 'policy'")
     if job.command and job.train:
         raise ConfigError(f"{prefix}: 'train' options apply to the built-in job only; remove them or 'command'")
     managed = {"batch", "accum", "checkpoint_dir", "checkpoint-dir"} & set(job.train)
@@ -336,6 +346,9 @@ def _validate_gang(config: Config, name: str, total: int) -> None:
         raise ConfigError(f"{prefix}: {exc}") from None
     if layout is None:
         return
+    if not job.sdk:
+        raise ConfigError(f"{prefix}: a gang needs the SDK (sdk = true): its ranks stop and checkpoint together "
+                          "through it")
     local = len(layout.local_ranks)
     if local * job.limits(total).budget >= total:
         raise ConfigError(f"{prefix}: {local} ranks x budget {job.budget} do not fit in this machine's memory")

@@ -94,7 +94,8 @@ def configs(tmp_path: Path, job: dict[str, Any]) -> tuple[Path, Path]:
     """The leader's and the follower's config: the same job, each daemon with its own dirs."""
     keys(tmp_path / "keys")
     job = {"hosts": list(ADDRESSES), "ranks": 1, "batch": 4, "checkpoint_every": 6, "budget": "1GiB",
-           "startup_timeout": 60.0, "hang_timeout": 20.0, "kill_grace": 1.0, "backoff_initial": 0.2, **job, "train": {**TRAIN, **job.get("train", {})}}
+           "startup_timeout": 60.0, "hang_timeout": 20.0, "kill_grace": 1.0, "backoff_initial": 0.2, **job,
+           "train": {**TRAIN, **job.get("train", {})}}
     paths = []
     for side in ("a", "b"):
         run_dir = Path(f"/tmp/mlxsup-n{side}{os.getpid() % 100000}")
@@ -106,7 +107,8 @@ def configs(tmp_path: Path, job: dict[str, Any]) -> tuple[Path, Path]:
                                  "server_key": str(tmp_path / "keys" / "server.key_secret"),
                                  "authorized_keys": str(tmp_path / "keys" / "authorized_keys")}
         else:
-            gang.update(leader=f"tcp://{ADDRESSES[0]}:{CONTROL_PORT}", leader_key=str(tmp_path / "keys" / "server.key"),
+            gang.update(leader=f"tcp://{ADDRESSES[0]}:{CONTROL_PORT}",
+                        leader_key=str(tmp_path / "keys" / "server.key"),
                         client_key=str(tmp_path / "keys" / "follower.key_secret"))
         paths.append(write_config(tmp_path / f"{side}.toml", daemon, {"j": {**job, "gang": gang}}))
     return paths[0], paths[1]
@@ -118,10 +120,12 @@ class Hosts:
     def __init__(self, net: Net, tmp_path: Path, spawn: Any, job: dict[str, Any]) -> None:
         self.tmp_path = tmp_path
         leader, follower = configs(tmp_path, job)
-        self.daemons = [
-            spawn(["ip", "netns", "exec", name, sys.executable, "-m", "supervisor.cli.mlxsupd", "-c", str(config),
-                   "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{side}.log", "wb"))
-            for name, config, side in zip(net.names, (leader, follower), "ab", strict=True)]
+        self.daemons = []
+        for name, config, side in zip(net.names, (leader, follower), "ab", strict=True):
+            with open(tmp_path / f"{side}.log", "wb") as log:  # the child keeps its own copy of the descriptor
+                self.daemons.append(spawn(["ip", "netns", "exec", name, sys.executable, "-m", "supervisor.cli.mlxsupd",
+                                           "-c", str(config), "--log-format", "json"],
+                                          stdout=subprocess.DEVNULL, stderr=log))
 
     def history(self, side: str) -> list[dict[str, Any]]:
         return read_history(self.tmp_path / side / "jobs" / "j" / "history.jsonl")

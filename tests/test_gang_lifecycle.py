@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from protocol import Hello, Step
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core import events as ev
 from supervisor.core.gang import Outcome, combine, smallest
@@ -36,8 +37,16 @@ def running(life: Lifecycle, now: float = 0.0) -> list[ev.Action]:
     assert life.life is not None
     for rank in life.settings.ranks:
         actions += life.handle(ev.Spawned(life.life.id, now, 100 + rank, 0, rank))
-        actions += life.handle(ev.HelloIn(now, 100 + rank, 0, 100, 8, 1, rank))
+        actions += life.handle(hello(now, rank, 8, 1))
     return actions
+
+
+def hello(now: float, rank: int, batch: int = 8, accum: int = 1) -> ev.HelloIn:
+    return ev.HelloIn(now, Hello("t", 100 + rank, "j", 0, 100, batch, accum), rank)
+
+
+def step(now: float, number: int, rank: int) -> ev.StepIn:
+    return ev.StepIn(now, Step(number, 8, 1, 1.0, 0.1, 0, 0, 0, 0), rank)
 
 
 def signals(actions: list[ev.Action]) -> list[tuple[int, int | None]]:
@@ -51,9 +60,9 @@ class TestRanksOfOneLife:
         life = gang()
         life.handle(ev.Start(0.0))
         assert life.life is not None
-        life.handle(ev.HelloIn(0.1, 100, 0, 100, 8, 1, 0))
+        life.handle(hello(0.1, 0, 8, 1))
         assert life.state == JobState.STARTING
-        life.handle(ev.HelloIn(0.2, 101, 0, 100, 8, 1, 1))
+        life.handle(hello(0.2, 1, 8, 1))
         assert life.state == JobState.RUNNING
 
     def test_a_rank_that_crashes_gets_the_others_terminated_and_the_gang_backs_off(self) -> None:
@@ -68,7 +77,7 @@ class TestRanksOfOneLife:
     def test_ranks_still_running_kill_grace_after_a_checkpointed_exit_are_killed_as_stragglers(self) -> None:
         life = gang()
         running(life)
-        life.handle(ev.StepIn(0.5, 5, 8, 1, 1.0, 0.1, 0, 0, 0, 0, rank=0))
+        life.handle(step(0.5, 5, 0))
         life.handle(ev.GoodbyeIn(1.0, "asked", 5, 5, 0))
         assert signals(life.handle(ev.Exited(1.0, EXIT_CHECKPOINTED, 5, 0))) == []
         assert life.state == JobState.RUNNING and life.life is not None
@@ -81,7 +90,7 @@ class TestRanksOfOneLife:
     def test_a_silent_rank_is_a_hang_of_the_whole_gang(self) -> None:
         life = gang()
         running(life)
-        life.handle(ev.StepIn(9.0, 1, 8, 1, 1.0, 0.1, 0, 0, 0, 0, rank=0))
+        life.handle(step(9.0, 1, 0))
         actions = life.handle(ev.Tick(10.5, 0, 0))  # rank 1 silent since 0.0
         assert signals(actions) == [(signal.SIGTERM, None)]
         assert "rank 1" in life.restart_reason
@@ -179,7 +188,7 @@ class TestLeader:
         life.handle(ev.Start(0.0))
         sync(life, 0.1)
         assert life.life is not None
-        life.handle(ev.HelloIn(0.2, 100, 0, 100, 8, 1, 0))
+        life.handle(hello(0.2, 0, 8, 1))
         life.handle(ev.GoodbyeIn(1.0, "gang: a peer rank was asked", 5, 5, 0))
         life.handle(ev.Exited(1.0, EXIT_CHECKPOINTED, 5, 0))  # the follower's rank had a peak
         assert life.life is not None  # waiting for its report
@@ -192,7 +201,7 @@ class TestLeader:
         life = self.leader()
         life.handle(ev.Start(0.0))
         sync(life, 0.1)
-        life.handle(ev.HelloIn(0.2, 100, 0, 100, 8, 1, 0))
+        life.handle(hello(0.2, 0, 8, 1))
         actions = life.handle(ev.PeerSync(1.0, "b", 1, 0, True, Outcome(1, -9), 0))
         assert signals(actions) == [(signal.SIGTERM, None)]
         life.handle(ev.Exited(1.1, 1, 0, 0))
@@ -202,7 +211,7 @@ class TestLeader:
         life = self.leader()
         life.handle(ev.Start(0.0))
         sync(life, 0.1)
-        life.handle(ev.HelloIn(0.2, 100, 0, 100, 8, 1, 0))
+        life.handle(hello(0.2, 0, 8, 1))
         life.handle(ev.Exited(1.0, 1, 0, 0))
         assert life.state == JobState.STOPPING and life.life is not None
         life.handle(ev.Stop(50.0))
@@ -236,7 +245,7 @@ class TestFollower:
         life = self.follower()
         life.handle(ev.Start(0.0))
         says(life, 0.1, 3, True)
-        life.handle(ev.HelloIn(0.2, 101, 0, 100, 4, 2, 1))
+        life.handle(hello(0.2, 1, 4, 2))
         actions = life.handle(ev.Exited(1.0, -9, 0, 1))
         assert not any(isinstance(a, ev.Spawn) for a in actions)
         assert life.state == JobState.STARTING and life.stats.restarts == 0
@@ -267,7 +276,7 @@ class TestFollower:
         life = self.follower()
         life.handle(ev.Start(0.0))
         says(life, 0.1, 1, True)
-        life.handle(ev.HelloIn(0.2, 101, 0, 100, 4, 2, 1))
+        life.handle(hello(0.2, 1, 4, 2))
         life.handle(ev.Exited(1.0, 75, 0, 1))
         assert any(isinstance(a, ev.Spawn) for a in says(life, 2.0, 1, True, epoch="e2"))
 
@@ -275,5 +284,5 @@ class TestFollower:
         life = self.follower()
         life.handle(ev.Start(0.0))
         says(life, 0.1, 1, True)
-        life.handle(ev.HelloIn(0.2, 101, 0, 100, 4, 2, 1))
+        life.handle(hello(0.2, 1, 4, 2))
         assert signals(says(life, 1.0, 2, True)) == [(signal.SIGTERM, None)]

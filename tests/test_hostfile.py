@@ -59,7 +59,7 @@ class TestLayout:
             read_hostfile(path)
 
     def test_this_host_must_be_found(self) -> None:
-        with pytest.raises(LayoutError, match="set gang.host"):
+        with pytest.raises(LayoutError, match=r"set gang\.host"):
             build_layout(1, ["10.0.0.1", "10.0.0.2"], None, "", 32323, ["127.0.0.1"])
         with pytest.raises(LayoutError, match="none of the hosts"):
             build_layout(1, ["10.0.0.1", "10.0.0.2"], None, "10.0.0.9", 32323, [])

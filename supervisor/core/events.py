@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from protocol import Hello, Step
 from supervisor.core.gang import Outcome
 from supervisor.core.policy import Decision, Limits
 
@@ -88,14 +89,10 @@ class SpawnFailed:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class HelloIn:
-    """A rank of the current life proved its spawn token and says where it resumed."""
+    """A rank of the current life proved its spawn token (checked by the job) and says where it resumed."""
 
     now: float
-    pid: int
-    start_step: int
-    target_steps: int
-    batch: int
-    accum: int
+    msg: Hello
     rank: int = 0
 
 
@@ -104,16 +101,7 @@ class StepIn:
     """Telemetry of one optimizer step of the current worker."""
 
     now: float
-    step: int
-    batch: int
-    accum: int
-    loss: float
-    step_seconds: float
-    mlx_active: int
-    mlx_cache: int
-    mlx_peak: int
-    footprint: int
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # optional telemetry fields
+    msg: Step
     rank: int = 0
 
 

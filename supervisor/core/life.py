@@ -40,6 +40,8 @@ class Settings:
     peers: tuple[str, ...] = ()  # gang leader: the hosts whose daemons follow it
     follower: bool = False  # gang follower: lives start and end as the leader says
     peer_timeout: float = 3.0  # a peer not heard from for this long is not counted ready for a new generation
+    sdk: bool = True  # False: a guard-only job (no hello, telemetry or checkpoints; enforcement by signals)
+    restart: str = "on-breach"  # guard-only jobs: on-breach | never
 
     @property
     def gang(self) -> bool:
@@ -89,6 +91,7 @@ class Life:
     left: bool = False  # a rank (or, over several hosts, another host's ranks) has left
     crashed: bool = False  # a rank exited unasked (not 0 or 75) while others ran: a crash, whatever was pending
     straggle_at: float = INF  # a rank exited: the others must be gone by then (SIGKILL)
+    killed: bool = False  # SIGKILL sent (guard-only jobs at the ceiling)
 
     @property
     def lead(self) -> Rank:

@@ -34,7 +34,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from protocol import Command
+from protocol import Command, Step
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core import events as ev
 from supervisor.core.events import Action, Event, Refused
@@ -62,6 +62,7 @@ from supervisor.core.states import (
 
 S = JobState
 __all__ = ["Departing", "JobStats", "Life", "Lifecycle", "Rank", "Settings"]
+STEP_FIELDS = tuple(field.name for field in dataclasses.fields(Step))  # recorded and published as they came
 
 
 class Lifecycle(PeerRole):
@@ -157,6 +158,8 @@ class Lifecycle(PeerRole):
         self._request_stop(e.now, "daemon shutdown", "local")
 
     def _checkpoint_now(self, e: ev.CheckpointNow) -> None:
+        if not self.settings.sdk:
+            raise Refused("a guard-only job (sdk = false) cannot checkpoint")
         life = self.life
         if life is None or not life.hello or self.state not in (S.RUNNING, S.CHECKPOINTING):
             raise Refused(f"job has no connected worker ({self.state.name})")
@@ -189,6 +192,8 @@ class Lifecycle(PeerRole):
         life.start_checkpoint = e.start_checkpoint
         self._note("spawn", pid=e.pid, batch=life.batch, accum=life.accum, from_checkpoint=e.start_checkpoint,
                    **self._rank_fields(e.rank, life=life.id))
+        if not self.settings.sdk:
+            self._change(S.RUNNING, "spawned (guard-only: no hello expected)", pid=e.pid)
 
     def _spawn_failed(self, e: ev.SpawnFailed) -> None:
         if self.life is None or self.life.id != e.life:
@@ -202,20 +207,20 @@ class Lifecycle(PeerRole):
             self._after_failure(e.now, f"spawn failed: {e.error}")
 
     def _hello(self, e: ev.HelloIn) -> None:
-        life, rank = self.life, self._rank(e.rank)
+        life, rank, m = self.life, self._rank(e.rank), e.msg
         if life is None or rank is None:
             return
         rank.hello, rank.last_heard = True, e.now
         # The worker knows where it really resumed (a damaged newest checkpoint was skipped).
-        rank.last_step = e.start_step
-        self._note("hello", pid=e.pid, start_step=e.start_step, batch=e.batch, accum=e.accum,
+        rank.last_step = m.start_step
+        self._note("hello", pid=m.pid, start_step=m.start_step, batch=m.batch, accum=m.accum,
                    **self._rank_fields(e.rank))
         if not life.hello:
             return  # the gang runs once every rank is there
         life.start_checkpoint = min(r.last_step for r in life.ranks.values())
-        self.stats.target_steps = e.target_steps
+        self.stats.target_steps = m.target_steps
         self.stats.steps_completed = max(self.stats.steps_completed, life.start_checkpoint)
-        self._note_batch(life.start_checkpoint, e.batch, e.accum)
+        self._note_batch(life.start_checkpoint, m.batch, m.accum)
         if self.state == S.STARTING:
             self._change(S.RUNNING, "hello", pid=life.pid, step=life.start_checkpoint)
 
@@ -225,7 +230,7 @@ class Lifecycle(PeerRole):
             rank.last_heard = e.now
 
     def _step(self, e: ev.StepIn) -> None:
-        life, rank = self.life, self._rank(e.rank)
+        life, rank, m = self.life, self._rank(e.rank), e.msg
         if life is None or rank is None:
             return
         rank.last_heard = e.now
@@ -236,25 +241,23 @@ class Lifecycle(PeerRole):
             # The first productive step of every rank of a life started after a breach decision.
             stats.recoveries.append(e.now - stats.last_decision_at)
             stats.last_decision_at = None
-        rank.last_step = e.step
-        stats.steps_completed = max(stats.steps_completed, e.step)
+        rank.last_step = m.step
+        stats.steps_completed = max(stats.steps_completed, m.step)
         if rank is life.lead:
-            stats.final_loss = e.loss
-            if e.step_seconds > 0:
-                stats.steps_per_second = 0.9 * stats.steps_per_second + 0.1 / e.step_seconds
-            self._note_batch(e.step, e.batch, e.accum)
-        rank.estimator.observe_step(e.step, e.footprint, e.mlx_peak - e.mlx_active)
+            stats.final_loss = m.loss
+            if m.step_seconds > 0:
+                stats.steps_per_second = 0.9 * stats.steps_per_second + 0.1 / m.step_seconds
+            self._note_batch(m.step, m.batch, m.accum)
+        rank.estimator.observe_step(m.step, m.footprint, m.mlx_peak - m.mlx_active)
         rank.healthy_steps += 1
-        self._out.append(ev.Telemetry("step", {
-            "step": e.step, "loss": e.loss, "batch": e.batch, "accum": e.accum, "step_seconds": e.step_seconds,
-            "mlx_active": e.mlx_active, "mlx_cache": e.mlx_cache, "mlx_peak": e.mlx_peak, "footprint": e.footprint,
-            "leak_bytes_per_step": round(rank.estimator.slope), "transient": rank.estimator.transient, **e.extra,
-            **self._rank_fields(e.rank),
-        }))
+        fields = {name: value for name in STEP_FIELDS if (value := getattr(m, name)) is not None}
+        fields.update(leak_bytes_per_step=round(rank.estimator.slope), transient=rank.estimator.transient,
+                      **self._rank_fields(e.rank))
+        self._out.append(ev.Telemetry("step", fields))
         if self.state == S.RUNNING:
             decision = self._on_step(life, rank)
             if decision.acts:
-                self._act(life, rank, decision, e.now, step=e.step, level=e.footprint)
+                self._act(life, rank, decision, e.now, step=m.step, level=m.footprint)
 
     def _on_step(self, life: Life, rank: Rank) -> Decision:
         """The policy after one rank's step; a gang regrows only when every rank has room for it."""
@@ -416,7 +419,7 @@ class Lifecycle(PeerRole):
         asked = code == EXIT_CHECKPOINTED or (life.term_sent and pending is not None and not life.crashed)
         crash = not asked and code != 0
         # A smaller batch next time is a new attempt, not a repeat of the failed one.
-        new_attempt = asked and pending is not None and pending.next_batch != 0 and (
+        new_attempt = self.settings.sdk and asked and pending is not None and pending.next_batch != 0 and (
             (pending.next_batch, pending.next_accum) != (self.batch, self.accum))
         if progress:
             self.failures = self.crashes = 0  # the backoff grows only over crashes without progress
@@ -424,6 +427,9 @@ class Lifecycle(PeerRole):
             self.failures += 1
         self._note("exit", code=code, goodbye=life.lead.goodbye, step=life.last_step, checkpoint=newest,
                    progress=progress)
+        if not self.settings.sdk:
+            self._guard_exit(life, code, now)
+            return
         if code == EXIT_CHECKPOINTED and self.settings.gang:
             self._note_stop_steps(life)
         if asked and pending is not None and pending.next_batch:
@@ -448,6 +454,28 @@ class Lifecycle(PeerRole):
             reason = pending.diagnosis.value if pending is not None and pending.diagnosis else (
                 life.lead.goodbye or "checkpointed")
             self._restart_now(now, reason)
+
+    def _guard_exit(self, life: Life, code: int, now: float) -> None:
+        """The ladder of a guard-only job: finish, stop, start over after a breach (restart = on-breach), or
+        give up. Without checkpoints no life counts as progress, so breaches in a row end in FATAL."""
+        pending = life.pending
+        if self.stop_reason is not None:
+            self._change(S.STOPPED, self.stop_reason, code=code)
+            if self.restart_pending and not self.shutting_down:
+                self.restart_pending = False
+                self._begin(now, "restart requested")
+        elif code == 0:
+            self._change(S.FINISHED, "command exited 0")
+        elif pending is None:
+            self._change(S.FATAL, f"command exited {code}" if code >= 0 else f"command killed by signal {-code}")
+        elif self.settings.restart == "never":
+            self._change(S.STOPPED, f"{pending.reason} (restart = never)", code=code)
+        elif self.failures >= self.settings.max_attempts:
+            self._change(S.FATAL, f"{self.failures} breaches in a row (last: {pending.reason})")
+        elif pending.diagnosis is Diagnosis.SYSTEM_FLOOR:
+            self._change(S.WAITING_FOR_MEMORY, pending.reason)
+        else:
+            self._restart_now(now, pending.diagnosis.value if pending.diagnosis else "breach")
 
     def _after_failure(self, now: float, reason: str) -> None:
         self.crashes += 1
@@ -512,7 +540,7 @@ class Lifecycle(PeerRole):
         if not life.alive:  # a gang leader waiting for other hosts' reports: stop without them
             self._on_exit(life, self._gang_code(life), now, life.start_checkpoint)
             return
-        if not life.hello:
+        if not life.hello or not self.settings.sdk:
             self._terminate(now, reason)
         elif life.term_sent or self.state == S.STOPPING:
             return  # already on its way out
@@ -524,6 +552,8 @@ class Lifecycle(PeerRole):
     # -- escalation ---------------------------------------------------------------------------------
 
     def _check_liveness(self, life: Life, now: float) -> None:
+        if not self.settings.sdk:
+            return  # nothing is ever heard from a guard-only job: only its memory is watched
         if self.state in (S.CHECKPOINTING, S.STOPPING):
             if now >= life.deadline:
                 self._terminate(now, f"checkpoint took longer than {self.settings.checkpoint_timeout}s")
@@ -538,6 +568,9 @@ class Lifecycle(PeerRole):
 
     def _act(self, life: Life, rank: Rank, decision: Decision, now: float, **numbers: Any) -> None:
         numbers.update(self._rank_fields(rank.rank))
+        if not self.settings.sdk:
+            self._guard(life, rank, decision, now, numbers)
+            return
         if decision.action is Do.CLEAR_CACHE:
             if rank.hello and now - rank.last_cache_clear >= self.settings.clear_cache_every:
                 rank.last_cache_clear = now
@@ -558,6 +591,25 @@ class Lifecycle(PeerRole):
             self.stats.last_decision_at = now
             self._ask_exit(now, decision, S.CHECKPOINTING)
 
+    def _guard(self, life: Life, rank: Rank, decision: Decision, now: float, numbers: dict[str, Any]) -> None:
+        """A guard-only job cannot checkpoint: SIGTERM at the budget, SIGKILL at the ceiling (even while it
+        handles an earlier SIGTERM: it may go on growing)."""
+        ceiling = decision.action is Do.KILL
+        if decision.action is Do.CLEAR_CACHE or (life.term_sent and not ceiling) or life.killed:
+            return
+        if self.stats.first_breach_step is None:
+            self.stats.first_breach_step = rank.last_step
+        self._out.append(ev.Decided(decision, numbers))
+        life.pending = decision
+        self.stats.last_decision_at = now
+        if ceiling and life.term_sent:
+            life.killed = True
+            self._note("kill", signal="SIGKILL", reason=decision.reason, pid=life.pid, level="warning")
+            self._out.append(ev.Signal(life.id, signal.SIGKILL))
+            return
+        life.killed = ceiling
+        self._terminate(now, decision.reason, signal.SIGKILL if ceiling else signal.SIGTERM)
+
     def _regrow_feedback(self, life: Life, decision: Decision) -> None:
         """Additive increase, multiplicative decrease: a regrown batch that breaches doubles the wait."""
         if decision.diagnosis is Diagnosis.REGROW:
@@ -576,15 +628,15 @@ class Lifecycle(PeerRole):
         self._out.append(ev.Send(Command.CHECKPOINT_EXIT, decision.reason or "asked"))
         self._change(state, decision.reason, **fields)
 
-    def _terminate(self, now: float, reason: str) -> None:
+    def _terminate(self, now: float, reason: str, signum: int = signal.SIGTERM) -> None:
         life = self.life
         if life is None or life.term_sent:
             return
-        self._note("kill", signal="SIGTERM", reason=reason, pid=life.pid, grace=self.settings.kill_grace,
-                   step=life.last_step, level="warning")
+        self._note("kill", signal=signal.Signals(signum).name, reason=reason, pid=life.pid,
+                   grace=self.settings.kill_grace, step=life.last_step, level="warning")
         life.term_sent = True
         life.deadline = now + self.settings.kill_grace
-        self._out.append(ev.Signal(life.id, signal.SIGTERM))
+        self._out.append(ev.Signal(life.id, signum))
         self.restart_reason = reason
         if self.state != S.STOPPING:
             self._change(S.STOPPING, reason)

@@ -43,6 +43,8 @@ Publish = Callable[[str, str, dict[str, Any]], None]  # (job, kind, data)
 SendToWorker = Callable[[bytes, bytes], None]  # (identity, frame)
 log = structlog.get_logger("mlxsupd")
 IO_ERROR_LOG_EVERY = 60.0  # seconds between log lines about the same kind of failing write
+# Log event names that differ from the history's (scripts and the fault campaign read the log by these).
+LOG_NAMES = {"hello": "worker_hello", "exit": "worker_exit", "budget": "budget_changed"}
 __all__ = ["Job", "JobPaths", "Refused", "settings_of"]
 ProcKey = tuple[int, int]  # (life, rank)
 
@@ -59,7 +61,7 @@ def settings_of(job: JobConfig, layout: Layout | None = None) -> Settings:
         policy=policy, mode=job.policy, batch=job.batch, accum=job.accum, checkpoint_timeout=job.checkpoint_timeout,
         kill_grace=job.kill_grace, startup_timeout=job.startup_timeout, hang_timeout=job.hang_timeout,
         backoff_initial=job.backoff_initial, backoff_max=job.backoff_max,
-        max_attempts=job.max_attempts_without_progress,
+        max_attempts=job.max_attempts_without_progress, sdk=job.sdk, restart=job.restart,
         ranks=layout.local_ranks if layout else (0,), world=layout.world if layout else 1,
         peers=layout.peers if layout else (), follower=bool(layout and not layout.leader),
     )
@@ -249,7 +251,7 @@ class Job:
         if rank is None:
             return
         self.identities[rank] = identity
-        self.feed(ev.HelloIn(now, hello.pid, hello.start_step, hello.target_steps, hello.batch, hello.accum, rank))
+        self.feed(ev.HelloIn(now, hello, rank))
 
     def on_message(self, message: Message, now: float, identity: bytes | None = None) -> None:
         """A message from the worker of ``identity`` (default: the lowest rank's)."""
@@ -257,9 +259,7 @@ class Job:
         if rank is None:
             return
         if isinstance(message, Step):
-            self.feed(ev.StepIn(now, message.step, message.batch, message.accum, message.loss, message.step_seconds,
-                                message.mlx_active, message.mlx_cache, message.mlx_peak, message.footprint,
-                                rank=rank))
+            self.feed(ev.StepIn(now, message, rank))
         elif isinstance(message, Goodbye):
             self.feed(ev.GoodbyeIn(now, message.reason, message.step, self._newest(), rank))
         else:
@@ -337,7 +337,7 @@ class Job:
         elif isinstance(action, ev.Decided):
             self._decided(action)
         elif isinstance(action, ev.Note):
-            getattr(self.log, action.level)(action.event, **action.fields)
+            getattr(self.log, action.level)(LOG_NAMES.get(action.event, action.event), **action.fields)
             if action.history:
                 self.history_record(action.event, **action.fields)
         elif isinstance(action, ev.Reply):

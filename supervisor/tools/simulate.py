@@ -41,7 +41,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from protocol import Command
+from protocol import Command, Hello, Step
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core import events as ev
 from supervisor.core.lifecycle import Lifecycle, Settings
@@ -224,8 +224,8 @@ class Simulation:
         self.worker = worker
         self._note_batch(worker)
         self._feed(ev.Spawned(action.life, self.now, 10_000 + action.life, self.checkpoint))
-        self._feed(ev.HelloIn(self.now, 10_000 + action.life, self.checkpoint, self.scenario.steps, action.batch,
-                              action.accum))
+        self._feed(ev.HelloIn(self.now, Hello("", 10_000 + action.life, "simulated", self.checkpoint,
+                                              self.scenario.steps, action.batch, action.accum)))
 
     # -- the synthetic worker -----------------------------------------------------------------------
 
@@ -289,7 +289,8 @@ class Simulation:
         transient = int(scenario.peak_per_sample * worker.batch)
         seconds = scenario.step_time(worker.batch, worker.accum)
         # Like the real worker, the step reports its transient as MLX's in-step peak over active memory.
-        return ev.StepIn(self.now, step, worker.batch, worker.accum, 0.0, seconds, level, 0, level + transient, level)
+        return ev.StepIn(self.now, Step(step, worker.batch, worker.accum, 0.0, seconds, level, 0, level + transient,
+                                        level))
 
     def _save(self, step: int) -> None:
         """A durable checkpoint at ``step``: the steps since the previous one now count."""

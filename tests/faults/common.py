@@ -285,7 +285,11 @@ def reap_all(limit: int = 1000) -> int:
 def start_daemon(area: Area, config: Path, mark: str, log_name: str = "daemon.log") -> Group:
     """A service-mode daemon on ``config`` that answers on its control socket (killed if it never does)."""
     daemon = Group(mlxsupd("-c", str(config), "--log-format", "json"), area.root / log_name, mark)
-    if not wait_until(lambda: answers(area.run_dir, 1.0) or not daemon.alive(), 30, 0.05) or not daemon.alive():
+    # 60 s: a loaded 2-core machine can take tens of seconds to start a Python process and bind its sockets.
+    answered = wait_until(lambda: answers(area.run_dir, 1.0) or not daemon.alive(), 60, 0.05)
+    if not daemon.alive():
+        raise RuntimeError(f"daemon exited at start; see {area.root / log_name}")
+    if not answered:
         daemon.kill()
-        raise RuntimeError(f"daemon did not answer within 30 s; see {area.root / log_name}")
+        raise RuntimeError(f"daemon did not answer within 60 s; see {area.root / log_name}")
     return daemon

@@ -115,7 +115,9 @@ def worker_raw(area: Area, count: int, rng: random.Random, paced: bool = True) -
         time.sleep(0.2)
         tally["replies"] += peer.drain()
     finally:
-        peer.close()
+        # Deliver everything still queued (a loaded daemon drains slowly); dropping it would leave frames
+        # that no log line can account for.
+        peer.close(linger_ms=30_000)
     return tally
 
 
@@ -133,7 +135,7 @@ def worker_hypothesis(area: Area, examples: int, seed_value: int) -> int:
     try:
         one()
     finally:
-        peer.close()
+        peer.close(linger_ms=30_000)
     return ran[0]
 
 
@@ -197,12 +199,19 @@ def run(ws: Workspace, raw: int, examples: int, seed_value: int) -> FaultResult:
     return result
 
 
+def rejections(log: Path) -> dict[str, int]:
+    """How many worker frames the daemon's log reports as rejected or ignored, by event."""
+    text = log.read_text(errors="replace")
+    return {e: text.count(f'"event": "{e}"') for e in
+            ("worker_frame_rejected", "worker_message_ignored", "worker_hello_rejected")}
+
+
 def verdict(result: FaultResult, log: Path, problem: str, alive: bool) -> None:
     """Judge the whole pass: every frame accounted for in the log, daemon up, job untouched, RSS flat."""
-    text = log.read_text(errors="replace")
-    logged = {e: text.count(f'"event": "{e}"') for e in
-              ("worker_frame_rejected", "worker_message_ignored", "worker_hello_rejected")}
     worker_frames = result.extra["worker_frames"] + BURST
+    # A loaded machine can stall the daemon for longer than settle() waits: wait for the count itself.
+    wait_until(lambda: sum(rejections(log).values()) >= worker_frames, 60, 0.25)
+    logged = rejections(log)
     result.note(f"daemon log: {logged} (= {sum(logged.values())} of {worker_frames} worker frames)")
     before, after = result.extra["rss_before"], result.extra["rss_after"]
     result.extra["daemon_alive"] = alive

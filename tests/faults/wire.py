@@ -107,6 +107,7 @@ class WorkerPeer:
             count += 1
         return count
 
-    def close(self) -> None:
-        self.sock.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        """Close; with ``linger_ms`` first hand libzmq that long to deliver what is still queued."""
+        self.sock.close(linger=linger_ms)
         self.context.term()
