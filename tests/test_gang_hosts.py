@@ -152,12 +152,37 @@ class Hosts:
             daemon.wait(timeout=30)
 
 
+def mlxsupctl(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "supervisor.cli.mlxsupctl", "-c", str(config), *args]
+
+
+def running_ranks(namespace: str, config: Path, ranks: int = 2) -> dict[str, Any] | None:
+    """Job j's status from the daemon in ``namespace``, once ``ranks`` of its ranks are running."""
+    import json
+
+    done = subprocess.run(["ip", "netns", "exec", namespace, *mlxsupctl(config, "--json", "status", "j")],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        return None
+    [row] = json.loads(done.stdout)["jobs"]
+    running = [r for r in row.get("ranks", []) if r["state"] == "running"]
+    return row if len(running) == ranks else None
+
+
 class TestTwoHosts:
     """Normal run, a leak-driven stop on the follower's rank, and a partition longer than hang_timeout."""
 
     def test_normal_run_finishes_with_the_same_weights_on_both_hosts(self, net: Net, tmp_path: Path,
                                                                       spawn: Any) -> None:
-        hosts = Hosts(net, tmp_path, spawn, {})
+        hosts = Hosts(net, tmp_path, spawn, {"train": {"step_sleep": 0.1}})
+        leader = wait_for(lambda: running_ranks(net.names[0], tmp_path / "a.toml"), "both ranks in the leader's status")
+        assert [(r["rank"], r["host"]) for r in leader["ranks"]] == [(0, ADDRESSES[0]), (1, ADDRESSES[1])]
+        assert leader["gang"]["world"] == 2 and leader["gang"]["leader"] is True
+        follower = wait_for(lambda: running_ranks(net.names[1], tmp_path / "b.toml", 1), "the follower's status")
+        assert follower["gang"]["leader_heard_seconds_ago"] is not None and follower["gang"]["leader"] is False
+        text = subprocess.run(["ip", "netns", "exec", net.names[0], *mlxsupctl(tmp_path / "a.toml", "status", "j")],
+                              capture_output=True, text=True, timeout=30).stdout
+        assert "gang: 2 ranks" in text and f"rank 1@{ADDRESSES[1]}" in text
         hosts.wait_finished()
         hosts.stop()
         assert same_weights(hosts.final("a"), hosts.final("b"))  # each host's writer holds the gang's model

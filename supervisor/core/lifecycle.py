@@ -689,4 +689,4 @@ _HANDLERS: dict[type[Any], Callable[[Lifecycle, Any], None]] = {
 
 
 def describe_exit(code: int) -> str:
-    return f"exited {code}" if code >= 0 else f"killed by signal {-code}"
+    return f"exit {code}" if code >= 0 else f"killed by signal {-code}"

@@ -49,6 +49,10 @@ def gang_status(job: Job) -> dict[str, Any]:
                       "heard_seconds_ago": round(job.system.now() - peer.heard, 1) if peer.heard > 0 else None})
     gang = {**describe_layout(job.layout), "generation": lifecycle.gen, "stop_steps": lifecycle.stats.stop_steps[-5:],
             "followers": hosts}
+    if lifecycle.settings.follower:
+        heard = job.leader_heard
+        gang.update(leader_endpoint=job.config.gang.leader,
+                    leader_heard_seconds_ago=round(job.system.now() - heard, 1) if heard is not None else None)
     return {"gang": gang, "ranks": sorted(ranks, key=lambda r: r["rank"])}
 
 
@@ -60,6 +64,9 @@ def status_line(row: dict[str, Any]) -> str:
     if "gang" in row:
         gang = row["gang"]
         line += f"\n  gang: {gang['world']} ranks, generation {gang['generation']}, this host {gang['host']}"
+        if "leader_endpoint" in gang:
+            heard = gang["leader_heard_seconds_ago"]
+            line += f", leader {gang['leader_endpoint']} " + ("never heard" if heard is None else f"heard {heard}s ago")
         line += "".join("\n" + rank_line(r) for r in row["ranks"])
     return line
 
