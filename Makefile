@@ -23,8 +23,10 @@ STAMP313 := $(VENV313)/.installed
 
 # The macOS-shaped lane: these tests run again with every process made to look like macOS CPython 3.11
 # (tests/fake_macos/sitecustomize.py: no os.waitid, darwin code paths on fakes of libproc, sysctl and waitid).
-# The daemon tests are a chosen few (the whole module takes minutes): start, budget, reload, shutdown, bad requests.
+# The daemon tests are a chosen few (the whole module takes minutes): start, budget, reload, shutdown, bad requests;
+# and one gang: two ranks sampled, reaped and restarted through the macOS paths.
 FAKE_MACOS_TESTS := tests/test_fake_macos.py tests/test_process.py tests/test_footprint.py tests/test_service.py \
+	tests/test_gang.py::TestGangRestart::test_sigkill_of_one_rank_restarts_the_gang_and_nothing_is_lost \
 	tests/test_service_fake_managers.py tests/test_daemon.py::TestRobustness \
 	tests/test_daemon.py::TestCommands::test_budget_change_takes_effect_on_the_next_sample \
 	tests/test_daemon.py::TestReloadAndShutdown::test_sighup_adds_and_removes_jobs \
