@@ -35,9 +35,10 @@ from supervisor.core.policy import Limits, PolicyConfig
 from supervisor.core.sizes import parse_bytes, parse_fraction_of
 from supervisor.core.states import JobState
 from supervisor.daemon.history import History
+from supervisor.daemon.ranks import rank_env, rank_rows, write_ring
 from supervisor.daemon.recorder import Recorder
 from supervisor.daemon.system import System, WorkerProcess
-from supervisor.hostfile import Layout, ring_json
+from supervisor.hostfile import Layout
 
 Publish = Callable[[str, str, dict[str, Any]], None]  # (job, kind, data)
 SendToWorker = Callable[[bytes, bytes], None]  # (identity, frame)
@@ -174,23 +175,8 @@ class Job:
         return self.lifecycle.next_deadline()
 
     def rank_rows(self) -> list[dict[str, Any]]:
-        """This daemon's ranks as status and top show them: step, memory against the per-rank budget, decision."""
-        life, stats = self.life, self.stats
-        rows = []
-        for rank in self.lifecycle.settings.ranks:
-            current = life.ranks.get(rank) if life is not None else None
-            rows.append({
-                "rank": rank, "host": self.layout.me_name if self.layout else "",
-                "pid": current.pid if current is not None and current.alive else None,
-                "state": ("running" if current.hello else "starting") if current is not None and current.alive
-                else "exited" if current is not None else "-",
-                "step": current.last_step if current is not None else stats.steps_completed,
-                "sampled_bytes": current.last_bytes if current is not None else 0,
-                "max_sampled_bytes": stats.rank_max_sampled.get(rank, 0), "budget_bytes": self.limits.budget,
-                "leak_bytes_per_step": round(current.estimator.slope) if current is not None else 0,
-                "decision": self.last_decision.get(rank, ""),
-            })
-        return rows
+        """This daemon's ranks as status and top show them (see ``supervisor.daemon.ranks``)."""
+        return rank_rows(self)
 
     # -- operator requests (Refused when the job cannot take them now) ------------------------------
 
@@ -403,13 +389,8 @@ class Job:
         return self.paths.logs / f"rank-{rank}" if self.layout is not None else self.paths.logs
 
     def _write_ring(self, generation: int) -> None:
-        """The MLX_HOSTFILE of this generation (fresh ports), replaced atomically."""
-        if self.layout is None or self.paths.ring is None:
-            return
-        self.paths.ring.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.paths.ring.with_name(self.paths.ring.name + ".tmp")
-        tmp.write_text(ring_json(self.layout, generation))
-        os.replace(tmp, self.paths.ring)
+        if self.layout is not None and self.paths.ring is not None:
+            write_ring(self.layout, self.paths.ring, generation)
 
     def _worker_env(self, token: str, batch: int, accum: int, rank: int = 0) -> dict[str, str]:
         config = self.config
@@ -424,8 +405,7 @@ class Job:
             "MLXSUP_CACHE_CLEAR_BYTES": str(parse_bytes(config.cache_clear)),
         })
         if self.layout is not None and self.paths.ring is not None:
-            env.update({"MLX_RANK": str(rank), "MLX_HOSTFILE": str(self.paths.ring),
-                        "MLXSUP_RANKS": str(self.layout.world), "MLXSUP_WRITER": str(int(self.layout.writer(rank)))})
+            env.update(rank_env(self.layout, self.paths.ring, rank))
         return env
 
     def _cwd(self) -> Path | None:
