@@ -88,6 +88,8 @@ ROWS: list[tuple[str, tuple[str, ...], Target, Callable[[Any], str]]] = [
     ("daemon_rss_bytes", ("daemon_rss_bytes",), Target("<=", 100 * MiB), _mib),
     ("gang_step_rate_ratio (2 ranks, supervised/unsupervised)", ("gang_step_rate_ratio",), Target(">=", 0.95),
      _ratio),
+    ("  spread of the pairs' ratios: min", ("details", "gang", "ratio_min"), Target(), _ratio),
+    ("  max", ("details", "gang", "ratio_max"), Target(), _ratio),
     ("gang_recovery_seconds (breach -> every rank stepping)", ("gang_recovery_seconds",), Target("<=", 3.0),
      _seconds),
     ("  max over restarts", ("details", "gang", "gang_recovery_seconds_max"), Target(), _seconds),

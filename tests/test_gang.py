@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +117,6 @@ class TestGangExample:
 
     def test_example_trains_as_two_ranks_with_collective_checkpoints(self, config_file: Any, tmp_path: Path,
                                                                      spawn: Any) -> None:
-        import sys
-
         root = Path(__file__).resolve().parent.parent
         config = config_file({"j": {"command": [sys.executable, str(root / "examples" / "gang_loop.py")],
                                     "ranks": 2, "budget": "2GiB", "checkpoint_every": 25,
@@ -129,3 +129,32 @@ class TestGangExample:
         assert sorted(p.name for p in checkpoints.glob("ckpt-*"))[-1] == "ckpt-0000000100"
         for rank in (0, 1):  # each rank's own state, at every checkpointed step
             assert (checkpoints / "ranks" / f"rank-{rank}" / "ckpt-0000000100").is_dir()
+
+
+class TestOperator:
+    """Operator requests to one daemon reach every rank of its gang at one step."""
+
+    def test_checkpoint_and_stop_requests_land_at_one_step_on_every_rank(self, config_file: Any, tmp_path: Path,
+                                                                          spawn: Any) -> None:
+        from tests.test_daemon import Daemon
+
+        job = gang_job(free_port_base(), checkpoint_every=0, autostart=True,
+                       train={"steps": 100000, "step_sleep": 0.05})
+        daemon = Daemon(spawn, config_file({"j": job}), tmp_path)
+        daemon.wait(lambda: sum(r["state"] == "running" for r in daemon.json("status", "j")["jobs"][0]["ranks"]) == 2,
+                    60, "both ranks running")
+        text = subprocess.run([sys.executable, "-m", "supervisor.cli.mlxsupctl", "-c", str(daemon.config), "status",
+                               "j"], capture_output=True, text=True, timeout=30).stdout
+        assert "gang: 2 ranks, generation 1" in text and "rank 0" in text and "rank 1" in text
+        daemon.json("checkpoint", "j")
+
+        def saved() -> list[dict[str, Any]]:
+            return [e for e in daemon.history("j") if e["event"] == "checkpoint"]
+
+        daemon.wait(lambda: len(saved()) == 2, 30, "a checkpoint from each rank")
+        assert {e["rank"] for e in saved()} == {0, 1} and len({e["step"] for e in saved()}) == 1
+        daemon.json("stop", "j")
+        daemon.wait(lambda: daemon.states()["j"] == "STOPPED", 30, "the gang stopped")
+        [stop] = [e["steps"] for e in daemon.history("j") if e["event"] == "gang_stop"]
+        assert len(set(stop)) == 1 and stop[0] > saved()[0]["step"]
+        assert daemon.stop() == 0
