@@ -33,7 +33,7 @@ FAKE_MACOS_TESTS := tests/test_fake_macos.py tests/test_process.py tests/test_fo
 	tests/test_daemon.py::TestReloadAndShutdown::test_sigterm_checkpoints_every_worker_then_exits_zero
 FAKE_MACOS_ENV := MLXSUP_FAKE_MACOS=1 PYTHONPATH=$(CURDIR)/tests/fake_macos
 
-.PHONY: venv demo demo-gang test test-main test-fake-macos test-py313 bench faults lint clean
+.PHONY: venv demo demo-lora demo-gang test test-main test-fake-macos test-py313 bench faults lint clean
 
 venv: $(STAMP)
 
@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) $(NEW_ENOUGH) || { echo "make: $(PYTHON) does not run or is older than 3.11; $(GET_PYTHON)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,mlx-lm]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -51,6 +51,14 @@ demo: $(STAMP)
 	$(VENV)/bin/mlxsupd run -c deploy/demo.toml demo --summary .demo/summary.json
 	$(PY) -m supervisor.tools.plot .demo/state/jobs/demo --summary .demo/summary.json -o .demo/memory.png
 	@echo "summary: .demo/summary.json  plot: .demo/memory.png"
+
+demo-lora: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[plot,mlx-lm]"
+	rm -rf .demo-lora
+	HF_HUB_OFFLINE=1 $(PY) -m worker.mlx_lm.tiny .demo-lora
+	$(VENV)/bin/mlxsupd run -c deploy/lora.toml lora --summary .demo-lora/summary.json
+	$(PY) -m supervisor.tools.plot .demo-lora/state/jobs/lora --summary .demo-lora/summary.json -o .demo-lora/memory.png
+	@echo "summary: .demo-lora/summary.json  plot: .demo-lora/memory.png  adapters: .demo-lora/adapters"
 
 # Two ranks of a data-parallel job on loopback, a leak on rank 1 only: every breach stops both at one step.
 demo-gang: $(STAMP)
@@ -69,7 +77,7 @@ test-fake-macos: $(STAMP)
 $(STAMP313): pyproject.toml
 	$(PYTHON313) -m venv $(VENV313)
 	$(VENV313)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV313)/bin/python -m pip install --quiet -e ".[test]"
+	$(VENV313)/bin/python -m pip install --quiet -e ".[test,mlx-lm]"
 	touch $(STAMP313)
 
 ifeq ($(PYTHON313),)
@@ -93,4 +101,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy supervisor worker protocol
 
 clean:
-	rm -rf $(VENV) $(VENV313) .demo .demo-gang .bench .faults
+	rm -rf $(VENV) $(VENV313) .demo .demo-lora .demo-gang .bench .faults

@@ -35,6 +35,7 @@ class ControlError(Exception):
     NO_SUCH_JOB = "no_such_job"
     BAD_STATE = "bad_state"
     BAD_VALUE = "bad_value"
+    FORBIDDEN = "forbidden"  # the client's role does not allow the command (the message names the role that does)
     INTERNAL = "internal"
 
     def __init__(self, code: str, message: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Final, get_type_hints
+from typing import Any, ClassVar, Final, get_args, get_type_hints
 
 import msgpack
 
@@ -52,6 +52,9 @@ class Step:
     mlx_cache: int
     mlx_peak: int
     footprint: int
+    # Optional (absent from the frame when None): training throughput, and the validation loss of this step.
+    tokens_per_second: float | None = None
+    val_loss: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,10 +79,12 @@ class Goodbye:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Liveness, both ways. ``sent_at`` is the sender's wall clock (same machine)."""
+    """Liveness, both ways. ``sent_at`` is the sender's wall clock (same machine). A worker's heartbeat may
+    carry its spawn token: before its hello (while it loads a model) that is how the daemon knows it is alive."""
 
     TAG: ClassVar[str] = "heartbeat"
     sent_at: float
+    token: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -104,6 +109,11 @@ _FIELDS: Final[dict[str, tuple[tuple[str, type[Any]], ...]]] = {
     for tag, cls in _TYPES.items()
 }
 _MAX_STR: Final = 4096
+# Fields that may be absent from a frame (and are left out when None): their defaults.
+_OPTIONAL: Final[dict[str, dict[str, Any]]] = {
+    cls.TAG: {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    for cls in _TYPES.values()
+}
 
 
 _NAMES: Final[dict[str, tuple[str, ...]]] = {tag: tuple(n for n, _ in fields) for tag, fields in _FIELDS.items()}
@@ -113,8 +123,11 @@ _PACKER: Final = msgpack.Packer(use_bin_type=True)  # reused: encode runs once p
 def encode(message: Message) -> bytes:
     """Serialize one message to a frame."""
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": message.TAG}
+    optional = _OPTIONAL[message.TAG]
     for name in _NAMES[message.TAG]:
-        body[name] = getattr(message, name)
+        value = getattr(message, name)
+        if value is not None or name not in optional:
+            body[name] = value
     return _PACKER.pack(body)  # type: ignore[no-any-return]
 
 
@@ -146,10 +159,17 @@ def decode(frame: bytes) -> Message:
     return message
 
 
-def _check(tag: str, name: str, kind: type[Any], body: dict[str, Any]) -> Any:
+def _check(tag: str, name: str, kind: Any, body: dict[str, Any]) -> Any:
+    optional = _OPTIONAL[tag]
     if name not in body:
+        if name in optional:
+            return optional[name]
         raise ProtocolError(f"{tag}: missing field {name!r}")
     value = body[name]
+    if name in optional and optional[name] is None:
+        if value is None:
+            return None
+        kind = next(k for k in get_args(kind) if k is not type(None))  # X | None: check as X
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ProtocolError(f"{tag}.{name}: expected an integer, got {type(value).__name__}")

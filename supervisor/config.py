@@ -16,7 +16,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from supervisor import paths
 from supervisor.core.policy import Limits
-from supervisor.core.sizes import SizeError, parse_budget, parse_bytes, parse_fraction_of
+from supervisor.core.sizes import SizeError, format_bytes, parse_budget, parse_bytes, parse_fraction_of
 from supervisor.hostfile import Layout, LayoutError, build_layout, local_addresses
 
 
@@ -37,7 +37,8 @@ class ControlConfig:
     tcp: str = _f("", "optional TCP endpoint for remote control, e.g. tcp://0.0.0.0:7781 (requires CURVE)")
     events_tcp: str = _f("", "optional TCP endpoint for the event stream (requires CURVE like `tcp`)")
     server_key: str = _f("", "CURVE secret key file of the daemon (made by `mlxsupctl keygen`)")
-    authorized_keys: str = _f("", "file listing the public keys (one per line) allowed to connect over TCP")
+    authorized_keys: str = _f("", "file listing the public keys allowed over TCP, one per line, each with an "
+                                  "optional role (read, operate, admin; default admin) and name")
     allow_plaintext_loopback: bool = _f(False, "allow TCP without CURVE, only when bound to 127.0.0.1/::1")
 
 
@@ -55,7 +56,8 @@ class DaemonConfig:
     floor_hysteresis: str = _f("512MiB", "memory above the floor needed before waiting jobs resume")
     log_format: str = _f("auto", "daemon log lines: auto (console on a terminal, else json), console, json")
     log_file: str = _f("", "daemon log file (default: stderr, which launchd/systemd capture); SIGUSR1 reopens it")
-    log_max_bytes: str = _f("50MiB", "rotate the daemon log file (and worker logs, at spawn) past this size")
+    log_max_bytes: str = _f("50MiB", "rotate the daemon log file, audit.jsonl (and worker logs, at spawn) past "
+                                      "this size")
     log_keep: int = _f(3, "rotated log files kept")
     control: ControlConfig = dataclasses.field(default_factory=ControlConfig, metadata={"help": "", "unit": ""})
 
@@ -79,6 +81,8 @@ class JobConfig:
 
     command: list[str] = _f([], "argv of a custom training script using worker.Session; empty: the built-in LM")
     train: dict[str, Any] = _f({}, "options of the built-in LM (`python -m worker --help`), e.g. steps = 1000")
+    mlx_lm: dict[str, Any] = _f({}, "an mlx-lm fine-tune: mlx_lm.lora's options (see [jobs.NAME.mlx_lm]); "
+                                "sets batch and accum")
     env: dict[str, str] = _f({}, "extra environment variables for the worker")
     working_dir: str = _f("", "working directory of the worker (default: the daemon's)")
     autostart: bool = _f(True, "start with the daemon")
@@ -187,9 +191,25 @@ def parse_config(raw: dict[str, Any], path: Path, total_memory: int | None = Non
     if not isinstance(jobs_raw, dict):
         raise ConfigError(f"{path}: [jobs] must be a table of jobs")
     jobs = {name: _build(JobConfig, table, f"jobs.{name}", path) for name, table in jobs_raw.items()}
+    jobs = {name: _mlx_lm_job(name, job, jobs_raw[name], path) for name, job in jobs.items()}
     config = Config(path, daemon, jobs)
     _validate(config, total_memory if total_memory is not None else _total_memory())
     return config
+
+
+def _mlx_lm_job(name: str, job: JobConfig, table: dict[str, Any], path: Path) -> JobConfig:
+    """An ``mlx_lm`` table checked against the rest of the job; its batch and accum become the job's."""
+    if not job.mlx_lm:
+        return job
+    from worker.mlx_lm.options import configure_job
+    from worker.mlx_lm.requirement import MlxLmUnavailable
+
+    try:
+        cache_clear = parse_bytes(job.cache_clear) if "cache_clear" in table else None
+        kind = configure_job(job.mlx_lm, table, path.parent, cache_clear)
+    except (ValueError, MlxLmUnavailable) as exc:  # OptionError and SizeError are ValueErrors
+        raise ConfigError(f"{path}: jobs.{name}: {exc}") from None
+    return dataclasses.replace(job, mlx_lm=kind.table, batch=kind.batch, accum=kind.accum)
 
 
 def _total_memory() -> int:
@@ -280,6 +300,13 @@ def _validate(config: Config, total: int) -> None:
         _validate_gang(config, name, total)
 
 
+def check_limits(limits: Limits) -> None:
+    """SizeError unless warn <= budget < kill (the escalation bands must come in this order)."""
+    if not limits.warn <= limits.budget < limits.kill:
+        raise SizeError(f"need warn <= budget < kill, got warn {format_bytes(limits.warn)}, budget "
+                        f"{format_bytes(limits.budget)}, kill {format_bytes(limits.kill)}")
+
+
 def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
     prefix = f"{where}: jobs.{name}"
     if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
@@ -291,8 +318,10 @@ def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
         parse_fraction_of(job.cache_limit, limits.budget)
     except SizeError as exc:
         raise ConfigError(f"{prefix}: {exc}") from None
-    if not limits.warn <= limits.budget < limits.kill:
-        raise ConfigError(f"{prefix}: need warn <= budget < kill, got {limits}")
+    try:
+        check_limits(limits)
+    except SizeError as exc:
+        raise ConfigError(f"{prefix}: {exc}") from None
     positive = ("batch", "accum", "min_batch", "keep_checkpoints", "max_attempts_without_progress")
     for key in positive:
         if getattr(job, key) < 1:
@@ -349,6 +378,9 @@ def _validate_gang(config: Config, name: str, total: int) -> None:
     if not job.sdk:
         raise ConfigError(f"{prefix}: a gang needs the SDK (sdk = true): its ranks stop and checkpoint together "
                           "through it")
+    if job.mlx_lm:
+        raise ConfigError(f"{prefix}: an mlx-lm fine-tune cannot run as a gang yet (its trainer reduces gradients "
+                          "without the gang's stop flags); use ranks = 1")
     local = len(layout.local_ranks)
     if local * job.limits(total).budget >= total:
         raise ConfigError(f"{prefix}: {local} ranks x budget {job.budget} do not fit in this machine's memory")
@@ -371,6 +403,10 @@ def worker_argv(job: JobConfig) -> list[str]:
     """The command that runs this job's worker."""
     if job.command:
         return list(job.command)
+    if job.mlx_lm:
+        from worker.mlx_lm.options import to_argv
+
+        return [sys.executable, "-m", "worker.mlx_lm", *to_argv(job.mlx_lm)]
     from worker.cli import train_argv
 
     return [sys.executable, "-m", "worker", *train_argv(job.train)]

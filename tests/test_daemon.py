@@ -144,7 +144,12 @@ class TestCommands:
         assert d.json("budget", "steady")["budget_bytes"] == 2**30
         bad = d.ctl("budget", "steady", "lots")
         assert bad.returncode == 1 and "lots" in bad.stderr
-        assert d.json("budget", "steady", "20MiB")["budget_bytes"] == 20 * 2**20
+        refused = d.ctl("budget", "steady", "20MiB")  # far under what the worker already uses
+        assert refused.returncode == 1 and "bad_value" in refused.stderr and "kill ceiling 22.0 MiB" in refused.stderr
+        assert d.json("budget", "steady")["budget_bytes"] == 2**30  # unchanged
+        assert d.json("budget", "steady", "20MiB", "--force")["budget_bytes"] == 20 * 2**20
+        forced = read_history(d.tmp_path / "state" / "audit.jsonl")[-1]
+        assert forced["command"] == "budget" and forced["args"]["force"] is True and forced["client"] == "local"
         d.wait(lambda: any(e["event"] == "decision" for e in d.history("steady")), 10, "a decision")
         changed = next(e for e in d.history("steady") if e["event"] == "budget")
         decision = next(e for e in d.history("steady") if e["event"] == "decision")
@@ -372,21 +377,3 @@ class TestInteractive:
         assert top.returncode == 0 and lines[0].startswith("JOB")
         leaky = next(line for line in lines if line.startswith("leaky"))
         assert "[" in leaky and "/600.0 MiB" in leaky
-
-
-class TestAuthorizedKeys:
-    """The allow-list parser accepts both formats and keys that contain '#' (a Z85 digit)."""
-
-    def test_formats(self, tmp_path: Path) -> None:
-        from supervisor.config import ConfigError
-        from supervisor.control.server import read_authorized_keys
-
-        key = "iR+c]@Nlb@)e8u#NeVdOov8@Io&.J3SWlk03e+<<"
-        path = tmp_path / "keys"
-        path.write_text(f"# a comment\n\n{key}\n")
-        assert read_authorized_keys(path) == {key.encode()}
-        path.write_text(f'#  ZeroMQ CURVE Public Certificate\nmetadata\ncurve\n    public-key = "{key}"\n')
-        assert read_authorized_keys(path) == {key.encode()}
-        path.write_text("too-short\n")
-        with pytest.raises(ConfigError, match="keys:1 is not a 40-char Z85 public key"):
-            read_authorized_keys(path)

@@ -23,6 +23,7 @@ from protocol import (
 SAMPLES = [
     Hello("tok", 123, "demo", 0, 1000, 8, 1),
     Step(5, 8, 2, 2.5, 0.01, 1 << 30, 1 << 20, 1 << 31, 3 << 30),
+    Step(6, 4, 2, 2.4, 0.01, 1 << 30, 1 << 20, 1 << 31, 3 << 30, tokens_per_second=1500.0, val_loss=2.1),
     CheckpointSaved(100, "/tmp/x/ckpt-0000000100", 0.2, 123456),
     Goodbye("finished", 1000),
     Heartbeat(1.7e9),
@@ -45,6 +46,11 @@ class TestRoundTrip:
         body = {"v": 1, "t": "heartbeat", "sent_at": 5}
         assert decode(frame(**body)) == Heartbeat(5.0)
 
+    def test_optional_fields_are_left_out_when_none_and_default_to_none(self) -> None:
+        body = msgpack.unpackb(encode(SAMPLES[1]))
+        assert "val_loss" not in body and "tokens_per_second" not in body
+        assert decode(encode(SAMPLES[1])).val_loss is None  # type: ignore[union-attr]
+
     def test_frames_are_small(self) -> None:
         assert all(len(encode(m)) < 256 for m in SAMPLES)
 
@@ -66,6 +72,8 @@ class TestRejection:
             (frame(v=1, t="goodbye", reason="x", step=1, extra=2), "unexpected field"),
             (frame(v=1, t="command", action="rm -rf /", reason=""), "unknown action"),
             (frame(v=1, t="heartbeat", sent_at=float("inf")), "infinite"),
+            (msgpack.packb({**msgpack.unpackb(encode(SAMPLES[1])), "val_loss": "low"}),
+             "step.val_loss: expected a number"),
             (frame(v=1, t="goodbye", reason="x" * 5000, step=1), "exceeds"),
             (b"\x00" * (MAX_MESSAGE_BYTES + 1), "exceeds the maximum"),
             (encode(Heartbeat(1.0))[:-3], "not valid msgpack"),

@@ -107,6 +107,13 @@ class TestKeepalive:
         assert code == 0
         assert not [e for e in history if e["event"] == "kill"]
 
+    def test_a_model_load_longer_than_startup_timeout_before_the_hello_is_not_killed(self, config_file: Any,
+                                                                                      tmp_path: Path) -> None:
+        code, history = run(config_file, tmp_path, [sys.executable, SLOW, "2", "0", "--load", "6"],
+                            startup_timeout=3.0)
+        assert code == 0
+        assert not [e for e in history if e["event"] == "kill"]
+
     def test_the_same_pause_without_busy_is_killed_as_hung(self, config_file: Any, tmp_path: Path) -> None:
         _, history = run(config_file, tmp_path, [sys.executable, SLOW, "3", "0", "--idle", "5"],
                          hang_timeout=2.0, backoff_initial=0.2)

@@ -97,6 +97,7 @@ class Session:
         self.accum = settings.accum or accum
         self._model: Any = None
         self._optimizer: Any = None
+        self._trainable_only = False
         self._last_heard = time.time()
         self._last_end = time.perf_counter()
         self._stop_reason = ""  # set by SIGTERM or the watchdog
@@ -148,11 +149,15 @@ class Session:
         evaluation or save runs, so the daemon's ``hang_timeout`` does not fire."""
         return self._pulse.busy(what) if self._pulse is not None else contextlib.nullcontext()
 
-    def resume(self, model: Any, optimizer: Any) -> Resumed:
+    def resume(self, model: Any, optimizer: Any, *, trainable_only: bool = False) -> Resumed:
         """Attach the model and optimizer to checkpoint, and load the newest good checkpoint into them.
 
-        In a gang every rank must call it: the ranks agree on the newest step all of them can load."""
+        ``trainable_only``: checkpoint ``model.trainable_parameters()`` only (a fine-tune's adapters, not the
+        frozen base model, which is reloaded from its own files). In a gang every rank must call it: the ranks
+        agree on the newest step all of them can load.
+        """
         self._model, self._optimizer = model, optimizer
+        self._trainable_only = trainable_only
         loaded: ckpt.Checkpoint | None = None
         extra: dict[str, Any] = {}
         if self.checkpoint_dir is not None:
@@ -182,9 +187,11 @@ class Session:
         self._want_checkpoint = False
         return averaged
 
-    def end_step(self, step: int, loss: float, extra: dict[str, Any] | None = None) -> None:
+    def end_step(self, step: int, loss: float, extra: dict[str, Any] | None = None, *,
+                 tokens_per_second: float | None = None, val_loss: float | None = None) -> None:
         """Report optimizer step ``step`` (1-based count of steps done) and act on pending commands.
 
+        ``tokens_per_second`` and ``val_loss`` (when this step was validated) are optional telemetry.
         May not return: on checkpoint-and-exit it saves, says goodbye and exits with status 75. In a gang every
         rank calls it at every step, and the ranks act on the same decision (see ``worker.gang``).
         """
@@ -194,7 +201,7 @@ class Session:
                 self._say_hello(step - 1)
             self._send(Step(step, self.batch, self.accum, float(loss), now - self._last_end,
                             mx.get_active_memory(), mx.get_cache_memory(), mx.get_peak_memory(),
-                            self_footprint()))
+                            self_footprint(), tokens_per_second, val_loss))
             mx.reset_peak_memory()
         self._last_end = now
         settings = self.settings
@@ -243,7 +250,8 @@ class Session:
             return None
         started = time.perf_counter()
         meta = {"batch": self.batch, "accum": self.accum, "job": self.settings.job, "extra": extra or {}}
-        model = dict(tree_flatten(self._model.parameters()))
+        params = self._model.trainable_parameters() if self._trainable_only else self._model.parameters()
+        model = dict(tree_flatten(params))
         optimizer = dict(tree_flatten(self._optimizer.state))
         keep = self.settings.keep_checkpoints
         if self.gang is not None:
@@ -291,8 +299,8 @@ class Session:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(self.settings.endpoint)
         self._socket = sock
-        self._pulse = Pulse(self._lock, lambda: self._send_locked(Heartbeat(time.time())), self._drain_locked,
-                            lambda: self._last_heard, self.settings.orphan_timeout, EXIT_CHECKPOINTED)
+        self._pulse = Pulse(self._lock, self._heartbeat_locked, self._drain_locked, lambda: self._last_heard,
+                            self.settings.orphan_timeout, EXIT_CHECKPOINTED)
         self._pulse.start()
 
     def _say_hello(self, start_step: int) -> None:
@@ -313,6 +321,10 @@ class Session:
             self._socket.send(encode(message), zmq.NOBLOCK)
         except zmq.Again:
             pass  # telemetry is best effort; the daemon samples our footprint itself
+
+    def _heartbeat_locked(self) -> None:
+        # The token lets the daemon count this as a sign of life even before our hello (a long model load).
+        self._send_locked(Heartbeat(time.time(), self.settings.token))
 
     def _poll(self) -> list[Command]:
         """Commands received since the last boundary; notes a lost or silent daemon."""

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor.control.client import ControlClient
+from supervisor.control.client import ControlClient, UsageError
 from supervisor.control.commands import REGISTRY, ControlError
 from supervisor.control.commands.jobs import rank_line
 from supervisor.core.sizes import format_bytes
@@ -71,10 +71,8 @@ def top(client: ControlClient, events: str, once: bool, seconds: float | None) -
     import zmq
 
     decisions: dict[str, str] = {}
-    sub = client.new_socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"job.")
-    if events:
-        sub.connect(events)
+    # Without an event endpoint (-s tcp://... and no --events) the table still works, only without decisions.
+    sub = client.subscriber(events, ["job."]) if events else client.new_socket(zmq.SUB)
     end = time.monotonic() + seconds if seconds else float("inf")
     tty = sys.stdout.isatty()
     try:
@@ -100,10 +98,11 @@ class Shell(cmd.Cmd):
 
     prompt = "mlxsup> "
 
-    def __init__(self, client: ControlClient, args: argparse.Namespace) -> None:
+    def __init__(self, client: ControlClient, args: argparse.Namespace, events: str = "") -> None:
         super().__init__()
         self.client = client
         self.args = args
+        self.events = events
         self.jobs: list[str] = []
         self.intro = "mlxsupctl shell: 'help' lists commands, 'quit' leaves."
 
@@ -119,9 +118,13 @@ class Shell(cmd.Cmd):
             print(f"*** {words[0] if words else line}: not available in the shell")
             return False
         try:
-            run_command(args, self.client, "")
+            run_command(args, self.client, self.events)
         except ControlError as exc:
             print(f"*** {exc.code}: {exc.message}")
+        except UsageError as exc:
+            print(f"*** {exc}")
+        except KeyboardInterrupt:  # ends a `tail -f`, not the session
+            print()
         return False
 
     def _globals(self) -> list[str]:
@@ -153,7 +156,7 @@ class Shell(cmd.Cmd):
         return [j for j in self.jobs if j.startswith(text)]
 
 
-def shell(client: ControlClient, args: argparse.Namespace) -> int:
+def shell(client: ControlClient, args: argparse.Namespace, events: str = "") -> int:
     """The interactive shell, with history kept in ~/.mlxsupctl_history when readline is available."""
     history: Path | None = Path(os.path.expanduser("~/.mlxsupctl_history"))
     try:
@@ -165,7 +168,7 @@ def shell(client: ControlClient, args: argparse.Namespace) -> int:
     except (ImportError, OSError):
         history = None
     try:
-        Shell(client, args).cmdloop()
+        Shell(client, args, events).cmdloop()
     finally:
         if history is not None:
             try:

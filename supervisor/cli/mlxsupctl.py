@@ -1,7 +1,8 @@
 """``mlxsupctl``: control a running mlxsupd (one-shot commands, an interactive shell, tail, top, plot).
 
 Exit status: 0 success; 1 the daemon refused the request (error reply: unknown job, wrong state, bad
-value); 2 usage or config error; 3 no reply from the daemon (not running, wrong endpoint, not authorized).
+value, forbidden for the key's role); 2 usage or config error; 3 no reply from the daemon (not running, wrong
+endpoint, not authorized).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import paths
-from supervisor.control.client import TIMEOUT, ControlClient, curve_keys
+from supervisor.control.client import TIMEOUT, ControlClient, UsageError, curve_keys
 from supervisor.control.commands import REGISTRY, ControlError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -22,7 +23,8 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlxsupctl", description="Control a running mlxsupd. Without a command: an interactive shell.",
-        epilog="Exit status: 0 ok, 1 refused by the daemon, 2 usage/config error, 3 daemon unreachable.")
+        epilog="Exit status: 0 ok, 1 refused by the daemon (also: forbidden for the key's role), 2 usage/config "
+               "error, 3 daemon unreachable.")
     parser.add_argument("-c", "--config", type=Path, default=None,
                         help=f"config of the daemon, to find its socket (default: {paths.default_config_path()})")
     parser.add_argument("-s", "--server", default=None, help="control endpoint, e.g. tcp://host:7781")
@@ -34,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply (default 5)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in REGISTRY.items():
-        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+        command_parser = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(command_parser)
+        # --json after the command too; SUPPRESS keeps the top-level value when it is not given here.
+        command_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                                    help="print the result as JSON (for scripts)")
     _local_parsers(sub)
     return parser
 
@@ -123,12 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             from supervisor.cli.live import shell
 
-            return shell(client, args)
+            return shell(client, args, events)
         if args.command == "top":
             from supervisor.cli.live import top
 
             return top(client, events, args.once, args.seconds)
         return run_command(args, client, events)
+    except UsageError as exc:
+        print(f"mlxsupctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ControlError as exc:
         print(f"mlxsupctl: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_UNREACHABLE if exc.code == TIMEOUT else EXIT_REFUSED

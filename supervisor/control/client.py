@@ -17,6 +17,10 @@ from protocol.control import ControlError, Request, decode_event, decode_reply, 
 TIMEOUT = "timeout"
 
 
+class UsageError(Exception):
+    """A command line that cannot work (mlxsupctl exits 2); the message says what to add or change."""
+
+
 def curve_keys(key_file: Path, server_key_file: Path | None) -> tuple[bytes, bytes, bytes]:
     """(client public, client secret, server public) from keygen files; ControlError names a bad file."""
     try:
@@ -82,15 +86,27 @@ class ControlClient:
         raise ControlError(TIMEOUT, f"no reply from {self.endpoint} within {self.timeout}s "
                                     "(daemon not running, or not authorized)")
 
-    def subscribe(
-        self, endpoint: str, topics: list[str], timeout: float | None = None
-    ) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Yield (topic, event) from the daemon's event stream; stops after ``timeout`` s of silence if set."""
+    def subscriber(self, endpoint: str, topics: list[str]) -> zmq.Socket[bytes]:
+        """A SUB socket connected to the event stream; UsageError names a missing or malformed endpoint."""
+        if not endpoint:
+            raise UsageError("no event endpoint: with -s tcp://... give --events tcp://HOST:PORT (the daemon's "
+                             "[daemon.control] events_tcp)")
         sub = self.new_socket(zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, 10_000)
         for topic in topics:
             sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        sub.connect(endpoint)
+        try:
+            sub.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sub.close(linger=0)
+            raise UsageError(f"--events {endpoint[:80]!r}: {exc}") from None
+        return sub
+
+    def subscribe(
+        self, endpoint: str, topics: list[str], timeout: float | None = None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield (topic, event) from the daemon's event stream; stops after ``timeout`` s of silence if set."""
+        sub = self.subscriber(endpoint, topics)
         try:
             while True:
                 if not sub.poll(int(timeout * 1000) if timeout is not None else 1000):

@@ -49,6 +49,7 @@ class Shutdown:
     """The daemon is stopping: stop for good (no restart, no start) and let the worker checkpoint."""
 
     now: float
+    client: str = "local"  # who asked: a signal is local; `shutdown` names its client
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

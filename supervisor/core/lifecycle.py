@@ -155,7 +155,7 @@ class Lifecycle(PeerRole):
         if self.restart_pending:
             self.restart_pending = False
             self.stop_reason = None  # the job was meant to run: stop it as the daemon's, so it resumes with it
-        self._request_stop(e.now, "daemon shutdown", "local")
+        self._request_stop(e.now, "daemon shutdown", e.client)
 
     def _checkpoint_now(self, e: ev.CheckpointNow) -> None:
         if not self.settings.sdk:
@@ -164,6 +164,7 @@ class Lifecycle(PeerRole):
         if life is None or not life.hello or self.state not in (S.RUNNING, S.CHECKPOINTING):
             raise Refused(f"job has no connected worker ({self.state.name})")
         self._out.append(ev.Send(Command.CHECKPOINT, f"requested by {e.client}"))
+        self._note("checkpoint_requested", client=e.client, step=life.last_step)
 
     def _set_limits(self, e: ev.SetLimits) -> None:
         lim = e.limits

@@ -38,14 +38,8 @@ class History:
         if len(self.events) > self.limit:
             del self.events[: len(self.events) - self.limit]
         if self.path is not None:
-            line = json.dumps(event, default=str, separators=(",", ":")) + "\n"
             try:
-                # O_APPEND + one write per line: concurrent readers never see half a line from us.
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                try:
-                    os.write(fd, line.encode())
-                finally:
-                    os.close(fd)
+                append_jsonl(self.path, event)
             except OSError as exc:
                 self._failed(exc)
         return event
@@ -53,6 +47,17 @@ class History:
     def _failed(self, exc: OSError) -> None:
         if self._on_error is not None:
             self._on_error("history", exc)
+
+
+def append_jsonl(path: Path, event: dict[str, Any]) -> None:
+    """Append one JSON line (file created 0600); OSError when it cannot be written."""
+    line = json.dumps(event, default=str, separators=(",", ":")) + "\n"
+    # O_APPEND + one write per line: concurrent readers never see half a line from us.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:

@@ -189,8 +189,8 @@ class Job:
     def restart(self, now: float, client: str = "local") -> None:
         self.feed(ev.Restart(now, client))
 
-    def shutdown(self, now: float) -> None:
-        self.feed(ev.Shutdown(now))
+    def shutdown(self, now: float, client: str = "local") -> None:
+        self.feed(ev.Shutdown(now, client))
 
     def checkpoint(self, client: str = "local") -> None:
         self.feed(ev.CheckpointNow(client))
@@ -205,7 +205,8 @@ class Job:
             if rank is None or rank == proc_rank:
                 sent = proc.signal_group(signum) or sent
         if sent:
-            self.history_record("signal", signum=signum, client=client, **({"rank": rank} if rank is not None else {}))
+            fields = {"rank": rank} if rank is not None else {}
+            self.history_record("signal", signal=signal.Signals(signum).name, client=client, **fields)
         return sent
 
     def reconfigure(self, config: JobConfig, limits: Limits, layout: Layout | None = None) -> None:
@@ -223,14 +224,20 @@ class Job:
 
     # -- inputs from the daemon ----------------------------------------------------------------------
 
-    def accepts(self, hello: Hello) -> bool:
-        """True when ``hello`` carries the spawn token of one of this job's current workers."""
-        return self._token_rank(hello.token) is not None
+    def accepts(self, token: str) -> bool:
+        """True when ``token`` is the spawn token of one of this job's current workers."""
+        return self._token_rank(token) is not None
 
     def _token_rank(self, token: str) -> int | None:
         current = self._current()
         return next((rank for rank, known in self.tokens.items()
                      if rank in current and secrets.compare_digest(token, known)), None)
+
+    def heard_before_hello(self, token: str, now: float) -> None:
+        """A heartbeat with a current spawn token from a worker that has not said hello yet (loading a model)."""
+        rank = self._token_rank(token)
+        if rank is not None:
+            self.feed(ev.Heard(now, rank))
 
     def on_hello(self, hello: Hello, identity: bytes, now: float) -> None:
         rank = self._token_rank(hello.token)

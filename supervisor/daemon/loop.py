@@ -84,6 +84,7 @@ class Daemon:
         self.jobs: dict[str, Job] = {}
         self.by_identity: dict[bytes, Job] = {}
         self.stopping = False
+        self.stopped_by = "local"  # who asked for the shutdown (a signal counts as local), for the jobs' history
         self.reload_requested = False
         self.extra_sockets: SocketHandlers = {}
         self._end = float("inf")
@@ -185,7 +186,7 @@ class Daemon:
             self._shutdown_started = True
             log.info("daemon_stopping", jobs=len(self.jobs))
             for job in self.jobs.values():
-                job.shutdown(now)
+                job.shutdown(now, self.stopped_by)
         if self.reload_requested:
             self.reload_requested = False
             self.hooks.on_reload(now)
@@ -268,11 +269,17 @@ class Daemon:
                 self._on_hello(message, identity, now)
             elif job is not None and job.rank_of(identity) is not None:
                 job.on_message(message, now, identity)
+            elif isinstance(message, Heartbeat) and message.token and (early := self._job_of(message.token)):
+                early.heard_before_hello(message.token, now)  # alive before its hello (loading a model): not hung
             else:
                 log.warning("worker_message_ignored", type=message.TAG, reason="unknown peer (no valid hello)")
 
+    def _job_of(self, token: str) -> Job | None:
+        """The job whose current worker was spawned with ``token``."""
+        return next((j for j in self.jobs.values() if j.accepts(token)), None)
+
     def _on_hello(self, hello: Hello, identity: bytes, now: float) -> None:
-        job = next((j for j in self.jobs.values() if j.accepts(hello)), None)
+        job = self._job_of(hello.token)
         if job is None:
             log.warning("worker_hello_rejected", pid=hello.pid, job=hello.job[:64], reason="bad spawn token")
             return

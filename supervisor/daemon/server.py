@@ -10,8 +10,11 @@ import structlog
 
 from protocol.control import ControlError
 from supervisor.config import Config, ConfigError, GangConfig, load_config
+from supervisor.control.access import read_authorized_keys
+from supervisor.control.audit import AuditTrail
 from supervisor.control.server import ControlServer
 from supervisor.core.events import Refused
+from supervisor.core.sizes import parse_bytes
 from supervisor.core.states import TERMINAL_STATES
 from supervisor.daemon.ganglink import GangLink, make_link
 from supervisor.daemon.loop import Daemon, SocketHandlers
@@ -45,9 +48,11 @@ class DaemonService:
         # Gang followers: job -> (its gang config, its link to the leader; None when its keys cannot be read).
         self.links: dict[str, tuple[GangConfig, GangLink | None]] = {}
         self.daemon = Daemon(config, system=system, hooks=self)
+        audit = AuditTrail(config.state_dir / "audit.jsonl", parse_bytes(config.daemon.log_max_bytes),
+                           config.daemon.log_keep)
         try:
             self.control = ControlServer(self, self.daemon.context, self.daemon.run_dir, config.daemon.control,
-                                         lambda value: config.resolve(value, config.path.parent))
+                                         lambda value: config.resolve(value, config.path.parent), audit)
         except BaseException:
             self.daemon.close()
             raise
@@ -105,13 +110,17 @@ class DaemonService:
         """Load the config file again; report what an update would change."""
         try:
             new = load_config(self.config.path, total_memory=self.daemon.total_memory)
+            control = new.daemon.control
+            if control.server_key and control.authorized_keys:  # a bad allow-list refuses the whole reread
+                read_authorized_keys(new.resolve(control.authorized_keys, new.path.parent))
         except ConfigError as exc:
             raise ControlError(ControlError.BAD_VALUE, f"config not reloaded: {exc}") from None
         self.pending = new
         return config_diff(self.config, new)
 
-    def update(self) -> dict[str, list[str]]:
-        """Apply the last reread: add, remove (after a checkpoint) and reconfigure jobs.
+    def update(self, client: str = "local") -> dict[str, list[str]]:
+        """Apply the last reread (for ``client``): add, remove (after a checkpoint) and reconfigure jobs, reload
+        the allow-list of keys.
 
         A job removed and added back before its worker has exited keeps its entry (one worker per checkpoint
         directory): its removal is cancelled and the new config applies at its next start.
@@ -127,10 +136,10 @@ class DaemonService:
         now = self.daemon.system.now()
         self.config = self.daemon.config = new
         for name in changes["added"]:
-            self._add(name, now)
+            self._add(name, now, client)
         for name in changes["removed"]:
             self.removing.add(name)
-            self.daemon.jobs[name].stop(now, "removed from config")
+            self.daemon.jobs[name].stop(now, "removed from config", client=client)
         for name in changes["changed"]:
             self.daemon.jobs[name].reconfigure(new.jobs[name], new.jobs[name].limits(self.daemon.total_memory),
                                                new.layout(name))
@@ -138,7 +147,7 @@ class DaemonService:
         log.info("config_updated", **changes)
         return changes
 
-    def _add(self, name: str, now: float) -> None:
+    def _add(self, name: str, now: float, client: str) -> None:
         config = self.config.jobs[name]
         job = self.daemon.jobs.get(name)
         if job is None:
@@ -148,7 +157,7 @@ class DaemonService:
             job.reconfigure(config, config.limits(self.daemon.total_memory), self.config.layout(name))
         if config.autostart and not self.daemon.stopping:
             try:
-                job.restart(now) if job.busy else job.start(now, "added by update")
+                job.restart(now, client) if job.busy else job.start(now, "added by update", client)
             except Refused as exc:
                 log.warning("job_not_started", job=name, reason=str(exc))
 
@@ -162,9 +171,9 @@ class DaemonService:
                  control=self.control.endpoint, events=self.control.events_endpoint)
         for job in daemon.jobs.values():
             if job.config.autostart:
-                job.start(now, "autostart")
+                job.start(now, "autostart", client="daemon")
             elif was_active(job.history.events):
-                job.start(now, "resume: the job was running when the daemon stopped")
+                job.start(now, "resume: the job was running when the daemon stopped", client="daemon")
         try:
             return daemon.run()
         finally:

@@ -31,7 +31,20 @@ def config_reference() -> str:
             lines.append(f"| `{field.name}` | {shown} | {field.metadata.get('unit', '')} | "
                          f"{field.metadata['help']} |")
         lines.append("")
+    lines += mlx_lm_reference()
     return "\n".join(lines).rstrip() + "\n"
+
+
+def mlx_lm_reference() -> list[str]:
+    """The ``[jobs.NAME.mlx_lm]`` table: mlx_lm.lora's options as ``python -m worker.mlx_lm`` takes them."""
+    from worker.mlx_lm.options import OPTIONS
+
+    lines = ["#### `[jobs.NAME.mlx_lm]`", "", "| key | default | unit | meaning |", "|---|---|---|---|"]
+    for option in OPTIONS:
+        if option.cli and option.name != "checkpoint_dir":
+            shown = "`" + (repr(option.default) if not isinstance(option.default, str) else f'"{option.default}"')
+            lines.append(f"| `{option.name}` | {shown}` |  | {option.help} |")
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.faults import daemon_kills, disk_faults, fuzz, process_faults, report, security, worker_kills
+from tests.faults import access, daemon_kills, disk_faults, fuzz, process_faults, report, security, worker_kills
 from tests.faults.common import FaultResult, Workspace, reap_all, set_subreaper
 
 
@@ -49,6 +49,7 @@ def steps(plan: Plan, seed: int) -> list[tuple[str, Callable[[Workspace], FaultR
         ("pid-reuse", lambda ws: process_faults.pid_reuse()),
         ("fuzz", lambda ws: fuzz.run(ws, plan.fuzz_frames, plan.hypothesis_examples, seed)),
         ("security", security.run),
+        ("access", access.run),
         ("second-daemon", security.second_daemon),
     ]
 

@@ -29,6 +29,7 @@ class Control:
             self.sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
             self.sock.setsockopt(zmq.CURVE_SERVERKEY, server)
         self.endpoint = endpoint
+        self.last_id = ""  # of the last request sent, to find it in the audit trail
         self.sock.connect(endpoint)
 
     @classmethod
@@ -37,7 +38,7 @@ class Control:
 
     def request(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> dict[str, Any] | None:
         """Send one request and wait for its reply (None when none came in time)."""
-        request_id = secrets.token_hex(4)
+        request_id = self.last_id = secrets.token_hex(4)
         self.sock.send(encode_request(Request(request_id, cmd, args or {})))
         return self.receive(timeout, request_id)
 

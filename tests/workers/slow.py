@@ -20,12 +20,15 @@ parser.add_argument("steps", type=int)
 parser.add_argument("seconds", type=float)
 parser.add_argument("--busy", type=float, default=0.0)
 parser.add_argument("--idle", type=float, default=0.0)
+parser.add_argument("--load", type=float, default=0.0, help="a long model load before the hello, inside busy()")
 args = parser.parse_args()
 
 model = nn.Linear(4, 1)
 optimizer = optim.SGD(learning_rate=0.1)
 mx.eval(model.parameters())
 session = Session.from_env(target_steps=args.steps, batch=1)
+with session.busy("model_load"):
+    time.sleep(args.load)  # without the token-carrying heartbeats, startup_timeout would fire
 step = session.resume(model, optimizer).step
 while step < args.steps:
     time.sleep(args.seconds)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from protocol.control import ControlError
 from supervisor.control.commands.base import ControlCommand
-from supervisor.control.commands.daemon import Help, Reread, Shutdown, Update, Version
+from supervisor.control.commands.budget import Budget
+from supervisor.control.commands.daemon import Audit, Help, Reread, Shutdown, Update, Version
 from supervisor.control.commands.gang import GangSync
-from supervisor.control.commands.jobs import Budget, Checkpoint, History, Restart, Signal, Start, Status, Stop
+from supervisor.control.commands.jobs import Checkpoint, History, Restart, Signal, Start, Status, Stop
 from supervisor.control.commands.tail import Tail
 
 REGISTRY: dict[str, ControlCommand] = {
     command.name: command
     for command in (Status(), Start(), Stop(), Restart(), Checkpoint(), Tail(), Budget(), Signal(), History(),
-                    Reread(), Update(), Shutdown(), Version(), Help(), GangSync())
+                    Reread(), Update(), Shutdown(), Version(), Help(), Audit(), GangSync())
 }
 
 __all__ = ["REGISTRY", "ControlCommand", "ControlError"]

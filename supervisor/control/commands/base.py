@@ -1,7 +1,8 @@
 """The control-command framework: one small class per command, one explicit registry.
 
-A command declares its name, help, wire arguments (name -> type, required), CLI arguments, daemon-side
-handler and human rendering. The daemon's dispatcher and mlxsupctl both read the same registry.
+A command declares its name, help, the role it needs, whether it changes anything (then it is audited), wire
+arguments (name -> type, required), CLI arguments, daemon-side handler and human rendering. The daemon's
+dispatcher and mlxsupctl both read the same registry.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from protocol.control import ControlError
+from supervisor.control.access import Role
 
 if TYPE_CHECKING:
     from supervisor.daemon.job import Job
@@ -22,6 +24,9 @@ class ControlCommand:
 
     name: ClassVar[str]
     help: ClassVar[str]
+    # Who may run it. Unset means admin and audited: a new command is locked down until it says otherwise.
+    role: ClassVar[Role] = Role.ADMIN
+    changes: ClassVar[bool] = True  # changes something: every request is appended to the audit trail
     # Wire shape: argument -> (type, required). Anything else in a request is rejected.
     wire: ClassVar[dict[str, tuple[type, bool]]] = {}
 
@@ -48,7 +53,16 @@ class ControlCommand:
                 raise ControlError(ControlError.BAD_REQUEST, f"{self.name}: missing argument {key!r}")
         return args
 
-    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+    def required_role(self, args: dict[str, Any]) -> Role:
+        """The role a request needs (a command whose reading and writing forms differ overrides this)."""
+        return self.role
+
+    def changes_state(self, args: dict[str, Any]) -> bool:
+        """Whether a request may change something, and so goes to the audit trail."""
+        return self.changes
+
+    def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
+        """Carry out a checked request for ``client`` (the key's name, or "local"); ControlError on refusal."""
         raise NotImplementedError
 
     def render(self, result: Any) -> str:

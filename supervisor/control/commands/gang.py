@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from protocol.control import ControlError
+from supervisor.control.access import Role
 from supervisor.control.commands.base import ControlCommand, job_of
 from supervisor.core.gang import Outcome
 
@@ -20,12 +21,15 @@ if TYPE_CHECKING:
 class GangSync(ControlCommand):
     name = "gang-sync"
     help = "daemon to daemon: a gang follower reports its ranks to the leader and learns the generation to run"
+    role = Role.OPERATE  # a follower daemon's key needs operate: its reports can start and stop the gang
+    # A state exchange several times a second: what it causes is in the job's history (gang_join, spawn, exit).
+    changes = False
     wire: ClassVar[dict[str, tuple[type, bool]]] = {
         "job": (str, True), "host": (str, True), "layout": (str, True), "epoch": (str, True), "gen": (int, True),
         "alive": (int, True), "want": (bool, True), "outcome": (dict, False), "ranks": (list, False),
     }
 
-    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+    def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
         job = job_of(daemon, args["job"])
         if job.layout is None or not job.lifecycle.peers:
             raise ControlError(ControlError.BAD_STATE, f"job {job.name} is not a gang led by this daemon")

@@ -1,4 +1,4 @@
-"""Commands about one job: status, start, stop, restart, checkpoint, budget, signal, history."""
+"""Commands about one job: status, start, stop, restart, checkpoint, signal, history (budget: budget.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import signal as signals
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from protocol.control import ControlError
+from supervisor.control.access import Role
 from supervisor.control.commands.base import ControlCommand, job_of
-from supervisor.core.sizes import SizeError, format_bytes, parse_budget, parse_fraction_of
+from supervisor.core.sizes import format_bytes
 from supervisor.hostfile import describe as describe_layout
 
 if TYPE_CHECKING:
@@ -92,12 +93,14 @@ def refuse_while_stopping(daemon: DaemonService, job: Job) -> None:
 class Status(ControlCommand):
     name = "status"
     help = "state, step, memory and batch of every job (or one)"
+    role = Role.READ
+    changes = False
     wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, False)}
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("job", nargs="?", help="one job (default: all)")
 
-    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+    def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
         jobs = [job_of(daemon, args["job"])] if "job" in args else list(daemon.daemon.jobs.values())
         return {"jobs": [describe(j) for j in jobs]}
 
@@ -108,12 +111,13 @@ class Status(ControlCommand):
 class Start(ControlCommand):
     name = "start"
     help = "start a configured job (resumes from its latest checkpoint)"
+    role = Role.OPERATE
     wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True)}
 
-    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+    def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
         job = job_of(daemon, args["job"])
         refuse_while_stopping(daemon, job)
-        job.start(daemon.daemon.system.now(), "start requested")
+        job.start(daemon.daemon.system.now(), "start requested", client=client)
         return {"job": job.name, "state": job.state.name}
 
     def render(self, result: Any) -> str:
@@ -123,11 +127,12 @@ class Start(ControlCommand):
 class Stop(ControlCommand):
     name = "stop"
     help = "checkpoint and stop a job"
+    role = Role.OPERATE
     wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True)}
 
-    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+    def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
         job = job_of(daemon, args["job"])
-        job.stop(daemon.daemon.system.now(), "stop requested")
+        job.stop(daemon.daemon.system.now(), "stop requested", client=client)
         return {"job": job.name, "state": job.state.name}
 
     render = Start.render
@@ -136,12 +141,13 @@ class Stop(ControlCommand):
 class Restart(ControlCommand):
     name = "restart"
     help = "checkpoint and stop a job, then start it again"
+    role = Role.OPERATE
     wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True)}
 
-    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+    def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
         job = job_of(daemon, args["job"])
         refuse_while_stopping(daemon, job)
-        job.restart(daemon.daemon.system.now())
+        job.restart(daemon.daemon.system.now(), client=client)
         return {"job": job.name, "state": job.state.name}
 
     render = Start.render
@@ -150,58 +156,30 @@ class Restart(ControlCommand):
 class Checkpoint(ControlCommand):
     name = "checkpoint"
     help = "ask a running job for a checkpoint at its next step boundary"
+    role = Role.OPERATE
     wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True)}
 
-    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+    def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
         job = job_of(daemon, args["job"])
-        job.checkpoint()
+        job.checkpoint(client=client)
         return {"job": job.name, "requested": True}
 
     def render(self, result: Any) -> str:
         return f"{result['job']}: checkpoint requested"
 
 
-class Budget(ControlCommand):
-    name = "budget"
-    help = "show a job's budget, or change it live (bytes, percent of total, or 'total - X')"
-    wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True), "value": (str, False)}
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("job")
-        parser.add_argument("value", nargs="?", help="new budget, e.g. 12GiB, 60%%, 'total - 8GiB'")
-
-    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
-        job = job_of(daemon, args["job"])
-        if "value" in args:
-            total = daemon.daemon.total_memory
-            try:
-                budget = parse_budget(args["value"], total)
-                from supervisor.core.policy import Limits
-
-                limits = Limits(parse_fraction_of(job.config.warn, budget), budget,
-                                parse_fraction_of(job.config.kill, budget))
-            except SizeError as exc:
-                raise ControlError(ControlError.BAD_VALUE, str(exc)) from None
-            job.set_limits(limits)
-        lim = job.limits
-        return {"job": job.name, "budget_bytes": lim.budget, "warn_bytes": lim.warn, "kill_bytes": lim.kill}
-
-    def render(self, result: Any) -> str:
-        return (f"{result['job']}: budget {format_bytes(result['budget_bytes'])} (warn "
-                f"{format_bytes(result['warn_bytes'])}, kill {format_bytes(result['kill_bytes'])})")
-
-
 class Signal(ControlCommand):
     name = "signal"
     help = f"send a signal to a job's process group ({', '.join(SIGNALS)})"
+    role = Role.ADMIN  # KILL loses the steps since the last checkpoint; STOP looks like a hang
     wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True), "signal": (str, True)}
 
-    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+    def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
         job = job_of(daemon, args["job"])
         name = args["signal"].upper().removeprefix("SIG")
         if name not in SIGNALS:
             raise ControlError(ControlError.BAD_VALUE, f"signal {args['signal'][:16]!r} is not one of {SIGNALS}")
-        if not job.signal(getattr(signals, f"SIG{name}")):
+        if not job.signal(getattr(signals, f"SIG{name}"), client=client):
             raise ControlError(ControlError.BAD_STATE, f"job {job.name} has no running worker")
         return {"job": job.name, "signal": f"SIG{name}"}
 
@@ -212,13 +190,15 @@ class Signal(ControlCommand):
 class History(ControlCommand):
     name = "history"
     help = "a job's recorded events: starts, exits with reasons, breaches, batch changes, checkpoints"
+    role = Role.READ
+    changes = False
     wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True), "limit": (int, False)}
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("job")
         parser.add_argument("-n", "--limit", type=int, default=50, help="last N events (default 50)")
 
-    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+    def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
         job = job_of(daemon, args["job"])
         limit = max(1, min(int(args.get("limit", 50)), 10_000))
         return {"job": job.name, "events": job.history.events[-limit:]}

@@ -7,6 +7,7 @@ import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from protocol.control import ControlError
+from supervisor.control.access import Role
 from supervisor.control.commands.base import ControlCommand, job_of
 
 if TYPE_CHECKING:
@@ -21,6 +22,8 @@ MAX_CHUNK = 64 * 1024
 class Tail(ControlCommand):
     name = "tail"
     help = "end of a job's stdout, stderr or telemetry; -f to follow"
+    role = Role.READ
+    changes = False
     wire: ClassVar[dict[str, tuple[type, bool]]] = {
         "job": (str, True), "stream": (str, False), "offset": (int, False), "bytes": (int, False)}
 
@@ -34,7 +37,7 @@ class Tail(ControlCommand):
     def to_wire(self, args: argparse.Namespace) -> dict[str, Any]:
         return {"job": args.job, "stream": args.stream, "bytes": args.bytes}
 
-    def handle(self, daemon: DaemonService, args: dict[str, Any]) -> Any:
+    def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
         job = job_of(daemon, args["job"])
         stream = args.get("stream", "stdout")
         if stream not in STREAMS:  # names from the wire never become paths
