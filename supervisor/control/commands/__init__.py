@@ -16,4 +16,7 @@ REGISTRY: dict[str, ControlCommand] = {
                     Reread(), Update(), Shutdown(), Version(), Help(), Audit(), GangSync())
 }
 
-__all__ = ["REGISTRY", "ControlCommand", "ControlError"]
+# What mlxsupctl offers (the daemons' own exchanges, such as gang-sync, are not typed by people).
+CLI_COMMANDS: dict[str, ControlCommand] = {name: command for name, command in REGISTRY.items() if command.cli}
+
+__all__ = ["CLI_COMMANDS", "REGISTRY", "ControlCommand", "ControlError"]

@@ -24,6 +24,7 @@ class GangSync(ControlCommand):
     role = Role.OPERATE  # a follower daemon's key needs operate: its reports can start and stop the gang
     # A state exchange several times a second: what it causes is in the job's history (gang_join, spawn, exit).
     changes = False
+    cli = False
     wire: ClassVar[dict[str, tuple[type, bool]]] = {
         "job": (str, True), "host": (str, True), "layout": (str, True), "epoch": (str, True), "gen": (int, True),
         "alive": (int, True), "want": (bool, True), "outcome": (dict, False), "ranks": (list, False),
