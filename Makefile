@@ -12,6 +12,8 @@ GET_PYTHON := on a Mac: Homebrew \`brew install python@3.12\`, or uv \`uv python
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RUST_CRATE := sdk/rust
+LEAKY := $(RUST_CRATE)/target/release/examples/leaky
 
 # The fast tests run again on Python 3.13 (where os.waitid exists on macOS too), in a venv of their own.
 ifeq ($(origin PYTHON313), undefined)
@@ -33,7 +35,7 @@ FAKE_MACOS_TESTS := tests/test_fake_macos.py tests/test_process.py tests/test_fo
 	tests/test_daemon.py::TestReloadAndShutdown::test_sigterm_checkpoints_every_worker_then_exits_zero
 FAKE_MACOS_ENV := MLXSUP_FAKE_MACOS=1 PYTHONPATH=$(CURDIR)/tests/fake_macos
 
-.PHONY: venv demo demo-lora demo-gang test test-main test-fake-macos test-py313 bench faults lint clean
+.PHONY: venv demo demo-lora demo-gang test test-main test-fake-macos test-py313 bench faults lint clean rust conformance
 
 venv: $(STAMP)
 
@@ -91,6 +93,20 @@ endif
 bench: $(STAMP)
 	$(PY) -m bench
 
+# The Rust SDK's example, built offline from Debian's packaged crates (see sdk/rust/.cargo/config.toml).
+rust:
+	cd $(RUST_CRATE) && cargo build --release --offline --example leaky
+
+# The conformance kit against the Python SDK's example and the Rust example; report in .conformance/results.json.
+conformance: $(STAMP) rust
+	rm -f .conformance/results.json
+	status=0; \
+	$(PY) -m protocol.conformance --name python-sdk --results .conformance/results.json -- \
+		$(PY) examples/sdk_loop.py 3000 || status=1; \
+	$(PY) -m protocol.conformance --name rust-leaky --results .conformance/results.json -- \
+		$(LEAKY) --steps 1000 --leak-mb 1 --step-ms 3 || status=1; \
+	echo "results: .conformance/results.json"; exit $$status
+
 faults: $(STAMP)
 	$(PY) -m tests.faults $(if $(QUICK),--quick,)
 	$(if $(QUICK),,MLXSUP_MODEL_EXAMPLES=3000 $(PY) -m pytest -q tests/test_lifecycle_model.py)
@@ -101,4 +117,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy supervisor worker protocol
 
 clean:
-	rm -rf $(VENV) $(VENV313) .demo .demo-lora .demo-gang .bench .faults
+	rm -rf $(VENV) $(VENV313) .demo .demo-lora .demo-gang .bench .faults .conformance $(RUST_CRATE)/target

@@ -1,12 +1,14 @@
 """A complete training loop supervised through the Session SDK (this file is quoted in README.md)."""
 
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
 from worker import Session
 
-STEPS = 200
+STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 200  # total steps; optional argument
 
 mx.random.seed(0)
 model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))

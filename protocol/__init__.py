@@ -6,6 +6,7 @@ Depends on the standard library and msgpack only, so every process can import it
 from __future__ import annotations
 
 from protocol.messages import (
+    EXIT_CHECKPOINTED,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     CheckpointSaved,
@@ -16,11 +17,14 @@ from protocol.messages import (
     Message,
     ProtocolError,
     Step,
+    Welcome,
     decode,
     encode,
+    negotiate,
 )
 
 __all__ = [
+    "EXIT_CHECKPOINTED",
     "MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
     "CheckpointSaved",
@@ -31,6 +35,8 @@ __all__ = [
     "Message",
     "ProtocolError",
     "Step",
+    "Welcome",
     "decode",
     "encode",
+    "negotiate",
 ]

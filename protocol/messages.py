@@ -1,27 +1,46 @@
-"""Messages exchanged between the daemon and a worker: one frozen dataclass per type.
+"""Messages exchanged between the daemon and a worker: one frozen dataclass per type (spec: docs/PROTOCOL.md).
 
-A frame is one msgpack map: ``{"v": PROTOCOL_VERSION, "t": <type tag>, <field>: <value>, ...}``.
-``decode`` checks the version, the tag, every field's presence and type, and the frame size, and raises
-``ProtocolError`` naming the first thing that is wrong. Nothing here trusts its input.
+A frame is one msgpack map: ``{"v": <version>, "t": <type tag>, <field>: <value>, ...}``. ``decode`` checks the
+version, the tag, every known field's presence and type, and the frame size, and raises ``ProtocolError``
+naming the first thing that is wrong. Nothing here trusts its input.
+
+Versioning: a worker's hello carries the newest version it speaks (``protocol``) and the daemon answers with a
+``welcome`` naming the version both use from then on. Fields a receiver does not know are ignored, so a newer
+peer may add optional fields; a message type it does not know is refused (``ProtocolError``). Optional fields
+have defaults and are left out of a frame when they hold their default, so frames stay what version 1 sent.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Final, get_args, get_type_hints
+import types
+from typing import Any, ClassVar, Final, Union, get_args, get_origin, get_type_hints
 
 import msgpack
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 1  # the newest version this side speaks
+MIN_PROTOCOL_VERSION: Final = 1  # the oldest version this side still reads
 MAX_MESSAGE_BYTES: Final = 64 * 1024
+MAX_STRING_CHARS: Final = 4096
+MAX_INT: Final = 2**63 - 1  # integers are non-negative and fit a signed 64-bit integer in every language
 
 # Exit status of a worker that checkpointed because it was asked to (or lost its daemon) and wants a restart.
 EXIT_CHECKPOINTED: Final = 75
+# Goodbye reason of a worker whose training is complete (it then exits 0).
+FINISHED: Final = "finished"
 
 
 class ProtocolError(ValueError):
-    """A frame that is not a valid message; the text names what is wrong."""
+    """A frame that is not a valid message; the text names what is wrong, ``kind`` classifies it.
+
+    Kinds (shared with other SDKs through the test vectors): ``too_large``, ``not_msgpack``, ``not_a_map``,
+    ``version``, ``unknown_type``, ``missing_field``, ``field_type``, ``field_value``; ``invalid`` otherwise.
+    """
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,11 +55,20 @@ class Hello:
     target_steps: int
     batch: int
     accum: int
+    protocol: int = 1  # the newest protocol version the worker speaks
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Welcome:
+    """The daemon's answer to an accepted hello: the protocol version both sides use from now on."""
+
+    TAG: ClassVar[str] = "welcome"
+    protocol: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Step:
-    """Telemetry sent by the worker after every optimizer step."""
+    """Telemetry sent by the worker after every optimizer step (memory in bytes, time in seconds)."""
 
     TAG: ClassVar[str] = "step"
     step: int
@@ -52,9 +80,8 @@ class Step:
     mlx_cache: int
     mlx_peak: int
     footprint: int
-    # Optional (absent from the frame when None): training throughput, and the validation loss of this step.
-    tokens_per_second: float | None = None
-    val_loss: float | None = None
+    tokens_per_second: float | None = None  # absent: not measured
+    val_loss: float | None = None  # absent: no validation loss this step
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -70,7 +97,7 @@ class CheckpointSaved:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Goodbye:
-    """Last message of a worker before it exits on its own terms."""
+    """Last message of a worker before it exits on its own terms (``finished``, else why it checkpointed)."""
 
     TAG: ClassVar[str] = "goodbye"
     reason: str
@@ -100,91 +127,110 @@ class Command:
     reason: str
 
 
-Message = Hello | Step | CheckpointSaved | Goodbye | Heartbeat | Command
+Message = Hello | Welcome | Step | CheckpointSaved | Goodbye | Heartbeat | Command
+FROM_WORKER: Final = frozenset({Hello.TAG, Step.TAG, CheckpointSaved.TAG, Goodbye.TAG, Heartbeat.TAG})
+FROM_DAEMON: Final = frozenset({Welcome.TAG, Heartbeat.TAG, Command.TAG})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    kind: type[Any]  # int, float or str
+    required: bool
+    default: Any
+    nullable: bool  # nil on the wire means "absent"
+
+
+def _fields_of(cls: type[Any]) -> tuple[_Field, ...]:
+    hints = get_type_hints(cls)
+    fields = []
+    for field in dataclasses.fields(cls):
+        kind, nullable = hints[field.name], False
+        if get_origin(kind) in (Union, types.UnionType):
+            (kind,) = (arg for arg in get_args(kind) if arg is not type(None))
+            nullable = True
+        required = field.default is dataclasses.MISSING
+        fields.append(_Field(field.name, kind, required, None if required else field.default, nullable))
+    return tuple(fields)
+
+
 _TYPES: Final[dict[str, type[Any]]] = {
-    cls.TAG: cls for cls in (Hello, Step, CheckpointSaved, Goodbye, Heartbeat, Command)
+    cls.TAG: cls for cls in (Hello, Welcome, Step, CheckpointSaved, Goodbye, Heartbeat, Command)
 }
-_FIELDS: Final[dict[str, tuple[tuple[str, type[Any]], ...]]] = {
-    tag: tuple((f.name, get_type_hints(cls)[f.name]) for f in dataclasses.fields(cls))
-    for tag, cls in _TYPES.items()
-}
-_MAX_STR: Final = 4096
-# Fields that may be absent from a frame (and are left out when None): their defaults.
-_OPTIONAL: Final[dict[str, dict[str, Any]]] = {
-    cls.TAG: {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-    for cls in _TYPES.values()
-}
-
-
-_NAMES: Final[dict[str, tuple[str, ...]]] = {tag: tuple(n for n, _ in fields) for tag, fields in _FIELDS.items()}
+_FIELDS: Final[dict[str, tuple[_Field, ...]]] = {tag: _fields_of(cls) for tag, cls in _TYPES.items()}
 _PACKER: Final = msgpack.Packer(use_bin_type=True)  # reused: encode runs once per training step
 
 
-def encode(message: Message) -> bytes:
-    """Serialize one message to a frame."""
-    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": message.TAG}
-    optional = _OPTIONAL[message.TAG]
-    for name in _NAMES[message.TAG]:
-        value = getattr(message, name)
-        if value is not None or name not in optional:
-            body[name] = value
+def negotiate(worker_max: int) -> int:
+    """The version a daemon speaking ``PROTOCOL_VERSION`` uses with a worker whose hello says ``worker_max``."""
+    if worker_max < MIN_PROTOCOL_VERSION:
+        raise ProtocolError(f"worker speaks protocol {worker_max}, the oldest supported is {MIN_PROTOCOL_VERSION}",
+                            "version")
+    return min(worker_max, PROTOCOL_VERSION)
+
+
+def encode(message: Message, version: int = PROTOCOL_VERSION) -> bytes:
+    """Serialize one message to a frame; optional fields holding their default are left out."""
+    body: dict[str, Any] = {"v": version, "t": message.TAG}
+    for field in _FIELDS[message.TAG]:
+        value = getattr(message, field.name)
+        if field.required or value != field.default:
+            body[field.name] = value
     return _PACKER.pack(body)  # type: ignore[no-any-return]
 
 
 def decode(frame: bytes) -> Message:
-    """Parse and validate one frame; raise ProtocolError naming the problem."""
+    """Parse and validate one frame; raise ProtocolError naming the problem. Unknown fields are ignored."""
     if len(frame) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the maximum of {MAX_MESSAGE_BYTES}")
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the maximum of {MAX_MESSAGE_BYTES}", "too_large")
     try:
         body = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise ProtocolError(f"frame is not valid msgpack: {exc.__class__.__name__}: {exc}") from None
+        raise ProtocolError(f"frame is not valid msgpack: {exc.__class__.__name__}: {exc}", "not_msgpack") from None
     if not isinstance(body, dict):
-        raise ProtocolError(f"frame must be a map, got {type(body).__name__}")
+        raise ProtocolError(f"frame must be a map, got {type(body).__name__}", "not_a_map")
     version = body.get("v")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r} is not supported (expected {PROTOCOL_VERSION})")
+    if isinstance(version, bool) or not isinstance(version, int) or not (
+            MIN_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION):
+        raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks "
+                            f"{MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION})", "version")
     tag = body.get("t")
     if not isinstance(tag, str) or tag not in _TYPES:
-        raise ProtocolError(f"unknown message type {tag!r}")
-    cls = _TYPES[tag]
-    fields = _FIELDS[tag]
-    extra = set(body) - {"v", "t"} - {name for name, _ in fields}
-    if extra:
-        raise ProtocolError(f"{tag}: unexpected field(s) {sorted(map(str, extra))}")
-    values = {name: _check(tag, name, kind, body) for name, kind in fields}
-    message: Message = cls(**values)
+        raise ProtocolError(f"unknown message type {str(tag)[:64]!r}", "unknown_type")
+    values = {field.name: _check(tag, field, body) for field in _FIELDS[tag]}
+    message: Message = _TYPES[tag](**values)
     if isinstance(message, Command) and message.action not in Command.ACTIONS:
-        raise ProtocolError(f"command: unknown action {message.action!r}")
+        raise ProtocolError(f"command: unknown action {message.action[:64]!r}", "field_value")
+    if isinstance(message, Hello | Welcome) and message.protocol < 1:
+        raise ProtocolError(f"{tag}.protocol: version {message.protocol} is not a protocol version", "field_value")
     return message
 
 
-def _check(tag: str, name: str, kind: Any, body: dict[str, Any]) -> Any:
-    optional = _OPTIONAL[tag]
-    if name not in body:
-        if name in optional:
-            return optional[name]
-        raise ProtocolError(f"{tag}: missing field {name!r}")
-    value = body[name]
-    if name in optional and optional[name] is None:
-        if value is None:
-            return None
-        kind = next(k for k in get_args(kind) if k is not type(None))  # X | None: check as X
+def _check(tag: str, field: _Field, body: dict[str, Any]) -> Any:
+    name, kind = field.name, field.kind
+    value = body.get(name)
+    if value is None and (name not in body or not field.required):  # nil in an optional field: absent
+        if field.required:
+            raise ProtocolError(f"{tag}: missing field {name!r}", "missing_field")
+        return field.default
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ProtocolError(f"{tag}.{name}: expected an integer, got {type(value).__name__}")
+            raise ProtocolError(f"{tag}.{name}: expected an integer, got {type(value).__name__}", "field_type")
+        if not 0 <= value <= MAX_INT:
+            raise ProtocolError(f"{tag}.{name}: {value} is outside 0..2**63-1", "field_value")
         return value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ProtocolError(f"{tag}.{name}: expected a number, got {type(value).__name__}")
+            raise ProtocolError(f"{tag}.{name}: expected a number, got {type(value).__name__}", "field_type")
         value = float(value)
         if math.isinf(value):
-            raise ProtocolError(f"{tag}.{name}: infinite value")
+            raise ProtocolError(f"{tag}.{name}: infinite value", "field_value")
         return value  # NaN is legal: a diverged loss is worth reporting
     if kind is str:
         if not isinstance(value, str):
-            raise ProtocolError(f"{tag}.{name}: expected a string, got {type(value).__name__}")
-        if len(value) > _MAX_STR:
-            raise ProtocolError(f"{tag}.{name}: string of {len(value)} chars exceeds {_MAX_STR}")
+            raise ProtocolError(f"{tag}.{name}: expected a string, got {type(value).__name__}", "field_type")
+        if len(value) > MAX_STRING_CHARS:
+            raise ProtocolError(f"{tag}.{name}: string of {len(value)} chars exceeds {MAX_STRING_CHARS}",
+                                "field_value")
         return value
     raise ProtocolError(f"{tag}.{name}: unsupported field type {kind!r}")  # pragma: no cover

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -104,3 +105,12 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
 
 def mlxsupd(*args: str) -> list[str]:
     return [sys.executable, "-m", "supervisor.cli.mlxsupd", *args]
+
+
+def run_to_end(config: Path, job: str, summary: Path, timeout: float = 240,
+               ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``mlxsupd run`` one job of ``config`` to its end; the finished process and its JSON summary."""
+    done = subprocess.run(mlxsupd("run", "-c", str(config), job, "--summary", str(summary), "--log-format", "json"),
+                          capture_output=True, text=True, timeout=timeout)
+    assert summary.exists(), done.stderr[-3000:]
+    return done, json.loads(summary.read_text())

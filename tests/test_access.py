@@ -145,7 +145,10 @@ class TestAuditTrail:
             nested = [nested]
         assert ask(service, LOCAL, "stop", {"job": nested}, "deep") == "bad_request"
         record = read_jsonl(service.config.state_dir / "audit.jsonl")[-1]
-        assert record["id"] == "deep" and record["args"] == {"unprintable": "arguments nested too deep to record"}
+        # Python 3.11/3.12 give up serializing (unprintable); 3.13's json goes deeper, so the record is cut short.
+        assert record["id"] == "deep" and len(record["args"]) == 1
+        unprintable = record["args"].get("unprintable") == "arguments nested too deep to record"
+        assert unprintable or "truncated" in record["args"]
 
     def test_rotates_like_the_logs_and_reads_back_across_files(self, tmp_path: Path) -> None:
         trail = AuditTrail(tmp_path / "audit.jsonl", max_bytes=2000, keep=2)

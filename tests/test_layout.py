@@ -31,4 +31,5 @@ class TestImportBoundaries:
             "import supervisor.daemon.server, supervisor.daemon.run, supervisor.cli.mlxsupctl, supervisor.cli.live")
 
     def test_protocol_stands_alone(self) -> None:
-        assert loaded_after("import protocol, protocol.control, protocol.footprint") == {"protocol"}
+        assert loaded_after("import protocol, protocol.control, protocol.footprint, protocol.checkpoints, "
+                            "protocol.vectors, protocol.conformance") == {"protocol"}

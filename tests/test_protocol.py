@@ -16,9 +16,11 @@ from protocol import (
     Hello,
     ProtocolError,
     Step,
+    Welcome,
     decode,
     encode,
 )
+from protocol.messages import negotiate
 
 SAMPLES = [
     Hello("tok", 123, "demo", 0, 1000, 8, 1),
@@ -28,6 +30,8 @@ SAMPLES = [
     Goodbye("finished", 1000),
     Heartbeat(1.7e9),
     Command(Command.CHECKPOINT_EXIT, "leak"),
+    Welcome(1),
+    Heartbeat(1.7e9, "3f9a0c1d2e4b5a69"),
 ]
 
 
@@ -38,7 +42,7 @@ def frame(**body: object) -> bytes:
 class TestRoundTrip:
     """Every message type survives encode then decode unchanged."""
 
-    @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: m.TAG)
+    @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: f"{m.TAG}-{SAMPLES.index(m)}")
     def test_round_trip(self, message: object) -> None:
         assert decode(encode(message)) == message  # type: ignore[arg-type]
 
@@ -69,7 +73,12 @@ class TestRejection:
             (frame(v=1, t="heartbeat"), "missing field 'sent_at'"),
             (frame(v=1, t="heartbeat", sent_at="now"), "heartbeat.sent_at: expected a number"),
             (frame(v=1, t="goodbye", reason="x", step=True), "goodbye.step: expected an integer, got bool"),
-            (frame(v=1, t="goodbye", reason="x", step=1, extra=2), "unexpected field"),
+            (frame(v=True, t="heartbeat", sent_at=1.0), "version True"),
+            (frame(v=1, t="goodbye", reason="x", step=-1), "outside 0..2**63-1"),
+            (frame(v=1, t="hello", token="t", pid=1, job="j", start_step=0, target_steps=1, batch=1, accum=1,
+                   protocol=0), "not a protocol version"),
+            (frame(v=1, t="step", step=1, batch=1, accum=1, loss=1.0, step_seconds=0.1, mlx_active=0,
+                   mlx_cache=0, mlx_peak=0, footprint=0, val_loss="low"), "step.val_loss: expected a number"),
             (frame(v=1, t="command", action="rm -rf /", reason=""), "unknown action"),
             (frame(v=1, t="heartbeat", sent_at=float("inf")), "infinite"),
             (msgpack.packb({**msgpack.unpackb(encode(SAMPLES[1])), "val_loss": "low"}),
@@ -102,3 +111,51 @@ class TestRejection:
             decode(frame(**body))
         except ProtocolError:
             pass
+
+
+class TestForwardCompatibility:
+    """Version 1's rule: unknown fields are ignored, unknown types refused, optional fields default."""
+
+    @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: f"{m.TAG}-{SAMPLES.index(m)}")
+    def test_unknown_fields_are_ignored(self, message: object) -> None:
+        body = msgpack.unpackb(encode(message))  # type: ignore[arg-type]
+        body.update({"added_in_v9": [1, {"x": 2}], "zz": None})
+        assert decode(frame(**body)) == message
+
+    def test_unknown_message_type_is_refused(self) -> None:
+        with pytest.raises(ProtocolError) as info:
+            decode(frame(v=1, t="rewind", step=3))
+        assert info.value.kind == "unknown_type" and "'rewind'" in str(info.value)
+
+    def test_newer_version_is_refused_with_its_kind(self) -> None:
+        with pytest.raises(ProtocolError) as info:
+            decode(frame(v=2, t="heartbeat", sent_at=1.0))
+        assert info.value.kind == "version"
+
+    def test_optional_fields_default_when_absent_or_nil(self) -> None:
+        base = {"v": 1, "t": "step", "step": 1, "batch": 2, "accum": 1, "loss": 0.5, "step_seconds": 0.1,
+                "mlx_active": 0, "mlx_cache": 0, "mlx_peak": 0, "footprint": 4096}
+        assert decode(frame(**base)) == Step(1, 2, 1, 0.5, 0.1, 0, 0, 0, 4096, None, None)
+        assert decode(frame(**base, tokens_per_second=None)).tokens_per_second is None  # type: ignore[union-attr]
+        assert decode(frame(**base, val_loss=None)).val_loss is None  # type: ignore[union-attr]
+        assert decode(frame(**base, val_loss=3)).val_loss == 3.0  # type: ignore[union-attr]
+
+    def test_defaults_are_left_out_so_frames_stay_version_1(self) -> None:
+        """A step without the new fields is byte for byte the frame version 1 always sent."""
+        step = Step(5, 8, 2, 2.5, 0.01, 1, 2, 3, 4)
+        legacy = {"v": 1, "t": "step", "step": 5, "batch": 8, "accum": 2, "loss": 2.5, "step_seconds": 0.01,
+                  "mlx_active": 1, "mlx_cache": 2, "mlx_peak": 3, "footprint": 4}
+        assert encode(step) == msgpack.packb(legacy, use_bin_type=True)
+        hello = Hello("tok", 1, "j", 0, 10, 8, 1)
+        assert "protocol" not in msgpack.unpackb(encode(hello))
+
+    def test_a_newer_workers_hello_is_read_and_negotiated_down(self) -> None:
+        hello = decode(frame(v=1, t="hello", token="t", pid=9, job="j", start_step=0, target_steps=5, batch=1,
+                             accum=1, protocol=7, gpu="m4", topology={"ranks": 2}))
+        assert isinstance(hello, Hello) and hello.protocol == 7
+        assert negotiate(hello.protocol) == 1
+        assert negotiate(1) == 1
+
+    def test_a_worker_below_the_oldest_version_is_refused(self) -> None:
+        with pytest.raises(ProtocolError, match="oldest supported"):
+            negotiate(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ import psutil
 import pytest
 
 from supervisor.daemon.history import read_history
-from tests.conftest import SMALL, mlxsupd
+from tests.conftest import SMALL, mlxsupd, run_to_end
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +21,9 @@ def run_job(config_file: Any, tmp_path: Path, job: dict[str, Any], timeout: floa
     """Run job 'j' to its end; return (exit status, summary, history)."""
     job = {"checkpoint_every": 5, **job, "train": {**SMALL, **job.get("train", {})}}
     path = config_file({"j": job}, **daemon)
-    summary = tmp_path / "summary.json"
-    done = subprocess.run([*mlxsupd("run", "-c", str(path), "j", "--summary", str(summary),
-                                    "--log-format", "json")],
-                          capture_output=True, text=True, timeout=timeout)
-    assert summary.exists(), done.stderr[-3000:]
+    done, summary = run_to_end(path, "j", tmp_path / "summary.json", timeout)
     history = read_history(tmp_path / "state" / "jobs" / "j" / "history.jsonl")
-    return done.returncode, json.loads(summary.read_text()), history
+    return done.returncode, summary, history
 
 
 class TestMemory:
@@ -139,11 +134,8 @@ class TestSdkExample:
         root = Path(__file__).resolve().parent.parent
         path = config_file({"j": {"command": [sys.executable, str(root / "examples" / "sdk_loop.py")],
                                   "checkpoint_every": 50, "env": {"PYTHONPATH": str(root)}}})
-        summary_path = tmp_path / "s.json"
-        done = subprocess.run(mlxsupd("run", "-c", str(path), "j", "--summary", str(summary_path)),
-                              capture_output=True, text=True, timeout=120)
+        done, summary = run_to_end(path, "j", tmp_path / "s.json", timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
-        summary = json.loads(summary_path.read_text())
         assert summary["outcome"] == "finished" and summary["steps_completed"] == 200
         assert summary["final_loss"] < 1.0
         assert (tmp_path / "state" / "jobs" / "j" / "checkpoints" / "ckpt-0000000200").is_dir()

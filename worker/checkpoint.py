@@ -1,10 +1,10 @@
 """Durable, verified checkpoint I/O for MLX training.
 
-A checkpoint is a directory ``ckpt-{step:010d}/`` holding ``model.safetensors``, ``optimizer.safetensors``
-and ``meta.json`` (written last, with the size and SHA-256 of every other file). It is built in a
-``.tmp-ckpt-*`` directory, synced (``F_FULLFSYNC`` on macOS), and renamed into place, so a crash at any moment
-leaves either the old set of checkpoints or the new one, never a half-written ``ckpt-*``. Loading verifies every
-checksum and falls back to older checkpoints.
+The format is ``protocol.checkpoints`` (any SDK may store any files); the Python SDK stores
+``model.safetensors`` and ``optimizer.safetensors`` beside ``meta.json`` (written last, with the size and
+SHA-256 of every other file). A checkpoint is built in a ``.tmp-ckpt-*`` directory, synced (``F_FULLFSYNC`` on
+macOS), and renamed into place, so a crash at any moment leaves either the old set of checkpoints or the new one,
+never a half-written ``ckpt-*``. Loading verifies every checksum and falls back to older checkpoints.
 
 Names (``list_checkpoints``, ``latest_step``) come from ``protocol.checkpoints``, which the daemon reads.
 """
@@ -12,11 +12,8 @@ Names (``list_checkpoints``, ``latest_step``) come from ``protocol.checkpoints``
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import time
@@ -25,19 +22,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protocol.checkpoints import META_FILE, checkpoint_name, list_checkpoints, step_of
+from protocol.checkpoints import (
+    FORMAT,
+    META_FILE,
+    RESERVED_META,
+    SCRATCH,
+    CheckpointDamaged,
+    checkpoint_name,
+    full_fsync,
+    latest_step,
+    list_checkpoints,
+    step_of,
+    verify,
+)
+from protocol.checkpoints import hash_file as _hash_file
 
 if TYPE_CHECKING:
     import mlx.core as mx
 
-FORMAT = 1
+__all__ = ["FORMAT", "META_FILE", "Checkpoint", "CheckpointError", "full_fsync", "latest_step", "list_checkpoints",
+           "load_latest", "save_checkpoint"]
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
-_CHUNK = 1 << 20
-_RESERVED = ("step", "created", "format", "files")
-# .tmp: a checkpoint being written; .trash: the previous copy of a step being replaced (restorable);
-# .prune: an old checkpoint being deleted (renamed first so a half-deleted one never looks complete).
-_SCRATCH = re.compile(r"\.(tmp|trash|prune)-ckpt-(\d+)-(\d+)-[0-9a-f]+")
 # Scratch directories this process is writing right now; anything else with our pid is left over from a
 # previous process that had the same pid (pids are reused, e.g. in a fresh container).
 _IN_FLIGHT: set[str] = set()
@@ -47,10 +53,6 @@ LogFn = Callable[[str, dict[str, Any]], None]
 
 class CheckpointError(Exception):
     """A checkpoint could not be written or none could be loaded; message names the path and problem."""
-
-
-class _Damaged(Exception):
-    """A checkpoint directory failed verification (internal; load_latest logs it and moves on)."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ def save_checkpoint(directory: Path, step: int, model: dict[str, mx.array], opti
     """
     if keep < 1 or step < 0:
         raise ValueError(f"keep must be >= 1 and step >= 0 (got keep={keep}, step={step})")
-    if clash := [key for key in _RESERVED if key in meta]:
+    if clash := [key for key in RESERVED_META if key in meta]:
         raise ValueError(f"meta keys {clash} are reserved by the checkpoint format")
     json.dumps(meta)  # fail with TypeError before touching the disk if meta is not JSON
     directory = Path(directory)
@@ -113,7 +115,7 @@ def load_latest(directory: Path, log: LogFn | None = None, at_most: int | None =
             continue
         try:
             return _load_verified(path)
-        except _Damaged as exc:
+        except CheckpointDamaged as exc:
             if log is not None:
                 log("checkpoint_damaged", {"path": str(path), "problem": str(exc)})
     return None
@@ -174,48 +176,21 @@ def _load_verified(path: Path) -> Checkpoint:
     """Verify meta.json and every checksum of one checkpoint, then load and evaluate its arrays."""
     import mlx.core as mx  # lazily: the daemon imports this module without mlx
 
-    meta = _read_meta(path)
-    for name, expected in meta["files"].items():
-        try:
-            digest, size = _hash_file(path / name, sync=False)
-        except OSError as exc:
-            raise _Damaged(f"{name}: {exc.strerror or exc}") from exc
-        if size != expected["bytes"]:
-            raise _Damaged(f"{name}: {size} bytes, expected {expected['bytes']}")
-        if digest != expected["sha256"]:
-            raise _Damaged(f"{name}: sha256 mismatch")
+    meta = verify(path)
+    if set(meta["files"]) != {MODEL_FILE, OPTIMIZER_FILE}:
+        raise CheckpointDamaged(f"{META_FILE}: lists {sorted(meta['files'])}, expected the Python SDK's "
+                                f"{MODEL_FILE} and {OPTIMIZER_FILE}")
     arrays: list[dict[str, mx.array]] = []
     for name in (MODEL_FILE, OPTIMIZER_FILE):
         try:
             loaded = mx.load(str(path / name))
             if not isinstance(loaded, dict):
-                raise _Damaged(f"{name}: not a safetensors file")
+                raise CheckpointDamaged(f"{name}: not a safetensors file")
             mx.eval(list(loaded.values()))  # read now: the caller may delete the files afterwards
         except (RuntimeError, ValueError, OSError) as exc:
-            raise _Damaged(f"{name}: {exc}") from exc
+            raise CheckpointDamaged(f"{name}: {exc}") from exc
         arrays.append(loaded)
     return Checkpoint(path=path, step=meta["step"], meta=meta, model=arrays[0], optimizer=arrays[1])
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    """Parse meta.json and check the fields verification relies on."""
-    try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise _Damaged(f"{META_FILE}: {exc.strerror or exc}") from exc
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise _Damaged(f"{META_FILE}: not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise _Damaged(f"{META_FILE}: not a format-{FORMAT} checkpoint record")
-    if meta.get("step") != step_of(path):
-        raise _Damaged(f"{META_FILE}: step {meta.get('step')!r} does not match the directory name")
-    files = meta.get("files")
-    if not isinstance(files, dict) or set(files) != {MODEL_FILE, OPTIMIZER_FILE} or not all(
-        isinstance(f, dict) and isinstance(f.get("sha256"), str) and isinstance(f.get("bytes"), int)
-        for f in files.values()
-    ):
-        raise _Damaged(f"{META_FILE}: missing or malformed 'files' checksums")
-    return meta
 
 
 def _clean_scratch(directory: Path) -> None:
@@ -225,7 +200,7 @@ def _clean_scratch(directory: Path) -> None:
     except OSError:
         return  # nothing to clean; a save reports the real problem when it tries to write
     for entry in entries:
-        match = _SCRATCH.fullmatch(entry.name)
+        match = SCRATCH.fullmatch(entry.name)
         if match is None or entry.name in _IN_FLIGHT or _alive(int(match.group(3))):
             continue
         kind, step = match.group(1), int(match.group(2))
@@ -254,41 +229,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _hash_file(path: Path, *, sync: bool) -> tuple[str, int]:
-    """SHA-256 and size of a file, read in 1 MiB chunks; with ``sync`` also fsync it."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        if sync:
-            full_fsync(fh.fileno())
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def _ensure_dir(directory: Path) -> None:
     """Create ``directory`` if needed, making its new entry durable too."""
     if not directory.is_dir():
         directory.mkdir(parents=True, exist_ok=True)
         _fsync_dir(directory.parent)
-
-
-def full_fsync(fd: int) -> None:
-    """Make what was written to ``fd`` (a file, or a directory's entries) survive a power loss.
-
-    On macOS ``fsync`` only hands the data to the drive, whose cache may still lose it (xnu fsync(2)); only
-    ``fcntl(F_FULLFSYNC)`` asks the drive to flush. Where that fcntl does not exist or fails (a file system that
-    does not support it), ``fsync`` is what there is.
-    """
-    command = getattr(fcntl, "F_FULLFSYNC", None)
-    if command is not None:
-        try:
-            fcntl.fcntl(fd, command)
-            return
-        except OSError:
-            pass
-    os.fsync(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

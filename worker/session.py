@@ -31,6 +31,7 @@ from protocol import (
     Hello,
     ProtocolError,
     Step,
+    Welcome,
     decode,
     encode,
 )
@@ -353,6 +354,8 @@ class Session:
             elif isinstance(message, Command):
                 self._last_heard = time.time()
                 self._inbox.append(message)
+            elif isinstance(message, Welcome):  # version 1 is the only one yet: nothing to switch
+                self._last_heard = time.time()
 
     def _leave(self, reason: str, step: int, code: int) -> None:
         self._log("worker_exit", {"reason": reason, "step": step})

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import structlog
 import zmq
 
-from protocol import MAX_MESSAGE_BYTES, Heartbeat, Hello, ProtocolError, decode, encode
+from protocol import MAX_MESSAGE_BYTES, Heartbeat, Hello, ProtocolError, Welcome, decode, encode, negotiate
 from supervisor.config import Config
 from supervisor.core.sizes import parse_bytes, parse_fraction_of
 from supervisor.core.states import TERMINAL_STATES
@@ -283,11 +283,17 @@ class Daemon:
         if job is None:
             log.warning("worker_hello_rejected", pid=hello.pid, job=hello.job[:64], reason="bad spawn token")
             return
+        try:
+            version = negotiate(hello.protocol)
+        except ProtocolError as exc:
+            log.warning("worker_hello_rejected", pid=hello.pid, job=job.name, reason=str(exc))
+            return
         known = set(job.identities.values())
         self.by_identity = {k: v for k, v in self.by_identity.items() if v is not job or k in known}
         self.by_identity[identity] = job
         job.on_hello(hello, identity, now)
-        self._send_to_worker(identity, encode(Heartbeat(time.time())))
+        self._send_to_worker(identity, encode(Welcome(version), version))
+        self._send_to_worker(identity, encode(Heartbeat(time.time()), version))
 
     def _drain_wakeups(self) -> None:
         try:

@@ -1,0 +1,198 @@
+//! The session's background thread: heartbeats while the trainer is busy, and the orphan watchdog.
+//!
+//! The loop talks to the daemon only at step boundaries. A thread closes the two gaps that leaves (the same
+//! design as the Python SDK's `worker/pulse.py`): inside [`Session::busy`](crate::Session::busy) it sends a
+//! heartbeat every second so a long evaluation is not taken for a hang; and when the daemon died
+//! (re-parented) or went silent it gives the loop half the orphan timeout to reach a boundary and checkpoint
+//! there, then ends the process with status 75 (nobody enforces an orphan's budget; the last durable
+//! checkpoint stands). The socket is shared with the loop under one mutex; the thread also drains it, so
+//! heartbeats are seen mid-step and commands wait in an inbox for the next boundary.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crate::protocol::{self, Command, Heartbeat, Message, EXIT_CHECKPOINTED};
+use crate::sys;
+
+const INTERVAL: Duration = Duration::from_millis(250);
+const KEEPALIVE_EVERY: f64 = 1.0;
+const MAX_DRAIN: usize = 10_000; // frames read at one look; the rest wait for the next
+
+/// What the loop and the thread share.
+pub(crate) struct Shared {
+    socket: Mutex<Option<zmq::Socket>>,
+    state: Mutex<State>,
+    busy: AtomicUsize,
+    pub(crate) leaving: AtomicBool,
+    stop: AtomicBool,
+    orphan_timeout: f64,
+    parent: u32,
+    job: String,
+    token: String,
+}
+
+#[derive(Default)]
+struct State {
+    last_heard: f64,
+    last_sent: f64,
+    inbox: Vec<Command>,
+    orphaned_at: Option<f64>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) // a panicked holder left plain data behind
+}
+
+impl Shared {
+    pub(crate) fn new(socket: zmq::Socket, orphan_timeout: f64, job: String, token: String) -> Arc<Shared> {
+        let now = sys::now_unix();
+        Arc::new(Shared {
+            socket: Mutex::new(Some(socket)),
+            state: Mutex::new(State { last_heard: now, last_sent: now, ..State::default() }),
+            busy: AtomicUsize::new(0), leaving: AtomicBool::new(false), stop: AtomicBool::new(false),
+            orphan_timeout, parent: std::os::unix::process::parent_id(), job, token,
+        })
+    }
+
+    /// Send one frame without blocking (telemetry is best effort: a full queue drops it).
+    pub(crate) fn send(&self, message: &Message) {
+        if let Some(socket) = lock(&self.socket).as_ref() {
+            let _ = socket.send(protocol::encode(message), zmq::DONTWAIT);
+            lock(&self.state).last_sent = sys::now_unix();
+        }
+    }
+
+    pub(crate) fn keepalive(&self) {
+        // The token makes it a sign of life even before the hello (a long model load inside busy()).
+        self.send(&Message::Heartbeat(Heartbeat { sent_at: sys::now_unix(), token: Some(self.token.clone()) }));
+    }
+
+    pub(crate) fn seconds_since_sent(&self) -> f64 {
+        sys::now_unix() - lock(&self.state).last_sent
+    }
+
+    /// Read every pending frame: heartbeats refresh `last_heard`, commands go to the inbox.
+    fn drain(&self) {
+        let socket = lock(&self.socket);
+        let socket = match socket.as_ref() {
+            Some(socket) => socket,
+            None => return,
+        };
+        for _ in 0..MAX_DRAIN {
+            let frame = match socket.recv_bytes(zmq::DONTWAIT) {
+                Ok(frame) => frame,
+                Err(_) => break,
+            };
+            let mut state = lock(&self.state);
+            match protocol::decode(&frame) {
+                Ok(Message::Heartbeat(beat)) => state.last_heard = state.last_heard.max(beat.sent_at),
+                Ok(Message::Command(command)) => {
+                    state.last_heard = sys::now_unix();
+                    state.inbox.push(command);
+                }
+                Ok(Message::Welcome(_)) => state.last_heard = sys::now_unix(), // version 1 is the only one yet
+                Ok(_) => {} // a worker-to-daemon type: valid, not for us
+                Err(error) => eprintln!("[worker {}] bad_frame_from_daemon problem={error}", self.job),
+            }
+        }
+    }
+
+    /// The commands received since the last boundary.
+    pub(crate) fn take_commands(&self) -> Vec<Command> {
+        self.drain();
+        std::mem::take(&mut lock(&self.state).inbox)
+    }
+
+    /// `daemon_lost` (re-parented), `daemon_silent` (nothing heard for the orphan timeout), or `None`.
+    pub(crate) fn orphan_reason(&self) -> Option<&'static str> {
+        if std::os::unix::process::parent_id() != self.parent {
+            Some("daemon_lost")
+        } else if sys::now_unix() - lock(&self.state).last_heard > self.orphan_timeout {
+            Some("daemon_silent")
+        } else {
+            None
+        }
+    }
+
+    /// One look of the thread: drain, keep alive while busy, and end an orphan that did not leave in time.
+    fn check(&self) {
+        self.drain();
+        if self.busy.load(Ordering::SeqCst) > 0 && self.seconds_since_sent() >= KEEPALIVE_EVERY {
+            self.keepalive();
+        }
+        let reason = match self.orphan_reason() {
+            Some(reason) => reason,
+            None => {
+                lock(&self.state).orphaned_at = None;
+                return;
+            }
+        };
+        let now = sys::now_unix();
+        let since = now - *lock(&self.state).orphaned_at.get_or_insert(now);
+        let leaving = if self.leaving.load(Ordering::SeqCst) { self.orphan_timeout } else { 0.0 };
+        if since >= self.orphan_timeout / 2.0 + leaving {
+            eprintln!("[worker {}] watchdog: {reason}; leaving mid-step, the last durable checkpoint stands", self.job);
+            std::process::exit(EXIT_CHECKPOINTED);
+        }
+    }
+
+    /// Close the socket, waiting at most `linger_ms` for queued frames (the goodbye) to go out.
+    pub(crate) fn close(&self, linger_ms: i32) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(socket) = lock(&self.socket).take() {
+            let _ = socket.set_linger(linger_ms);
+        }
+    }
+}
+
+/// The thread, stopped and joined when dropped.
+pub(crate) struct Pulse {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Pulse {
+    pub(crate) fn start(shared: Arc<Shared>) -> Pulse {
+        let inner = Arc::clone(&shared);
+        let thread = thread::Builder::new().name("mlxsup-pulse".into()).spawn(move || {
+            loop {
+                thread::park_timeout(INTERVAL); // unparked early by Drop, so closing never waits a period
+                if inner.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                inner.check();
+            }
+        });
+        Pulse { shared, thread: thread.ok() } // without a thread the loop still checks at every boundary
+    }
+
+    /// Count a busy stretch (heartbeats every second) until the guard is dropped.
+    pub(crate) fn busy(&self) -> BusyGuard {
+        self.shared.busy.fetch_add(1, Ordering::SeqCst);
+        self.shared.keepalive();
+        BusyGuard { shared: Arc::clone(&self.shared) }
+    }
+}
+
+impl Drop for Pulse {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Keeps heartbeats going while it lives: `let _busy = session.busy();` around a long evaluation.
+pub struct BusyGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.shared.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}

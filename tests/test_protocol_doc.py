@@ -1,0 +1,61 @@
+"""docs/PROTOCOL.md stays true to the code: every message, field, type and environment variable."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from protocol.messages import _FIELDS, _TYPES, EXIT_CHECKPOINTED, MAX_MESSAGE_BYTES, MAX_STRING_CHARS
+from worker.session import ENV_PREFIX, SessionSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = (ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+TYPE_NAMES = {int: "int", float: "float", str: "str"}
+
+
+def message_tables() -> dict[str, dict[str, tuple[str, str]]]:
+    """{tag: {field: (type, required column)}} from the spec's '### `tag`' sections."""
+    tables: dict[str, dict[str, tuple[str, str]]] = {}
+    for section in re.split(r"^#{2,3} ", SPEC, flags=re.M)[1:]:
+        heading = re.match(r"`(\w+)`", section)
+        if heading is None:
+            continue
+        rows = re.findall(r"^\| `(\w+)` \| (\w+) \| ([^|]+) \|", section, flags=re.M)
+        tables[heading.group(1)] = {name: (kind, required.strip()) for name, kind, required in rows}
+    return tables
+
+
+class TestMessages:
+    """Each message type of protocol/messages.py has a section listing exactly its fields."""
+
+    def test_every_type_has_a_section_with_its_fields(self) -> None:
+        tables = message_tables()
+        assert set(tables) == set(_TYPES)
+        for tag, fields in _FIELDS.items():
+            assert set(tables[tag]) == {f.name for f in fields}, tag
+            for field in fields:
+                kind, required = tables[tag][field.name]
+                assert kind == TYPE_NAMES[field.kind], (tag, field.name)
+                assert (required == "yes") is field.required, (tag, field.name, required)
+
+    def test_limits_and_exit_code_are_the_codes(self) -> None:
+        assert f"at most {MAX_MESSAGE_BYTES:,} bytes".replace(",", " ") in SPEC
+        assert f"at most {MAX_STRING_CHARS:,}".replace(",", " ") + " characters" in SPEC
+        assert f"| {EXIT_CHECKPOINTED} (`EX_TEMPFAIL`)" in SPEC
+
+    def test_every_command_action_is_described(self) -> None:
+        from protocol import Command
+
+        for action in Command.ACTIONS:
+            assert f"- `{action}`:" in SPEC
+
+
+class TestEnvironment:
+    """The variables the daemon sets and the SDK reads are the ones the spec lists."""
+
+    def test_environment_table_matches_daemon_and_sdk(self) -> None:
+        documented = set(re.findall(r"^\| `(MLXSUP_\w+)` \|", SPEC, flags=re.M))
+        read = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(SessionSettings)}
+        set_by_daemon = set(re.findall(r'"(MLXSUP_\w+)"', (ROOT / "supervisor" / "daemon" / "job.py").read_text()))
+        assert documented == read == set_by_daemon

@@ -1,0 +1,135 @@
+"""The Rust SDK (sdk/rust, crate mlxsup-worker): its own tests on the shared vectors, the conformance kit, and
+examples/leaky.rs recycled by the real mlxsupd before its leak crosses the budget.
+
+The crate is built once per test session, offline from Debian's packaged crates (sdk/rust/.cargo/config.toml;
+`.ci/run` installs them). Set MLXSUP_SKIP_RUST=1 to skip these tests on a machine without cargo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol.conformance.harness import Harness, Options
+from protocol.messages import CheckpointSaved, Heartbeat, Hello, Step
+from tests.conftest import ROOT, run_to_end
+
+pytestmark = pytest.mark.slow  # real processes for seconds each (and a cargo build)
+
+CRATE = ROOT / "sdk" / "rust"
+LEAKY = CRATE / "target" / "release" / "examples" / "leaky"
+INSTALL_HINT = ("apt-get install cargo librust-zmq-dev librust-rmp-serde-dev librust-serde-json-dev "
+                "librust-sha2-dev librust-libc-dev libzmq3-dev")
+
+
+def cargo(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run cargo in the crate's directory, where .cargo/config.toml points it at the packaged crates."""
+    program = os.environ.get("CARGO") or shutil.which("cargo")
+    if program is None:
+        if os.environ.get("MLXSUP_SKIP_RUST") == "1":
+            pytest.skip("MLXSUP_SKIP_RUST=1 and no cargo")
+        pytest.fail(f"cargo not found: {INSTALL_HINT} (or set MLXSUP_SKIP_RUST=1)")
+    return subprocess.run([program, *args], cwd=CRATE, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def leaky() -> Path:
+    """The release build of examples/leaky.rs (built once per session; cargo skips it when up to date)."""
+    done = cargo("build", "--release", "--offline", "--example", "leaky")
+    assert done.returncode == 0, f"{done.stderr[-3000:]}\nneeds: {INSTALL_HINT}"
+    return LEAKY
+
+
+class TestCrate:
+    """The crate's own tests pass: its codec against protocol/vectors/frames.json, its checkpoint names."""
+
+    def test_cargo_test_passes_on_the_shared_vectors(self, leaky: Path) -> None:
+        done = cargo("test", "--release", "--offline")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "valid_frames_decode_to_the_expected_fields ... ok" in done.stdout
+        assert "invalid_frames_are_refused_with_their_kind ... ok" in done.stdout
+        assert "canonical_frames_re_encode_byte_for_byte ... ok" in done.stdout
+
+
+class TestConformance:
+    """examples/leaky.rs passes every check of the conformance kit."""
+
+    def test_leaky_passes_the_kit(self, leaky: Path) -> None:
+        done = subprocess.run([sys.executable, "-m", "protocol.conformance", "--json", "--", str(leaky),
+                               "--steps", "1000", "--leak-mb", "1", "--step-ms", "3"],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        report = json.loads(done.stdout)
+        assert [c for c in report["checks"] if not c["ok"]] == []
+        assert done.returncode == 0 and report["passed"] == 12
+
+
+class TestSupervised:
+    """mlxsupd recycles the leaking Rust worker before its budget; it resumes exactly and finishes."""
+
+    def standalone_checksum(self, leaky: Path, steps: int) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLXSUP_")}
+        done = subprocess.run([str(leaky), "--steps", str(steps), "--step-ms", "0"], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().rsplit("checksum ", 1)[1]
+
+    def test_leak_is_recycled_before_the_budget(self, leaky: Path, config_file: Any, tmp_path: Path) -> None:
+        steps = 120  # 8 MiB a step at 60 ms a step: 130 MiB/s, which the daemon's 20 Hz sampling follows under load
+        path = config_file({"leaky": {
+            "command": [str(leaky), "--steps", str(steps), "--leak-mb", "8", "--step-ms", "60"],
+            "budget": "160MiB", "checkpoint_every": 0}})
+        done, summary = run_to_end(path, "leaky", tmp_path / "summary.json", timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert summary["outcome"] == "finished" and summary["steps_completed"] == steps, summary
+        # Unsupervised it would cross 160 MiB near step 20; here every life is recycled first.
+        assert summary["restarts"] >= 4 and set(summary["restart_reasons"]) <= {"leak", "leak_predicted"}, summary
+        assert summary["samples_over_kill"] == 0 and summary["max_sampled_bytes"] < summary["kill_bytes"], summary
+        assert summary["batch_history"] == [[0, 8, 1]], summary  # a leak is recycled at the same batch
+        history = [json.loads(line) for line in Path(summary["history_path"]).read_text().splitlines()]
+        exits = [e for e in history if e["event"] == "exit"]
+        assert [e["code"] for e in exits[:-1]] == [75] * (len(exits) - 1) and exits[-1]["code"] == 0, exits
+        assert all(e["checkpoint"] == e["step"] for e in exits)  # every life left with a checkpoint of its step
+        starts = [e["from_checkpoint"] for e in history if e["event"] == "spawn"]
+        assert starts == [0] + [e["checkpoint"] for e in exits[:-1]]  # each life resumed where the last one left
+        stdout = (tmp_path / "state" / "logs" / "jobs" / "leaky" / "stdout.log").read_text()
+        assert stdout.strip().rsplit("checksum ", 1)[1] == self.standalone_checksum(leaky, steps)
+
+
+class TestPulse:
+    """The Rust session's thread: heartbeats inside busy(), and an orphan ended mid-step."""
+
+    def test_busy_sends_heartbeats_during_a_long_evaluation(self, leaky: Path) -> None:
+        harness = Harness([str(leaky), "--steps", "50", "--step-ms", "5", "--eval-every", "3", "--eval-ms", "2500"],
+                          Options(orphan_timeout=30))
+        try:
+            life = harness.spawn(batch=4, accum=1)
+            life.expect_a(Hello, "hello", 30)
+            steps = [step for _, step in life.steps(3, 30)]  # step 3 comes after 2.5 s inside busy()
+            beats = [r.at for r in life.received if isinstance(r.message, Heartbeat)]
+            assert len(beats) >= 3, beats  # one as busy() starts, then one a second
+            assert [s.val_loss is not None for s in steps] == [False, False, True]
+        finally:
+            harness.close()
+
+    def test_an_orphan_is_ended_mid_step_by_the_watchdog(self, leaky: Path) -> None:
+        harness = Harness([str(leaky), "--steps", "50", "--step-ms", "6000"], Options(orphan_timeout=1.0))
+        try:
+            life = harness.spawn(batch=4, accum=1)
+            life.expect_a(Hello, "hello", 30)
+            life.heartbeats = False  # the daemon goes silent during the first (6 s) step
+            silent_at = time.monotonic()
+            code = life.wait_exit(10)
+            took = time.monotonic() - silent_at
+            assert code == 75
+            assert took < 4.0, took  # orphan timeout + half of it + the thread's period, not the step's end
+            assert not [r for r in life.received if isinstance(r.message, Step | CheckpointSaved)]
+        finally:
+            harness.close()
