@@ -25,15 +25,17 @@ STAMP313 := $(VENV313)/.installed
 
 # The macOS-shaped lane: these tests run again with every process made to look like macOS CPython 3.11
 # (tests/fake_macos/sitecustomize.py: no os.waitid, darwin code paths on fakes of libproc, sysctl and waitid).
-# The daemon tests are a chosen few (the whole module takes minutes): start, budget, reload, shutdown, bad requests.
+# The daemon tests are a chosen few (the whole module takes minutes): start, budget, reload, shutdown, bad requests;
+# and one gang: two ranks sampled, reaped and restarted through the macOS paths.
 FAKE_MACOS_TESTS := tests/test_fake_macos.py tests/test_process.py tests/test_footprint.py tests/test_service.py \
+	tests/test_gang.py::TestGangRestart::test_sigkill_of_one_rank_restarts_the_gang_and_nothing_is_lost \
 	tests/test_service_fake_managers.py tests/test_daemon.py::TestRobustness \
 	tests/test_daemon.py::TestCommands::test_budget_change_takes_effect_on_the_next_sample \
 	tests/test_daemon.py::TestReloadAndShutdown::test_sighup_adds_and_removes_jobs \
 	tests/test_daemon.py::TestReloadAndShutdown::test_sigterm_checkpoints_every_worker_then_exits_zero
 FAKE_MACOS_ENV := MLXSUP_FAKE_MACOS=1 PYTHONPATH=$(CURDIR)/tests/fake_macos
 
-.PHONY: venv demo demo-lora test test-main test-fake-macos test-py313 bench faults lint clean rust conformance
+.PHONY: venv demo demo-lora demo-gang test test-main test-fake-macos test-py313 bench faults lint clean rust conformance
 
 venv: $(STAMP)
 
@@ -59,6 +61,12 @@ demo-lora: $(STAMP)
 	$(VENV)/bin/mlxsupd run -c deploy/lora.toml lora --summary .demo-lora/summary.json
 	$(PY) -m supervisor.tools.plot .demo-lora/state/jobs/lora --summary .demo-lora/summary.json -o .demo-lora/memory.png
 	@echo "summary: .demo-lora/summary.json  plot: .demo-lora/memory.png  adapters: .demo-lora/adapters"
+
+# Two ranks of a data-parallel job on loopback, a leak on rank 1 only: every breach stops both at one step.
+demo-gang: $(STAMP)
+	rm -rf .demo-gang
+	$(VENV)/bin/mlxsupd run -c deploy/gang.toml gang --summary .demo-gang/summary.json
+	@echo "summary: .demo-gang/summary.json"
 
 test: test-main test-fake-macos test-py313
 
@@ -109,4 +117,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy supervisor worker protocol
 
 clean:
-	rm -rf $(VENV) $(VENV313) .demo .demo-lora .bench .faults .conformance $(RUST_CRATE)/target
+	rm -rf $(VENV) $(VENV313) .demo .demo-lora .demo-gang .bench .faults .conformance $(RUST_CRATE)/target

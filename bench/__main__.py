@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import analysis, ckpt_io, control, daemon_cost, goodput, mlx_lm, overhead, reaction, report
+from bench import analysis, ckpt_io, control, daemon_cost, gang, goodput, mlx_lm, overhead, reaction, report
 from bench.common import ROOT, SMALL, BenchError, atomic_write_json
 
 
@@ -40,14 +40,19 @@ class Plan:
     mlx_lm_iters: int
     mlx_lm_pairs: int
     mlx_lm_restart_iters: int
+    gang_steps: int
+    gang_pairs: int
+    gang_recovery_steps: int
 
 
 FULL = Plan(overhead_steps=600, overhead_pairs=11, sdk_calls=5000, reaction_steps=40, goodput_steps=1000,
             ckpt_mb=100, ckpt_rounds=5, idle_seconds=10.0, control_requests=500, flood_messages=50_000,
-            flood_linger=3.0, mlx_lm_iters=100, mlx_lm_pairs=9, mlx_lm_restart_iters=40, daemon_window=15.0)
+            flood_linger=3.0, mlx_lm_iters=100, mlx_lm_pairs=9, mlx_lm_restart_iters=40, gang_steps=300, gang_pairs=5,
+            gang_recovery_steps=120, daemon_window=15.0)
 QUICK = Plan(overhead_steps=100, overhead_pairs=1, sdk_calls=1000, reaction_steps=12, goodput_steps=100,
              ckpt_mb=10, ckpt_rounds=1, idle_seconds=2.0, control_requests=50, flood_messages=2000,
-             flood_linger=1.0, mlx_lm_iters=20, mlx_lm_pairs=1, mlx_lm_restart_iters=20, daemon_window=2.0)
+             flood_linger=1.0, mlx_lm_iters=20, mlx_lm_pairs=1, mlx_lm_restart_iters=20, gang_steps=40, gang_pairs=1,
+             gang_recovery_steps=40, daemon_window=2.0)
 RUN_TIMEOUT = 600.0  # seconds any one child may take before its group is killed
 SECTION_ERRORS = (BenchError, OSError, subprocess.SubprocessError, KeyError, ValueError, TypeError)
 
@@ -85,9 +90,14 @@ def _daemon(work: Path, plan: Plan) -> dict[str, Any]:
             "sixteen_jobs": daemon_cost.sixteen_jobs(work / "sixteen", plan.daemon_window, plan.control_requests)}
 
 
+def _gang(work: Path, plan: Plan) -> dict[str, Any]:
+    return gang.measure(work, {**SMALL, "steps": plan.gang_steps}, plan.gang_pairs, plan.gang_recovery_steps,
+                        RUN_TIMEOUT)
+
+
 SECTIONS: list[tuple[str, Callable[[Path, Plan], dict[str, Any]]]] = [
     ("overhead", _overhead), ("reaction", _reaction), ("goodput", _goodput), ("checkpoint", _checkpoint),
-    ("control", _control), ("daemon", _daemon), ("mlx_lm", _mlx_lm),
+    ("control", _control), ("daemon", _daemon), ("mlx_lm", _mlx_lm), ("gang", _gang),
 ]
 
 
@@ -133,6 +143,8 @@ def collect(details: dict[str, Any]) -> dict[str, Any]:
         "daemon_idle_cpu_fraction": ctl.get("daemon_idle_cpu_fraction"),
         "daemon_rss_bytes": ctl.get("daemon_rss_bytes"),
         "mlx_lm_ratio": details.get("mlx_lm", {}).get("mlx_lm_ratio"),
+        "gang_step_rate_ratio": details.get("gang", {}).get("gang_step_rate_ratio"),
+        "gang_recovery_seconds": details.get("gang", {}).get("gang_recovery_seconds"),
         **_daemon_metrics(details.get("daemon", {})),
     }
 

@@ -118,6 +118,15 @@ ROWS: list[tuple[str, tuple[str, ...], Target, Callable[[Any], str]]] = [
      Target(), _seconds),
     ("  mlx-lm restart: start (spawn -> RUNNING: import, load, restore)",
      ("details", "mlx_lm", "restart", "recovery", "start"), Target(), _seconds),
+    ("gang_step_rate_ratio (2 ranks, supervised/unsupervised)", ("gang_step_rate_ratio",), Target(">=", 0.95),
+     _ratio),
+    ("  spread of the pairs' ratios: min", ("details", "gang", "ratio_min"), Target(), _ratio),
+    ("  max", ("details", "gang", "ratio_max"), Target(), _ratio),
+    ("gang_recovery_seconds (breach -> every rank stepping)", ("gang_recovery_seconds",), Target("<=", 3.0),
+     _seconds),
+    ("  max over restarts", ("details", "gang", "gang_recovery_seconds_max"), Target(), _seconds),
+    ("  stop steps equal on every rank", ("details", "gang", "stop_steps_equal"), Target("==", True),
+     lambda v: str(v).lower() if isinstance(v, bool) else "null"),
 ]
 
 

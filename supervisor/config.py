@@ -17,6 +17,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from supervisor import paths
 from supervisor.core.policy import Limits
 from supervisor.core.sizes import SizeError, format_bytes, parse_budget, parse_bytes, parse_fraction_of
+from supervisor.hostfile import Layout, LayoutError, build_layout, local_addresses
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,19 @@ class DaemonConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GangConfig:
+    """[jobs.NAME.gang]: how the daemons of a gang over several hosts find each other."""
+
+    host: str = _f("", "this daemon's entry of hosts or of the hostfile (address or ssh name); default: the "
+                   "one whose address is on this machine")
+    leader: str = _f("", "followers: control endpoint of the daemon holding rank 0, e.g. tcp://10.0.0.1:7781")
+    leader_key: str = _f("", "followers: the leader daemon's public key file (its server_key's .key)")
+    client_key: str = _f("", "followers: this daemon's secret key file, listed in the leader's authorized_keys")
+    port: int = _f(32323, "first ring port; every generation of the gang listens on fresh ports after it")
+    sync_interval: float = _f(0.2, "followers: seconds between state exchanges with the leader", "s")
+
+
+@dataclasses.dataclass(frozen=True)
 class JobConfig:
     """[jobs.NAME]: one supervised training job."""
 
@@ -100,6 +114,12 @@ class JobConfig:
     max_attempts_without_progress: int = _f(5, "consecutive starts without a newer checkpoint before FATAL")
     cache_clear: str = _f("0", "worker clears MLX's cache above this many bytes (0: never)")
     cache_limit: str = _f("10%", "MLX cache limit set in the worker: percent of budget or bytes (0: MLX's default)")
+    ranks: int = _f(1, "ranks of a data-parallel gang on each host (ring backend; the daemon sets MLX_RANK and "
+                    "MLX_HOSTFILE); budget, warn and kill then apply to each rank")
+    hosts: list[str] = _f([], "a gang over several hosts: their IP addresses in rank order, each running "
+                          "`ranks` ranks, one mlxsupd each ([jobs.NAME.gang])")
+    hostfile: str = _f("", "instead of hosts: mlx.launch's hostfile JSON (one entry per rank)")
+    gang: GangConfig = dataclasses.field(default_factory=GangConfig, metadata={"help": "", "unit": ""})
     sdk: bool = _f(True, "false: a guard-only job: `command` runs under outside sampling alone (no hello, no "
                    "telemetry, no checkpoints); SIGTERM at the budget, SIGKILL at the ceiling or after kill_grace")
     restart: str = _f("on-breach", "guard-only jobs: 'on-breach' starts the command over after a budget kill, "
@@ -144,6 +164,13 @@ class Config:
 
     def checkpoint_dir(self, name: str) -> Path:
         return self.resolve(self.jobs[name].checkpoint_dir, self.job_dir(name) / "checkpoints")
+
+    def layout(self, name: str, addresses: list[str] | None = None) -> Layout | None:
+        """The gang of job ``name`` (None for a plain job); LayoutError names a problem."""
+        job = self.jobs[name]
+        hostfile = self.resolve(job.hostfile, Path()) if job.hostfile else None
+        return build_layout(job.ranks, job.hosts, hostfile, job.gang.host, job.gang.port,
+                            local_addresses() if addresses is None else addresses)
 
 
 def load_config(path: str | Path, total_memory: int | None = None) -> Config:
@@ -275,6 +302,7 @@ def _validate(config: Config, total: int) -> None:
             raise ConfigError(f"{where}: daemon.run_dir: {problem}")
     for name, job in config.jobs.items():
         _validate_job(name, job, total, where)
+        _validate_gang(config, name, total)
 
 
 def check_limits(limits: Limits) -> None:
@@ -333,6 +361,47 @@ def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
             train_argv(job.train)
         except ValueError as exc:
             raise ConfigError(f"{prefix}.train: {exc}") from None
+
+
+def _validate_gang(config: Config, name: str, total: int) -> None:
+    prefix = f"{config.path}: jobs.{name}"
+    job = config.jobs[name]
+    if job.ranks < 1:
+        raise ConfigError(f"{prefix}.ranks = {job.ranks}: must be at least 1")
+    if runs_mlx_launch(job.command):
+        raise ConfigError(f"{prefix}.command runs mlx.launch, which reports success when a rank dies and cuts off "
+                          "ranks still writing a checkpoint: give the training script itself as the command and "
+                          "set ranks (one host) or hosts/hostfile (several), and mlxsupd starts the ranks")
+    if job.hosts and job.hostfile:
+        raise ConfigError(f"{prefix}: give hosts or hostfile, not both")
+    try:
+        layout = config.layout(name)
+    except LayoutError as exc:
+        raise ConfigError(f"{prefix}: {exc}") from None
+    if layout is None:
+        return
+    if not job.sdk:
+        raise ConfigError(f"{prefix}: a gang needs the SDK (sdk = true): its ranks stop and checkpoint together "
+                          "through it")
+    if job.mlx_lm:
+        raise ConfigError(f"{prefix}: an mlx-lm fine-tune cannot run as a gang yet (its trainer reduces gradients "
+                          "without the gang's stop flags); use ranks = 1")
+    local = len(layout.local_ranks)
+    if local * job.limits(total).budget >= total:
+        raise ConfigError(f"{prefix}: {local} ranks x budget {job.budget} do not fit in this machine's memory")
+    if len(layout.hosts) > 1 and not layout.leader and not (job.gang.leader and job.gang.client_key
+                                                            and job.gang.leader_key):
+        raise ConfigError(f"{prefix}.gang: this host follows the gang: set leader, leader_key and client_key")
+    if len(layout.hosts) > 1 and layout.leader and not config.daemon.control.tcp:
+        raise ConfigError(f"{prefix}: this host leads the gang: set daemon.control.tcp for the followers")
+    if not 0.01 <= job.gang.sync_interval <= 10:
+        raise ConfigError(f"{prefix}.gang.sync_interval = {job.gang.sync_interval}: must be 0.01 to 10 seconds")
+
+
+def runs_mlx_launch(command: list[str]) -> bool:
+    """Whether a command starts MLX's launcher (``mlx.launch ...`` or ``python -m mlx.launch ...``)."""
+    words = [Path(word).name for word in command[:4]]
+    return "mlx.launch" in words or "mlx._distributed_utils.launch" in words
 
 
 def worker_argv(job: JobConfig) -> list[str]:

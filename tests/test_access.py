@@ -48,6 +48,8 @@ SPEC: dict[str, tuple[dict[str, Any], Role]] = {
     "update": ({}, Role.ADMIN),
     "shutdown": ({}, Role.ADMIN),
     "audit": ({}, Role.ADMIN),
+    "gang-sync": ({"job": "nosuch", "host": "h", "layout": "[]", "epoch": "e", "gen": 0, "alive": 0, "want": True},
+                  Role.OPERATE),
 }
 CHANGES = {"budget", "start", "stop", "restart", "checkpoint", "signal", "reread", "update", "shutdown"}
 
@@ -85,7 +87,7 @@ class TestRoleMatrix:
                 outcome = ask(service, principal, cmd, args, f"{role.label}-{cmd}")
                 outcomes[cmd, role.label] = outcome
                 assert (outcome == "forbidden") == (role < needed), (cmd, role, outcome)
-        assert sum(o == "forbidden" for o in outcomes.values()) == 10 + 5  # read: 10 refused, operate: 5
+        assert sum(o == "forbidden" for o in outcomes.values()) == 11 + 5  # read: 11 refused, operate: 5
         # Showing a budget is reading; changing it is operating.
         reader = Principal("r", Role.READ)
         assert ask(service, reader, "budget", {"job": "j"}, "show") == "ok"
@@ -127,7 +129,7 @@ class TestAuditTrail:
         assert by_id["0-admin-reread"]["result"] == {"added": [], "removed": [], "changed": []}
         assert by_id["0-read-stop"]["error"] == "forbidden" and by_id["0-read-stop"]["role"] == "read"
         counters = service.control.audit.counters()
-        assert counters["refused"] == {"forbidden": 3 * (9 + 4)}  # shutdown left out
+        assert counters["refused"] == {"forbidden": 3 * (10 + 4)}  # shutdown left out
         assert counters["audit_records"] == len(records)
 
     def test_operator_actions_name_the_client_in_the_job_history(self, service: DaemonService) -> None:

@@ -15,7 +15,8 @@ from bench.report import checks, render
 
 REQUIRED = ("overhead_ratio", "reaction_ms", "overshoot_fraction", "recovery_seconds", "goodput",
             "samples_over_kill", "checkpoint_save_ratio", "checkpoint_load_ratio", "control_p99_ms",
-            "telemetry_msgs_per_s", "daemon_idle_cpu_fraction", "daemon_rss_bytes", "mlx_lm_ratio")
+            "telemetry_msgs_per_s", "daemon_idle_cpu_fraction", "daemon_rss_bytes", "mlx_lm_ratio",
+            "gang_step_rate_ratio", "gang_recovery_seconds")
 MAY_BE_NULL = {"control_p99_ms", "telemetry_msgs_per_s"}  # the control plane may not be built yet
 GOODPUT_ARMS = ("unsupervised", "stop_at_limit", "shrink_only", "supervised")
 

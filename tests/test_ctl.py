@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 
 from supervisor.cli.mlxsupctl import build_parser
-from supervisor.control.commands import REGISTRY
+from supervisor.control.commands import CLI_COMMANDS, REGISTRY
 from tests.test_daemon import Daemon, free_port
 
 
 class TestJsonAnywhere:
     """README: every command takes --json; before or after the command name."""
 
-    @pytest.mark.parametrize("name", sorted(REGISTRY))
+    @pytest.mark.parametrize("name", sorted(CLI_COMMANDS))
     def test_after_the_command(self, name: str) -> None:
         positional = {"budget": ["j"], "signal": ["j", "TERM"]}.get(name)
         if positional is None:

@@ -207,7 +207,10 @@ class TestReloadAndShutdown:
         d.wait(lambda: set(d.states()) == {"steady", "fresh"}, 60, "leaky removed and fresh added")
         d.wait(running(d, "fresh"), 60, "fresh running")
         exits = [e for e in d.history("leaky") if e["event"] == "exit"]
-        assert exits and exits[-1]["code"] == 75  # removed after a checkpoint
+        # Removed after a checkpoint: nothing reported is lost. (A SIGHUP that lands just after a leak recycle
+        # finds a worker that has not said hello yet: it is terminated, having done nothing to save.)
+        assert exits and max(e["checkpoint"] for e in exits) == max(e["step"] for e in exits)
+        assert exits[-1]["code"] == 75 or exits[-1]["step"] == exits[-1]["checkpoint"]
 
     def test_reread_and_update_commands(self, daemon: Any, config_file: Any) -> None:
         d = daemon()

@@ -58,7 +58,7 @@ class Service:
     def proc(self, name: str) -> FakeProcess:
         job = self.job(name)
         assert job.life is not None
-        proc = job.procs[job.life.id]
+        proc = job.procs[(job.life.id, 0)]
         assert isinstance(proc, FakeProcess)
         return proc
 

@@ -1,6 +1,7 @@
 """Model-based test: random interleavings of operator requests, config updates, shutdown, worker behaviour and
 memory samples, driving the real DaemonService and Jobs on a fake OS, with the lifecycle's invariants checked
-after every step. ``MLXSUP_MODEL_EXAMPLES`` sets the number of examples (make test: 200; make faults: 3000).
+after every step. Job "a" is a plain job, job "g" a gang of two ranks on one host. ``MLXSUP_MODEL_EXAMPLES``
+sets the number of examples (make test: 200; make faults: 3000).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from supervisor.daemon.server import DaemonService
 from tests.fakeos import FakeProcess, FakeSystem
 
 MiB = 2**20
-NAMES = ("a", "b")
+NAMES = ("a", "g")
+RANKS = {"a": (0,), "g": (0, 1)}
 JOB = {"budget": "1000MiB", "warn": "85%", "kill": "110%", "checkpoint_timeout": 5.0, "kill_grace": 2.0,
        "hang_timeout": 10.0, "startup_timeout": 10.0, "backoff_initial": 0.5, "backoff_max": 2.0,
        "max_attempts_without_progress": 3, "batch": 8, "autostart": False}
@@ -69,7 +71,8 @@ class DaemonModel(RuleBasedStateMachine):
 
     def _write(self, names: tuple[str, ...]) -> Path:
         daemon = {"run_dir": str(self.root / "run"), "state_dir": str(self.root / "state")}
-        return write_config(self.root / "mlxsup.toml", daemon, {name: dict(JOB) for name in names})
+        jobs = {name: {**JOB, **({"ranks": 2, "gang": {"port": 40000}} if name == "g" else {})} for name in names}
+        return write_config(self.root / "mlxsup.toml", daemon, jobs)
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -84,16 +87,16 @@ class DaemonModel(RuleBasedStateMachine):
         if isinstance(message, Command):
             self.sent.setdefault(identity, []).append(message.action)
 
-    def _current(self, job: Job) -> FakeProcess | None:
+    def _current(self, job: Job, rank: int = 0) -> FakeProcess | None:
         if job.life is None:
             return None
-        proc = job.procs.get(job.life.id)
+        proc = job.procs.get((job.life.id, rank))
         assert proc is None or isinstance(proc, FakeProcess)
         return proc
 
-    def _identity(self, job: Job) -> bytes:
+    def _identity(self, job: Job, rank: int = 0) -> bytes:
         assert job.life is not None
-        return f"{job.name}-{job.life.id}".encode()
+        return f"{job.name}-{job.life.id}-{rank}".encode()
 
     def _call(self, cmd: str, **args: Any) -> None:
         try:
@@ -120,7 +123,7 @@ class DaemonModel(RuleBasedStateMachine):
         if self._job(name) is not None:
             self._call("budget", job=name, value=value)
 
-    @rule(names=st.sampled_from([(), ("a",), ("b",), ("a", "b")]))
+    @rule(names=st.sampled_from([(), ("a",), ("g",), ("a", "g")]))
     def reread_and_update(self, names: tuple[str, ...]) -> None:
         self._write(names)
         self.config_names = names
@@ -134,81 +137,96 @@ class DaemonModel(RuleBasedStateMachine):
 
     # -- workers ------------------------------------------------------------------------------------
 
-    @rule(name=st.sampled_from(NAMES))
-    def hello(self, name: str) -> None:
+    @rule(name=st.sampled_from(NAMES), rank=st.sampled_from([0, 1]))
+    def hello(self, name: str, rank: int) -> None:
         job = self._job(name)
-        proc = self._current(job) if job is not None else None
-        if job is None or proc is None or proc.code is not None or job.identity is not None:
+        proc = self._current(job, rank) if job is not None else None
+        if job is None or proc is None or proc.code is not None or rank in job.identities:
             return
         proc.term_exit = 75 if proc.term_exit is None and not proc.signals else proc.term_exit
-        job.on_hello(Hello(job.token, proc.pid, name, self.checkpoints, 1000, job.batch, job.accum),
-                     self._identity(job), self.system.clock)
+        job.on_hello(Hello(job.tokens[rank], proc.pid, name, self.checkpoints, 1000, job.batch, job.accum),
+                     self._identity(job, rank), self.system.clock)
 
-    @rule(name=st.sampled_from(NAMES), footprint=st.sampled_from([100 * MiB, 300 * MiB, 600 * MiB]))
-    def step(self, name: str, footprint: int) -> None:
+    @rule(name=st.sampled_from(NAMES), rank=st.sampled_from([0, 1]),
+          footprint=st.sampled_from([100 * MiB, 300 * MiB, 600 * MiB]))
+    def step(self, name: str, rank: int, footprint: int) -> None:
         job = self._job(name)
-        if job is not None and job.identity is not None and job.life is not None:
-            step = job.life.last_step + 1
+        if job is not None and rank in job.identities and job.life is not None:
+            step = job.life.ranks[rank].last_step + 1
             job.on_message(Step(step, job.batch, job.accum, 1.0, 0.1, footprint, 0, footprint, footprint),
-                           self.system.clock)
+                           self.system.clock, job.identities[rank])
 
     @rule(name=st.sampled_from(NAMES))
     def boundary(self, name: str) -> None:
-        """The worker reaches a step boundary: it honours a checkpoint-and-exit (goodbye, exit 75)."""
+        """The workers reach a step boundary: a checkpoint-and-exit sent to any rank is honoured by every rank
+        (through the gang's collective): each says goodbye at the same step and exits 75."""
         job = self._job(name)
-        if job is None or job.identity is None or job.life is None:
+        if job is None or job.life is None or not job.identities:
             return
-        if "checkpoint_exit" not in self.sent.get(self._identity(job), []):
+        if not any("checkpoint_exit" in self.sent.get(i, []) for i in job.identities.values()):
             return
-        proc = self._current(job)
-        assert proc is not None
+        procs = {r: self._current(job, r) for r in job.identities}
+        if any(p is None or p.code is not None for p in procs.values()):
+            return
         self.checkpoints += 1
         (job.paths.checkpoints / f"ckpt-{self.checkpoints:010d}").mkdir(parents=True, exist_ok=True)
-        job.on_message(Goodbye("asked", job.life.last_step), self.system.clock)
-        proc.code = 75
+        step = job.life.last_step
+        for rank, proc in procs.items():
+            assert proc is not None
+            job.on_message(Goodbye("asked", step), self.system.clock, job.identities[rank])
+            proc.code = 75
 
-    @rule(name=st.sampled_from(NAMES), code=st.sampled_from([0, 75, 1, -9]))
-    def exit(self, name: str, code: int) -> None:
+    @rule(name=st.sampled_from(NAMES), rank=st.sampled_from([0, 1]), code=st.sampled_from([0, 75, 1, -9]))
+    def exit(self, name: str, rank: int, code: int) -> None:
         job = self._job(name)
-        proc = self._current(job) if job is not None else None
-        if job is None or proc is None or proc.code is not None:
+        proc = self._current(job, rank) if job is not None else None
+        if job is None or proc is None or proc.code is not None or job.life is None:
             return
-        unprovoked = not proc.signals and self.sent.get(self._identity(job), []).count("checkpoint_exit") == 0
+        asked = any("checkpoint_exit" in self.sent.get(self._identity(job, r), []) for r in RANKS[name])
+        first = not job.life.left
+        unprovoked = not proc.signals and not asked and first
         stop_requested = job.lifecycle.stop_reason is not None or self.daemon.stopping
         batch = (job.batch, job.accum)
         proc.code = code
         self._turn(0.0)
-        if code in (1, -9) and unprovoked and not stop_requested:
+        if code in (1, -9) and unprovoked and not stop_requested and job.life is None:
             # A crash is followed by a backoff (or FATAL) and never changes the batch.
             assert job.state in (JobState.BACKOFF, JobState.FATAL), job.state
             assert (job.batch, job.accum) == batch
+        if code in (1, -9) and unprovoked and job.life is not None:
+            # One rank crashed: the others are terminated at once.
+            assert all(signal.SIGTERM in p.signals or p.code is not None
+                       for p in self._live(job) if p is not proc), [p.signals for p in self._live(job)]
 
-    @rule(name=st.sampled_from(NAMES))
-    def hang(self, name: str) -> None:
+    @rule(name=st.sampled_from(NAMES), rank=st.sampled_from([0, 1]))
+    def hang(self, name: str, rank: int) -> None:
         job = self._job(name)
-        proc = self._current(job) if job is not None else None
+        proc = self._current(job, rank) if job is not None else None
         if proc is not None:
-            proc.term_exit = None  # it will ignore SIGTERM (blocked in a step)
+            proc.term_exit = None  # it will ignore SIGTERM (blocked in a step or a collective)
 
     @rule(name=st.sampled_from(NAMES))
     def departing_exit(self, name: str) -> None:
         job = self._job(name)
         if job is not None:
             for life in job.lifecycle.departing:
-                proc = job.procs.get(life)
+                proc = job.procs.get((life, 0))
                 if isinstance(proc, FakeProcess) and proc.code is None:
                     proc.code = 75
 
-    @rule(name=st.sampled_from(NAMES), level=st.sampled_from(sorted(LEVELS)),
+    @rule(name=st.sampled_from(NAMES), rank=st.sampled_from([0, 1]), level=st.sampled_from(sorted(LEVELS)),
           departing_level=st.sampled_from(sorted(LEVELS)))
-    def sample(self, name: str, level: str, departing_level: str) -> None:
+    def sample(self, name: str, rank: int, level: str, departing_level: str) -> None:
         job = self._job(name)
         if job is None:
             return
-        current = self._current(job)
+        current = self._current(job, rank)
+        others = [p for r in RANKS[name] if r != rank and (p := self._current(job, r)) is not None]
         if current is not None:
             current.sampled = LEVELS[level]
-        departing = [job.procs[life] for life in job.lifecycle.departing if life in job.procs]
+        for proc in others:
+            proc.sampled = min(proc.sampled, LEVELS["low"])  # this rank is the one that grows
+        departing = [job.procs[(life, 0)] for life in job.lifecycle.departing if (life, 0) in job.procs]
         for proc in departing:
             assert isinstance(proc, FakeProcess)
             proc.sampled = LEVELS[departing_level]
@@ -217,9 +235,12 @@ class DaemonModel(RuleBasedStateMachine):
         job.on_sample(self.system.clock, 8 << 30, 0)
         total = sum(p.sampled for p in live)
         if total >= job.limits.kill:
-            # Current plus departing over the kill ceiling always draws an action.
+            # Current plus departing over the kill ceiling always draws an action; in a gang the budget is per
+            # rank, and the action reaches every rank of the life.
             acted = [p for p in live if p.signals and p.signals[-1] in (signal.SIGKILL, signal.SIGTERM)]
             assert acted or any(p.pid in killed_before for p in live), (total, [p.signals for p in live])
+            if current is not None and current.code is None and current in acted:
+                assert all(p.signals or p.code is not None for p in others), [p.signals for p in others]
 
     @rule(seconds=st.sampled_from([0.05, 0.5, 3.0]))
     def advance(self, seconds: float) -> None:
@@ -228,13 +249,25 @@ class DaemonModel(RuleBasedStateMachine):
     # -- invariants ---------------------------------------------------------------------------------
 
     @invariant()
-    def one_current_worker_and_none_when_terminal(self) -> None:
+    def one_current_worker_per_rank_and_none_when_terminal(self) -> None:
         for job in self.daemon.jobs.values():
-            current = [p for life, p in job.procs.items() if life not in job.lifecycle.departing
+            current = [(rank, p) for (life, rank), p in job.procs.items() if life not in job.lifecycle.departing
                        and isinstance(p, FakeProcess) and p.code is None]
-            assert len(current) <= 1, job.name
+            assert len(current) <= len(RANKS[job.name]), job.name
+            assert len({rank for rank, _ in current}) == len(current), job.name
             if job.state in TERMINAL_STATES:
                 assert job.life is None and not current, (job.name, job.state)
+
+    @invariant()
+    def a_gang_never_overlaps_two_lives(self) -> None:
+        job = self.daemon.jobs.get("g")
+        if job is None:
+            return
+        lives = {life for (life, _), p in job.procs.items() if isinstance(p, FakeProcess) and p.code is None}
+        assert len(lives) <= 1, lives
+        assert not job.lifecycle.departing
+        if job.life is not None and not job.lifecycle.deferred:
+            assert all(r.pid for r in job.life.ranks.values())  # every rank of a life was started with it
 
     @invariant()
     def shutdown_completes_in_time(self) -> None:

@@ -51,11 +51,27 @@ class TestMessages:
             assert f"- `{action}`:" in SPEC
 
 
+def section(title: str) -> str:
+    """The text of the spec's '## <title>' section."""
+    return SPEC.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
 class TestEnvironment:
     """The variables the daemon sets and the SDK reads are the ones the spec lists."""
 
     def test_environment_table_matches_daemon_and_sdk(self) -> None:
-        documented = set(re.findall(r"^\| `(MLXSUP_\w+)` \|", SPEC, flags=re.M))
+        documented = set(re.findall(r"^\| `(MLXSUP_\w+)` \|", section("5. Environment"), flags=re.M))
         read = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(SessionSettings)}
         set_by_daemon = set(re.findall(r'"(MLXSUP_\w+)"', (ROOT / "supervisor" / "daemon" / "job.py").read_text()))
         assert documented == read == set_by_daemon
+
+
+class TestGang:
+    """The variables a gang's ranks get are the ones section 10 lists, set by the daemon and read by the SDK."""
+
+    def test_gang_variables_match_daemon_and_sdk(self) -> None:
+        pattern = r'"((?:MLX|MLXSUP)_(?:RANK|HOSTFILE|RANKS|WRITER))"'
+        documented = set(re.findall(r"^\| `((?:MLX|MLXSUP)_\w+)` \|", section("10. Gangs"), flags=re.M))
+        set_by_daemon = set(re.findall(pattern, (ROOT / "supervisor" / "daemon" / "ranks.py").read_text()))
+        read_by_sdk = set(re.findall(pattern, (ROOT / "worker" / "gang.py").read_text())) | {"MLX_HOSTFILE"}
+        assert documented == set_by_daemon == read_by_sdk  # MLX_HOSTFILE is read by MLX itself

@@ -101,8 +101,9 @@ def save_checkpoint(directory: Path, step: int, model: dict[str, mx.array], opti
     return final
 
 
-def load_latest(directory: Path, log: LogFn | None = None) -> Checkpoint | None:
+def load_latest(directory: Path, log: LogFn | None = None, at_most: int | None = None) -> Checkpoint | None:
     """Load the newest checkpoint that verifies, falling back past damaged ones; None when none verifies.
+    With ``at_most``, checkpoints of later steps are passed over (a gang agreeing on a common step).
 
     Each damaged checkpoint is reported as ``log("checkpoint_damaged", {"path": ..., "problem": ...})`` and
     left on disk for the operator.
@@ -111,6 +112,8 @@ def load_latest(directory: Path, log: LogFn | None = None) -> Checkpoint | None:
     if directory.is_dir():
         _clean_scratch(directory)
     for path in reversed(list_checkpoints(directory)):
+        if at_most is not None and step_of(path) > at_most:
+            continue
         try:
             return _load_verified(path)
         except CheckpointDamaged as exc:

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--hang-after-steps", type=int, default=-1, help="test fault: stop responding after this many steps")
     arg("--step-sleep", type=float, default=0.0, help="test fault: every step also sleeps this long (a slow step)")
     arg("--stats-file", default="", help="write {steps, seconds, steps_per_second} of this life as JSON at exit")
+    arg("--fault-rank", type=int, default=-1, help="in a gang, inject the test faults on this rank only (-1: all)")
     arg("--fault-once-file", default="", help="fire each test fault only while this file does not exist")
     return parser
 

@@ -38,6 +38,8 @@ from protocol import (
 from protocol.footprint import self_footprint
 from protocol.messages import EXIT_CHECKPOINTED
 from worker import checkpoint as ckpt
+from worker import gang as gang_mod
+from worker.gang import Gang
 from worker.hold import StepHold
 from worker.pulse import Pulse
 
@@ -88,8 +90,10 @@ class SessionSettings:
 class Session:
     """Connection of one training process to its supervisor (or a standalone stand-in)."""
 
-    def __init__(self, settings: SessionSettings, target_steps: int, batch: int, accum: int = 1) -> None:
+    def __init__(self, settings: SessionSettings, target_steps: int, batch: int, accum: int = 1,
+                 gang: Gang | None = None) -> None:
         self.settings = settings
+        self.gang = gang
         self.target_steps = target_steps
         # The daemon's choice (after a shrink) wins over the script's defaults.
         self.batch = settings.batch or batch
@@ -99,7 +103,9 @@ class Session:
         self._trainable_only = False
         self._last_heard = time.time()
         self._last_end = time.perf_counter()
-        self._stop_reason = ""
+        self._stop_reason = ""  # set by SIGTERM or the watchdog
+        self._exit_reason = ""  # a pending wish to checkpoint and exit, until acted on
+        self._want_checkpoint = False  # a pending wish to checkpoint, until acted on
         self._hello_sent = False
         self.fast_exit = False
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
@@ -122,7 +128,7 @@ class Session:
         ``fast_exit``: leave with ``os._exit(75)`` once the checkpoint is durable, skipping interpreter
         teardown (freeing gigabytes of leaked arrays takes longer than the restart); False raises SystemExit.
         """
-        session = cls(SessionSettings.from_env(os.environ), target_steps, batch, accum)
+        session = cls(SessionSettings.from_env(os.environ), target_steps, batch, accum, Gang.from_env(os.environ))
         session.fast_exit = fast_exit
         if handle_sigterm and session.supervised:
             signal.signal(signal.SIGTERM, session._on_sigterm)
@@ -151,30 +157,47 @@ class Session:
         """Attach the model and optimizer to checkpoint, and load the newest good checkpoint into them.
 
         ``trainable_only``: checkpoint ``model.trainable_parameters()`` only (a fine-tune's adapters, not the
-        frozen base model, which is reloaded from its own files).
+        frozen base model, which is reloaded from its own files). In a gang every rank must call it: the ranks
+        agree on the newest step all of them can load.
         """
         self._model, self._optimizer = model, optimizer
         self._trainable_only = trainable_only
-        loaded = None
+        loaded: ckpt.Checkpoint | None = None
+        extra: dict[str, Any] = {}
         if self.checkpoint_dir is not None:
-            loaded = ckpt.load_latest(self.checkpoint_dir, log=self._log)
+            if self.gang is not None:
+                loaded, extra = gang_mod.resume(self.gang, self.checkpoint_dir, log=self._log)
+            else:
+                loaded = ckpt.load_latest(self.checkpoint_dir, log=self._log)
+                extra = dict(loaded.meta.get("extra", {})) if loaded is not None else {}
         if loaded is None:
             resumed = Resumed(step=0, extra={}, path=None)
         else:
             model.update(tree_unflatten(list(loaded.model.items())))
             optimizer.state = tree_unflatten(list(loaded.optimizer.items()))
             mx.eval(model.parameters(), optimizer.state)
-            resumed = Resumed(step=loaded.step, extra=dict(loaded.meta.get("extra", {})), path=loaded.path)
+            resumed = Resumed(step=loaded.step, extra=extra, path=loaded.path)
         self._say_hello(resumed.step)
         self._last_end = time.perf_counter()
         return resumed
+
+    def average_gradients(self, grads: Any) -> Any:
+        """Average ``grads`` over the gang (``mlx.nn.average_gradients``), carrying this rank's pending
+        checkpoint or exit wish in the same all-reduce; returns ``grads`` unchanged outside a gang."""
+        if self.gang is None:
+            return grads
+        self._take(self._poll() if self._socket is not None else [])
+        averaged = self.gang.fold(grads, self._want_checkpoint, bool(self._exit_reason))
+        self._want_checkpoint = False
+        return averaged
 
     def end_step(self, step: int, loss: float, extra: dict[str, Any] | None = None, *,
                  tokens_per_second: float | None = None, val_loss: float | None = None) -> None:
         """Report optimizer step ``step`` (1-based count of steps done) and act on pending commands.
 
         ``tokens_per_second`` and ``val_loss`` (when this step was validated) are optional telemetry.
-        May not return: on checkpoint-and-exit it saves, says goodbye and exits with status 75.
+        May not return: on checkpoint-and-exit it saves, says goodbye and exits with status 75. In a gang every
+        rank calls it at every step, and the ranks act on the same decision (see ``worker.gang``).
         """
         now = time.perf_counter()
         if self._socket is not None:
@@ -188,34 +211,59 @@ class Session:
         settings = self.settings
         if settings.cache_clear_bytes and mx.get_cache_memory() > settings.cache_clear_bytes:
             mx.clear_cache()
-        actions = self._poll() if self._socket is not None else []
-        if self._stop_reason:
-            actions.append(Command(Command.CHECKPOINT_EXIT, self._stop_reason))
-        if any(a.action == Command.CLEAR_CACHE for a in actions):
-            mx.clear_cache()
-        exit_command = next((a for a in actions if a.action == Command.CHECKPOINT_EXIT), None)
-        if exit_command is not None and step >= self.target_steps:
-            exit_command = None  # the loop is about to finish (and checkpoint) anyway
-        if exit_command is not None and self._pulse is not None:
+        self._take(self._poll() if self._socket is not None else [])
+        want_checkpoint, exit_reason = self._decide()
+        if exit_reason and step >= self.target_steps:
+            exit_reason = ""  # the loop is about to finish (and checkpoint) anyway
+        if exit_reason and self._pulse is not None:
             self._pulse.leaving = True  # the watchdog gives the checkpoint on the way out time to land
         periodic = settings.checkpoint_every and step % settings.checkpoint_every == 0
-        if exit_command is not None or periodic or any(a.action == Command.CHECKPOINT for a in actions):
+        if exit_reason or periodic or want_checkpoint:
             self.save(step, extra)
-        if exit_command is not None:
-            self._leave(exit_command.reason or "asked", step, EXIT_CHECKPOINTED)
+        if exit_reason:
+            self._leave(exit_reason, step, EXIT_CHECKPOINTED)
+
+    def _take(self, commands: list[Command]) -> None:
+        """Note what the daemon (or a signal, or the watchdog) asks of this rank until it is acted on."""
+        for command in commands:
+            if command.action == Command.CLEAR_CACHE:
+                mx.clear_cache()
+            elif command.action == Command.CHECKPOINT:
+                self._want_checkpoint = True
+            elif command.action == Command.CHECKPOINT_EXIT and not self._exit_reason:
+                self._exit_reason = command.reason or "asked"
+        if self._stop_reason and not self._exit_reason:
+            self._exit_reason = self._stop_reason
+
+    def _decide(self) -> tuple[bool, str]:
+        """(checkpoint now, exit reason): this process's own wishes, or in a gang what the gang agreed."""
+        if self.gang is None:
+            want, self._want_checkpoint = self._want_checkpoint, False
+            return want, self._exit_reason
+        want_checkpoint, want_exit = self.gang.agree(self._want_checkpoint, bool(self._exit_reason))
+        if want_checkpoint:
+            self._want_checkpoint = False
+        reason = (self._exit_reason or "gang: a peer rank was asked") if want_exit else ""
+        return want_checkpoint, reason
 
     def save(self, step: int, extra: dict[str, Any] | None = None) -> Path | None:
-        """Write a durable checkpoint of the attached model and optimizer; None when no directory is set."""
+        """Write a durable checkpoint of the attached model and optimizer; None when no directory is set.
+
+        In a gang this is collective (every rank calls it at the same step): see ``worker.gang.save``."""
         if self.checkpoint_dir is None or self._model is None:
             return None
         started = time.perf_counter()
         meta = {"batch": self.batch, "accum": self.accum, "job": self.settings.job, "extra": extra or {}}
         params = self._model.trainable_parameters() if self._trainable_only else self._model.parameters()
-        path = ckpt.save_checkpoint(
-            self.checkpoint_dir, step,
-            dict(tree_flatten(params)), dict(tree_flatten(self._optimizer.state)),
-            meta, keep=self.settings.keep_checkpoints,
-        )
+        model = dict(tree_flatten(params))
+        optimizer = dict(tree_flatten(self._optimizer.state))
+        keep = self.settings.keep_checkpoints
+        if self.gang is not None:
+            meta["ranks"] = self.gang.size
+            with self.busy("gang checkpoint"):  # peers wait in a barrier meanwhile: keep them from looking hung
+                path = gang_mod.save(self.gang, self.checkpoint_dir, step, model, optimizer, meta, keep)
+        else:
+            path = ckpt.save_checkpoint(self.checkpoint_dir, step, model, optimizer, meta, keep=keep)
         nbytes = sum(f.stat().st_size for f in path.iterdir())
         self._send(CheckpointSaved(step, str(path), time.perf_counter() - started, nbytes))
         return path

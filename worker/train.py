@@ -34,12 +34,33 @@ def train(session: Session, args: argparse.Namespace, fault_due: FaultDue) -> No
     corpus = load_corpus(args.data)
     step = resumed_step = session.resume(model, optimizer).step
     grad_fn = nn.value_and_grad(model, loss_fn)
-    leak = Leak(args.leak_mb_per_step)
+    faulty = faults_here(args, session)
+    leak = Leak(args.leak_mb_per_step if faulty else 0.0)
+    if not faulty:
+        fault_due = _never
+        args = argparse.Namespace(**{**vars(args), "peak_mb_per_sample": 0.0})
     started = time.perf_counter()
     step = _loop(session, args, fault_due, model, optimizer, corpus, grad_fn, leak, step)
-    if args.stats_file:
+    if args.stats_file and (session.gang is None or session.gang.rank == 0):
         _write_stats(args.stats_file, step - resumed_step, time.perf_counter() - started)
     session.finish(step, extra={"data_position": step, "seed": args.seed})
+
+
+def _never(after: int, done_in_life: int) -> bool:
+    return False
+
+
+def faults_here(args: argparse.Namespace, session: Session) -> bool:
+    """Whether this process injects the test faults (``--fault-rank``: only that rank of a gang)."""
+    rank = session.gang.rank if session.gang is not None else 0
+    return bool(args.fault_rank < 0 or args.fault_rank == rank)
+
+
+def rank_slice(session: Session) -> tuple[int, int]:
+    """(rank, ranks): this process's share of every step's samples (0, 1 outside a gang)."""
+    if session.gang is None:
+        return 0, 1
+    return session.gang.rank, session.gang.group.size()
 
 
 def _write_stats(path: str, steps: int, seconds: float) -> None:
@@ -51,15 +72,20 @@ def _write_stats(path: str, steps: int, seconds: float) -> None:
 def _loop(session: Session, args: argparse.Namespace, fault_due: FaultDue, model: ByteLM,
           optimizer: optim.Optimizer, corpus: mx.array, grad_fn: Any, leak: Leak, step: int) -> int:
     done_in_life = 0
+    rank, ranks = rank_slice(session)
     while step < args.steps:
         if fault_due(args.crash_after_steps, done_in_life):
             raise SystemExit(3)
         if fault_due(args.hang_after_steps, done_in_life):
             time.sleep(3600)  # a hung worker; the daemon must notice and kill it
-        tokens = step_batch(corpus, args.seed, step, session.batch * session.accum, args.context)
+        # The step's samples are a function of (seed, step) alone; each rank takes its share, so the global
+        # batch (ranks x batch x accum) sees the same samples however the daemon splits it.
+        share = session.batch * session.accum
+        tokens = step_batch(corpus, args.seed, step, ranks * share, args.context)[rank * share:(rank + 1) * share]
         peak_on = args.peak_until_step <= 0 or step < args.peak_until_step
         peak = transient_peak(args.peak_mb_per_sample if peak_on else 0.0, session.batch)
         loss, grads = accumulated_grads(grad_fn, model, tokens, session.batch)
+        grads = session.average_gradients(grads)
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state, loss)
         use_peak(peak)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.control.client import ControlClient, UsageError
-from supervisor.control.commands import REGISTRY, ControlError
+from supervisor.control.commands import CLI_COMMANDS, ControlError
+from supervisor.control.commands.jobs import rank_line
 from supervisor.core.sizes import format_bytes
 
 BAR = 20
@@ -61,6 +62,7 @@ def top_frame(jobs: list[dict[str, Any]], decisions: dict[str, str]) -> str:
             f"{row['restarts']:>8} {row['batch']:>4}x{row['accum']:<2}")
         if row["name"] in decisions:
             lines.append(f"{'':<14} last decision: {decisions[row['name']][:100]}")
+        lines += [rank_line(rank) for rank in row.get("ranks", [])]
     return "\n".join(lines)
 
 
@@ -112,7 +114,7 @@ class Shell(cmd.Cmd):
             args = build_parser().parse_args([*self._globals(), *words])
         except (ValueError, SystemExit):
             return False
-        if args.command not in REGISTRY:
+        if args.command not in CLI_COMMANDS:
             print(f"*** {words[0] if words else line}: not available in the shell")
             return False
         try:
@@ -129,7 +131,7 @@ class Shell(cmd.Cmd):
         return ["--json"] if self.args.json else []
 
     def do_help(self, arg: str) -> None:
-        for name, command in sorted(REGISTRY.items()):
+        for name, command in sorted(CLI_COMMANDS.items()):
             print(f"{name:<12} {command.help}")
         print(f"{'quit':<12} leave the shell")
 
@@ -143,7 +145,7 @@ class Shell(cmd.Cmd):
         return False
 
     def completenames(self, text: str, *ignored: Any) -> list[str]:
-        return [n for n in [*REGISTRY, "quit"] if n.startswith(text)]
+        return [n for n in [*CLI_COMMANDS, "quit"] if n.startswith(text)]
 
     def completedefault(self, text: str, line: str, begidx: int, endidx: int) -> list[str]:
         if not self.jobs:

@@ -15,7 +15,7 @@ from typing import Any
 
 from supervisor import paths
 from supervisor.control.client import TIMEOUT, ControlClient, UsageError, curve_keys
-from supervisor.control.commands import REGISTRY, ControlError
+from supervisor.control.commands import CLI_COMMANDS, ControlError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print results as JSON (for scripts)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply (default 5)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, command in REGISTRY.items():
+    for name, command in CLI_COMMANDS.items():
         command_parser = sub.add_parser(name, help=command.help, description=command.help)
         command.add_arguments(command_parser)
         # --json after the command too; SUPPRESS keeps the top-level value when it is not given here.
@@ -90,7 +90,7 @@ def show(args: argparse.Namespace, result: Any, render: Any) -> None:
 
 
 def run_command(args: argparse.Namespace, client: ControlClient, events: str) -> int:
-    command = REGISTRY[args.command]
+    command = CLI_COMMANDS[args.command]
     if args.command == "tail" and args.follow:
         from supervisor.cli.live import follow
 

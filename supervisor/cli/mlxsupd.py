@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             known = ", ".join(sorted(config.jobs)) or "none"
             print(f"mlxsupd: no job {args.job!r} in {config.path} (jobs: {known})", file=sys.stderr)
             return EXIT_CONFIG
+        layout = config.layout(args.job)
+        if layout is not None and len(layout.hosts) > 1:
+            print(f"mlxsupd: job {args.job!r} is a gang over several hosts: run the daemon (mlxsupd -c CONFIG) on "
+                  "each, since their daemons coordinate over the control channel, which `run` has not",
+                  file=sys.stderr)
+            return EXIT_CONFIG
         from supervisor.daemon.run import run_one
         from supervisor.daemon.rundir import RunDirError
 

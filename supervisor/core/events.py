@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 from protocol import Hello, Step
+from supervisor.core.gang import Outcome
 from supervisor.core.policy import Decision, Limits
 
 # -- events: operator ------------------------------------------------------------------------------------
@@ -71,12 +72,13 @@ class SetLimits:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Spawned:
-    """The worker of life ``life`` is running; ``start_checkpoint`` is the newest checkpoint on disk."""
+    """Rank ``rank`` of life ``life`` is running; ``start_checkpoint`` is the newest checkpoint on disk."""
 
     life: int
     now: float
     pid: int
     start_checkpoint: int
+    rank: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,10 +90,11 @@ class SpawnFailed:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class HelloIn:
-    """The current worker proved its spawn token (checked by the job) and says where it resumed."""
+    """A rank of the current life proved its spawn token (checked by the job) and says where it resumed."""
 
     now: float
     msg: Hello
+    rank: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -100,13 +103,15 @@ class StepIn:
 
     now: float
     msg: Step
+    rank: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Heard:
-    """Any other message from the current worker (heartbeat, checkpoint_saved): it is alive."""
+    """Any other message from a rank of the current life (heartbeat, checkpoint_saved): it is alive."""
 
     now: float
+    rank: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -117,13 +122,14 @@ class GoodbyeIn:
     reason: str
     step: int
     newest: int
+    rank: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Sample:
-    """One footprint sample: the current worker's group (None when there is none) and every departing worker
-    still unreaped (life -> bytes). ``complete`` is False when a process of the current group could not be
-    read: its bytes under-count."""
+    """One footprint sample: rank ``rank``'s group in the current life (None when there is none) and every
+    departing worker still unreaped (life -> bytes). ``complete`` is False when a process of the current group
+    could not be read: its bytes under-count. Each rank of a gang is sampled against the budget on its own."""
 
     now: float
     current: int | None
@@ -131,15 +137,18 @@ class Sample:
     departing: dict[int, int]
     available: int
     floor: int
+    rank: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Exited:
-    """The current worker's leader exited and was reaped; ``newest`` is the newest checkpoint on disk."""
+    """Rank ``rank`` of the current life exited (its group leader was reaped); ``newest`` is the newest
+    checkpoint on disk."""
 
     now: float
     code: int
     newest: int
+    rank: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -160,8 +169,40 @@ class Tick:
     resume_above: int
 
 
+# -- events: the other daemons of a gang over several hosts (see supervisor.core.gang) ----------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerSync:
+    """Leader: a follower's state (its request); answered with a ``Reply``."""
+
+    now: float
+    host: str
+    gen: int  # the newest generation it started or skipped
+    alive: int  # its ranks still running
+    want: bool  # its operator wants the job to run
+    outcome: Outcome | None  # how its ranks of ``gen`` ended
+    newest: int  # the newest checkpoint on the leader's disk
+    ranks: tuple[dict[str, Any], ...] = ()  # its ranks as status shows them
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeaderSays:
+    """Follower: the leader's state (its reply). ``run``: generation ``gen`` is open, join it if not yet;
+    otherwise ``end`` is the leader's final state when it has one (STOPPED, FINISHED, FATAL)."""
+
+    now: float
+    epoch: str  # the leader daemon's start: generations of an earlier leader process are different ones
+    gen: int
+    run: bool
+    batch: int
+    accum: int
+    end: str = ""
+    reason: str = ""
+
+
 Event = (Start | Stop | Restart | Shutdown | CheckpointNow | SetLimits | Spawned | SpawnFailed | HelloIn | StepIn
-         | Heard | GoodbyeIn | Sample | Exited | DepartedExited | Tick)
+         | Heard | GoodbyeIn | Sample | Exited | DepartedExited | Tick | PeerSync | LeaderSays)
 
 
 # -- actions ---------------------------------------------------------------------------------------------
@@ -169,7 +210,8 @@ Event = (Start | Stop | Restart | Shutdown | CheckpointNow | SetLimits | Spawned
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Spawn:
-    """Start a worker for life ``life`` at this batch x accumulation, then report Spawned or SpawnFailed."""
+    """Start the workers of life ``life`` (one per rank of ``Settings.ranks``) at this batch x accumulation,
+    then report Spawned (per rank) or SpawnFailed."""
 
     life: int
     batch: int
@@ -178,18 +220,20 @@ class Spawn:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Send:
-    """A command to the current worker (``protocol.Command`` action and reason)."""
+    """A command to the current life's ranks (``protocol.Command`` action and reason); ``rank``: one only."""
 
     action: str
     reason: str
+    rank: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Signal:
-    """Signal the process group of life ``life``."""
+    """Signal the process group of every live rank of life ``life`` (``rank``: one only)."""
 
     life: int
     signum: int
+    rank: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -234,7 +278,15 @@ class Telemetry:
     publish: bool = True
 
 
-Action = Spawn | Send | Signal | Depart | StateChanged | Decided | Note | Telemetry
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """Leader: the answer to a follower's ``PeerSync``."""
+
+    host: str
+    fields: dict[str, Any]
+
+
+Action = Spawn | Send | Signal | Depart | StateChanged | Decided | Note | Telemetry | Reply
 
 
 class Refused(Exception):

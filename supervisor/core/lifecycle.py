@@ -18,14 +18,18 @@ Rules worth stating once:
 - A departing worker (it checkpointed on request and said goodbye; its successor may already run) counts in
   the job's footprint until it is reaped. The successor is spawned only when the departing footprint plus the
   successor's expected baseline fits the budget; otherwise when the old process is gone.
+- A gang (``Settings.ranks``/``world``: a data-parallel job whose ranks run as one life) moves as one: each rank
+  is sampled against the budget on its own, and any rank's decision is the life's (the SDK makes every rank
+  checkpoint at the same step). The life ends when its last rank has exited; the first rank to exit tells how
+  (``Life.code``); a rank that crashes while others run gets the others terminated, and ranks still running
+  ``kill_grace`` after a clean exit are killed as stragglers. A gang never overlaps two lives. Over several
+  hosts the leader's ladder decides for all (``supervisor.core.peers``).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
-import math
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +38,8 @@ from protocol import Command, Step
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core import events as ev
 from supervisor.core.events import Action, Event, Refused
+from supervisor.core.life import INF, Departing, JobStats, Life, Rank, Settings
+from supervisor.core.peers import PeerRole
 from supervisor.core.policy import (
     Action as Do,
 )
@@ -42,7 +48,6 @@ from supervisor.core.policy import (
     Diagnosis,
     Estimator,
     Limits,
-    PolicyConfig,
     backoff_delay,
     on_sample,
     on_step,
@@ -56,87 +61,11 @@ from supervisor.core.states import (
 )
 
 S = JobState
-INF = math.inf
+__all__ = ["Departing", "JobStats", "Life", "Lifecycle", "Rank", "Settings"]
 STEP_FIELDS = tuple(field.name for field in dataclasses.fields(Step))  # recorded and published as they came
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """What the lifecycle needs of a job's config; times in seconds."""
-
-    policy: PolicyConfig
-    mode: str = "adaptive"  # adaptive | shrink-only | stop
-    batch: int = 8
-    accum: int = 1
-    checkpoint_timeout: float = 30.0
-    kill_grace: float = 3.0
-    startup_timeout: float = 120.0
-    hang_timeout: float = 60.0
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
-    max_attempts: int = 5
-    clear_cache_every: float = 1.0  # seconds between clear-cache requests in the warn band
-    departing_grace: float = 5.0  # a departing worker gets kill_grace + this to exit, then SIGKILL
-    sdk: bool = True  # False: a guard-only job (no hello, telemetry or checkpoints; enforcement by signals)
-    restart: str = "on-breach"  # guard-only jobs: on-breach | never
-
-
-@dataclasses.dataclass
-class Life:
-    """One worker process, from spawn to exit."""
-
-    id: int
-    spawned_at: float
-    batch: int
-    accum: int
-    estimator: Estimator
-    last_heard: float
-    pid: int = 0
-    start_checkpoint: int = 0  # progress is a newer checkpoint than this
-    hello: bool = False
-    last_step: int = 0
-    healthy_steps: int = 0
-    over_count: int = 0
-    pending: Decision | None = None  # why we asked it to exit (or killed it), applied when it has
-    deadline: float = INF  # checkpoint deadline, then the SIGKILL time
-    term_sent: bool = False
-    last_cache_clear: float = -INF
-    goodbye: str = ""
-    last_bytes: int = 0  # the group's last complete sample
-    min_bytes: int = 0  # its smallest (0: none yet): what a fresh worker needs when there is no baseline yet
-    killed: bool = False  # SIGKILL sent (guard-only jobs at the ceiling)
-
-
-@dataclasses.dataclass
-class Departing:
-    """A worker that checkpointed on request and said goodbye, not yet reaped."""
-
-    kill_at: float
-    bytes: int = 0
-    killed: bool = False
-
-
-@dataclasses.dataclass
-class JobStats:
-    """Counters for status, summaries and benchmarks."""
-
-    target_steps: int = 0
-    steps_completed: int = 0
-    restarts: int = 0
-    restart_reasons: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    first_breach_step: int | None = None
-    max_sampled: int = 0
-    samples: int = 0
-    samples_over_budget: int = 0
-    samples_over_kill: int = 0
-    batch_history: list[list[int]] = dataclasses.field(default_factory=list)
-    final_loss: float | None = None
-    recoveries: list[float] = dataclasses.field(default_factory=list)
-    last_decision_at: float | None = None
-    steps_per_second: float = 0.0
-
-
-class Lifecycle:
+class Lifecycle(PeerRole):
     """The state of one job and the one function that changes it: ``handle(event) -> actions``."""
 
     def __init__(self, settings: Settings, limits: Limits) -> None:
@@ -162,6 +91,7 @@ class Lifecycle:
         self.stats = JobStats()
         self._lives = itertools.count(1)
         self._out: list[Action] = []
+        self._init_peers(settings)
 
     def handle(self, event: Event) -> list[Action]:
         """Apply one event; return the actions to carry out, in order. Raises Refused for an operator request
@@ -182,10 +112,14 @@ class Lifecycle:
         if life is None:
             own = self.retry_at if self.state == S.BACKOFF else INF
         elif life.term_sent or self.state in (S.CHECKPOINTING, S.STOPPING):
-            own = life.deadline
+            own = min(life.deadline, life.straggle_at)
         else:
-            own = life.last_heard + (self.settings.hang_timeout if life.hello else self.settings.startup_timeout)
+            own = min([life.straggle_at, *(self._silent_at(r) for r in life.alive)])
         return min(own, departing)
+
+    def _silent_at(self, rank: Rank) -> float:
+        """When rank ``rank`` counts as hung (no hello within startup_timeout, then no telemetry)."""
+        return rank.last_heard + (self.settings.hang_timeout if rank.hello else self.settings.startup_timeout)
 
     # -- operator events ----------------------------------------------------------------------------
 
@@ -195,15 +129,18 @@ class Lifecycle:
         if self.state not in STARTABLE_STATES:
             raise Refused(f"job is {self.state.name}; cannot start")
         self.restart_pending = False
+        self.want = True
         self._begin(e.now, e.reason, client=e.client)
 
     def _stop(self, e: ev.Stop) -> None:
         self.restart_pending = False
+        self.want = False
         self._request_stop(e.now, e.reason, e.client)
 
     def _restart(self, e: ev.Restart) -> None:
         if self.shutting_down:
             raise Refused("the daemon is shutting down")
+        self.want = True
         if self.deferred:
             return  # a start is already under way
         if self.life is None:
@@ -214,6 +151,7 @@ class Lifecycle:
 
     def _shutdown(self, e: ev.Shutdown) -> None:
         self.shutting_down = True
+        self.want = False
         if self.restart_pending:
             self.restart_pending = False
             self.stop_reason = None  # the job was meant to run: stop it as the daemon's, so it resumes with it
@@ -241,12 +179,20 @@ class Lifecycle:
 
     # -- worker and OS events -----------------------------------------------------------------------
 
+    def _rank(self, rank: int) -> Rank | None:
+        """Rank ``rank`` of the current life, while it runs."""
+        found = self.life.ranks.get(rank) if self.life is not None else None
+        return found if found is not None and found.alive else None
+
     def _spawned(self, e: ev.Spawned) -> None:
         life = self.life
-        if life is None or life.id != e.life:
+        rank = self._rank(e.rank)
+        if life is None or life.id != e.life or rank is None:
             return
-        life.pid, life.start_checkpoint, life.last_heard = e.pid, e.start_checkpoint, e.now
-        self._note("spawn", pid=e.pid, batch=life.batch, accum=life.accum, from_checkpoint=e.start_checkpoint)
+        rank.pid, rank.last_heard = e.pid, e.now
+        life.start_checkpoint = e.start_checkpoint
+        self._note("spawn", pid=e.pid, batch=life.batch, accum=life.accum, from_checkpoint=e.start_checkpoint,
+                   **self._rank_fields(e.rank, life=life.id))
         if not self.settings.sdk:
             self._change(S.RUNNING, "spawned (guard-only: no hello expected)", pid=e.pid)
 
@@ -262,61 +208,81 @@ class Lifecycle:
             self._after_failure(e.now, f"spawn failed: {e.error}")
 
     def _hello(self, e: ev.HelloIn) -> None:
-        life, m = self.life, e.msg
-        if life is None:
+        life, rank, m = self.life, self._rank(e.rank), e.msg
+        if life is None or rank is None:
             return
-        life.hello, life.last_heard = True, e.now
+        rank.hello, rank.last_heard = True, e.now
         # The worker knows where it really resumed (a damaged newest checkpoint was skipped).
-        life.start_checkpoint = life.last_step = m.start_step
-        self._note("hello", pid=m.pid, start_step=m.start_step, batch=m.batch, accum=m.accum)
+        rank.last_step = m.start_step
+        self._note("hello", pid=m.pid, start_step=m.start_step, batch=m.batch, accum=m.accum,
+                   **self._rank_fields(e.rank))
+        if not life.hello:
+            return  # the gang runs once every rank is there
+        life.start_checkpoint = min(r.last_step for r in life.ranks.values())
         self.stats.target_steps = m.target_steps
-        self.stats.steps_completed = max(self.stats.steps_completed, m.start_step)
-        self._note_batch(m.start_step, m.batch, m.accum)
+        self.stats.steps_completed = max(self.stats.steps_completed, life.start_checkpoint)
+        self._note_batch(life.start_checkpoint, m.batch, m.accum)
         if self.state == S.STARTING:
-            self._change(S.RUNNING, "hello", pid=m.pid, step=m.start_step)
+            self._change(S.RUNNING, "hello", pid=life.pid, step=life.start_checkpoint)
 
     def _heard(self, e: ev.Heard) -> None:
-        if self.life is not None:
-            self.life.last_heard = e.now
+        rank = self._rank(e.rank)
+        if rank is not None:
+            rank.last_heard = e.now
 
     def _step(self, e: ev.StepIn) -> None:
-        life, m = self.life, e.msg
-        if life is None:
+        life, rank, m = self.life, self._rank(e.rank), e.msg
+        if life is None or rank is None:
             return
-        life.last_heard = e.now
+        rank.last_heard = e.now
         stats = self.stats
-        if stats.last_decision_at is not None and life.spawned_at >= stats.last_decision_at:
-            # The first productive step of a life started after a breach decision.
+        rank.stepped = True
+        if stats.last_decision_at is not None and life.spawned_at >= stats.last_decision_at and all(
+                r.stepped for r in life.ranks.values()):
+            # The first productive step of every rank of a life started after a breach decision.
             stats.recoveries.append(e.now - stats.last_decision_at)
             stats.last_decision_at = None
-        life.last_step = m.step
+        rank.last_step = m.step
         stats.steps_completed = max(stats.steps_completed, m.step)
-        stats.final_loss = m.loss
-        if m.step_seconds > 0:
-            stats.steps_per_second = 0.9 * stats.steps_per_second + 0.1 / m.step_seconds
-        self._note_batch(m.step, m.batch, m.accum)
-        life.estimator.observe_step(m.step, m.footprint, m.mlx_peak - m.mlx_active)
-        life.healthy_steps += 1
+        if rank is life.lead:
+            stats.final_loss = m.loss
+            if m.step_seconds > 0:
+                stats.steps_per_second = 0.9 * stats.steps_per_second + 0.1 / m.step_seconds
+            self._note_batch(m.step, m.batch, m.accum)
+        rank.estimator.observe_step(m.step, m.footprint, m.mlx_peak - m.mlx_active)
+        rank.healthy_steps += 1
         fields = {name: value for name in STEP_FIELDS if (value := getattr(m, name)) is not None}
-        fields.update(leak_bytes_per_step=round(life.estimator.slope), transient=life.estimator.transient)
+        fields.update(leak_bytes_per_step=round(rank.estimator.slope), transient=rank.estimator.transient,
+                      **self._rank_fields(e.rank))
         self._out.append(ev.Telemetry("step", fields))
         if self.state == S.RUNNING:
-            decision = on_step(life.estimator, self.limits, life.batch, life.accum, life.healthy_steps, self.policy)
+            decision = self._on_step(life, rank)
             if decision.acts:
-                self._act(life, decision, e.now, step=m.step, level=m.footprint)
+                self._act(life, rank, decision, e.now, step=m.step, level=m.footprint)
+
+    def _on_step(self, life: Life, rank: Rank) -> Decision:
+        """The policy after one rank's step; a gang regrows only when every rank has room for it."""
+        def decide(r: Rank) -> Decision:
+            return on_step(r.estimator, self.limits, life.batch, life.accum, r.healthy_steps, self.policy)
+
+        decision = decide(rank)
+        if decision.diagnosis is Diagnosis.REGROW and any(
+                decide(r).diagnosis is not Diagnosis.REGROW for r in life.ranks.values() if r is not rank):
+            return Decision(Do.NONE)
+        return decision
 
     def _goodbye(self, e: ev.GoodbyeIn) -> None:
-        life = self.life
-        if life is None:
+        life, rank = self.life, self._rank(e.rank)
+        if life is None or rank is None:
             return
-        life.goodbye, life.last_heard = e.reason, e.now
-        self._note("worker_goodbye", reason=e.reason, step=e.step, history=False)
+        rank.goodbye, rank.goodbye_step, rank.last_heard = e.reason, e.step, e.now
+        self._note("worker_goodbye", reason=e.reason, step=e.step, history=False, **self._rank_fields(e.rank))
         requested = life.pending is not None and life.pending.action is Do.CHECKPOINT_EXIT
-        if requested and e.reason != "finished" and self.stop_reason is None:
+        if requested and e.reason != "finished" and self.stop_reason is None and not self.settings.gang:
             # Its checkpoint is durable: plan the successor now, while the kernel tears the old one down.
             self.departing[life.id] = Departing(e.now + self.settings.kill_grace + self.settings.departing_grace,
-                                                life.last_bytes)
-            self.reserve = life.estimator.baseline or life.min_bytes
+                                                rank.last_bytes)
+            self.reserve = rank.estimator.baseline or rank.min_bytes
             self._out.append(ev.Depart(life.id))
             self._on_exit(life, EXIT_CHECKPOINTED, e.now, e.newest)
 
@@ -326,40 +292,41 @@ class Lifecycle:
                 self.departing[life_id].bytes = nbytes
         departing = sum(d.bytes for d in self.departing.values())
         total = (e.current or 0) + departing
-        life = self.life
+        life, rank = self.life, self._rank(e.rank)
         if life is None and not self.departing:
             return
         if e.complete:
-            self._count_sample(total)
-        if self.deferred and self._room():
+            self._count_sample(total, e.rank)
+        if self.deferred and self._room(e.now):
             self._spawn(e.now)
             return
         policy_bytes = e.current
         over = self.departing and total >= self.limits.budget
         if over and not self._kill_departing(total) and total >= self.limits.kill:
             policy_bytes = total  # the departing workers are already killed: only the current one is left
-        if life is None or policy_bytes is None or self.state not in PROCESS_STATES:
+        if life is None or rank is None or policy_bytes is None or self.state not in PROCESS_STATES:
             return
         if e.complete:
-            life.last_bytes = e.current or 0
-            life.min_bytes = min(life.min_bytes or life.last_bytes, life.last_bytes)
-            life.estimator.observe_sample(life.last_bytes)
+            rank.last_bytes = e.current or 0
+            rank.min_bytes = min(rank.min_bytes or rank.last_bytes, rank.last_bytes)
+            rank.estimator.observe_sample(rank.last_bytes)
             if policy_bytes >= self.limits.warn:
-                life.healthy_steps = 0
-        decision, life.over_count = on_sample(policy_bytes, e.complete, life.over_count, self.limits,
-                                              life.estimator, life.batch, life.accum, self.policy)
+                rank.healthy_steps = 0
+        decision, rank.over_count = on_sample(policy_bytes, e.complete, rank.over_count, self.limits,
+                                              rank.estimator, life.batch, life.accum, self.policy)
         if not decision.acts and e.floor and e.available < e.floor and self.state == S.RUNNING:
             reason = f"available {e.available} < floor {e.floor}"
             decision = Decision(Do.CHECKPOINT_EXIT, Diagnosis.SYSTEM_FLOOR, reason, life.batch, life.accum)
         if decision.acts:
-            self._act(life, decision, e.now, step=life.last_step, sampled=policy_bytes, budget=self.limits.budget,
-                      available=e.available, departing=departing)
+            self._act(life, rank, decision, e.now, step=rank.last_step, sampled=policy_bytes,
+                      budget=self.limits.budget, available=e.available, departing=departing)
 
-    def _count_sample(self, total: int) -> None:
+    def _count_sample(self, total: int, rank: int) -> None:
         stats = self.stats
         stats.samples += 1
         self.last_sampled = total
         stats.max_sampled = max(stats.max_sampled, total)
+        stats.rank_max_sampled[rank] = max(stats.rank_max_sampled.get(rank, 0), total)
         stats.samples_over_budget += total > self.limits.budget
         stats.samples_over_kill += total > self.limits.kill
 
@@ -374,15 +341,36 @@ class Lifecycle:
         return bool(doomed)
 
     def _exited(self, e: ev.Exited) -> None:
-        if self.life is not None:
-            self._on_exit(self.life, e.code, e.now, e.newest)
+        life = self.life
+        rank = self._rank(e.rank)
+        if life is None or rank is None:
+            return
+        rank.exit_code = e.code
+        if life.first_exit is None:
+            life.first_exit = e.code
+        first, life.left = not life.left, True
+        if not life.alive:
+            if not self._owed(life, e.now):
+                self._on_exit(life, self._gang_code(life), e.now, e.newest)
+            return
+        if first:
+            self._rank_left(life, f"rank {e.rank} {describe_exit(e.code)}", e.code, e.now)
+
+    def _rank_left(self, life: Life, who: str, code: int | None, now: float) -> None:
+        """The first rank (or host) of a gang life is gone: a clean exit leaves the others ``kill_grace`` to
+        follow; anything else is a crash, and the others are terminated."""
+        if code in (0, EXIT_CHECKPOINTED):
+            life.straggle_at = min(life.straggle_at, now + self.settings.kill_grace)
+        elif not life.term_sent:
+            life.crashed = True
+            self._terminate(now, who)
 
     def _departed(self, e: ev.DepartedExited) -> None:
         if self.departing.pop(e.life, None) is None:
             return
         if e.code != EXIT_CHECKPOINTED:
             self._note("departed_worker_exit", life=e.life, code=e.code, level="warning", history=False)
-        if self.deferred and self._room():
+        if self.deferred and self._room(e.now):
             self._spawn(e.now)
 
     def _tick(self, e: ev.Tick) -> None:
@@ -397,6 +385,11 @@ class Lifecycle:
                                level="warning")
         life = self.life
         if life is not None:
+            if now >= life.straggle_at and life.alive:
+                life.straggle_at = INF
+                self._note("kill", signal="SIGKILL", reason="straggler: another rank had exited",
+                           ranks=[r.rank for r in life.alive], level="warning")
+                self._out.append(ev.Signal(life.id, signal.SIGKILL))
             if life.term_sent:
                 if now >= life.deadline:
                     self._note("kill", signal="SIGKILL", reason="grace expired", pid=life.pid, level="warning")
@@ -405,7 +398,7 @@ class Lifecycle:
             else:
                 self._check_liveness(life, now)
         elif self.deferred:
-            if self._room():
+            if self._room(now):
                 self._spawn(now)
         elif self.state == S.BACKOFF and now >= self.retry_at:
             self._restart_now(now, self.restart_reason)
@@ -419,8 +412,12 @@ class Lifecycle:
         """The current worker is gone (or departing): finish, stop, restart, back off or give up."""
         self.life = None
         pending = life.pending
+        if self.settings.follower:
+            self._follower_exit(life, code, pending, now)
+            return
+        code, pending = self._combine(life, code, pending)
         progress = newest > life.start_checkpoint
-        asked = code == EXIT_CHECKPOINTED or (life.term_sent and pending is not None)
+        asked = code == EXIT_CHECKPOINTED or (life.term_sent and pending is not None and not life.crashed)
         crash = not asked and code != 0
         # A smaller batch next time is a new attempt, not a repeat of the failed one.
         new_attempt = self.settings.sdk and asked and pending is not None and pending.next_batch != 0 and (
@@ -429,10 +426,13 @@ class Lifecycle:
             self.failures = self.crashes = 0  # the backoff grows only over crashes without progress
         elif not new_attempt:
             self.failures += 1
-        self._note("exit", code=code, goodbye=life.goodbye, step=life.last_step, checkpoint=newest, progress=progress)
+        self._note("exit", code=code, goodbye=life.lead.goodbye, step=life.last_step, checkpoint=newest,
+                   progress=progress)
         if not self.settings.sdk:
             self._guard_exit(life, code, now)
             return
+        if code == EXIT_CHECKPOINTED and self.settings.gang:
+            self._note_stop_steps(life)
         if asked and pending is not None and pending.next_batch:
             self.batch, self.accum = pending.next_batch, pending.next_accum
         if code == 0 and self.stop_reason is None:
@@ -445,8 +445,7 @@ class Lifecycle:
         elif self.failures >= self.settings.max_attempts:
             self._change(S.FATAL, f"{self.failures} attempts without progress (last exit {code})")
         elif crash or (pending is None and life.term_sent):
-            reason = self.restart_reason if life.term_sent else (
-                f"exit {code}" if code >= 0 else f"killed by signal {-code}")
+            reason = self.restart_reason if life.term_sent else describe_exit(code)
             self._after_failure(now, reason)
         elif pending is not None and pending.diagnosis is Diagnosis.SYSTEM_FLOOR:
             self._change(S.WAITING_FOR_MEMORY, pending.reason)
@@ -454,7 +453,7 @@ class Lifecycle:
             self._change(S.STOPPED, f"policy 'stop': {pending.reason}", step=life.last_step)
         else:
             reason = pending.diagnosis.value if pending is not None and pending.diagnosis else (
-                life.goodbye or "checkpointed")
+                life.lead.goodbye or "checkpointed")
             self._restart_now(now, reason)
 
     def _guard_exit(self, life: Life, code: int, now: float) -> None:
@@ -506,22 +505,26 @@ class Lifecycle:
         self.stop_reason = None
         self.retry_at = INF
         self._change(S.STARTING, reason, batch=self.batch, accum=self.accum, **fields)
-        if self._room():
+        if self._room(now):
             self._spawn(now)
         else:
             self.deferred = True
             self._note("spawn_deferred", departing=sum(d.bytes for d in self.departing.values()),
-                       reserve=self.reserve, budget=self.limits.budget)
+                       reserve=self.reserve, budget=self.limits.budget, **self._waiting_for(now))
 
-    def _room(self) -> bool:
-        """Whether a successor fits next to the departing workers' memory (always, once they are gone)."""
+    def _room(self, now: float) -> bool:
+        """Whether a successor may start: it fits next to the departing workers' memory (always, once they are
+        gone), and every host of a gang is ready for it."""
         departing = sum(d.bytes for d in self.departing.values())
-        return not self.departing or departing + self.reserve <= self.limits.budget
+        fits = not self.departing or departing + self.reserve <= self.limits.budget
+        return fits and self._peers_ready(now)
 
-    def _spawn(self, now: float) -> None:
+    def _spawn(self, now: float, life_id: int | None = None) -> None:
         self.deferred = False
-        life_id = next(self._lives)
-        self.life = Life(life_id, now, self.batch, self.accum, Estimator(self.policy), last_heard=now)
+        life_id = next(self._lives) if life_id is None else life_id
+        self.gen = life_id
+        ranks = {r: Rank(r, Estimator(self.policy), last_heard=now) for r in self.settings.ranks}
+        self.life = Life(life_id, now, self.batch, self.accum, ranks)
         self._out.append(ev.Spawn(life_id, self.batch, self.accum))
 
     def _request_stop(self, now: float, reason: str, client: str) -> None:
@@ -534,6 +537,9 @@ class Lifecycle:
             self.deferred = False
             if self.state not in TERMINAL_STATES:
                 self._change(S.STOPPED, reason, client=client)
+            return
+        if not life.alive:  # a gang leader waiting for other hosts' reports: stop without them
+            self._on_exit(life, self._gang_code(life), now, life.start_checkpoint)
             return
         if not life.hello or not self.settings.sdk:
             self._terminate(now, reason)
@@ -553,23 +559,27 @@ class Lifecycle:
             if now >= life.deadline:
                 self._terminate(now, f"checkpoint took longer than {self.settings.checkpoint_timeout}s")
             return
-        timeout = self.settings.hang_timeout if life.hello else self.settings.startup_timeout
-        if now - life.last_heard > timeout:
-            what = "no telemetry" if life.hello else "no hello"
-            self._terminate(now, f"hung: {what} for {now - life.last_heard:.1f}s (timeout {timeout}s)")
+        for rank in life.alive:
+            if now > self._silent_at(rank):
+                timeout = self.settings.hang_timeout if rank.hello else self.settings.startup_timeout
+                what = "no telemetry" if rank.hello else "no hello"
+                who = f"rank {rank.rank}: " if self.settings.gang else ""
+                self._terminate(now, f"hung: {who}{what} for {now - rank.last_heard:.1f}s (timeout {timeout}s)")
+                return
 
-    def _act(self, life: Life, decision: Decision, now: float, **numbers: Any) -> None:
+    def _act(self, life: Life, rank: Rank, decision: Decision, now: float, **numbers: Any) -> None:
+        numbers.update(self._rank_fields(rank.rank))
         if not self.settings.sdk:
-            self._guard(life, decision, now, numbers)
+            self._guard(life, rank, decision, now, numbers)
             return
         if decision.action is Do.CLEAR_CACHE:
-            if life.hello and now - life.last_cache_clear >= self.settings.clear_cache_every:
-                life.last_cache_clear = now
+            if rank.hello and now - rank.last_cache_clear >= self.settings.clear_cache_every:
+                rank.last_cache_clear = now
                 self._out.append(ev.Decided(decision, numbers))
-                self._out.append(ev.Send(Command.CLEAR_CACHE, decision.reason))
+                self._out.append(ev.Send(Command.CLEAR_CACHE, decision.reason, rank.rank))
             return
         if self.stats.first_breach_step is None and decision.diagnosis is not Diagnosis.REGROW:
-            self.stats.first_breach_step = life.last_step
+            self.stats.first_breach_step = rank.last_step
         self._regrow_feedback(life, decision)
         if decision.action is Do.KILL:
             if not life.term_sent:
@@ -582,14 +592,14 @@ class Lifecycle:
             self.stats.last_decision_at = now
             self._ask_exit(now, decision, S.CHECKPOINTING)
 
-    def _guard(self, life: Life, decision: Decision, now: float, numbers: dict[str, Any]) -> None:
+    def _guard(self, life: Life, rank: Rank, decision: Decision, now: float, numbers: dict[str, Any]) -> None:
         """A guard-only job cannot checkpoint: SIGTERM at the budget, SIGKILL at the ceiling (even while it
         handles an earlier SIGTERM: it may go on growing)."""
         ceiling = decision.action is Do.KILL
         if decision.action is Do.CLEAR_CACHE or (life.term_sent and not ceiling) or life.killed:
             return
         if self.stats.first_breach_step is None:
-            self.stats.first_breach_step = life.last_step
+            self.stats.first_breach_step = rank.last_step
         self._out.append(ev.Decided(decision, numbers))
         life.pending = decision
         self.stats.last_decision_at = now
@@ -646,6 +656,20 @@ class Lifecycle:
     def _note(self, event: str, level: str = "info", history: bool = True, **fields: Any) -> None:
         self._out.append(ev.Note(event, fields, level, history))
 
+    def _emit(self, action: Action) -> None:
+        self._out.append(action)
+
+    def _rank_fields(self, rank: int, **fields: Any) -> dict[str, Any]:
+        """``{"rank": rank}`` (plus ``fields``) for a gang's records; nothing for a plain job's."""
+        return {"rank": rank, **fields} if self.settings.gang else {}
+
+    def _note_stop_steps(self, life: Life) -> None:
+        """A gang checkpointed and left: the step each rank checkpointed at (the SDK makes them equal)."""
+        steps = [life.ranks[r].goodbye_step or 0 for r in sorted(life.ranks)]
+        steps += [s for o in self._peer_outcomes(life.id) for s in o.stop_steps]
+        self.stats.stop_steps.append(steps)
+        self._note("gang_stop", steps=steps, equal=len(set(steps)) == 1)
+
     def _note_batch(self, step: int, batch: int, accum: int) -> None:
         history = self.stats.batch_history
         if not history or history[-1][1:] != [batch, accum]:
@@ -661,4 +685,9 @@ _HANDLERS: dict[type[Any], Callable[[Lifecycle, Any], None]] = {
     ev.HelloIn: Lifecycle._hello, ev.StepIn: Lifecycle._step, ev.Heard: Lifecycle._heard,
     ev.GoodbyeIn: Lifecycle._goodbye, ev.Sample: Lifecycle._sample, ev.Exited: Lifecycle._exited,
     ev.DepartedExited: Lifecycle._departed, ev.Tick: Lifecycle._tick,
+    ev.PeerSync: Lifecycle._peer_sync, ev.LeaderSays: Lifecycle._leader_says,
 }
+
+
+def describe_exit(code: int) -> str:
+    return f"exit {code}" if code >= 0 else f"killed by signal {-code}"

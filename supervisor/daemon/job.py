@@ -5,6 +5,10 @@ footprint samples, exits, operator requests, time) into events for it, and carri
 spawn, command the worker, signal a process group, log, record and publish. OS effects go through
 ``supervisor.daemon.system``. A write that fails (full or read-only state directory) is counted and logged,
 never raised: the daemon keeps supervising and enforcing budgets.
+
+A gang job (``supervisor.hostfile.Layout``) runs one process per local rank in each life, each with its own
+process group, spawn token, worker socket identity, log directory and footprint samples; a plain job is the
+case of one rank, rank 0.
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ from protocol.checkpoints import latest_step
 from supervisor.config import JobConfig, worker_argv
 from supervisor.core import events as ev
 from supervisor.core.events import Action, Event, Refused
+from supervisor.core.gang import Outcome
 from supervisor.core.lifecycle import JobStats, Life, Lifecycle, Settings
 from supervisor.core.policy import Action as Do
 from supervisor.core.policy import Limits, PolicyConfig, hold_horizon, hold_threshold
 from supervisor.core.sizes import parse_bytes, parse_fraction_of
 from supervisor.core.states import JobState
 from supervisor.daemon.history import History
+from supervisor.daemon.ranks import rank_env, rank_rows, write_ring
 from supervisor.daemon.recorder import Recorder
 from supervisor.daemon.system import System, WorkerProcess
+from supervisor.hostfile import Layout
 
 Publish = Callable[[str, str, dict[str, Any]], None]  # (job, kind, data)
 SendToWorker = Callable[[bytes, bytes], None]  # (identity, frame)
@@ -40,9 +47,10 @@ IO_ERROR_LOG_EVERY = 60.0  # seconds between log lines about the same kind of fa
 # Log event names that differ from the history's (scripts and the fault campaign read the log by these).
 LOG_NAMES = {"hello": "worker_hello", "exit": "worker_exit", "budget": "budget_changed"}
 __all__ = ["Job", "JobPaths", "Refused", "settings_of"]
+ProcKey = tuple[int, int]  # (life, rank)
 
 
-def settings_of(job: JobConfig) -> Settings:
+def settings_of(job: JobConfig, layout: Layout | None = None) -> Settings:
     """The lifecycle settings of a job's config."""
     policy = PolicyConfig(
         leak_threshold=float(parse_bytes(job.leak_threshold)), shrink_factor=job.shrink_factor,
@@ -55,17 +63,21 @@ def settings_of(job: JobConfig) -> Settings:
         kill_grace=job.kill_grace, startup_timeout=job.startup_timeout, hang_timeout=job.hang_timeout,
         backoff_initial=job.backoff_initial, backoff_max=job.backoff_max,
         max_attempts=job.max_attempts_without_progress, sdk=job.sdk, restart=job.restart,
+        ranks=layout.local_ranks if layout else (0,), world=layout.world if layout else 1,
+        peers=layout.peers if layout else (), follower=bool(layout and not layout.leader),
     )
 
 
 class JobPaths:
     """Where a job's checkpoints, worker logs, history and telemetry live."""
 
-    def __init__(self, checkpoints: Path, logs: Path, history: Path | None, telemetry: Path | None = None) -> None:
+    def __init__(self, checkpoints: Path, logs: Path, history: Path | None, telemetry: Path | None = None,
+                 ring: Path | None = None) -> None:
         self.checkpoints = checkpoints
         self.logs = logs
         self.history = history
         self.telemetry = telemetry
+        self.ring = ring  # a gang's MLX_HOSTFILE (rewritten for every generation)
 
 
 class Job:
@@ -74,21 +86,26 @@ class Job:
     def __init__(
         self, name: str, config: JobConfig, limits: Limits, paths: JobPaths, system: System, endpoint: str,
         send: SendToWorker, publish: Publish, orphan_timeout: float = 5.0, telemetry_max: int = 50 * 2**20,
-        telemetry_keep: int = 3,
+        telemetry_keep: int = 3, layout: Layout | None = None,
     ) -> None:
         self.name = name
         self.config = config
+        self.layout = layout
         self.paths = paths
         self.system = system
         self.endpoint = endpoint
         self.send_frame = send
         self.publish = publish
         self.orphan_timeout = orphan_timeout
-        self.lifecycle = Lifecycle(settings_of(config), limits)
-        self.procs: dict[int, WorkerProcess] = {}  # life -> process, current and departing
-        self.token = ""
-        self.identity: bytes | None = None
+        self.lifecycle = Lifecycle(settings_of(config, layout), limits)
+        self.procs: dict[ProcKey, WorkerProcess] = {}  # (life, rank) -> process, current and departing
+        self.tokens: dict[int, str] = {}  # rank -> spawn token of the current life
+        self.identities: dict[int, bytes] = {}  # rank -> worker socket identity, once it said hello
         self.next_config: JobConfig | None = None
+        self.next_layout: Layout | None = layout
+        self.replies: dict[str, dict[str, Any]] = {}  # gang leader: the last answer to each follower
+        self.leader_heard: float | None = None  # gang follower: when the leader last answered
+        self.last_decision: dict[int, str] = {}  # rank -> the reason of its last decision (status shows it)
         self.io_errors: dict[str, int] = {}
         self._io_logged: dict[str, float] = {}
         self.log = log.bind(job=name)
@@ -133,11 +150,33 @@ class Job:
 
     @property
     def pid(self) -> int | None:
-        proc = self._current()
+        proc = self._current().get(self._lead())
         return proc.pid if proc is not None else None
+
+    @property
+    def token(self) -> str:
+        """The spawn token of the lowest rank of the current life (a plain job's one worker)."""
+        return self.tokens.get(self._lead(), "")
+
+    @property
+    def identity(self) -> bytes | None:
+        """The socket identity of the lowest rank (a plain job's one worker), once it said hello."""
+        return self.identities.get(self._lead())
+
+    def current_pids(self) -> set[int]:
+        """Pids of the current life's workers (not of departing ones)."""
+        return {proc.pid for proc in self._current().values()}
+
+    def rank_of(self, identity: bytes) -> int | None:
+        """The rank of the current life whose worker uses this socket identity."""
+        return next((rank for rank, known in self.identities.items() if known == identity), None)
 
     def next_deadline(self) -> float:
         return self.lifecycle.next_deadline()
+
+    def rank_rows(self) -> list[dict[str, Any]]:
+        """This daemon's ranks as status and top show them (see ``supervisor.daemon.ranks``)."""
+        return rank_rows(self)
 
     # -- operator requests (Refused when the job cannot take them now) ------------------------------
 
@@ -159,79 +198,114 @@ class Job:
     def set_limits(self, limits: Limits, client: str = "local") -> None:
         self.feed(ev.SetLimits(limits, client))
 
-    def signal(self, signum: int, client: str = "local") -> bool:
-        proc = self._current()
-        sent = proc is not None and proc.signal_group(signum)
+    def signal(self, signum: int, client: str = "local", rank: int | None = None) -> bool:
+        """Signal the current life's process groups (every rank, or one)."""
+        sent = False
+        for proc_rank, proc in self._current().items():
+            if rank is None or rank == proc_rank:
+                sent = proc.signal_group(signum) or sent
         if sent:
-            self.history_record("signal", signal=signal.Signals(signum).name, client=client)
+            fields = {"rank": rank} if rank is not None else {}
+            self.history_record("signal", signal=signal.Signals(signum).name, client=client, **fields)
         return sent
 
-    def reconfigure(self, config: JobConfig, limits: Limits) -> None:
+    def reconfigure(self, config: JobConfig, limits: Limits, layout: Layout | None = None) -> None:
         """New settings from a reread config; they apply at the job's next start."""
         self.next_config = config
-        self.lifecycle.reconfigure(settings_of(config), limits)
+        self.next_layout = layout
+        self.lifecycle.reconfigure(settings_of(config, layout), limits)
         self.history_record("config_changed", applies="next start")
+
+    def on_peer_sync(self, now: float, host: str, gen: int, alive: int, want: bool, outcome: Outcome | None,
+                     ranks: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+        """Gang leader: a follower's state arrived; returns the answer for it."""
+        self.feed(ev.PeerSync(now, host, gen, alive, want, outcome, self._newest(), ranks))
+        return self.replies.pop(host, {"error": "no answer"})
 
     # -- inputs from the daemon ----------------------------------------------------------------------
 
     def accepts(self, token: str) -> bool:
-        """True when ``token`` is the spawn token of this job's current worker."""
-        return self._current() is not None and secrets.compare_digest(token, self.token)
+        """True when ``token`` is the spawn token of one of this job's current workers."""
+        return self._token_rank(token) is not None
+
+    def _token_rank(self, token: str) -> int | None:
+        current = self._current()
+        return next((rank for rank, known in self.tokens.items()
+                     if rank in current and secrets.compare_digest(token, known)), None)
+
+    def heard_before_hello(self, token: str, now: float) -> None:
+        """A heartbeat with a current spawn token from a worker that has not said hello yet (loading a model)."""
+        rank = self._token_rank(token)
+        if rank is not None:
+            self.feed(ev.Heard(now, rank))
 
     def on_hello(self, hello: Hello, identity: bytes, now: float) -> None:
-        self.identity = identity
-        self.feed(ev.HelloIn(now, hello))
+        rank = self._token_rank(hello.token)
+        if rank is None:
+            return
+        self.identities[rank] = identity
+        self.feed(ev.HelloIn(now, hello, rank))
 
-    def on_message(self, message: Message, now: float) -> None:
+    def on_message(self, message: Message, now: float, identity: bytes | None = None) -> None:
+        """A message from the worker of ``identity`` (default: the lowest rank's)."""
+        rank = self._lead() if identity is None else self.rank_of(identity)
+        if rank is None:
+            return
         if isinstance(message, Step):
-            self.feed(ev.StepIn(now, message))
+            self.feed(ev.StepIn(now, message, rank))
         elif isinstance(message, Goodbye):
-            self.feed(ev.GoodbyeIn(now, message.reason, message.step, self._newest()))
+            self.feed(ev.GoodbyeIn(now, message.reason, message.step, self._newest(), rank))
         else:
             if isinstance(message, CheckpointSaved):
+                fields = {"rank": rank} if self.layout is not None else {}
                 self.history_record("checkpoint", step=message.step, seconds=round(message.seconds, 4),
-                                    bytes=message.nbytes)
-                self.publish(self.name, "log", {"event": "checkpoint", "step": message.step})
-            self.feed(ev.Heard(now))
+                                    bytes=message.nbytes, **fields)
+                self.publish(self.name, "log", {"event": "checkpoint", "step": message.step, **fields})
+            self.feed(ev.Heard(now, rank))
 
     def heartbeat(self, sent_at: float, hold: float) -> Heartbeat:
         """The heartbeat for this job's worker, with how long (at most ``hold`` seconds, and a quarter of the
         hang timeout) and how far from its bands it may hold step telemetry: see ``worker.hold``."""
         life = self.lifecycle.life
         hold = min(hold, self.lifecycle.settings.hang_timeout / 4)
+        if self.layout is not None:
+            return Heartbeat(sent_at)  # a gang's ranks meet at every step: nothing is held
         if hold <= 0 or life is None or not life.estimator.levels:
             return Heartbeat(sent_at)  # nothing to compare the group's footprint with yet: no holding
         below = hold_threshold(self.limits, self.last_sampled, life.estimator.level)
         return Heartbeat(sent_at, None, hold, below, hold_horizon(self.lifecycle.policy))
 
     def on_sample(self, now: float, available: int, floor: int) -> None:
-        """Sample the current worker's group and every departing worker, and act on the total."""
-        proc = self._current()
-        departing = {life: self.procs[life].sample(now).bytes for life in self.lifecycle.departing
-                     if life in self.procs}
-        if proc is None and not departing:
+        """Sample each current worker's group and every departing worker, and act on the totals."""
+        current = self._current()
+        departing = {key[0]: proc.sample(now).bytes for key, proc in self.procs.items()
+                     if key[0] in self.lifecycle.departing}
+        if not current and not departing:
             return
-        current, complete = None, True
-        if proc is not None:
+        if not current:
+            self.feed(ev.Sample(now, None, True, departing, available, floor))
+            return
+        for rank, proc in current.items():
             sample = proc.sample(now)
-            current, complete = sample.bytes, sample.complete
-            if complete:
-                self.recorder.record("sample", bytes=sample.bytes, pids=sample.pids,
+            if sample.complete:
+                fields = {"rank": rank} if self.layout is not None else {}
+                self.recorder.record("sample", bytes=sample.bytes, pids=sample.pids, **fields,
                                      **({"departing": sum(departing.values())} if departing else {}))
-        self.feed(ev.Sample(now, current, complete, departing, available, floor))
+            self.feed(ev.Sample(now, sample.bytes, sample.complete, departing, available, floor, rank))
 
     def tick(self, now: float, available: int, resume_above: int) -> None:
         """Reap what exited, then let the lifecycle check its deadlines."""
-        current = self.lifecycle.life.id if self.lifecycle.life is not None else None
-        for life, proc in list(self.procs.items()):
+        for key, proc in list(self.procs.items()):
             code = proc.poll()
             if code is None:
                 continue
-            del self.procs[life]
-            if life == current:
-                self.identity = None
-                self.feed(ev.Exited(now, code, self._newest()))
-            else:
+            del self.procs[key]
+            life, rank = key
+            current = self.lifecycle.life
+            if current is not None and life == current.id:
+                self.identities.pop(rank, None)
+                self.feed(ev.Exited(now, code, self._newest(), rank))
+            elif life in self.lifecycle.departing:
                 self.feed(ev.DepartedExited(now, life, code))
         self.feed(ev.Tick(now, available, resume_above))
 
@@ -248,16 +322,18 @@ class Job:
             if action.publish:
                 self.publish(self.name, "telemetry", action.fields)
         elif isinstance(action, ev.Send):
-            if self.identity is not None:
-                self.send_frame(self.identity, encode(Command(action.action, action.reason)))
+            frame = encode(Command(action.action, action.reason))
+            for rank, identity in list(self.identities.items()):
+                if action.rank is None or action.rank == rank:
+                    self.send_frame(identity, frame)
         elif isinstance(action, ev.Signal):
-            proc = self.procs.get(action.life)
-            if proc is not None:
-                proc.signal_group(action.signum)
+            for (life, rank), proc in list(self.procs.items()):
+                if life == action.life and action.rank in (None, rank):
+                    proc.signal_group(action.signum)
         elif isinstance(action, ev.Spawn):
             self._spawn(action)
         elif isinstance(action, ev.Depart):
-            self.identity = None  # its process stays in self.procs until reaped
+            self.identities.clear()  # its process stays in self.procs until reaped
         elif isinstance(action, ev.StateChanged):
             self.log.info("job_state", old=action.old, new=action.new, reason=action.reason, **action.fields)
             data = {"old": action.old, "new": action.new, "reason": action.reason, **action.fields}
@@ -269,6 +345,8 @@ class Job:
             getattr(self.log, action.level)(LOG_NAMES.get(action.event, action.event), **action.fields)
             if action.history:
                 self.history_record(action.event, **action.fields)
+        elif isinstance(action, ev.Reply):
+            self.replies[action.host] = action.fields
 
     def _decided(self, action: ev.Decided) -> None:
         decision = action.decision
@@ -280,27 +358,43 @@ class Job:
         self.log.warning("decision", **fields)
         if decision.action is not Do.CLEAR_CACHE:
             self.history_record("decision", **fields)
+            self.last_decision[fields.get("rank", 0)] = decision.reason
         self.publish(self.name, "decision", fields)
 
     def _spawn(self, action: ev.Spawn) -> None:
         now = self.system.now()
         if self.next_config is not None and self.lifecycle.next is None:
             self.config, self.next_config = self.next_config, None  # the lifecycle has adopted it
-        self.token = secrets.token_hex(16)
-        self.identity = None
-        env = self._worker_env(self.token, action.batch, action.accum)
+            self.layout = self.next_layout
+        self.tokens = {rank: secrets.token_hex(16) for rank in self.lifecycle.settings.ranks}
+        self.identities = {}
         newest = self._newest()
         try:
-            proc = self.system.spawn(worker_argv(self.config), env, self._cwd(), self.paths.logs)
+            self._write_ring(action.life)
+            spawned = []
+            for rank in self.lifecycle.settings.ranks:
+                env = self._worker_env(self.tokens[rank], action.batch, action.accum, rank)
+                proc = self.system.spawn(worker_argv(self.config), env, self._cwd(), self._log_dir(rank))
+                self.procs[(action.life, rank)] = proc
+                spawned.append((rank, proc))
         except OSError as exc:
+            for (life, _), proc in self.procs.items():
+                if life == action.life:
+                    proc.signal_group(signal.SIGKILL)  # a gang without all its ranks cannot run: reaped as strays
             self.feed(ev.SpawnFailed(action.life, now, str(exc)))
             return
-        self.procs[action.life] = proc
-        self.feed(ev.Spawned(action.life, now, proc.pid, newest))
+        for rank, proc in spawned:
+            self.feed(ev.Spawned(action.life, now, proc.pid, newest, rank))
 
-    def _current(self) -> WorkerProcess | None:
+    def _current(self) -> dict[int, WorkerProcess]:
+        """rank -> process of the current life."""
         life = self.lifecycle.life
-        return self.procs.get(life.id) if life is not None else None
+        if life is None:
+            return {}
+        return {rank: proc for (life_id, rank), proc in self.procs.items() if life_id == life.id}
+
+    def _lead(self) -> int:
+        return min(self.lifecycle.settings.ranks)
 
     def _newest(self) -> int:
         """Step of the newest checkpoint on disk; 0 when there is none or the directory cannot be read."""
@@ -310,7 +404,14 @@ class Job:
             self.io_error("checkpoint_scan", exc)
             return 0
 
-    def _worker_env(self, token: str, batch: int, accum: int) -> dict[str, str]:
+    def _log_dir(self, rank: int) -> Path:
+        return self.paths.logs / f"rank-{rank}" if self.layout is not None else self.paths.logs
+
+    def _write_ring(self, generation: int) -> None:
+        if self.layout is not None and self.paths.ring is not None:
+            write_ring(self.layout, self.paths.ring, generation)
+
+    def _worker_env(self, token: str, batch: int, accum: int, rank: int = 0) -> dict[str, str]:
         config = self.config
         env = {**os.environ, **config.env, "PYTHONUNBUFFERED": "1"}
         env.update({
@@ -322,6 +423,8 @@ class Job:
             "MLXSUP_CACHE_LIMIT": str(parse_fraction_of(config.cache_limit, self.limits.budget)),
             "MLXSUP_CACHE_CLEAR_BYTES": str(parse_bytes(config.cache_clear)),
         })
+        if self.layout is not None and self.paths.ring is not None:
+            env.update(rank_env(self.layout, self.paths.ring, rank))
         return env
 
     def _cwd(self) -> Path | None:
@@ -339,4 +442,3 @@ class Job:
         if now - self._io_logged.get(kind, -IO_ERROR_LOG_EVERY) >= IO_ERROR_LOG_EVERY:
             self._io_logged[kind] = now
             self.log.error("io_error", what=kind, error=str(exc), count=self.io_errors[kind])
-

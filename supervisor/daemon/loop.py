@@ -124,12 +124,12 @@ class Daemon:
         job_config = self.config.jobs[name]
         job_dir = self.config.job_dir(name)
         paths = JobPaths(self.config.checkpoint_dir(name), self.config.log_dir / "jobs" / name,
-                         job_dir / "history.jsonl", job_dir / "telemetry.jsonl")
+                         job_dir / "history.jsonl", job_dir / "telemetry.jsonl", self.run_dir / f"ring-{name}.json")
         orphan = max(3.0, 5 * self.config.daemon.heartbeat_interval)
         job = Job(name, job_config, job_config.limits(self.total_memory), paths, self.system,
                   self.worker_endpoint, self._send_to_worker, self.hooks.publish, orphan_timeout=orphan,
                   telemetry_max=parse_bytes(self.config.daemon.log_max_bytes),
-                  telemetry_keep=self.config.daemon.log_keep)
+                  telemetry_keep=self.config.daemon.log_keep, layout=self.config.layout(name))
         self.jobs[name] = job
         return job
 
@@ -250,8 +250,10 @@ class Daemon:
     def _heartbeat_all(self) -> None:
         sent_at, hold = time.time(), self.config.daemon.telemetry_hold
         for job in self.jobs.values():
-            if job.identity is not None:
-                self._send_to_worker(job.identity, encode(job.heartbeat(sent_at, hold)))
+            if job.identities:
+                frame = encode(job.heartbeat(sent_at, hold))
+                for identity in job.identities.values():
+                    self._send_to_worker(identity, frame)
 
     def _drain_workers(self, now: float) -> None:
         # Most calls find nothing (a sample turn): one EVENTS look, in plain ints (masking with the zmq.POLLIN
@@ -275,10 +277,10 @@ class Daemon:
             job = self.by_identity.get(identity)
             if isinstance(message, Hello):
                 self._on_hello(message, identity, now)
-            elif job is not None and job.identity == identity:
-                job.on_message(message, now)
+            elif job is not None and job.rank_of(identity) is not None:
+                job.on_message(message, now, identity)
             elif isinstance(message, Heartbeat) and message.token and (early := self._job_of(message.token)):
-                early.on_message(message, now)  # alive before its hello (loading a model): not hung
+                early.heard_before_hello(message.token, now)  # alive before its hello (loading a model): not hung
             else:
                 log.warning("worker_message_ignored", type=message.TAG, reason="unknown peer (no valid hello)")
 
@@ -296,7 +298,8 @@ class Daemon:
         except ProtocolError as exc:
             log.warning("worker_hello_rejected", pid=hello.pid, job=job.name, reason=str(exc))
             return
-        self.by_identity = {k: v for k, v in self.by_identity.items() if v is not job}
+        known = set(job.identities.values())
+        self.by_identity = {k: v for k, v in self.by_identity.items() if v is not job or k in known}
         self.by_identity[identity] = job
         job.on_hello(hello, identity, now)
         self._send_to_worker(identity, encode(Welcome(version), version))
@@ -315,7 +318,7 @@ class Daemon:
         Current workers get SIGTERM (the SDK checkpoints at its next step boundary), departing ones SIGKILL
         (their checkpoint is durable); whatever is left after 5 s gets SIGKILL, and everything is reaped.
         """
-        procs = [(job.pid == proc.pid, proc) for job in self.jobs.values() for proc in job.procs.values()]
+        procs = [(proc.pid in job.current_pids(), proc) for job in self.jobs.values() for proc in job.procs.values()]
         for current, proc in procs:
             if proc.poll() is None:
                 proc.signal_group(signal.SIGTERM if current else signal.SIGKILL)

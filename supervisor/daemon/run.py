@@ -44,6 +44,11 @@ def summarize(job: Job, wall_seconds: float) -> dict[str, Any]:
         "recovery_seconds_max": recoveries[-1] if recoveries else None,
         "checkpoint_dir": str(job.paths.checkpoints),
         "history_path": str(job.paths.history),
+        # Per rank (a plain job is rank 0): a gang's budget applies to each rank, and its ranks restart together.
+        "ranks": [{"rank": rank, "max_sampled_bytes": stats.rank_max_sampled.get(rank, 0),
+                   "budget_bytes": job.limits.budget, "restarts": stats.restarts}
+                  for rank in job.lifecycle.settings.ranks],
+        "stop_steps": stats.stop_steps,
     }
 
 

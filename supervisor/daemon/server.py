@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from protocol.control import ControlError
-from supervisor.config import Config, ConfigError, load_config
+from supervisor.config import Config, ConfigError, GangConfig, load_config
 from supervisor.control.access import read_authorized_keys
 from supervisor.control.audit import AuditTrail
 from supervisor.control.server import ControlServer
 from supervisor.core.events import Refused
 from supervisor.core.sizes import parse_bytes
 from supervisor.core.states import TERMINAL_STATES
+from supervisor.daemon.ganglink import GangLink, make_link
 from supervisor.daemon.loop import Daemon, SocketHandlers
 from supervisor.daemon.system import System
 
@@ -41,6 +44,9 @@ class DaemonService:
         self.config = config
         self.pending: Config | None = None
         self.removing: set[str] = set()
+        self.epoch = secrets.token_hex(4)  # tells this process's gang generations from an earlier one's
+        # Gang followers: job -> (its gang config, its link to the leader; None when its keys cannot be read).
+        self.links: dict[str, tuple[GangConfig, GangLink | None]] = {}
         self.daemon = Daemon(config, system=system, hooks=self)
         audit = AuditTrail(config.state_dir / "audit.jsonl", parse_bytes(config.daemon.log_max_bytes),
                            config.daemon.log_keep)
@@ -69,6 +75,7 @@ class DaemonService:
             self.pending = None
 
     def on_turn(self, daemon: Daemon, now: float) -> None:
+        self._gang_links(daemon, now)
         for name in list(self.removing):
             job = daemon.jobs.get(name)
             if job is None or (not job.busy and job.state in TERMINAL_STATES):
@@ -77,6 +84,25 @@ class DaemonService:
                 daemon.jobs.pop(name, None)
                 self.removing.discard(name)
                 log.info("job_removed", job=name)
+
+    def _gang_links(self, daemon: Daemon, now: float) -> None:
+        """Each gang follower job talks to its leader; a link follows its job's config (and goes with it)."""
+        for name, (gang, link) in list(self.links.items()):
+            job = daemon.jobs.get(name)
+            if job is None or not job.lifecycle.settings.follower or gang != job.config.gang:
+                if link is not None:
+                    link.close()
+                del self.links[name]
+        for name, job in daemon.jobs.items():
+            if job.lifecycle.settings.follower and name not in self.links:
+                resolve = self._resolve
+                self.links[name] = (job.config.gang, make_link(job, daemon.context, resolve))
+            link = self.links[name][1] if name in self.links else None
+            if link is not None:
+                link.turn(now)
+
+    def _resolve(self, value: str) -> Path:
+        return self.config.resolve(value, self.config.path.parent)
 
     # -- config reload --------------------------------------------------------------------------------
 
@@ -115,7 +141,8 @@ class DaemonService:
             self.removing.add(name)
             self.daemon.jobs[name].stop(now, "removed from config", client=client)
         for name in changes["changed"]:
-            self.daemon.jobs[name].reconfigure(new.jobs[name], new.jobs[name].limits(self.daemon.total_memory))
+            self.daemon.jobs[name].reconfigure(new.jobs[name], new.jobs[name].limits(self.daemon.total_memory),
+                                               new.layout(name))
         self.pending = None
         log.info("config_updated", **changes)
         return changes
@@ -127,7 +154,7 @@ class DaemonService:
             job = self.daemon.add_job(name)
         else:  # removed earlier, still winding down: keep the entry, take the new config
             self.removing.discard(name)
-            job.reconfigure(config, config.limits(self.daemon.total_memory))
+            job.reconfigure(config, config.limits(self.daemon.total_memory), self.config.layout(name))
         if config.autostart and not self.daemon.stopping:
             try:
                 job.restart(now, client) if job.busy else job.start(now, "added by update", client)
@@ -154,6 +181,9 @@ class DaemonService:
             log.info("daemon_stopped")
 
     def close(self) -> None:
+        for _, link in self.links.values():
+            if link is not None:
+                link.close()
         self.control.close()
         self.daemon.close()
 

@@ -9,10 +9,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, cast
 
-from supervisor.config import ControlConfig, DaemonConfig, JobConfig
+from supervisor.config import ControlConfig, DaemonConfig, GangConfig, JobConfig
 
 SECTIONS: list[tuple[str, type[Any]]] = [
     ("[daemon]", DaemonConfig), ("[daemon.control]", ControlConfig), ("[jobs.NAME]", JobConfig),
+    ("[jobs.NAME.gang]", GangConfig),
 ]
 
 
@@ -21,7 +22,7 @@ def config_reference() -> str:
     for title, cls in SECTIONS:
         lines += [f"#### `{title}`", "", "| key | default | unit | meaning |", "|---|---|---|---|"]
         for field in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(field.type) or field.name == "control":
+            if dataclasses.is_dataclass(field.type) or field.name in ("control", "gang"):
                 continue
             default: Any = field.default
             if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:

@@ -27,6 +27,7 @@ class ControlCommand:
     # Who may run it. Unset means admin and audited: a new command is locked down until it says otherwise.
     role: ClassVar[Role] = Role.ADMIN
     changes: ClassVar[bool] = True  # changes something: every request is appended to the audit trail
+    cli: ClassVar[bool] = True  # False: daemon to daemon only, not an mlxsupctl command
     # Wire shape: argument -> (type, required). Anything else in a request is rejected.
     wire: ClassVar[dict[str, tuple[type, bool]]] = {}
 

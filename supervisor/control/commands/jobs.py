@@ -10,6 +10,7 @@ from protocol.control import ControlError
 from supervisor.control.access import Role
 from supervisor.control.commands.base import ControlCommand, job_of
 from supervisor.core.sizes import format_bytes
+from supervisor.hostfile import describe as describe_layout
 
 if TYPE_CHECKING:
     from supervisor.daemon.job import Job
@@ -32,15 +33,52 @@ def describe(job: Job) -> dict[str, Any]:
         "transient_bytes": estimator.transient if estimator else 0,
         "baseline_bytes": estimator.baseline if estimator else None,
         "samples_over_budget": stats.samples_over_budget, "final_loss": stats.final_loss,
-        "io_errors": dict(job.io_errors),
+        "io_errors": dict(job.io_errors), **gang_status(job),
     }
+
+
+def gang_status(job: Job) -> dict[str, Any]:
+    """A gang's shape and every rank (remote ones as their daemon last reported them); nothing for a plain job."""
+    if job.layout is None:
+        return {}
+    lifecycle = job.lifecycle
+    ranks = job.rank_rows()
+    hosts = []
+    for peer in lifecycle.peers.values():
+        ranks += [{**row, "host": peer.host} for row in peer.ranks]
+        hosts.append({"host": peer.host, "generation": peer.gen, "alive": peer.alive, "want": peer.want,
+                      "heard_seconds_ago": round(job.system.now() - peer.heard, 1) if peer.heard > 0 else None})
+    gang = {**describe_layout(job.layout), "generation": lifecycle.gen, "stop_steps": lifecycle.stats.stop_steps[-5:],
+            "followers": hosts}
+    if lifecycle.settings.follower:
+        heard = job.leader_heard
+        gang.update(leader_endpoint=job.config.gang.leader,
+                    leader_heard_seconds_ago=round(job.system.now() - heard, 1) if heard is not None else None)
+    return {"gang": gang, "ranks": sorted(ranks, key=lambda r: r["rank"])}
 
 
 def status_line(row: dict[str, Any]) -> str:
     mem = f"{format_bytes(row['sampled_bytes'])}/{format_bytes(row['budget_bytes'])}"
-    return (f"{row['name']:<16} {row['state']:<18} pid {row['pid'] or '-'!s:<7} "
+    line = (f"{row['name']:<16} {row['state']:<18} pid {row['pid'] or '-'!s:<7} "
             f"step {row['step']}/{row['target_steps'] or '?':<8} mem {mem:<22} "
             f"batch {row['batch']}x{row['accum']}  restarts {row['restarts']}")
+    if "gang" in row:
+        gang = row["gang"]
+        line += f"\n  gang: {gang['world']} ranks, generation {gang['generation']}, this host {gang['host']}"
+        if "leader_endpoint" in gang:
+            heard = gang["leader_heard_seconds_ago"]
+            line += f", leader {gang['leader_endpoint']} " + ("never heard" if heard is None else f"heard {heard}s ago")
+        line += "".join("\n" + rank_line(r) for r in row["ranks"])
+    return line
+
+
+def rank_line(rank: dict[str, Any]) -> str:
+    """One rank of a gang: its step, memory against the per-rank budget, and its last decision."""
+    mem = f"{format_bytes(rank['sampled_bytes'])}/{format_bytes(rank['budget_bytes'])}"
+    where = f"@{rank['host']}" if rank.get("host") else ""
+    decision = f"  last decision: {rank['decision'][:80]}" if rank.get("decision") else ""
+    return (f"  rank {rank['rank']}{where:<14} {rank['state']:<9} pid {rank['pid'] or '-'!s:<7} step {rank['step']:<8} "
+            f"mem {mem:<22} max {format_bytes(rank['max_sampled_bytes'])}{decision}")
 
 
 def refuse_while_stopping(daemon: DaemonService, job: Job) -> None:
