@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import Heartbeat
-from supervisor.core.policy import Limits, PolicyConfig, hold_horizon, hold_threshold
+from supervisor.core.policy import Estimator, Limits, PolicyConfig, hold_horizon, hold_threshold
 from worker.hold import StepHold
 
 MiB = 1 << 20
@@ -92,7 +92,12 @@ class TestDaemonSide:
         assert hold_threshold(limits, sampled=300 * MiB, reported=300 * MiB) == 700 * MiB
         assert hold_threshold(limits, sampled=400 * MiB, reported=300 * MiB) == 600 * MiB  # a child holds 100
         assert hold_threshold(limits, sampled=2000 * MiB, reported=100 * MiB) == 0
-        assert hold_horizon(PolicyConfig(checkpoint_steps=2)) == 6
+        slow, fast = Estimator(PolicyConfig(checkpoint_steps=2)), Estimator(PolicyConfig(checkpoint_steps=2))
+        for step in range(1, 10):
+            slow.observe_step(step, 100 * MiB, 0, 1.0)
+            fast.observe_step(step, 100 * MiB, 0, 0.02)
+        assert hold_horizon(slow) == 2 * (2 + 1)  # the checkpoint's steps, and the command one step late
+        assert hold_horizon(fast) == 2 * (2 + 5)  # 0.1 s of reaction is 5 steps of 20 ms
 
     def test_the_hold_fields_are_optional_on_the_wire(self) -> None:
         from protocol import decode, encode
@@ -173,7 +178,8 @@ class TestJobHeartbeat:
         for step in range(1, 6):  # past the estimator's warm-up
             h.step(step, footprint=300 * MiB)
         h.sample(400 * MiB)  # the group holds 100 MiB more than the worker itself
-        assert h.job.heartbeat(1.0, 0.25) == Heartbeat(1.0, None, 0.25, 850 * MiB - 150 * MiB - 100 * MiB, 6)
+        # Horizon: 2 x (2 checkpoint steps + 10 steps of 10 ms in the daemon's 0.1 s reaction).
+        assert h.job.heartbeat(1.0, 0.25) == Heartbeat(1.0, None, 0.25, 850 * MiB - 150 * MiB - 100 * MiB, 24)
         assert h.job.heartbeat(1.0, 0.0) == Heartbeat(1.0)  # telemetry_hold = 0: never
 
     def test_hold_is_at_most_a_quarter_of_the_hang_timeout(self, tmp_path: Path) -> None:

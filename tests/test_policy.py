@@ -150,6 +150,29 @@ class TestOnStep:
         est = feed([400 * MiB + 50 * MiB * s for s in range(10)])
         assert on_step(est, LIMITS, 8, 1, 10, CONFIG).action is Action.NONE
 
+    @staticmethod
+    def first_recycle(seconds: list[float]) -> int:
+        """The step a 50 MiB/step leak from 400 MiB is recycled at, with the worker's step times."""
+        est = Estimator(CONFIG)
+        for step in range(1, 60):
+            est.observe_step(step, 400 * MiB + 50 * MiB * step, 0, seconds[step % len(seconds)])
+            if on_step(est, LIMITS, 8, 1, step, CONFIG).diagnosis is Diagnosis.LEAK_PREDICTED:
+                return step
+        raise AssertionError("never recycled")
+
+    def test_steps_slower_than_the_daemon_reacts_leave_one_step_for_the_command(self) -> None:
+        # 2 GiB at step 32.96; the checkpoint needs 2 steps and the command lands 1 late: recycle at step 30.
+        assert self.first_recycle([1.0]) == self.first_recycle([0.0]) == 30
+
+    def test_steps_faster_than_the_daemon_reacts_recycle_earlier_by_the_steps_a_reaction_takes(self) -> None:
+        # 25 ms steps: a 0.1 s reaction lands the command 4 steps late, so the recycle comes 3 steps earlier.
+        assert CONFIG.reaction_seconds == 0.1
+        assert self.first_recycle([0.025]) == 27
+
+    def test_the_step_time_is_the_median_so_one_slow_step_does_not_widen_the_margin(self) -> None:
+        assert self.first_recycle([0.025] * 9 + [5.0]) == 27
+        assert self.first_recycle([1.0] * 9 + [0.001]) == 30
+
     def test_regrows_when_projected_peak_fits(self) -> None:
         est = feed([400 * MiB] * 20, [420 * MiB] * 20)
         decision = on_step(est, LIMITS, 2, 4, CONFIG.regrow_after_steps, CONFIG)

@@ -249,7 +249,7 @@ class Lifecycle(PeerRole):
             if m.step_seconds > 0:
                 stats.steps_per_second = 0.9 * stats.steps_per_second + 0.1 / m.step_seconds
             self._note_batch(m.step, m.batch, m.accum)
-        rank.estimator.observe_step(m.step, m.footprint, m.mlx_peak - m.mlx_active)
+        rank.estimator.observe_step(m.step, m.footprint, m.mlx_peak - m.mlx_active, m.step_seconds)
         rank.healthy_steps += 1
         fields = {name: value for name in STEP_FIELDS if (value := getattr(m, name)) is not None}
         fields.update(leak_bytes_per_step=round(rank.estimator.slope), transient=rank.estimator.transient,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import itertools
+import math
 import statistics
 from bisect import bisect_left, insort
 from collections import deque
@@ -34,6 +35,7 @@ class PolicyConfig:
     warmup_steps: int = 3  # steps ignored at the start of a life (compile, allocator warm-up)
     window: int = 24  # steps in the slope window
     checkpoint_steps: int = 2  # steps of headroom a checkpoint-and-exit needs (at least 2)
+    reaction_seconds: float = 0.1  # a step's telemetry to the worker reading the command (wakeup, decision, send)
     consecutive_over: int = 2  # samples at/over budget before acting
     shrink_factor: float = 0.5
     min_batch: int = 1
@@ -87,6 +89,7 @@ class Estimator:
         self._trend = SlidingTheilSen(config.window)
         self.levels = self._trend.points  # (step, end-of-step footprint), the slope window
         self.transients: deque[int] = deque(maxlen=config.window)
+        self.durations: deque[float] = deque(maxlen=config.window)  # seconds per step, as the worker timed them
         self.steps_seen = 0
         self.baseline: int | None = None
         self.step_peak = 0  # highest sample since the last step ended
@@ -94,12 +97,15 @@ class Estimator:
     def observe_sample(self, sampled: int) -> None:
         self.step_peak = max(self.step_peak, sampled)
 
-    def observe_step(self, step: int, level: int, reported_transient: int = 0) -> None:
+    def observe_step(self, step: int, level: int, reported_transient: int = 0, seconds: float = 0.0) -> None:
         """Record the footprint at the end of ``step``, with the in-step excursion: the larger of what the
-        samples saw and what the worker reported (MLX's per-step peak over its active memory)."""
+        samples saw and what the worker reported (MLX's per-step peak over its active memory), and how long the
+        step took (0: not timed)."""
         self.steps_seen += 1
         if self.steps_seen > self.config.warmup_steps:
             self._trend.add(step, level)
+            if seconds > 0:
+                self.durations.append(seconds)
             self.transients.append(max(0, self.step_peak - level, reported_transient))
             if self.baseline is None or level < self.baseline:
                 self.baseline = level
@@ -118,6 +124,16 @@ class Estimator:
     @property
     def level(self) -> int:
         return self.levels[-1][1] if self.levels else 0
+
+    @property
+    def late_steps(self) -> int:
+        """Steps the worker takes between sending a step's telemetry and reading the command it caused: one
+        (it reads commands at its next boundary), or as many as fit in ``reaction_seconds`` when steps are
+        faster than the daemon reacts (median step time of the window, so one slow step does not count)."""
+        if not self.durations:
+            return 1
+        step_seconds = statistics.median(self.durations)
+        return max(1, math.ceil(self.config.reaction_seconds / step_seconds))
 
     def steps_to_breach(self, budget: int) -> float:
         """Steps until the leak trend plus the transient reach ``budget`` (inf when not leaking)."""
@@ -217,8 +233,8 @@ def on_step(
     if not config.adaptive:
         return NOTHING
     to_breach = estimator.steps_to_breach(limits.budget)
-    # +1: the command lands one step late (the worker reads it at its next boundary).
-    if to_breach <= config.checkpoint_steps + 1:
+    # The command lands late_steps late: the next boundary, or later when steps are faster than the daemon.
+    if to_breach <= config.checkpoint_steps + estimator.late_steps:
         reason = f"leak {estimator.slope / MiB:.1f} MiB/step reaches budget in {to_breach:.1f} steps"
         if estimator.steps_seen < config.min_steps_per_life:
             # Lives this short mean the transient leaves too little headroom for the leak: shrink as well.
@@ -266,10 +282,10 @@ def hold_threshold(limits: Limits, sampled: int, reported: int) -> int:
     return max(0, limits.warn - (limits.budget - limits.warn) - others)
 
 
-def hold_horizon(config: PolicyConfig) -> int:
+def hold_horizon(estimator: Estimator) -> int:
     """Steps of footprint trend a worker looks ahead before holding a step: twice what a predicted breach
-    leaves (the steps a checkpoint needs, plus the one the command lands late)."""
-    return 2 * (config.checkpoint_steps + 1)
+    leaves (the steps a checkpoint needs, plus the ones the command lands late)."""
+    return 2 * (estimator.config.checkpoint_steps + estimator.late_steps)
 
 
 def backoff_delay(failures: int, initial: float, maximum: float) -> float:

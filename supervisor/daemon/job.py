@@ -273,7 +273,7 @@ class Job:
         if hold <= 0 or life is None or not life.estimator.levels:
             return Heartbeat(sent_at)  # nothing to compare the group's footprint with yet: no holding
         below = hold_threshold(self.limits, self.last_sampled, life.estimator.level)
-        return Heartbeat(sent_at, None, hold, below, hold_horizon(self.lifecycle.policy))
+        return Heartbeat(sent_at, None, hold, below, hold_horizon(life.estimator))
 
     def on_sample(self, now: float, available: int, floor: int) -> None:
         """Sample each current worker's group and every departing worker, and act on the totals."""
