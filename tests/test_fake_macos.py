@@ -42,14 +42,11 @@ print(json.dumps({"waitid": hasattr(os, "waitid"), "P_PID": hasattr(os, "P_PID")
 def fake_darwin_paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """This process takes the darwin branches (is_macos) with a fake libSystem, restored afterwards."""
     try:
-        from fake_libsystem import FakeLibSystem
+        from fake_libsystem import darwin_selected
     except ImportError:
-        from tests.fake_macos.fake_libsystem import FakeLibSystem
-    before = darwin._selected
-    darwin.select_darwin(FakeLibSystem())
-    yield
-    darwin._selected = before
-    darwin.darwin.cache_clear()
+        from tests.fake_macos.fake_libsystem import darwin_selected
+    with darwin_selected():
+        yield
 
 
 class TestLaneShape:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import select
 import signal
@@ -21,6 +22,11 @@ from protocol.darwin import is_macos
 from protocol.footprint import RUSAGE_INFO_V2, self_footprint
 from supervisor.daemon import footprint
 from supervisor.daemon.footprint import GroupSample, GroupSampler, pressure_level, process_footprint, system_memory
+
+try:  # in the macOS-shaped lane its sitecustomize already imported it under this name, before os.waitid went
+    from fake_libsystem import darwin_selected
+except ImportError:
+    from tests.fake_macos.fake_libsystem import darwin_selected
 
 MiB = 1024 * 1024
 PAGE = 4096
@@ -306,6 +312,75 @@ class TestMacosApisWithFakes:
 
     def test_macos_pressure_level_is_none_when_fake_sysctlbyname_fails(self) -> None:
         assert footprint._macos_pressure_level(lambda *args: -1) is None
+
+
+class TestMacosGroupListingWithFakes:
+    """``_macos_group_pids`` with a plain Python fake of ``proc_listpgrppids(pgid, buffer, bytes)``: it answers how
+    many pids it wrote, at most what fits, and 0 on error or for no such group (libproc.h)."""
+
+    @staticmethod
+    def fake_listing(group: list[int], calls: list[tuple[int, int]]) -> Callable[[int, Any, int], int]:
+        def fake_proc_listpgrppids(pgid: int, buffer: Any, size: int) -> int:
+            calls.append((pgid, size))
+            written = group[: size // ctypes.sizeof(ctypes.c_int)]
+            buffer[: len(written)] = written
+            return len(written)
+
+        return fake_proc_listpgrppids
+
+    def test_fake_listing_returns_the_group_pids(self) -> None:
+        calls: list[tuple[int, int]] = []
+        pids = footprint._macos_group_pids(4242, self.fake_listing([4242, 4250, 4251], calls))
+        assert pids == [4242, 4250, 4251]
+        assert calls == [(4242, 64 * ctypes.sizeof(ctypes.c_int))]
+
+    def test_fake_listing_full_buffer_is_asked_again_larger(self) -> None:
+        group = list(range(5000, 5300))  # 300 pids: 64 and 256 fill up, 1024 does not
+        calls: list[tuple[int, int]] = []
+        assert footprint._macos_group_pids(5000, self.fake_listing(group, calls)) == group
+        assert [size // ctypes.sizeof(ctypes.c_int) for _, size in calls] == [64, 256, 1024]
+
+    def test_fake_listing_error_or_no_group_is_empty(self) -> None:
+        calls: list[tuple[int, int]] = []
+        assert footprint._macos_group_pids(7, self.fake_listing([], calls)) == []
+        assert footprint._macos_group_pids(7, lambda pgid, buffer, size: 0) == []
+        assert len(calls) == 1  # 0 is an answer, not a full buffer
+
+    def test_fake_listing_never_reads_more_than_max_group(self) -> None:
+        calls: list[tuple[int, int]] = []
+        group = list(range(1, 4 * footprint._MAX_GROUP + 1))  # a fork bomb's worth: always fills the buffer
+        pids = footprint._macos_group_pids(1, self.fake_listing(group, calls))
+        assert pids == group[: footprint._MAX_GROUP]
+        capacities = [size // ctypes.sizeof(ctypes.c_int) for _, size in calls]
+        assert capacities == [64, 256, 1024, 4096, 16384, footprint._MAX_GROUP]  # then it stops asking
+
+
+class TestPermissionDeniedWithFakeLibproc:
+    """EPERM from ``proc_pid_rusage`` (another user's process, and we are not root), through FakeLibSystem."""
+
+    @pytest.fixture
+    def as_stranger(self) -> Iterator[None]:
+        """The darwin paths with a fake libSystem that takes us for another uid than the one owning our children."""
+        with darwin_selected(as_uid=os.geteuid() + 1 if os.geteuid() else 1):
+            yield
+
+    def test_fake_eperm_is_unreadable_and_the_group_sample_incomplete(self, spawn: Spawn,
+                                                                       as_stranger: None) -> None:
+        child = spawn(ALLOCATE, MiB)
+        assert read_line(child) == "ready"
+        with pytest.raises(protocol_footprint.FootprintUnreadable) as caught:
+            protocol_footprint.phys_footprint(child.pid)
+        assert caught.value.errno == errno.EPERM
+        assert process_footprint(child.pid) is None  # never RSS mixed in instead
+        sample = GroupSampler(child.pid).sample(0.0)
+        assert sample == GroupSample(0, 0, False)
+
+    def test_fake_same_uid_control_reads_the_same_child(self, spawn: Spawn) -> None:
+        child = spawn(ALLOCATE, MiB)
+        assert read_line(child) == "ready"
+        with darwin_selected():
+            sample = GroupSampler(child.pid).sample(0.0)
+        assert sample.complete and sample.pids == 1 and sample.bytes >= MiB
 
 
 class TestMachine:

@@ -22,10 +22,12 @@ so a test can tell which processes took the darwin paths.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +154,19 @@ def pressure_level() -> int:
         info[key] = int(rest.split()[0])
     fraction = info["MemAvailable"] / info["MemTotal"]
     return 1 if fraction >= 0.25 else 2 if fraction >= 0.10 else 4
+
+
+@contextlib.contextmanager
+def darwin_selected(as_uid: int | None = None) -> Iterator[FakeLibSystem]:
+    """Within the block this process takes the darwin code paths with a FakeLibSystem(as_uid); afterwards whatever
+    was selected before (nothing, off the lane) again."""
+    from protocol import darwin
+
+    before = darwin._selected
+    library = FakeLibSystem(as_uid)
+    darwin.select_darwin(library)
+    try:
+        yield library
+    finally:
+        darwin._selected = before
+        darwin.darwin.cache_clear()
