@@ -125,13 +125,16 @@ class TestLaunchdWithFakeLaunchctl:
         assert waited >= 1.0  # FAKE_LAUNCHCTL_LEAVE
         assert launchctl.data()["services"][target()]["pid"] != first_pid
 
-    def test_bootstrap_failing_with_5_once_is_retried(self, launchctl: FakeTool, config: Path,
-                                                      monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    @pytest.mark.parametrize("code", [5, 37])
+    def test_bootstrap_failing_once_is_retried(self, code: int, launchctl: FakeTool, config: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
         monkeypatch.setenv("FAKE_LAUNCHCTL_FAIL_BOOTSTRAP", "1")
+        monkeypatch.setenv("FAKE_LAUNCHCTL_FAIL_CODE", str(code))
         assert service.run_service(ns("install", config, "macos")) == 0
         assert sum(c.startswith("bootstrap") for c in launchctl.log()) == 2
-        assert "error 5" in capsys.readouterr().out
+        assert f"error {code}" in capsys.readouterr().out
+        assert launchctl.data()["services"][target()]["loaded"]
 
     def test_bootstrap_that_keeps_failing_is_an_error_after_the_retries(
             self, launchctl: FakeTool, config: Path, monkeypatch: pytest.MonkeyPatch,

@@ -6,8 +6,10 @@ State lives in the JSON file named by FAKE_LAUNCHCTL_STATE; every invocation is 
   for FAKE_LAUNCHCTL_LEAVE seconds (default 1.0): launchd tears the job down after bootout has returned. Not
   loaded: "Boot-out failed: 3: No such process", exit 3.
 - ``bootstrap DOMAIN PLIST`` while the job is still leaving or loaded: "Bootstrap failed: 5: Input/output error",
-  exit 5. FAKE_LAUNCHCTL_FAIL_BOOTSTRAP=N makes the first N bootstraps fail that way regardless. A plist that does
-  not parse or lacks the label: exit 5 too. Else the job is loaded and running with a new pid.
+  exit 5. FAKE_LAUNCHCTL_FAIL_BOOTSTRAP=N makes the first N bootstraps fail that way regardless, or with
+  FAKE_LAUNCHCTL_FAIL_CODE=37 as "Bootstrap failed: 37: Operation already in progress" (exit 37), the other error
+  launchd gives while the previous instance is leaving. A plist that does not parse or lacks the label: exit 5
+  too. Else the job is loaded and running with a new pid.
 - ``print DOMAIN/LABEL``: the service block (state, pid, last exit code), exit 0; unknown service: exit 113.
 - ``kickstart -k TARGET``: kills and restarts (new pid, last terminating signal SIGTERM). ``kill SIG TARGET``:
   exit 3 when not running. Unknown service: exit 113.
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 STATE = Path(os.environ["FAKE_LAUNCHCTL_STATE"])
+BOOTSTRAP_ERRORS = {5: "Input/output error", 37: "Operation already in progress"}
 LEAVE = float(os.environ.get("FAKE_LAUNCHCTL_LEAVE", "1.0"))
 NOT_FOUND = 113
 
@@ -74,11 +77,12 @@ def main(argv: list[str]) -> int:
         except (OSError, plistlib.InvalidFileException, KeyError):
             return fail(5, "Bootstrap failed: 5: Input/output error")
         target = f"{domain}/{label}"
-        if state["bootstrap_failures"] < int(os.environ.get("FAKE_LAUNCHCTL_FAIL_BOOTSTRAP", "0")) or present(
-                services.get(target)):
+        forced = state["bootstrap_failures"] < int(os.environ.get("FAKE_LAUNCHCTL_FAIL_BOOTSTRAP", "0"))
+        if forced or present(services.get(target)):
             state["bootstrap_failures"] += 1
             save(state)
-            return fail(5, "Bootstrap failed: 5: Input/output error")
+            code = int(os.environ.get("FAKE_LAUNCHCTL_FAIL_CODE", "5")) if forced else 5
+            return fail(code, f"Bootstrap failed: {code}: {BOOTSTRAP_ERRORS[code]}")
         state["next_pid"] += 1
         services[target] = {"loaded": True, "path": path, "pid": state["next_pid"], "runs": 1,
                             "last_exit": "(never exited)"}
