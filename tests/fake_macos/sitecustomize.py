@@ -3,9 +3,11 @@
 On PYTHONPATH (``make test-fake-macos`` puts this folder there), Python imports this module at start-up in every
 process: pytest, the daemons it starts and their workers. With MLXSUP_FAKE_MACOS=1 it
 
-- removes what macOS builds of CPython 3.11/3.12 lack: ``os.waitid`` and ``os.waitid_result`` (CPython gh-113536),
-  and, as the lane's brief asks, the waitid constants ``os.P_PID``/``P_PGID``/``P_ALL``/``P_PIDFD`` and
-  ``os.WNOWAIT``; Linux-only ``os.pidfd_open`` and ``select.epoll`` too;
+- removes what macOS builds of CPython 3.11/3.12 lack: ``os.waitid`` and ``os.waitid_result`` (CPython gh-113536:
+  posixmodule.c builds the function only ``if defined(HAVE_WAITID) && !defined(__APPLE__)``), and what exists on
+  Linux only: ``os.P_PIDFD``, ``os.pidfd_open``, ``select.epoll``. ``os.P_PID``, ``P_PGID``, ``P_ALL`` and
+  ``os.WNOWAIT`` stay, as on macOS (their guard has no ``__APPLE__``), with Linux's values: the darwin paths must
+  not read them (they take xnu's from protocol.darwin), and the fake waitid refuses Linux's WNOWAIT;
 - adds ``fcntl.F_FULLFSYNC`` (51, as in macOS's <sys/fcntl.h>), which the fake ``fcntl.fcntl`` carries out as
   the fsync it is on top of (set MLXSUP_FAKE_FULLFSYNC=fail to make it fail with ENOTSUP, as on some file systems);
 - selects the darwin code paths with fakes of libSystem's functions (fake_libsystem.py).
@@ -26,7 +28,7 @@ if os.environ.get("MLXSUP_FAKE_MACOS") == "1":
 
     from protocol.darwin import select_darwin
 
-    for _name in ("waitid", "waitid_result", "P_PID", "P_PGID", "P_ALL", "P_PIDFD", "WNOWAIT", "pidfd_open"):
+    for _name in ("waitid", "waitid_result", "P_PIDFD", "pidfd_open"):
         if hasattr(os, _name):
             delattr(os, _name)
     if hasattr(select, "epoll"):
