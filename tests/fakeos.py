@@ -50,11 +50,14 @@ class FakeProcess:
 
 
 class FakeSystem:
-    """Spawns FakeProcesses (pids from 4000) and tells a settable time."""
+    """Spawns FakeProcesses (pids from 4000) and tells a settable time, available memory (half the total unless
+    set) and macOS memory pressure level (``level``: None as off macOS, or 1 normal, 2 warn, 4 critical)."""
 
     def __init__(self, total: int = 16 << 30) -> None:
         self.clock = 1000.0
         self.total = total
+        self.available = total // 2
+        self.level: int | None = None
         self.procs: list[FakeProcess] = []
         self.spawn_error: OSError | None = None
 
@@ -68,7 +71,7 @@ class FakeSystem:
         return self.clock
 
     def memory(self) -> tuple[int, int]:
-        return self.total // 2, self.total
+        return self.available, self.total
 
     def pressure(self) -> int | None:
-        return None
+        return self.level

@@ -36,15 +36,15 @@ def no_orphans() -> None:
 class Service:
     """A real DaemonService (its control sockets bound in a private run dir) over a fake OS."""
 
-    def __init__(self, tmp_path: Path, run_dir: Path, jobs: dict[str, dict[str, Any]]) -> None:
-        self.tmp_path, self.run_dir = tmp_path, run_dir
+    def __init__(self, tmp_path: Path, run_dir: Path, jobs: dict[str, dict[str, Any]], **daemon: Any) -> None:
+        self.tmp_path, self.run_dir, self.daemon_options = tmp_path, run_dir, daemon
         self.system = FakeSystem()
         self.svc = DaemonService(load_config(self.write(jobs), total_memory=16 << 30), system=self.system)
         self.daemon = self.svc.daemon
         self.daemon._shutdown_started = False
 
     def write(self, jobs: dict[str, dict[str, Any]]) -> Path:
-        daemon = {"run_dir": str(self.run_dir), "state_dir": str(self.tmp_path / "state")}
+        daemon = {"run_dir": str(self.run_dir), "state_dir": str(self.tmp_path / "state"), **self.daemon_options}
         return write_config(self.tmp_path / "mlxsup.toml", daemon, {
             name: {"budget": "1000MiB", "checkpoint_timeout": 5.0, "kill_grace": 2.0, **job}
             for name, job in jobs.items()})
@@ -79,8 +79,8 @@ class Service:
 def service(tmp_path: Path, run_dir: Path) -> Any:
     made: list[Service] = []
 
-    def make(jobs: dict[str, dict[str, Any]]) -> Service:
-        made.append(Service(tmp_path, run_dir, jobs))
+    def make(jobs: dict[str, dict[str, Any]], **daemon: Any) -> Service:
+        made.append(Service(tmp_path, run_dir, jobs, **daemon))
         return made[-1]
 
     yield make

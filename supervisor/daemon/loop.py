@@ -29,6 +29,7 @@ log = structlog.get_logger("mlxsupd")
 MAX_DRAIN = 1000
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 CRITICAL_PRESSURE = 4  # kern.memorystatus_vm_pressure_level: 1 normal, 2 warn, 4 critical
+_READS_MEMORY = frozenset({"WAITING_FOR_MEMORY", "CHECKPOINTING"})  # job states whose tick needs available memory
 
 
 SocketHandlers = dict[zmq.Socket[bytes], Callable[[float], None]]
@@ -237,7 +238,9 @@ class Daemon:
         return available
 
     def _needs_memory(self) -> bool:
-        return bool(self.floor) and any(j.state.name == "WAITING_FOR_MEMORY" for j in self.jobs.values())
+        # CHECKPOINTING too: a worker that leaves for the floor is reaped in this turn's tick, which then puts its
+        # job in WAITING_FOR_MEMORY and hands it this figure; total memory there would restart it at once.
+        return bool(self.floor) and any(j.state.name in _READS_MEMORY for j in self.jobs.values())
 
     def _sample_all(self, now: float) -> None:
         running = [j for j in self.jobs.values() if j.procs]
