@@ -30,6 +30,9 @@ SIGINFO_SIZE: Final = 104
 SI_PID_OFFSET: Final = 12
 # bsd/sys/resource.h
 RUSAGE_INFO_V2: Final = 2
+# <unistd.h>: confstr's per-user temporary directory (/var/folders/…/T/). CPython's os.confstr_names has no
+# entry for it (Modules/posixmodule.c), but os.confstr takes the number.
+CS_DARWIN_USER_TEMP_DIR: Final = 65537
 # The dylibs live in the dyld shared cache on recent macOS: dlopen finds them though no file exists.
 LIBSYSTEM: Final = "/usr/lib/libSystem.B.dylib"
 

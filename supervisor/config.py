@@ -46,8 +46,9 @@ class ControlConfig:
 class DaemonConfig:
     """[daemon]: where things live and how often the daemon looks."""
 
-    run_dir: str = _f("", "private directory for ipc sockets (0700); default $TMPDIR/mlxsup on macOS, "
-                      "else $XDG_RUNTIME_DIR/mlxsup or /tmp/mlxsup-UID")
+    run_dir: str = _f("", "private directory for ipc sockets (0700); default $TMPDIR/mlxsup on macOS (without "
+                      "TMPDIR ~/Library/Caches/mlxsup/run, root /var/run/mlxsup), else $XDG_RUNTIME_DIR/mlxsup or "
+                      "/tmp/mlxsup-UID")
     state_dir: str = _f("", "history, checkpoints and logs; default ~/Library/Application Support or XDG state")
     log_dir: str = _f("", "daemon and worker logs; default ~/Library/Logs/mlx-supervisor or <state_dir>/logs")
     sample_interval: float = _f(0.05, "seconds between footprint samples of each worker", "s")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Final
 
-from protocol.darwin import is_macos
+from protocol.darwin import CS_DARWIN_USER_TEMP_DIR, is_macos
 
 APP = "mlx-supervisor"
 # Every ipc endpoint the daemon binds in its run dir. A new one goes here, so that the config check and the bind
@@ -39,35 +40,39 @@ def default_log_dir() -> Path:
 
 
 def darwin_user_temp_dir() -> Path | None:
-    """macOS's per-user temporary directory (``/var/folders/…/T/``): $TMPDIR, else confstr's answer."""
+    """macOS's per-user temporary directory (``/var/folders/…/T/``): $TMPDIR, else confstr's answer, else None."""
     tmpdir = os.environ.get("TMPDIR")
     if tmpdir and os.path.isabs(tmpdir):
         return Path(tmpdir)
-    if "CS_DARWIN_USER_TEMP_DIR" in getattr(os, "confstr_names", {}):
-        try:
-            value = os.confstr("CS_DARWIN_USER_TEMP_DIR")
-        except OSError:
-            value = None
-        if value:
-            return Path(value)
-    return None
+    # CPython lists no CS_DARWIN_USER_TEMP_DIR in confstr_names: on macOS ask by number (unistd.h).
+    names = getattr(os, "confstr_names", {})
+    name: str | int | None = "CS_DARWIN_USER_TEMP_DIR" if "CS_DARWIN_USER_TEMP_DIR" in names else (
+        CS_DARWIN_USER_TEMP_DIR if sys.platform == "darwin" else None)
+    if name is None:
+        return None
+    try:
+        value = os.confstr(name)
+    except (OSError, ValueError):
+        value = None
+    return Path(value) if value and os.path.isabs(value) else None
 
 
 def default_run_dir() -> Path:
     """Where the daemon's sockets and lock live by default.
 
     macOS: under the per-user $TMPDIR, not /tmp, whose entries macOS deletes after 3 days untouched (a
-    long-lived daemon would lose its sockets). Linux: $XDG_RUNTIME_DIR. Else /tmp/mlxsup-UID.
+    long-lived daemon would lose its sockets); without one, /var/run/mlxsup for root and
+    ~/Library/Caches/mlxsup/run for others. Linux: $XDG_RUNTIME_DIR, else /tmp/mlxsup-UID.
     """
-    if is_macos():
-        temp = darwin_user_temp_dir()
-        if temp is not None:
-            return temp / "mlxsup"
-    else:
+    if not is_macos():
         runtime = os.environ.get("XDG_RUNTIME_DIR")
-        if runtime:
-            return Path(runtime) / "mlxsup"
-    return Path("/tmp") / f"mlxsup-{os.getuid()}"
+        return Path(runtime) / "mlxsup" if runtime else Path("/tmp") / f"mlxsup-{os.getuid()}"
+    temp = darwin_user_temp_dir()
+    if temp is not None:
+        return temp / "mlxsup"
+    if os.getuid() == 0:
+        return Path("/var/run/mlxsup")
+    return _home() / "Library" / "Caches" / "mlxsup" / "run"
 
 
 def socket_path_limit() -> int:

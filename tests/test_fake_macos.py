@@ -105,14 +105,71 @@ class TestSocketPathLimit:
 
 
 class TestDefaultRunDirWithFakeDarwin:
-    """macOS: under the per-user $TMPDIR (macOS deletes /tmp entries untouched for 3 days)."""
+    """macOS: under the per-user $TMPDIR (macOS deletes /tmp entries untouched for 3 days); without it, confstr's
+    per-user temp dir, asked by number; failing that ~/Library/Caches/mlxsup/run, or /var/run/mlxsup for root."""
 
     def test_fake_darwin_run_dir_is_under_tmpdir(self, fake_darwin_paths: None,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("TMPDIR", "/var/folders/x1/abc/T/")
         assert paths.default_run_dir() == Path("/var/folders/x1/abc/T/mlxsup")
-        monkeypatch.delenv("TMPDIR")
-        assert paths.default_run_dir().parent in (Path("/tmp"),) or "T" in paths.default_run_dir().parts
+
+    @pytest.fixture
+    def fake_confstr(self, fake_darwin_paths: None, monkeypatch: pytest.MonkeyPatch,
+                     run_dir: Path) -> dict[str, Any]:
+        """No TMPDIR, HOME in a short private dir, sys.platform "darwin", and a fake os.confstr that fails with
+        EINVAL unless given an answer; records what it was asked."""
+        fake: dict[str, Any] = {"asked": [], "answer": None}
+
+        def confstr(name: str | int) -> str | None:
+            fake["asked"].append(name)
+            if fake["answer"] is None:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            return str(fake["answer"])
+
+        monkeypatch.delenv("TMPDIR", raising=False)
+        monkeypatch.setenv("HOME", str(run_dir))
+        monkeypatch.setattr(sys, "platform", "darwin")
+        monkeypatch.setattr(os, "confstr", confstr)
+        monkeypatch.setattr(os, "confstr_names", {k: v for k, v in os.confstr_names.items() if "DARWIN" not in k})
+        return fake
+
+    def test_fake_confstr_is_asked_by_number_without_tmpdir(self, fake_confstr: dict[str, Any]) -> None:
+        fake_confstr["answer"] = "/var/folders/x1/abc/T/"
+        assert paths.default_run_dir() == Path("/var/folders/x1/abc/T/mlxsup")
+        assert fake_confstr["asked"] == [darwin.CS_DARWIN_USER_TEMP_DIR] == [65537]
+
+    def test_fake_confstr_by_name_once_cpython_lists_it(self, fake_confstr: dict[str, Any],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setitem(os.confstr_names, "CS_DARWIN_USER_TEMP_DIR", 65537)
+        fake_confstr["answer"] = "/var/folders/x1/abc/T/"
+        assert paths.default_run_dir() == Path("/var/folders/x1/abc/T/mlxsup")
+        assert fake_confstr["asked"] == ["CS_DARWIN_USER_TEMP_DIR"]
+
+    def test_fake_confstr_failing_user_gets_library_caches_never_tmp(
+            self, fake_confstr: dict[str, Any], monkeypatch: pytest.MonkeyPatch, run_dir: Path) -> None:
+        with monkeypatch.context() as user:
+            user.setattr(os, "getuid", lambda: 501)
+            default = paths.default_run_dir()
+        assert default == run_dir / "Library" / "Caches" / "mlxsup" / "run"
+        assert fake_confstr["asked"] == [65537]
+        prepare_run_dir(default)  # created 0700 with its parents, socket paths within macOS's 104 bytes
+        assert default.stat().st_mode & 0o777 == 0o700
+        home = Path("/Users/" + "u" * 32)  # a long user name still leaves room for the sockets
+        for name in paths.IPC_SOCKETS:
+            assert paths.socket_path_problem(home / "Library" / "Caches" / "mlxsup" / "run" / name) is None
+
+    def test_fake_confstr_failing_root_gets_var_run(self, fake_confstr: dict[str, Any],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(os, "getuid", lambda: 0)
+        assert paths.default_run_dir() == Path("/var/run/mlxsup")
+
+    @pytest.mark.skipif(IN_LANE, reason="Linux's defaults are checked outside the lane")
+    def test_linux_default_unchanged(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+        assert paths.default_run_dir() == Path("/run/user/1000/mlxsup")
+        monkeypatch.delenv("XDG_RUNTIME_DIR")
+        monkeypatch.delenv("TMPDIR", raising=False)
+        assert paths.default_run_dir() == Path(f"/tmp/mlxsup-{os.getuid()}")
 
 
 class TestFullFsyncWithFakeFcntl:
