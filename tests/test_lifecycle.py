@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from protocol import Goodbye, Hello, Step
 from protocol.control import ControlError
@@ -250,3 +251,34 @@ class TestGoodbyeAfterStop:
         s.proc("j").code = 75
         s.turn()
         assert job.state == JobState.STOPPED and len(s.system.procs) == 1
+
+
+class _RecordingPoller(zmq.Poller):
+    """A real Poller that records the timeout of each poll and returns nothing (the fake clock does not move)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[int | None] = []
+
+    def poll(self, timeout: int | None = None) -> list[Any]:
+        self.timeouts.append(timeout)
+        return []
+
+
+class TestIdleLoop:
+    """A daemon whose jobs are all stopped wakes for its sockets, deadlines and once a second, not at 20 Hz; a
+    living job brings the 20 Hz turns back."""
+
+    def test_stopped_jobs_let_the_loop_sleep_up_to_a_second_and_a_started_one_wakes_it_at_the_sample_rate(
+            self, service: Any) -> None:
+        s = service({"a": {"autostart": False}, "b": {"autostart": False}})
+        poller = _RecordingPoller()
+        s.daemon._next_sample = s.daemon._next_heartbeat = s.system.clock
+        s.turn(0.0)  # samples, heartbeats and ticks are all done: the next sample is 50 ms away
+        s.daemon._wait(poller)
+        assert s.daemon._resting() and poller.timeouts[-1] >= 900
+        s.call("start", job="a")
+        s.turn(0.0)
+        assert s.job("a").busy and not s.daemon._resting()
+        s.daemon._wait(poller)
+        assert poller.timeouts[-1] <= 51

@@ -210,7 +210,9 @@ class Daemon:
     def _wait(self, poller: zmq.Poller) -> None:
         """Poll until the next deadline (at most 1 s), then serve whatever became readable."""
         jobs = (job.next_deadline() for job in self.jobs.values())
-        deadlines = [self._next_sample, self._next_heartbeat, self._end, *jobs]
+        deadlines = [self._next_heartbeat, self._end, *jobs]
+        if not self._resting():
+            deadlines.append(self._next_sample)  # 20 Hz turns only while some job lives
         timeout_ms = max(0, min(1000, int((min(deadlines) - self.system.now()) * 1000) + 1))
         events = dict(poller.poll(timeout_ms))
         now = self.system.now()
@@ -221,6 +223,13 @@ class Daemon:
         for sock, handler in self.extra_sockets.items():
             if sock in events:
                 handler(now)
+
+    def _resting(self) -> bool:
+        """Every job is stopped, finished or fatal with no process left, and none follows a gang leader (its link
+        talks to the leader from the turns): nothing to sample or to coordinate, so the loop wakes for sockets,
+        deadlines and at least once a second (an idle daemon costs almost no CPU)."""
+        return all(j.state in TERMINAL_STATES and not j.busy and not j.lifecycle.settings.follower
+                   for j in self.jobs.values())
 
     def _done(self, shutdown_started: bool) -> bool:
         busy = any(j.busy for j in self.jobs.values())
