@@ -199,18 +199,30 @@ def verify(path: Path) -> dict[str, Any]:
     return the record; CheckpointDamaged if not. Each file is read from disk once (``checksums``)."""
     meta = read_meta(path)
     for name, expected in meta["files"].items():
-        fast = expected.get("crc32") is not None
         try:
-            sums = checksums(path / name, sha256=not fast, crc32=fast)
+            sums = file_sums(path / name, expected)
         except OSError as exc:
             raise CheckpointDamaged(f"{name}: {exc.strerror or exc}") from exc
-        if sums.size != expected["bytes"]:
-            raise CheckpointDamaged(f"{name}: {sums.size} bytes, expected {expected['bytes']}")
-        if fast and sums.crc32 != expected["crc32"]:
-            raise CheckpointDamaged(f"{name}: crc32 mismatch")
-        if not fast and sums.sha256 != expected["sha256"]:
-            raise CheckpointDamaged(f"{name}: sha256 mismatch")
+        check_sums(name, sums, expected)
     return meta
+
+
+def file_sums(path: Path, expected: dict[str, Any], progress: Callable[[int], object] | None = None) -> Sums:
+    """Size and the checksum that ``meta.json``'s entry ``expected`` is verified by (``checksums``): the CRC-32
+    when the entry has one, else the SHA-256."""
+    fast = expected.get("crc32") is not None
+    return checksums(path, sha256=not fast, crc32=fast, progress=progress)
+
+
+def check_sums(name: str, sums: Sums, expected: dict[str, Any]) -> None:
+    """CheckpointDamaged naming file ``name`` unless ``sums`` (from ``file_sums``) match its entry ``expected``."""
+    if sums.size != expected["bytes"]:
+        raise CheckpointDamaged(f"{name}: {sums.size} bytes, expected {expected['bytes']}")
+    if expected.get("crc32") is not None:
+        if sums.crc32 != expected["crc32"]:
+            raise CheckpointDamaged(f"{name}: crc32 mismatch")
+    elif sums.sha256 != expected["sha256"]:
+        raise CheckpointDamaged(f"{name}: sha256 mismatch")
 
 
 def _is_crc32(value: object) -> bool:

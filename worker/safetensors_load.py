@@ -1,6 +1,6 @@
 """Loading one checkpoint file (safetensors) with its checksum, reading it from disk once.
 
-A thread reads the file front to back in large chunks and checksums it (``protocol.checkpoints.checksums``);
+A thread reads the file front to back in large chunks and checksums it (``protocol.checkpoints.file_sums``);
 meanwhile MLX copies each tensor from the page cache into its array as soon as the reader has passed the
 tensor's end, so reading, checksumming and copying overlap. The arrays are returned only once the checksum
 matched. Evaluating before the checksum is known is safe because the header is checked first: a safetensors file
@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protocol.checkpoints import Background, CheckpointDamaged, Sums, checksums
+from protocol.checkpoints import Background, CheckpointDamaged, Sums, check_sums, file_sums
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -28,7 +28,6 @@ MAX_HEADER = 100 << 20  # bytes of JSON header we are willing to parse
 def load_file(path: Path, expected: dict[str, Any]) -> dict[str, mx.array]:
     """The evaluated arrays of one safetensors file whose size and checksum (CRC-32 when ``expected`` has one,
     else SHA-256) match ``expected``; CheckpointDamaged naming the file and the problem otherwise."""
-    fast = expected.get("crc32") is not None
     try:
         size = path.stat().st_size
         if size != expected["bytes"]:
@@ -37,7 +36,7 @@ def load_file(path: Path, expected: dict[str, Any]) -> dict[str, mx.array]:
     except OSError as exc:
         raise CheckpointDamaged(f"{path.name}: {exc.strerror or exc}") from exc
     progress = _Progress()
-    summing = Background(_checksums_reporting, path, fast, progress)
+    summing = Background(_checksums_reporting, path, expected, progress)
     loaded: dict[str, mx.array] | None = None
     try:
         loaded = _lazy_load(path)
@@ -45,7 +44,7 @@ def load_file(path: Path, expected: dict[str, Any]) -> dict[str, mx.array]:
             _evaluate_behind(loaded, ends, progress)
     finally:
         sums = _result(path, summing)
-    _check(path, sums, expected, fast)
+    check_sums(path.name, sums, expected)
     if loaded is None:  # pragma: no cover - _lazy_load raised, and that left the finally above
         raise CheckpointDamaged(f"{path.name}: not loaded")
     _evaluate(path, loaded, list(loaded))  # what was not read behind the reader (another layout): after the check
@@ -103,9 +102,9 @@ class _Progress:
             return self._read >= offset
 
 
-def _checksums_reporting(path: Path, fast: bool, progress: _Progress) -> Sums:
+def _checksums_reporting(path: Path, expected: dict[str, Any], progress: _Progress) -> Sums:
     try:
-        return checksums(path, sha256=not fast, crc32=fast, progress=progress.advance)
+        return file_sums(path, expected, progress.advance)
     finally:
         progress.stop()
 
@@ -116,15 +115,6 @@ def _result(path: Path, summing: Background) -> Sums:
     except OSError as exc:
         raise CheckpointDamaged(f"{path.name}: {exc.strerror or exc}") from exc
     return sums
-
-
-def _check(path: Path, sums: Sums, expected: dict[str, Any], fast: bool) -> None:
-    if sums.size != expected["bytes"]:
-        raise CheckpointDamaged(f"{path.name}: {sums.size} bytes, expected {expected['bytes']}")
-    if fast and sums.crc32 != expected["crc32"]:
-        raise CheckpointDamaged(f"{path.name}: crc32 mismatch")
-    if not fast and sums.sha256 != expected["sha256"]:
-        raise CheckpointDamaged(f"{path.name}: sha256 mismatch")
 
 
 def _lazy_load(path: Path) -> dict[str, mx.array]:
