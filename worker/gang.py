@@ -18,7 +18,6 @@ MLX's own distributed backend carries all of this; the ranks are started with ``
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -101,13 +100,9 @@ class Gang:
         agreed, self._agreed = self._agreed, None
         if agreed is None:
             agreed = mx.distributed.all_max(mx.array([float(checkpoint), float(leave)]), group=self.group)
-        mx.eval(agreed)
-        return cast(float, agreed[0].item()) > 0, cast(float, agreed[1].item()) > 0
-
-    @property
-    def folded(self) -> bool:
-        """Whether this step's wishes already left with the gradients."""
-        return self._agreed is not None
+        # One evaluation and copy: indexing then .item() evaluates a slice per flag (about 40 us more per step).
+        checkpoint_flag, exit_flag = cast(list[float], agreed.tolist())
+        return checkpoint_flag > 0, exit_flag > 0
 
     def barrier(self) -> None:
         """Return once every rank got here (a scalar all-reduce); raises when a peer is gone."""
@@ -159,11 +154,3 @@ def resume(gang: Gang, directory: Path, log: ckpt.LogFn | None = None) -> tuple[
     # A run that was a single process before has no rank states: the writer's extra serves every rank.
     source = own.meta if own is not None and own.step == step else main.meta
     return main, dict(source.get("extra", {}))
-
-
-def env_rank() -> int:
-    """This process's rank from the environment (0 outside a gang)."""
-    try:
-        return int(os.environ.get("MLX_RANK", "0") or 0)
-    except ValueError:
-        return 0
