@@ -46,26 +46,26 @@ BRANCHES = (
     ("Daemon.run", "wakeup: poll + loop"),
 )
 # Inside message handling, the innermost frame of our own code names the component (library frames such as
-# zmq, msgpack, json or statistics count for the code that called them); the first match of (file, function
-# prefix) wins.
-LEAF_RULES: tuple[tuple[str, str, str], ...] = (
-    ("protocol/messages.py", "", "decode"),
-    ("supervisor/daemon/recorder.py", "", "recorder"),
-    ("supervisor/control/server.py", "", "publish"),
-    ("protocol/control.py", "", "publish"),
-    ("supervisor/core/policy.py", "Estimator", "estimator"),
-    ("supervisor/core/policy.py", "SlidingTheilSen", "estimator"),
-    ("supervisor/core/policy.py", "theil_sen", "estimator"),
-    ("supervisor/core/policy.py", "<listcomp>", "estimator"),  # theil_sen's pairwise slopes
-    ("supervisor/core/policy.py", "", "policy"),
-    ("supervisor/core/lifecycle.py", "", "lifecycle"),
-    ("supervisor/core/events.py", "", "lifecycle"),
-    ("supervisor/daemon/history.py", "", "job actions"),
-    ("supervisor/daemon/job.py", "", "job actions"),
-    ("supervisor/daemon/loop.py", "Daemon._on_hello", "job actions"),
-    ("supervisor/daemon/loop.py", "", "recv"),  # getsockopt and recv_multipart, called from _drain_workers
-    ("structlog/", "", "logging"),
+# zmq, msgpack, json or statistics count for the code that called them): first a function of a file listed in
+# LEAF_FUNCTIONS (by name prefix), else the file's component (by path prefix, so "structlog/" is a package).
+LEAF_FUNCTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    # <listcomp>: theil_sen's pairwise slopes
+    ("supervisor/core/policy.py", ("Estimator", "SlidingTheilSen", "theil_sen", "<listcomp>"), "estimator"),
+    ("supervisor/daemon/loop.py", ("Daemon._on_hello",), "job actions"),
 )
+LEAF_FILES: dict[str, str] = {
+    "protocol/messages.py": "decode",
+    "supervisor/daemon/recorder.py": "recorder",
+    "supervisor/control/server.py": "publish",
+    "protocol/control.py": "publish",
+    "supervisor/core/policy.py": "policy",
+    "supervisor/core/lifecycle.py": "lifecycle",
+    "supervisor/core/events.py": "lifecycle",
+    "supervisor/daemon/history.py": "job actions",
+    "supervisor/daemon/job.py": "job actions",
+    "supervisor/daemon/loop.py": "recv",  # getsockopt and recv_multipart, called from _drain_workers
+    "structlog/": "logging",
+}
 
 
 def _parse_frame(frame: str) -> tuple[str, str]:
@@ -86,8 +86,11 @@ def classify(stack: list[str]) -> str:
         return branch
     for frame in reversed(stack):
         func, path = _parse_frame(frame)
-        for suffix, prefix, component in LEAF_RULES:
-            if path.startswith(suffix) and func.startswith(prefix):
+        for file, prefixes, component in LEAF_FUNCTIONS:
+            if path.startswith(file) and func.startswith(prefixes):
+                return component
+        for prefix, component in LEAF_FILES.items():
+            if path.startswith(prefix):
                 return component
     return "recv"
 
