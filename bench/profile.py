@@ -19,7 +19,6 @@ import argparse
 import collections
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -30,7 +29,7 @@ from typing import Any
 import psutil
 
 from bench.common import PYTHON, SMALL, BenchError, Child, short_run_dir, write_config
-from bench.daemon_cost import LiveDaemon, synthetic_job, thread_cpu
+from bench.daemon_cost import LiveDaemon, process_cpu, synthetic_job, thread_cpu
 
 # Branches of the loop, found anywhere in a stack (checked in this order).
 BRANCHES = (
@@ -153,14 +152,7 @@ def profile_window(pid: int, seconds: float, rate: int, out: Path) -> dict[str, 
 
 def _children_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of each descendant of the daemon (its workers)."""
-    cpu: dict[int, float] = {}
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            times = child.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        cpu[child.pid] = times.user + times.system
-    return cpu
+    return {child.pid: process_cpu(child.pid) for child in psutil.Process(pid).children(recursive=True)}
 
 
 def table(counts: collections.Counter[str], window: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -212,8 +204,7 @@ def run_mode(work: Path, job: dict[str, Any], args: argparse.Namespace) -> dict[
         with open(work / "mlxsupd.log", "ab") as log, Child(argv, stdout=log, stderr=subprocess.STDOUT) as child:
             time.sleep(args.warmup)
             window = profile_window(child.pid, args.seconds, args.rate_hz, work / "pyspy.txt")
-            child.signal(signal.SIGTERM)
-            child.popen.wait(timeout=60)
+            child.stop(60)
     steps = _step_records(work / "state" / "jobs" / "j" / "telemetry.jsonl", window["start"], window["end"])
     return table(read_raw(work / "pyspy.txt"), window, steps)
 
