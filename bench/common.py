@@ -63,6 +63,24 @@ class Child:
                 raise BenchError(f"{' '.join(self.argv[:6])} ... did not finish within {timeout:.0f}s")
             time.sleep(0.02)
 
+    def wait_for_path(self, path: Path, timeout: float) -> bool:
+        """Whether ``path`` exists within ``timeout`` s (waiting only while the child runs): a socket it binds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.popen.poll() is None:
+            if path.exists():
+                return True
+            time.sleep(0.05)
+        return path.exists()
+
+    def stop(self, timeout: float) -> int | None:
+        """SIGTERM the group and wait up to ``timeout`` s: the exit status, or None after killing the group."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
     def signal(self, signum: int) -> None:
         if self.popen.poll() is None:
             try:

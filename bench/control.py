@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import importlib
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -48,19 +47,25 @@ def control_client_class() -> Any | None:
     return client if client is not None and callable(getattr(client, "call", None)) else None
 
 
+def status_latency(client: Any, requests: int) -> dict[str, Any]:
+    """p50/p99 in ms of ``requests`` sequential ``status`` round trips over a connected ControlClient."""
+    times = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        client.call("status")
+        times.append((time.perf_counter() - started) * 1000)
+    return {"control_p99_ms": rounded(percentile(times, 0.99), 3), "control_p50_ms": rounded(percentile(times, 0.5), 3),
+            "control_requests": requests}
+
+
 def _latency(client_class: Any, endpoint: str, requests: int) -> dict[str, Any]:
     client = client_class(endpoint, timeout=5.0)
     try:
         client.call("status")  # connect and warm up
-        times = []
-        for _ in range(requests):
-            started = time.perf_counter()
-            client.call("status")
-            times.append((time.perf_counter() - started) * 1000)
+        result = status_latency(client, requests)
     finally:
         client.close()
-    return {"control_p99_ms": rounded(percentile(times, 0.99), 3), "control_p50_ms": rounded(percentile(times, 0.5), 3),
-            "control_requests": requests, "control_note": f"'status' over ipc, {requests} sequential requests"}
+    return {**result, "control_note": f"'status' over ipc, {requests} sequential requests"}
 
 
 def _latency_under_load(client_class: Any, endpoint: str, requests: int) -> dict[str, Any]:
@@ -92,15 +97,6 @@ def _idle_usage(proc: psutil.Process, seconds: float) -> tuple[float, int]:
     return cpu / wall, int(proc.memory_info().rss)
 
 
-def _wait_for(path: Path, child: Child, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and child.popen.poll() is None:
-        if path.exists():
-            return True
-        time.sleep(0.05)
-    return path.exists()
-
-
 def daemon_idle(work: Path, idle_seconds: float, requests: int) -> dict[str, Any]:
     """Idle CPU fraction and RSS of the service-mode daemon, then control latency and a SIGTERM stop."""
     job = {"autostart": False, "budget": "1GiB", "checkpoint_every": 0, "train": {**SMALL, "steps": 10**7}}
@@ -110,8 +106,8 @@ def daemon_idle(work: Path, idle_seconds: float, requests: int) -> dict[str, Any
                               {"a": job, "b": job})
         argv = [PYTHON, "-m", "supervisor.cli.mlxsupd", "-c", str(config), "--log-format", "json"]
         with open(work / "daemon.log", "ab") as log, Child(argv, stdout=log, stderr=subprocess.STDOUT) as child:
-            control_up = _wait_for(run_dir / "control.sock", child, 5.0)
-            if not _wait_for(run_dir / "workers.sock", child, 5.0):
+            control_up = child.wait_for_path(run_dir / "control.sock", 5.0)
+            if not child.wait_for_path(run_dir / "workers.sock", 5.0):
                 raise BenchError(f"daemon did not start; see {work / 'daemon.log'}")
             time.sleep(1.0)  # let start-up work settle
             cpu, rss = _idle_usage(psutil.Process(child.pid), idle_seconds)
@@ -133,11 +129,8 @@ def daemon_idle(work: Path, idle_seconds: float, requests: int) -> dict[str, Any
 
 def _stop(child: Child) -> dict[str, Any]:
     started = time.monotonic()
-    child.signal(signal.SIGTERM)
-    try:
-        code = child.popen.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        child.kill()
+    code = child.stop(10)
+    if code is None:
         return {"sigterm_exit_code": None, "sigterm_exit_seconds": None}
     return {"sigterm_exit_code": code, "sigterm_exit_seconds": round(time.monotonic() - started, 3)}
 

@@ -16,7 +16,6 @@ the daemon took in during that window (the jobs' step counters, read through ``s
 from __future__ import annotations
 
 import contextlib
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,7 +24,8 @@ from typing import Any
 
 import psutil
 
-from bench.common import PYTHON, BenchError, Child, percentile, rounded, short_run_dir, write_config
+from bench.common import PYTHON, BenchError, Child, rounded, short_run_dir, write_config
+from bench.control import status_latency
 
 SWEEP_RATES = (10, 100, 1000)
 WARMUP_STEPS = 20  # steps each job must have taken before a window opens
@@ -55,12 +55,9 @@ class LiveDaemon:
         self.child = Child(argv, stdout=self._log, stderr=subprocess.STDOUT)
         self.pid = self.child.pid
         sock = run_dir / "control.sock"
-        deadline = time.monotonic() + timeout
-        while not sock.exists():
-            if self.child.popen.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise BenchError(f"daemon did not open its control socket; see {work / 'daemon.log'}")
-            time.sleep(0.05)
+        if not self.child.wait_for_path(sock, timeout):
+            self.close()
+            raise BenchError(f"daemon did not open its control socket; see {work / 'daemon.log'}")
         self.endpoint = f"ipc://{sock}"
         self.events_endpoint = f"ipc://{run_dir / 'events.sock'}"
         self.client = ControlClient(self.endpoint, timeout=5.0)
@@ -82,10 +79,8 @@ class LiveDaemon:
         """SIGTERM (every worker checkpoints and exits), then make sure the group is gone."""
         with contextlib.suppress(Exception):
             self.client.close()
-        self.child.signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.child.popen.wait(timeout=20)
-        self.child.kill()
+        self.child.stop(20)
+        self.child.kill()  # stragglers of the group, even after the daemon exited
         self._log.close()
 
 
@@ -179,11 +174,5 @@ def sixteen_jobs(work: Path, window: float, requests: int, rate: int = 100) -> d
     with live_daemon(work, jobs) as daemon:
         daemon.wait_streaming(running, WARMUP_STEPS, 180)
         cpu = cpu_window(daemon, running, window)
-        times = []
-        for _ in range(requests):
-            started = time.perf_counter()
-            daemon.client.call("status")
-            times.append((time.perf_counter() - started) * 1000)
-    return {"configured": 16, "running": 4, "rate_per_job": rate, **cpu,
-            "control_p50_ms": rounded(percentile(times, 0.5), 3), "control_p99_ms": rounded(percentile(times, 0.99), 3),
-            "control_requests": requests}
+        latency = status_latency(daemon.client, requests)
+    return {"configured": 16, "running": 4, "rate_per_job": rate, **cpu, **latency}

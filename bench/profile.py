@@ -19,7 +19,6 @@ import argparse
 import collections
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -30,7 +29,7 @@ from typing import Any
 import psutil
 
 from bench.common import PYTHON, SMALL, BenchError, Child, short_run_dir, write_config
-from bench.daemon_cost import LiveDaemon, synthetic_job, thread_cpu
+from bench.daemon_cost import LiveDaemon, process_cpu, synthetic_job, thread_cpu
 
 # Branches of the loop, found anywhere in a stack (checked in this order).
 BRANCHES = (
@@ -46,26 +45,26 @@ BRANCHES = (
     ("Daemon.run", "wakeup: poll + loop"),
 )
 # Inside message handling, the innermost frame of our own code names the component (library frames such as
-# zmq, msgpack, json or statistics count for the code that called them); the first match of (file, function
-# prefix) wins.
-LEAF_RULES: tuple[tuple[str, str, str], ...] = (
-    ("protocol/messages.py", "", "decode"),
-    ("supervisor/daemon/recorder.py", "", "recorder"),
-    ("supervisor/control/server.py", "", "publish"),
-    ("protocol/control.py", "", "publish"),
-    ("supervisor/core/policy.py", "Estimator", "estimator"),
-    ("supervisor/core/policy.py", "SlidingTheilSen", "estimator"),
-    ("supervisor/core/policy.py", "theil_sen", "estimator"),
-    ("supervisor/core/policy.py", "<listcomp>", "estimator"),  # theil_sen's pairwise slopes
-    ("supervisor/core/policy.py", "", "policy"),
-    ("supervisor/core/lifecycle.py", "", "lifecycle"),
-    ("supervisor/core/events.py", "", "lifecycle"),
-    ("supervisor/daemon/history.py", "", "job actions"),
-    ("supervisor/daemon/job.py", "", "job actions"),
-    ("supervisor/daemon/loop.py", "Daemon._on_hello", "job actions"),
-    ("supervisor/daemon/loop.py", "", "recv"),  # getsockopt and recv_multipart, called from _drain_workers
-    ("structlog/", "", "logging"),
+# zmq, msgpack, json or statistics count for the code that called them): first a function of a file listed in
+# LEAF_FUNCTIONS (by name prefix), else the file's component (by path prefix, so "structlog/" is a package).
+LEAF_FUNCTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    # <listcomp>: theil_sen's pairwise slopes
+    ("supervisor/core/policy.py", ("Estimator", "SlidingTheilSen", "theil_sen", "<listcomp>"), "estimator"),
+    ("supervisor/daemon/loop.py", ("Daemon._on_hello",), "job actions"),
 )
+LEAF_FILES: dict[str, str] = {
+    "protocol/messages.py": "decode",
+    "supervisor/daemon/recorder.py": "recorder",
+    "supervisor/control/server.py": "publish",
+    "protocol/control.py": "publish",
+    "supervisor/core/policy.py": "policy",
+    "supervisor/core/lifecycle.py": "lifecycle",
+    "supervisor/core/events.py": "lifecycle",
+    "supervisor/daemon/history.py": "job actions",
+    "supervisor/daemon/job.py": "job actions",
+    "supervisor/daemon/loop.py": "recv",  # getsockopt and recv_multipart, called from _drain_workers
+    "structlog/": "logging",
+}
 
 
 def _parse_frame(frame: str) -> tuple[str, str]:
@@ -86,8 +85,11 @@ def classify(stack: list[str]) -> str:
         return branch
     for frame in reversed(stack):
         func, path = _parse_frame(frame)
-        for suffix, prefix, component in LEAF_RULES:
-            if path.startswith(suffix) and func.startswith(prefix):
+        for file, prefixes, component in LEAF_FUNCTIONS:
+            if path.startswith(file) and func.startswith(prefixes):
+                return component
+        for prefix, component in LEAF_FILES.items():
+            if path.startswith(prefix):
                 return component
     return "recv"
 
@@ -150,14 +152,7 @@ def profile_window(pid: int, seconds: float, rate: int, out: Path) -> dict[str, 
 
 def _children_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of each descendant of the daemon (its workers)."""
-    cpu: dict[int, float] = {}
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            times = child.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        cpu[child.pid] = times.user + times.system
-    return cpu
+    return {child.pid: process_cpu(child.pid) for child in psutil.Process(pid).children(recursive=True)}
 
 
 def table(counts: collections.Counter[str], window: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -209,8 +204,7 @@ def run_mode(work: Path, job: dict[str, Any], args: argparse.Namespace) -> dict[
         with open(work / "mlxsupd.log", "ab") as log, Child(argv, stdout=log, stderr=subprocess.STDOUT) as child:
             time.sleep(args.warmup)
             window = profile_window(child.pid, args.seconds, args.rate_hz, work / "pyspy.txt")
-            child.signal(signal.SIGTERM)
-            child.popen.wait(timeout=60)
+            child.stop(60)
     steps = _step_records(work / "state" / "jobs" / "j" / "telemetry.jsonl", window["start"], window["end"])
     return table(read_raw(work / "pyspy.txt"), window, steps)
 

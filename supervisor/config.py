@@ -322,13 +322,10 @@ def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
         parse_bytes(job.leak_threshold)
         parse_bytes(job.cache_clear)
         parse_fraction_of(job.cache_limit, limits.budget)
-    except SizeError as exc:
-        raise ConfigError(f"{prefix}: {exc}") from None
-    try:
         check_limits(limits)
     except SizeError as exc:
         raise ConfigError(f"{prefix}: {exc}") from None
-    positive = ("batch", "accum", "min_batch", "keep_checkpoints", "max_attempts_without_progress")
+    positive = ("batch", "accum", "min_batch", "keep_checkpoints", "max_attempts_without_progress", "ranks")
     for key in positive:
         if getattr(job, key) < 1:
             raise ConfigError(f"{prefix}.{key} = {getattr(job, key)}: must be at least 1")
@@ -367,8 +364,6 @@ def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
 def _validate_gang(config: Config, name: str, total: int) -> None:
     prefix = f"{config.path}: jobs.{name}"
     job = config.jobs[name]
-    if job.ranks < 1:
-        raise ConfigError(f"{prefix}.ranks = {job.ranks}: must be at least 1")
     if runs_mlx_launch(job.command):
         raise ConfigError(f"{prefix}.command runs mlx.launch, which reports success when a rank dies and cuts off "
                           "ranks still writing a checkpoint: give the training script itself as the command and "

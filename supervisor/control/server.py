@@ -34,7 +34,7 @@ from protocol.control import (
 from supervisor.config import ConfigError, ControlConfig
 from supervisor.control.access import LOCAL, LOOPBACK, Principal, authorize, read_authorized_keys
 from supervisor.control.audit import AuditTrail
-from supervisor.control.commands import REGISTRY, ControlError
+from supervisor.control.commands import REGISTRY, ControlCommand, ControlError
 from supervisor.core.events import Refused
 from supervisor.daemon.rundir import ipc_socket
 
@@ -338,7 +338,7 @@ class ControlServer:
             raise
         changes = command.changes_state(args)
         try:
-            result = self._handle(name, args, principal)
+            result = self._handle(command, args, principal)
         except ControlError as exc:
             if changes:
                 self.audit.record(principal.name, name, **audited, error=exc.code, message=exc.message[:200])
@@ -347,9 +347,8 @@ class ControlServer:
             self.audit.record(principal.name, name, **audited, result=result)
         return result
 
-    def _handle(self, name: str, args: dict[str, Any], principal: Principal) -> Any:
+    def _handle(self, command: ControlCommand, args: dict[str, Any], principal: Principal) -> Any:
         """Run a command; every failure becomes a ControlError."""
-        command = REGISTRY[name]
         try:
             return command.handle(self.service, command.check(args), client=principal.name)
         except Refused as exc:  # the job's lifecycle cannot take the request in its current state

@@ -26,7 +26,9 @@ class ControlCommand:
     help: ClassVar[str]
     # Who may run it. Unset means admin and audited: a new command is locked down until it says otherwise.
     role: ClassVar[Role] = Role.ADMIN
-    changes: ClassVar[bool] = True  # changes something: every request is appended to the audit trail
+    # Changes something: every request above role read is appended to the audit trail (False: not even those,
+    # for an admin command that only reads or a daemon-to-daemon exchange recorded in the job's history).
+    changes: ClassVar[bool] = True
     cli: ClassVar[bool] = True  # False: daemon to daemon only, not an mlxsupctl command
     # Wire shape: argument -> (type, required). Anything else in a request is rejected.
     wire: ClassVar[dict[str, tuple[type, bool]]] = {}
@@ -59,8 +61,9 @@ class ControlCommand:
         return self.role
 
     def changes_state(self, args: dict[str, Any]) -> bool:
-        """Whether a request may change something, and so goes to the audit trail."""
-        return self.changes
+        """Whether a request may change something, and so goes to the audit trail (what role read may ask never
+        does)."""
+        return self.changes and self.required_role(args) > Role.READ
 
     def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
         """Carry out a checked request for ``client`` (the key's name, or "local"); ControlError on refusal."""

@@ -34,9 +34,6 @@ class Budget(ControlCommand):
     def required_role(self, args: dict[str, Any]) -> Role:
         return self.role if "value" in args else Role.READ
 
-    def changes_state(self, args: dict[str, Any]) -> bool:
-        return "value" in args
-
     def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
         job = job_of(daemon, args["job"])
         if "value" in args:

@@ -64,7 +64,6 @@ class Version(ControlCommand):
     name = "version"
     help = "versions of the daemon and its protocols; counters of refused requests and audit records"
     role = Role.READ
-    changes = False
 
     def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
         from protocol import PROTOCOL_VERSION
@@ -85,7 +84,6 @@ class Help(ControlCommand):
     name = "help"
     help = "list the daemon's commands and the role each needs"
     role = Role.READ
-    changes = False
 
     def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
         from supervisor.control.commands import REGISTRY

@@ -94,7 +94,6 @@ class Status(ControlCommand):
     name = "status"
     help = "state, step, memory and batch of every job (or one)"
     role = Role.READ
-    changes = False
     wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, False)}
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -191,7 +190,6 @@ class History(ControlCommand):
     name = "history"
     help = "a job's recorded events: starts, exits with reasons, breaches, batch changes, checkpoints"
     role = Role.READ
-    changes = False
     wire: ClassVar[dict[str, tuple[type, bool]]] = {"job": (str, True), "limit": (int, False)}
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,6 @@ class Tail(ControlCommand):
     name = "tail"
     help = "end of a job's stdout, stderr or telemetry; -f to follow"
     role = Role.READ
-    changes = False
     wire: ClassVar[dict[str, tuple[type, bool]]] = {
         "job": (str, True), "stream": (str, False), "offset": (int, False), "bytes": (int, False)}
 
