@@ -351,7 +351,7 @@ class Lifecycle(PeerRole):
         first, life.left = not life.left, True
         if not life.alive:
             if not self._owed(life, e.now):
-                self._on_exit(life, self._gang_code(life), e.now, e.newest)
+                self._on_exit(life, life.code(), e.now, e.newest)
             return
         if first:
             self._rank_left(life, f"rank {e.rank} {describe_exit(e.code)}", e.code, e.now)
@@ -539,7 +539,7 @@ class Lifecycle(PeerRole):
                 self._change(S.STOPPED, reason, client=client)
             return
         if not life.alive:  # a gang leader waiting for other hosts' reports: stop without them
-            self._on_exit(life, self._gang_code(life), now, life.start_checkpoint)
+            self._on_exit(life, life.code(), now, life.start_checkpoint)
             return
         if not life.hello or not self.settings.sdk:
             self._terminate(now, reason)
