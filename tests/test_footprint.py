@@ -24,9 +24,9 @@ from supervisor.daemon import footprint
 from supervisor.daemon.footprint import GroupSample, GroupSampler, pressure_level, process_footprint, system_memory
 
 try:  # in the macOS-shaped lane its sitecustomize already imported it under this name, before os.waitid went
-    from fake_libsystem import darwin_selected
+    from fake_libsystem import FakeLibSystem, darwin_selected
 except ImportError:
-    from tests.fake_macos.fake_libsystem import darwin_selected
+    from tests.fake_macos.fake_libsystem import FakeLibSystem, darwin_selected
 
 MiB = 1024 * 1024
 PAGE = 4096
@@ -381,6 +381,40 @@ class TestPermissionDeniedWithFakeLibproc:
         with darwin_selected():
             sample = GroupSampler(child.pid).sample(0.0)
         assert sample.complete and sample.pids == 1 and sample.bytes >= MiB
+
+
+class TestGroupSamplerOnFakeDarwin:
+    """On darwin the sampler reads every member's physical footprint through libproc, never procfs (``_Statm`` and
+    its /proc/<pid>/statm are Linux's), with a fake libproc whose footprints no other measure could give."""
+
+    class MarkedLibSystem(FakeLibSystem):
+        """FakeLibSystem whose ``ri_phys_footprint`` is 7 GiB + pid, so a sum of these came through libproc."""
+
+        def _rusage(self, pid: int, flavor: int, buffer: int | None) -> int:
+            result = super()._rusage(pid, flavor, buffer)
+            if result == 0 and buffer:
+                ctypes.c_uint64.from_address(buffer + 72).value = 7 * 1024**3 + pid
+            return result
+
+    def test_fake_darwin_sampler_reads_phys_footprint_and_never_opens_proc(
+            self, spawn: Spawn, monkeypatch: pytest.MonkeyPatch) -> None:
+        leader = spawn(PARENT, ALLOCATE, MiB)
+        grandchild = int(tell(leader, "spawn"))
+        opened: list[str] = []
+        real_open = os.open
+
+        def watched_open(path: Any, *args: Any, **kwargs: Any) -> int:
+            opened.append(str(path))
+            return real_open(path, *args, **kwargs)
+
+        with darwin_selected(library=self.MarkedLibSystem()):
+            sampler = GroupSampler(leader.pid)
+            monkeypatch.setattr(os, "open", watched_open)
+            sample = sampler.sample(0.0)
+            monkeypatch.undo()
+        assert sampler._macos and not sampler._procfs
+        assert sample == GroupSample(2 * 7 * 1024**3 + leader.pid + grandchild, 2, True)
+        assert sampler._statm == {} and not [path for path in opened if path.startswith("/proc")]
 
 
 class TestMachine:

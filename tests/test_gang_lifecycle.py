@@ -123,6 +123,26 @@ class TestRanksOfOneLife:
         assert not any(isinstance(a, (ev.Depart, ev.Spawn)) for a in actions)
         assert not life.departing
 
+    def test_a_recovery_is_timed_to_the_first_step_of_every_rank_of_the_next_life(self) -> None:
+        life = gang()
+        running(life)
+        for t in (1.0, 1.05):
+            life.handle(ev.Sample(t, 1050 * MiB, True, {}, 8 << 30, 0, rank=1))
+        assert life.state == JobState.CHECKPOINTING and life.stats.last_decision_at == 1.05
+        for rank in (0, 1):
+            life.handle(ev.GoodbyeIn(1.2, "asked", 3, 3, rank))
+        for rank in (0, 1):
+            life.handle(ev.Exited(1.3, EXIT_CHECKPOINTED, 3, rank))
+        assert life.state == JobState.STARTING and life.life is not None and life.life.id == 2
+        for rank in (0, 1):
+            life.handle(ev.Spawned(2, 1.3, 200 + rank, 3, rank))
+            life.handle(hello(1.4, rank))
+        life.handle(step(2.0, 4, 0))
+        life.handle(step(2.1, 5, 0))
+        assert life.stats.recoveries == []  # rank 1 has not stepped yet
+        life.handle(step(2.55, 4, 1))
+        assert life.stats.recoveries == [pytest.approx(1.5)] and life.stats.last_decision_at is None
+
     def test_stop_steps_are_recorded_per_rank(self) -> None:
         life = gang()
         running(life)

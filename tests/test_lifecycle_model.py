@@ -154,7 +154,7 @@ class DaemonModel(RuleBasedStateMachine):
         if job is not None and rank in job.identities and job.life is not None:
             step = job.life.ranks[rank].last_step + 1
             job.on_message(Step(step, job.batch, job.accum, 1.0, 0.1, footprint, 0, footprint, footprint),
-                           self.system.clock, job.identities[rank])
+                           self.system.clock, rank)
 
     @rule(name=st.sampled_from(NAMES))
     def boundary(self, name: str) -> None:
@@ -173,7 +173,7 @@ class DaemonModel(RuleBasedStateMachine):
         step = job.life.last_step
         for rank, proc in procs.items():
             assert proc is not None
-            job.on_message(Goodbye("asked", step), self.system.clock, job.identities[rank])
+            job.on_message(Goodbye("asked", step), self.system.clock, rank)
             proc.code = 75
 
     @rule(name=st.sampled_from(NAMES), rank=st.sampled_from([0, 1]), code=st.sampled_from([0, 75, 1, -9]))

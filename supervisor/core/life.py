@@ -66,7 +66,6 @@ class Rank:
     goodbye_step: int | None = None  # the step it said goodbye at (checkpointed, for a gang stop)
     last_bytes: int = 0  # the group's last complete sample
     min_bytes: int = 0  # its smallest (0: none yet): what a fresh worker needs when there is no baseline yet
-    stepped: bool = False  # made a step in this life
     exit_code: int | None = None
 
     @property

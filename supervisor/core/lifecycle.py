@@ -236,12 +236,6 @@ class Lifecycle(PeerRole):
             return
         rank.last_heard = e.now
         stats = self.stats
-        rank.stepped = True
-        if stats.last_decision_at is not None and life.spawned_at >= stats.last_decision_at and all(
-                r.stepped for r in life.ranks.values()):
-            # The first productive step of every rank of a life started after a breach decision.
-            stats.recoveries.append(e.now - stats.last_decision_at)
-            stats.last_decision_at = None
         rank.last_step = m.step
         stats.steps_completed = max(stats.steps_completed, m.step)
         if rank is life.lead:
@@ -250,6 +244,11 @@ class Lifecycle(PeerRole):
                 stats.steps_per_second = 0.9 * stats.steps_per_second + 0.1 / m.step_seconds
             self._note_batch(m.step, m.batch, m.accum)
         rank.estimator.observe_step(m.step, m.footprint, m.mlx_peak - m.mlx_active, m.step_seconds)
+        if stats.last_decision_at is not None and life.spawned_at >= stats.last_decision_at and all(
+                r.estimator.steps_seen for r in life.ranks.values()):
+            # The first productive step of every rank of a life started after a breach decision.
+            stats.recoveries.append(e.now - stats.last_decision_at)
+            stats.last_decision_at = None
         rank.healthy_steps += 1
         fields = {name: value for name in STEP_FIELDS if (value := getattr(m, name)) is not None}
         fields.update(leak_bytes_per_step=round(rank.estimator.slope), transient=rank.estimator.transient,
@@ -351,7 +350,7 @@ class Lifecycle(PeerRole):
         first, life.left = not life.left, True
         if not life.alive:
             if not self._owed(life, e.now):
-                self._on_exit(life, self._gang_code(life), e.now, e.newest)
+                self._on_exit(life, life.code(), e.now, e.newest)
             return
         if first:
             self._rank_left(life, f"rank {e.rank} {describe_exit(e.code)}", e.code, e.now)
@@ -539,7 +538,7 @@ class Lifecycle(PeerRole):
                 self._change(S.STOPPED, reason, client=client)
             return
         if not life.alive:  # a gang leader waiting for other hosts' reports: stop without them
-            self._on_exit(life, self._gang_code(life), now, life.start_checkpoint)
+            self._on_exit(life, life.code(), now, life.start_checkpoint)
             return
         if not life.hello or not self.settings.sdk:
             self._terminate(now, reason)

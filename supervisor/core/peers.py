@@ -93,9 +93,6 @@ class PeerRole:
     def _peer_outcomes(self, gen: int) -> list[Outcome]:
         return [p.outcome for p in self.peers.values() if p.outcome is not None and p.outcome.gen == gen]
 
-    def _gang_code(self, life: Life) -> int:
-        return life.code()
-
     def _owed(self, life: Life, now: float) -> bool:
         """Every local rank of ``life`` is gone: True while a follower has not said how its ranks ended."""
         owing = [h for h, p in self.peers.items() if p.owes(life.id)]
@@ -129,7 +126,7 @@ class PeerRole:
                 self._rank_left(life, f"host {e.host} ended generation {life.id} ({e.outcome.code})",
                                 e.outcome.code, e.now)
             elif not life.alive and not any(p.owes(life.id) for p in self.peers.values()):
-                self._on_exit(life, self._gang_code(life), e.now, e.newest)
+                self._on_exit(life, life.code(), e.now, e.newest)
         elif self.deferred and self._peers_ready(e.now):
             self._spawn(e.now)
         self._emit(ev.Reply(e.host, self._leader_view(peer)))

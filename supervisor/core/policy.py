@@ -234,7 +234,8 @@ def on_step(
         return NOTHING
     to_breach = estimator.steps_to_breach(limits.budget)
     # The command lands late_steps late: the next boundary, or later when steps are faster than the daemon.
-    if to_breach <= config.checkpoint_steps + estimator.late_steps:
+    # (Not leaking, to_breach is inf: skip late_steps, a median over the window, on every step.)
+    if to_breach < math.inf and to_breach <= config.checkpoint_steps + estimator.late_steps:
         reason = f"leak {estimator.slope / MiB:.1f} MiB/step reaches budget in {to_breach:.1f} steps"
         if estimator.steps_seen < config.min_steps_per_life:
             # Lives this short mean the transient leaves too little headroom for the leak: shrink as well.

@@ -158,11 +158,6 @@ class Job:
         """The spawn token of the lowest rank of the current life (a plain job's one worker)."""
         return self.tokens.get(self._lead(), "")
 
-    @property
-    def identity(self) -> bytes | None:
-        """The socket identity of the lowest rank (a plain job's one worker), once it said hello."""
-        return self.identities.get(self._lead())
-
     def current_pids(self) -> set[int]:
         """Pids of the current life's workers (not of departing ones)."""
         return {proc.pid for proc in self._current().values()}
@@ -246,11 +241,10 @@ class Job:
         self.identities[rank] = identity
         self.feed(ev.HelloIn(now, hello, rank))
 
-    def on_message(self, message: Message, now: float, identity: bytes | None = None) -> None:
-        """A message from the worker of ``identity`` (default: the lowest rank's)."""
-        rank = self._lead() if identity is None else self.rank_of(identity)
-        if rank is None:
-            return
+    def on_message(self, message: Message, now: float, rank: int | None = None) -> None:
+        """A message from the worker of rank ``rank`` of the current life (default: the lowest rank's); the loop
+        finds the rank with ``rank_of``."""
+        rank = self._lead() if rank is None else rank
         if isinstance(message, Step):
             self.feed(ev.StepIn(now, message, rank))
         elif isinstance(message, Goodbye):

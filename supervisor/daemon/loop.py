@@ -289,8 +289,8 @@ class Daemon:
             job = self.by_identity.get(identity)
             if isinstance(message, Hello):
                 self._on_hello(message, identity, now)
-            elif job is not None and job.rank_of(identity) is not None:
-                job.on_message(message, now, identity)
+            elif job is not None and (rank := job.rank_of(identity)) is not None:
+                job.on_message(message, now, rank)
             elif isinstance(message, Heartbeat) and message.token and (early := self._job_of(message.token)):
                 early.heard_before_hello(message.token, now)  # alive before its hello (loading a model): not hung
             else:

@@ -157,13 +157,13 @@ def pressure_level() -> int:
 
 
 @contextlib.contextmanager
-def darwin_selected(as_uid: int | None = None) -> Iterator[FakeLibSystem]:
-    """Within the block this process takes the darwin code paths with a FakeLibSystem(as_uid); afterwards whatever
-    was selected before (nothing, off the lane) again."""
+def darwin_selected(as_uid: int | None = None, library: FakeLibSystem | None = None) -> Iterator[FakeLibSystem]:
+    """Within the block this process takes the darwin code paths with ``library`` (default FakeLibSystem(as_uid));
+    afterwards whatever was selected before (nothing, off the lane) again."""
     from protocol import darwin
 
     before = darwin._selected
-    library = FakeLibSystem(as_uid)
+    library = FakeLibSystem(as_uid) if library is None else library
     darwin.select_darwin(library)
     try:
         yield library
