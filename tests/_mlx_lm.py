@@ -11,6 +11,7 @@ from typing import Any
 import mlx.core as mx
 import pytest
 
+from tests.test_checkpoint import same_bits
 from worker.checkpoint import Checkpoint, load_latest
 
 # A LoRA fine-tune of every layer of the tiny model; lr 1e-4, ten times mlx-lm's default (a common LoRA rate).
@@ -63,4 +64,5 @@ def max_abs_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 
 def bitwise_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
+    """Same names, and each array the same bits (not only equal values: -0.0 is not 0.0), dtype and shape."""
+    return a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)

@@ -26,6 +26,7 @@ from supervisor.control.audit import AuditTrail, RateLimit
 from supervisor.control.commands import REGISTRY
 from supervisor.daemon.history import read_jsonl
 from supervisor.daemon.server import DaemonService
+from tests.faults.security import make_keys
 from tests.test_job_fake import Harness, MiB
 
 KEY = "iR+c]@Nlb@)e8u#NeVdOov8@Io&.J3SWlk03e+<<"
@@ -280,23 +281,13 @@ class TestBudgetSanityFake:
         assert h.sent[-2].reason == "requested by bob"  # the checkpoint command, before the stop's
 
 
-def curve_keys(directory: Path, *names: str) -> dict[str, tuple[bytes, bytes]]:
-    keys = {}
-    for name in names:
-        zmq.auth.create_certificates(str(directory), name)
-        public, secret = zmq.auth.load_certificate(str(directory / f"{name}.key_secret"))
-        assert secret is not None
-        keys[name] = (public, secret)
-    return keys
-
-
 def curve_service(config_file: Any, tmp_path: Path) -> tuple[DaemonService, dict[str, tuple[bytes, bytes]], Path]:
     """A daemon service with a CURVE event endpoint on loopback; readers alice and bob are authorized."""
-    keys = curve_keys(tmp_path, "server", "alice", "bob")
+    keys = make_keys(tmp_path / "keys", ("bob",))
     authorized = tmp_path / "authorized"
     authorized.write_text("".join(f'public-key = "{keys[n][0].decode()}" role = "read" name = "{n}"\n'
                                   for n in ("alice", "bob")))
-    control = {"events_tcp": "tcp://127.0.0.1:0", "server_key": str(tmp_path / "server.key_secret"),
+    control = {"events_tcp": "tcp://127.0.0.1:0", "server_key": str(tmp_path / "keys" / "server.key_secret"),
                "authorized_keys": str(authorized)}
     return DaemonService(load_config(config_file({"j": {"autostart": False}}, control=control))), keys, authorized
 

@@ -109,6 +109,12 @@ class TestSubscriptions:
             for seq in range(50_000):  # far past both high-water marks: the excess is dropped
                 service.control.publish("j", "telemetry", {"seq": seq, "pad": "x" * 100})
             print(f"50000 events to a stalled subscriber in {time.monotonic() - started:.2f}s")
+            queued = 0
+            while sub.poll(200):
+                sub.recv_multipart()
+                queued += 1
+            assert 0 < queued < 50_000  # what the buffers held reached it; the daemon never waited for the rest
+            assert publish_until(service, sub)["new"] == "RUNNING"  # once it reads again, it receives again
         finally:
             sub.close(linger=0)
             context.term()

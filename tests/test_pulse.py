@@ -100,17 +100,14 @@ def run(config_file: Any, tmp_path: Path, command: list[str], timeout: float = 1
 class TestKeepalive:
     """A long evaluation inside session.busy() is not a hang; the same pause outside it is."""
 
-    def test_busy_evaluation_longer_than_hang_timeout_is_not_killed(self, config_file: Any,
-                                                                     tmp_path: Path) -> None:
-        code, history = run(config_file, tmp_path, [sys.executable, SLOW, "3", "0", "--busy", "5"],
-                            hang_timeout=2.0)
-        assert code == 0
-        assert not [e for e in history if e["event"] == "kill"]
-
-    def test_a_model_load_longer_than_startup_timeout_before_the_hello_is_not_killed(self, config_file: Any,
-                                                                                      tmp_path: Path) -> None:
-        code, history = run(config_file, tmp_path, [sys.executable, SLOW, "2", "0", "--load", "6"],
-                            startup_timeout=3.0)
+    @pytest.mark.parametrize(("argv", "timeout"), [
+        pytest.param(["3", "0", "--busy", "5"], {"hang_timeout": 2.0}, id="evaluation_longer_than_hang_timeout"),
+        pytest.param(["2", "0", "--load", "6"], {"startup_timeout": 3.0},
+                     id="model_load_before_the_hello_longer_than_startup_timeout"),
+    ])
+    def test_a_pause_inside_busy_is_not_killed(self, config_file: Any, tmp_path: Path, argv: list[str],
+                                               timeout: dict[str, float]) -> None:
+        code, history = run(config_file, tmp_path, [sys.executable, SLOW, *argv], **timeout)
         assert code == 0
         assert not [e for e in history if e["event"] == "kill"]
 

@@ -21,14 +21,10 @@ from supervisor.control.access import Role
 from tests.faults.common import Area, FaultResult, Workspace, json_lines, wait_until
 from tests.faults.security import start_curve_daemon
 from tests.faults.wire import Control
+from tests.test_access import CHANGES, SPEC
 
-# The role each command needs (the table; tests/test_access.py walks the same one in-process).
-NEEDS: dict[str, Role] = {
-    "status": Role.READ, "history": Role.READ, "tail": Role.READ, "version": Role.READ, "help": Role.READ,
-    "start": Role.OPERATE, "stop": Role.OPERATE, "restart": Role.OPERATE, "checkpoint": Role.OPERATE,
-    "budget": Role.OPERATE, "signal": Role.ADMIN, "reread": Role.ADMIN, "update": Role.ADMIN,
-    "shutdown": Role.ADMIN, "audit": Role.ADMIN,
-}
+# The role each command needs: the table, which tests/test_access.py also walks in-process.
+NEEDS: dict[str, Role] = {command: role for command, (_, role) in SPEC.items()}
 # Real arguments; run in this order so each role's requests find the job in a state where they make sense.
 ARGS: dict[str, dict[str, Any]] = {
     "status": {"job": "j"}, "history": {"job": "j", "limit": 5}, "tail": {"job": "j", "stream": "stderr"},
@@ -36,7 +32,6 @@ ARGS: dict[str, dict[str, Any]] = {
     "signal": {"job": "j", "signal": "CONT"}, "reread": {}, "update": {}, "restart": {"job": "j"},
     "stop": {"job": "j"}, "start": {"job": "j"}, "audit": {"limit": 5}, "shutdown": {},
 }
-CHANGES = {"start", "stop", "restart", "checkpoint", "budget", "signal", "reread", "update", "shutdown"}
 NAMES = {Role.READ: "reader", Role.OPERATE: "operator", Role.ADMIN: "admin"}
 
 
