@@ -113,18 +113,13 @@ def rank_pid(tmp_path: Path, rank: int, after_checkpoint: int) -> int:
 
 
 def same_weights(a: Path, b: Path) -> bool:
-    """Whether two checkpoints hold bit-identical model and optimizer tensors."""
+    """Whether two checkpoints hold bit-identical model and optimizer tensors (names, bits, dtype and shape)."""
     import mlx.core as mx
 
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        left, right = mx.load(str(a / name)), mx.load(str(b / name))
-        assert isinstance(left, dict) and isinstance(right, dict)
-        if left.keys() != right.keys():
-            return False
-        for key in left:
-            if bytes(memoryview(left[key])) != bytes(memoryview(right[key])):
-                return False
-    return True
+    from tests._mlx_lm import bitwise_equal
+
+    return all(bitwise_equal(mx.load(str(a / name)), mx.load(str(b / name)))  # type: ignore[arg-type]
+               for name in ("model.safetensors", "optimizer.safetensors"))
 
 
 def last_losses(tmp_path: Path, count: int) -> list[float]:
