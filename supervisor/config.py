@@ -51,7 +51,12 @@ class DaemonConfig:
                       "/tmp/mlxsup-UID")
     state_dir: str = _f("", "history, checkpoints and logs; default ~/Library/Application Support or XDG state")
     log_dir: str = _f("", "daemon and worker logs; default ~/Library/Logs/mlx-supervisor or <state_dir>/logs")
-    sample_interval: float = _f(0.05, "seconds between footprint samples of each worker", "s")
+    sample_interval: float = _f(0.05, "seconds between footprint samples of each worker near its budget", "s")
+    calm_sample_interval: float = _f(0.25, "longest gap between samples of a worker far below its budget: as many "
+                                           "sample_intervals as growth at growth_rate needs to reach the budget; "
+                                           "equal to sample_interval: sample every worker at that rate", "s")
+    growth_rate: str = _f("16GiB", "footprint growth per second the sampling cadence allows for: a worker growing "
+                                   "no faster cannot cross its budget between two samples")
     heartbeat_interval: float = _f(1.0, "seconds between heartbeats to each worker", "s")
     telemetry_hold: float = _f(0.25, "seconds a worker may hold the telemetry of steps far from its warn band and "
                                      "send them together (one daemon wakeup for many steps); 0: every step at once",
@@ -283,6 +288,14 @@ def _validate(config: Config, total: int) -> None:
     for key in ("sample_interval", "heartbeat_interval"):
         if not 0.001 <= getattr(d, key) <= 60:
             raise ConfigError(f"{where}: daemon.{key} = {getattr(d, key)}: must be between 0.001 and 60 seconds")
+    if not d.sample_interval <= d.calm_sample_interval <= 60:
+        raise ConfigError(f"{where}: daemon.calm_sample_interval = {d.calm_sample_interval}: must be between "
+                          f"sample_interval ({d.sample_interval}) and 60 seconds")
+    try:
+        if parse_bytes(d.growth_rate) <= 0:
+            raise SizeError(f"{d.growth_rate!r} must be more than 0 bytes per second")
+    except SizeError as exc:
+        raise ConfigError(f"{where}: daemon.growth_rate: {exc}") from None
     if not 0 <= d.telemetry_hold <= 10:
         raise ConfigError(f"{where}: daemon.telemetry_hold = {d.telemetry_hold}: must be between 0 and 10 seconds")
     if d.log_format not in ("auto", "console", "json"):

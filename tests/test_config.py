@@ -78,6 +78,10 @@ class TestInvalid:
             ("[jobs.a]\ncommand = ['x']\n[jobs.a.train]\nsteps = 4\n", "built-in job only"),
             ("[jobs.'../etc']\n", "job names use letters"),
             ("[daemon]\nsample_interval = 0\n", "daemon.sample_interval = 0.0"),
+            ("[daemon]\ncalm_sample_interval = 0.01\n", "daemon.calm_sample_interval = 0.01: must be between "
+             "sample_interval (0.05)"),
+            ("[daemon]\ngrowth_rate = '0'\n", "daemon.growth_rate: '0' must be more than 0 bytes per second"),
+            ("[daemon]\ngrowth_rate = 'fast'\n", "daemon.growth_rate"),
             ("[daemon]\nrun_dir = '/" + "x" * 120 + "'\n", "byte limit of"),
             ("jobs = 3\n", "[jobs] must be a table"),
             ("[jobs.a\n", "not valid TOML"),

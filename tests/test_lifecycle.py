@@ -273,7 +273,7 @@ class TestIdleLoop:
             self, service: Any) -> None:
         s = service({"a": {"autostart": False}, "b": {"autostart": False}})
         poller = _RecordingPoller()
-        s.daemon._next_sample = s.daemon._next_heartbeat = s.system.clock
+        s.daemon._next_heartbeat = s.system.clock
         s.turn(0.0)  # samples, heartbeats and ticks are all done: the next sample is 50 ms away
         s.daemon._wait(poller)
         assert s.daemon._resting() and poller.timeouts[-1] >= 900
@@ -282,3 +282,56 @@ class TestIdleLoop:
         assert s.job("a").busy and not s.daemon._resting()
         s.daemon._wait(poller)
         assert poller.timeouts[-1] <= 51
+
+
+class TestSampleCadence:
+    """Far below its budget a running worker is sampled only as often as growth at ``growth_rate`` could reach
+    the budget (at most every ``calm_sample_interval``); near it, while starting or after an incomplete sample,
+    at ``sample_interval``."""
+
+    def _running(self, service: Any, **daemon: Any) -> Any:
+        s = service({"j": {"budget": "8GiB"}}, **daemon)
+        s.job("j").start(s.system.clock)
+        s.hello("j")
+        s.turn(0.0)
+        return s
+
+    def _gaps(self, s: Any, seconds: float) -> list[float]:
+        """Gaps between the samples taken over ``seconds`` of 10 ms turns."""
+        job, times = s.job("j"), []
+        for _ in range(round(seconds / 0.01)):
+            before = job.sampled_at
+            s.turn(0.01)
+            if job.sampled_at != before:
+                times.append(job.sampled_at)
+        return [round(b - a, 3) for a, b in itertools.pairwise(times)]
+
+    def test_far_below_the_budget_samples_every_calm_interval(self, service: Any) -> None:
+        s = self._running(service)  # 100 MiB of 8 GiB: 7.9 GiB / 16 GiB/s = 0.49 s, capped at 0.25 s
+        assert s.job("j").state == JobState.RUNNING
+        assert set(self._gaps(s, 2.0)) == {0.25}
+
+    def test_headroom_over_the_growth_rate_sets_the_gap_in_whole_intervals(self, service: Any) -> None:
+        s = self._running(service, growth_rate="40GiB")  # 7.9 GiB / 40 GiB/s = 0.198 s: three 50 ms intervals
+        assert set(self._gaps(s, 2.0)) == {0.15}
+
+    def test_near_the_budget_samples_at_the_full_rate(self, service: Any) -> None:
+        s = self._running(service)
+        s.proc("j").sampled = 7 * 2**30 + 900 * 2**20  # 0.1 GiB of headroom: under one interval at 16 GiB/s
+        self._gaps(s, 0.3)  # the first sample after the change sees it
+        assert set(self._gaps(s, 1.0)) == {0.05}
+
+    def test_an_incomplete_sample_brings_back_the_full_rate(self, service: Any) -> None:
+        s = self._running(service)
+        s.proc("j").complete = False
+        self._gaps(s, 0.3)
+        assert set(self._gaps(s, 1.0)) == {0.05}
+
+    def test_calm_interval_equal_to_the_sample_interval_keeps_20_hz(self, service: Any) -> None:
+        s = self._running(service, calm_sample_interval=0.05)
+        assert set(self._gaps(s, 1.0)) == {0.05}
+
+    def test_a_starting_worker_is_sampled_at_the_full_rate(self, service: Any) -> None:
+        s = service({"j": {"budget": "8GiB"}})
+        s.job("j").start(s.system.clock)  # no hello yet: STARTING
+        assert set(self._gaps(s, 1.0)) == {0.05}

@@ -19,6 +19,7 @@ from supervisor.core.policy import (
     on_sample,
     on_step,
     regrow,
+    sample_gap,
     shrink,
     theil_sen,
 )
@@ -247,3 +248,29 @@ class TestSlidingTheilSen:
             level = 400 * MiB + 50 * MiB * step + rng.randint(-5, 5) * MiB
             trend.add(step, level if step != 150 else level - 900 * MiB)  # a cache clear
         assert trend.slope == pytest.approx(50 * MiB, rel=0.05)
+
+
+class TestSampleGap:
+    """The gap to the next footprint sample: whole intervals in which growth at the rate cannot reach the
+    budget, between one interval and the longest gap."""
+
+    @pytest.mark.parametrize(("headroom", "expected"), [
+        (0, 0.05), (-GiB, 0.05),  # at or over the budget: every interval
+        (GiB // 2, 0.05),  # 0.5 GiB at 16 GiB/s is 31 ms: less than one interval, still one
+        (2 * GiB, 0.1),  # 125 ms: two whole intervals
+        (3 * GiB + GiB // 5, 0.2),  # 200 ms exactly: four
+        (64 * GiB, 0.25),  # 4 s: capped at the longest gap
+    ])
+    def test_whole_intervals_the_growth_cannot_cross(self, headroom: int, expected: float) -> None:
+        assert sample_gap(headroom, 0.05, 0.25, 16 * GiB) == pytest.approx(expected)
+
+    def test_longest_equal_to_the_interval_disables_it(self) -> None:
+        assert sample_gap(64 * GiB, 0.05, 0.05, 16 * GiB) == 0.05
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.integers(0, 2**40), st.floats(0.001, 1), st.floats(0.001, 5), st.integers(1, 2**40))
+    def test_a_worker_within_the_growth_rate_cannot_cross_its_budget_before_the_next_sample(
+            self, headroom: int, interval: float, longest: float, growth: int) -> None:
+        gap = sample_gap(headroom, interval, longest, growth)
+        assert interval * (1 - 1e-9) <= gap <= max(interval, longest) * (1 + 1e-9)
+        assert gap <= interval * (1 + 1e-9) or growth * gap <= headroom * (1 + 1e-6)

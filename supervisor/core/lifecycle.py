@@ -105,6 +105,17 @@ class Lifecycle(PeerRole):
         """A worker process of this job exists (current or departing) or is about to."""
         return self.life is not None or bool(self.departing) or self.deferred
 
+    def headroom(self) -> int:
+        """Bytes between the budget and the largest rank's last complete sample while the job runs steadily
+        (RUNNING, nothing departing, every rank sampled); 0 otherwise, which keeps sampling at the full rate."""
+        life = self.life
+        if life is None or self.state != S.RUNNING or self.departing or self.deferred:
+            return 0
+        sampled = [rank.last_bytes for rank in life.alive]
+        if not sampled or min(sampled) <= 0:
+            return 0
+        return max(0, self.limits.budget - max(sampled))
+
     def next_deadline(self) -> float:
         """The earliest time a Tick could change something (inf when only events can)."""
         departing = min((d.kill_at for d in self.departing.values()), default=INF)

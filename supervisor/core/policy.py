@@ -289,6 +289,16 @@ def hold_horizon(estimator: Estimator) -> int:
     return 2 * (estimator.config.checkpoint_steps + estimator.late_steps)
 
 
+def sample_gap(headroom: int, interval: float, longest: float, growth: float) -> float:
+    """Seconds to the next footprint sample of a worker ``headroom`` bytes under its budget: the whole number of
+    ``interval``s in which growth at ``growth`` bytes/s could not reach the budget, at least one (also with no
+    headroom) and at most ``longest`` seconds' worth. Far from the budget the daemon samples less often, and a
+    worker growing no faster than ``growth`` still cannot cross its budget between two samples."""
+    if headroom <= 0 or growth <= 0 or longest <= interval:
+        return interval
+    return max(1, int(min(longest, headroom / growth) / interval + 1e-9)) * interval  # 0.25 / 0.05 is 4.999...
+
+
 def backoff_delay(failures: int, initial: float, maximum: float) -> float:
     """Exponential backoff before restart number ``failures`` (1-based)."""
     return float(min(maximum, initial * 2 ** max(0, failures - 1)))

@@ -13,6 +13,7 @@ case of one rank, rank 0.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import signal
@@ -31,7 +32,7 @@ from supervisor.core.events import Action, Event, Refused
 from supervisor.core.gang import Outcome
 from supervisor.core.lifecycle import JobStats, Life, Lifecycle, Settings
 from supervisor.core.policy import Action as Do
-from supervisor.core.policy import Limits, PolicyConfig, hold_horizon, hold_threshold
+from supervisor.core.policy import Limits, PolicyConfig, hold_horizon, hold_threshold, sample_gap
 from supervisor.core.sizes import parse_bytes, parse_fraction_of
 from supervisor.core.states import JobState
 from supervisor.daemon.history import History
@@ -66,6 +67,9 @@ def settings_of(job: JobConfig, layout: Layout | None = None) -> Settings:
         ranks=layout.local_ranks if layout else (0,), world=layout.world if layout else 1,
         peers=layout.peers if layout else (), follower=bool(layout and not layout.leader),
     )
+
+
+Cadence = tuple[float, float, float]  # (sample interval s, longest gap s, growth rate bytes/s)
 
 
 class JobPaths:
@@ -112,6 +116,9 @@ class Job:
         self.history = History(paths.history, on_error=self.io_error)
         self.recorder = Recorder(paths.telemetry, on_error=self.io_error, max_bytes=telemetry_max,
                                  keep=telemetry_keep)
+        self.sampled_at = -math.inf  # when its workers were last sampled
+        self.next_sample_at = -math.inf  # when they are next, while it runs steadily (see sample_due)
+        self._sampled_all = False  # the last sample read every member of every group
 
     # -- what the rest of the daemon reads ----------------------------------------------------------
 
@@ -269,18 +276,39 @@ class Job:
         below = hold_threshold(self.limits, self.last_sampled, life.estimator.level)
         return Heartbeat(sent_at, None, hold, below, hold_horizon(life.estimator))
 
-    def on_sample(self, now: float, available: int, floor: int) -> None:
-        """Sample each current worker's group and every departing worker, and act on the totals."""
+    def sample_due(self, interval: float) -> float:
+        """When this job's workers are next sampled (inf without a process): on the cadence ``on_sample`` set
+        while the job runs steadily far from its budget and its last sample was complete, else ``interval``
+        after the last sample."""
+        if not self.procs:
+            return math.inf
+        if self._sampled_all and self.lifecycle.headroom():
+            return self.next_sample_at
+        return self.sampled_at + interval
+
+    def on_sample(self, now: float, available: int, floor: int, cadence: Cadence = (0.0, 0.0, 0.0)) -> None:
+        """Sample each current worker's group and every departing worker, and act on the totals; then set
+        when the next sample is due, by ``cadence`` (interval, longest gap, growth rate: see ``sample_gap``)."""
+        self._sample(now, available, floor)
+        interval, longest, growth = cadence
+        gap = sample_gap(self.lifecycle.headroom(), interval, longest, growth)
+        base = self.next_sample_at if self.next_sample_at > now - gap else now  # keep the grid unless behind
+        self.sampled_at, self.next_sample_at = now, base + gap
+
+    def _sample(self, now: float, available: int, floor: int) -> None:
         current = self._current()
         departing = {key[0]: proc.sample(now).bytes for key, proc in self.procs.items()
                      if key[0] in self.lifecycle.departing}
+        self._sampled_all = False
         if not current and not departing:
             return
         if not current:
             self.feed(ev.Sample(now, None, True, departing, available, floor))
             return
+        self._sampled_all = True
         for rank, proc in current.items():
             sample = proc.sample(now)
+            self._sampled_all &= sample.complete
             if sample.complete:
                 fields = {"rank": rank} if self.layout is not None else {}
                 self.recorder.record("sample", bytes=sample.bytes, pids=sample.pids, **fields,

@@ -6,6 +6,8 @@ deadline, a backoff's end). Signal handlers only set flags and wake the loop thr
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import signal
 import socket
@@ -29,6 +31,7 @@ log = structlog.get_logger("mlxsupd")
 MAX_DRAIN = 1000
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 CRITICAL_PRESSURE = 4  # kern.memorystatus_vm_pressure_level: 1 normal, 2 warn, 4 critical
+_growth_rate = functools.lru_cache(maxsize=4)(parse_bytes)  # daemon.growth_rate, read at every sample turn
 _READS_MEMORY = frozenset({"WAITING_FOR_MEMORY", "CHECKPOINTING"})  # job states whose tick needs available memory
 
 
@@ -90,7 +93,7 @@ class Daemon:
         self.reload_requested = False
         self.extra_sockets: SocketHandlers = {}
         self._end = float("inf")
-        self._next_sample = self._next_heartbeat = 0.0
+        self._next_heartbeat = 0.0
         self._shutdown_started = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -161,7 +164,7 @@ class Daemon:
         """Run the loop; returns an exit status. Bounded by ``max_seconds`` when given."""
         now = self.system.now()
         self._end = now + max_seconds if max_seconds else float("inf")
-        self._next_sample = self._next_heartbeat = now
+        self._next_heartbeat = now
         self._shutdown_started = False
         self.extra_sockets = self.hooks.sockets()
         poller = zmq.Poller()
@@ -192,12 +195,10 @@ class Daemon:
         if self.reload_requested:
             self.reload_requested = False
             self.hooks.on_reload(now)
-        if now >= self._next_sample:
+        if now >= self._next_sample():
             self._sample_all(now)
             for job in self.jobs.values():
                 job.recorder.flush_due()  # telemetry lines reach the file within about a second
-            interval = self.config.daemon.sample_interval
-            self._next_sample = max(self._next_sample + interval, now + interval / 4)
         if now >= self._next_heartbeat:
             self._heartbeat_all()
             self._next_heartbeat = now + self.config.daemon.heartbeat_interval
@@ -212,7 +213,7 @@ class Daemon:
         jobs = (job.next_deadline() for job in self.jobs.values())
         deadlines = [self._next_heartbeat, self._end, *jobs]
         if not self._resting():
-            deadlines.append(self._next_sample)  # 20 Hz turns only while some job lives
+            deadlines.append(self._next_sample())  # sample turns only while some job lives
         timeout_ms = max(0, min(1000, int((min(deadlines) - self.system.now()) * 1000) + 1))
         events = dict(poller.poll(timeout_ms))
         now = self.system.now()
@@ -251,13 +252,20 @@ class Daemon:
         # job in WAITING_FOR_MEMORY and hands it this figure; total memory there would restart it at once.
         return bool(self.floor) and any(j.state.name in _READS_MEMORY for j in self.jobs.values())
 
+    def _next_sample(self) -> float:
+        """When the next job is due for a sample: 20 Hz near a budget, less often far from it (``sample_gap``)."""
+        interval = self.config.daemon.sample_interval
+        return min((job.sample_due(interval) for job in self.jobs.values()), default=math.inf)
+
     def _sample_all(self, now: float) -> None:
-        running = [j for j in self.jobs.values() if j.procs]
-        if not running:
+        d = self.config.daemon
+        due = [j for j in self.jobs.values() if now >= j.sample_due(d.sample_interval)]
+        if not due:
             return
         available = self._available() if self.floor else self.total_memory
-        for job in running:
-            job.on_sample(now, available, self.floor)
+        cadence = (d.sample_interval, d.calm_sample_interval, float(_growth_rate(d.growth_rate)))
+        for job in due:
+            job.on_sample(now, available, self.floor, cadence)
 
     def _heartbeat_all(self) -> None:
         sent_at, hold = time.time(), self.config.daemon.telemetry_hold

@@ -194,7 +194,7 @@ def _draw_time_panel(ax: Any, series: Series, limits: dict[str, int], scale: flo
             next_break = next(breaks, math.inf)
         xs.append(x)
         ys.append(sampled / scale)
-    ax.plot(xs, ys, color="#0b3d91", linewidth=1.0, label="footprint (sampled, 20 Hz)")
+    ax.plot(xs, ys, color="#0b3d91", linewidth=1.0, label="footprint (sampled)")
     _draw_limits(ax, limits, scale)
     _draw_markers(ax, [x for x, _ in series.exits], [(x, text) for x, _, text in series.batches])
     ax.set_xlabel("seconds since start")
