@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import analysis, ckpt_io, control, daemon_cost, gang, goodput, mlx_lm, overhead, reaction, report
+from bench import analysis, ckpt_io, control, daemon_cost, gang, goodput, lockstep, mlx_lm, overhead, reaction, report
 from bench.common import ROOT, SMALL, BenchError, atomic_write_json
 
 
@@ -27,6 +27,7 @@ class Plan:
 
     overhead_steps: int
     overhead_pairs: int
+    lockstep_seconds: float  # per arm
     sdk_calls: int
     reaction_steps: int
     goodput_steps: int
@@ -45,22 +46,30 @@ class Plan:
     gang_recovery_steps: int
 
 
-FULL = Plan(overhead_steps=600, overhead_pairs=11, sdk_calls=5000, reaction_steps=40, goodput_steps=1000,
-            ckpt_mb=100, ckpt_rounds=5, idle_seconds=10.0, control_requests=500, flood_messages=50_000,
-            flood_linger=3.0, mlx_lm_iters=100, mlx_lm_pairs=9, mlx_lm_restart_iters=40, gang_steps=300, gang_pairs=5,
-            gang_recovery_steps=120, daemon_window=15.0)
-QUICK = Plan(overhead_steps=100, overhead_pairs=1, sdk_calls=1000, reaction_steps=12, goodput_steps=100,
-             ckpt_mb=10, ckpt_rounds=1, idle_seconds=2.0, control_requests=50, flood_messages=2000,
-             flood_linger=1.0, mlx_lm_iters=20, mlx_lm_pairs=1, mlx_lm_restart_iters=20, gang_steps=40, gang_pairs=1,
-             gang_recovery_steps=40, daemon_window=2.0)
+FULL = Plan(overhead_steps=600, overhead_pairs=3, lockstep_seconds=150.0, sdk_calls=5000, reaction_steps=40,
+            goodput_steps=1000, ckpt_mb=100, ckpt_rounds=5, idle_seconds=10.0, control_requests=500,
+            flood_messages=50_000, flood_linger=3.0, mlx_lm_iters=100, mlx_lm_pairs=9, mlx_lm_restart_iters=40,
+            gang_steps=300, gang_pairs=5, gang_recovery_steps=120, daemon_window=15.0)
+QUICK = Plan(overhead_steps=100, overhead_pairs=1, lockstep_seconds=5.0, sdk_calls=1000, reaction_steps=12,
+             goodput_steps=100, ckpt_mb=10, ckpt_rounds=1, idle_seconds=2.0, control_requests=50,
+             flood_messages=2000, flood_linger=1.0, mlx_lm_iters=20, mlx_lm_pairs=1, mlx_lm_restart_iters=20,
+             gang_steps=40, gang_pairs=1, gang_recovery_steps=40, daemon_window=2.0)
 RUN_TIMEOUT = 600.0  # seconds any one child may take before its group is killed
 SECTION_ERRORS = (BenchError, OSError, subprocess.SubprocessError, KeyError, ValueError, TypeError)
 
 
+LOCKSTEP_SLICE = 0.25  # seconds each arm runs per turn
+
+
 def _overhead(work: Path, plan: Plan) -> dict[str, Any]:
-    result = overhead.measure(work, {**SMALL, "steps": plan.overhead_steps}, plan.overhead_pairs, RUN_TIMEOUT)
-    result["sdk"] = overhead.sdk_cost(work, plan.sdk_calls, 120)
-    return result
+    """The lockstep ratio is the headline (``bench.lockstep``); whole-run pairs, as measured before it, follow."""
+    sliced = lockstep.measure(work / "lockstep", dict(SMALL), plan.lockstep_seconds, LOCKSTEP_SLICE, RUN_TIMEOUT)
+    whole = overhead.measure(work, {**SMALL, "steps": plan.overhead_steps}, plan.overhead_pairs, RUN_TIMEOUT)
+    return {
+        "overhead_ratio": sliced["ratio"], "overhead_ratio_ci95": sliced["ci95"],
+        "overhead_cpu_ratio": sliced["cpu"]["ratio"], "lockstep": sliced, "whole_runs": whole,
+        "sdk": overhead.sdk_cost(work, plan.sdk_calls, 120),
+    }
 
 
 def _reaction(work: Path, plan: Plan) -> dict[str, Any]:
@@ -129,7 +138,8 @@ def collect(details: dict[str, Any]) -> dict[str, Any]:
     if not recovery.get("cycles") and react.get("cycles"):
         recovery = analysis.summarize_cycles(react["cycles"])
     return {
-        "overhead_ratio": over.get("overhead_ratio"), "overhead_cpu_ratio": over.get("overhead_cpu_ratio"),
+        "overhead_ratio": over.get("overhead_ratio"), "overhead_ratio_ci95": over.get("overhead_ratio_ci95"),
+        "overhead_cpu_ratio": over.get("overhead_cpu_ratio"),
         "reaction_ms": react.get("reaction_ms"), "exit_ms": react.get("exit_ms"),
         "overshoot_fraction": react.get("overshoot_fraction"), "overshoot_bytes": react.get("overshoot_bytes"),
         "recovery_seconds": recovery.get("total"), "recovery_seconds_max": recovery.get("total_max"),

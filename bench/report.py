@@ -69,7 +69,12 @@ def _percent(value: Any) -> str:
 # (label, path into results, target, formatter)
 ROWS: list[tuple[str, tuple[str, ...], Target, Callable[[Any], str]]] = [
     ("overhead_ratio (supervised/unsupervised steps/s)", ("overhead_ratio",), Target(">=", 0.995), _ratio),
-    ("  CPU: unsupervised ÷ (daemon + worker)", ("overhead_cpu_ratio",), Target(), _ratio),
+    ("  95 % interval (lockstep slices, bootstrap)", ("overhead_ratio_ci95",), Target(),
+     lambda v: f"{v[0]:.4f} .. {v[1]:.4f}" if isinstance(v, list) and None not in v else "null"),
+    ("  whole-run pairs (median ratio)", ("details", "overhead", "whole_runs", "overhead_ratio"), Target(), _ratio),
+    ("  CPU per step: unsupervised ÷ (daemon + worker)", ("overhead_cpu_ratio",), Target(), _ratio),
+    ("  daemon CPU / supervised running time", ("details", "overhead", "lockstep",
+                                                "daemon_cpu_fraction_of_supervised_time"), Target(), _percent),
     ("  end_step added cost per step", ("details", "overhead", "sdk", "added_us_per_step"), Target(),
      lambda v: f"{v:.1f} µs" if isinstance(v, int | float) else "null"),
     ("reaction_ms (first sample over budget -> decision)", ("reaction_ms",), Target("<=", 150), _ms),

@@ -20,10 +20,10 @@ def _progress_session(fd: int) -> Any:
     from worker.session import Session
 
     class ProgressSession(Session):
-        def end_step(self, step: int, loss: float, extra: dict[str, Any] | None = None) -> None:
+        def end_step(self, step: int, loss: float, extra: dict[str, Any] | None = None, **fields: Any) -> None:
             seconds = time.perf_counter() - self._last_end
-            os.write(fd, f"{step} {seconds:.6f} {time.time():.4f}\n".encode())
-            super().end_step(step, loss, extra)
+            os.write(fd, f"{step} {seconds:.6f} {time.time():.6f}\n".encode())
+            super().end_step(step, loss, extra, **fields)
 
     return ProgressSession
 

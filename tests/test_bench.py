@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench import analysis
+from bench import analysis, lockstep
 from bench.common import ROOT
 from bench.report import checks, render
 
@@ -87,3 +87,29 @@ def test_table_marks_missing_values_and_misses() -> None:
     assert by_key["goodput.supervised"]["status"] == "pass"
     assert by_key["control_p99_ms"]["status"] == "n/a"
     assert "overhead_ratio" in render(rows)
+
+
+class TestLockstep:
+    """The lockstep overhead counts only steps that ran wholly inside one slice of their arm."""
+
+    def test_a_step_cut_by_a_freeze_is_dropped(self) -> None:
+        slices = [(10.0, 10.25), (10.5, 10.75)]
+        rows = [(1, 0.0, 10.02), (2, 0.0, 10.12), (3, 0.0, 10.22),  # 2 and 3 ran inside the first slice
+                (4, 0.0, 10.55),  # began at 10.22 in the first slice, ended in the second: cut by the freeze
+                (5, 0.0, 10.65), (6, 0.0, 10.80)]  # 5 counts; 6 ended after the second slice closed
+        assert [[round(d, 3) for d in found] for found in lockstep.counted_steps(rows, slices)] == [
+            [0.1, 0.1], [0.1]]
+
+    def test_ratio_is_supervised_over_unsupervised_steps_per_second_with_an_interval_around_it(self) -> None:
+        unsup = [[0.020] * 10 for _ in range(40)]
+        sup = [[0.020] * 9 + [0.030] for _ in range(40)]  # one slow step in ten: 0.210 s per 10 steps
+        result = lockstep.summarize(unsup, sup)
+        assert result["ratio"] == pytest.approx(0.200 / 0.210, abs=1e-4)
+        assert result["ci95"][0] <= result["ratio"] <= result["ci95"][1]
+        assert result["median_ratio"] == pytest.approx(1.0)  # the median cannot see a rare slow step
+        assert result["steps"] == {"unsupervised": 400, "supervised": 400}
+
+    def test_cpu_ratio_counts_the_daemon_with_its_worker(self) -> None:
+        cpu = lockstep.cpu_summary([0.25] * 20, [10] * 20, [0.26] * 20, [10] * 20)
+        assert cpu["ratio"] == pytest.approx(0.25 / 0.26, abs=1e-4)
+        assert cpu["ms_per_step"] == {"unsupervised": 25.0, "supervised": 26.0}
