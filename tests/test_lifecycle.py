@@ -331,6 +331,14 @@ class TestSampleCadence:
         s = self._running(service, calm_sample_interval=0.05)
         assert set(self._gaps(s, 1.0)) == {0.05}
 
+    def test_a_worker_spawned_after_the_sample_turn_is_due_at_once(self, service: Any) -> None:
+        s = service({"j": {"budget": "8GiB", "autostart": False}})
+        s.turn(0.0)
+        s.job("j").start(s.system.clock)  # as a tick spawns (a backoff's end, a gang leader's word): never sampled
+        poller = _RecordingPoller()
+        s.daemon._wait(poller)  # once crashed: the never-sampled worker's due time was -inf
+        assert poller.timeouts[-1] == 0
+
     def test_a_starting_worker_is_sampled_at_the_full_rate(self, service: Any) -> None:
         s = service({"j": {"budget": "8GiB"}})
         s.job("j").start(s.system.clock)  # no hello yet: STARTING

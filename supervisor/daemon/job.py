@@ -116,8 +116,8 @@ class Job:
         self.history = History(paths.history, on_error=self.io_error)
         self.recorder = Recorder(paths.telemetry, on_error=self.io_error, max_bytes=telemetry_max,
                                  keep=telemetry_keep)
-        self.sampled_at = -math.inf  # when its workers were last sampled
-        self.next_sample_at = -math.inf  # when they are next, while it runs steadily (see sample_due)
+        self.sampled_at = 0.0  # when its workers were last sampled (0: never; finite, for the poll timeout)
+        self.next_sample_at = 0.0  # when they are next, while it runs steadily (see sample_due)
         self._sampled_all = False  # the last sample read every member of every group
 
     # -- what the rest of the daemon reads ----------------------------------------------------------

@@ -93,7 +93,7 @@ class Daemon:
         self.reload_requested = False
         self.extra_sockets: SocketHandlers = {}
         self._end = float("inf")
-        self._next_heartbeat = 0.0
+        self._next_heartbeat = self._last_turn = 0.0
         self._shutdown_started = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -183,6 +183,7 @@ class Daemon:
 
     def _turn(self, now: float) -> None:
         """Everything due now: shutdown, reload, samples, heartbeats, job deadlines."""
+        self._last_turn = now
         if now >= self._end:
             log.warning("daemon_time_limit")
             self._end = float("inf")
@@ -214,6 +215,8 @@ class Daemon:
         deadlines = [self._next_heartbeat, self._end, *jobs]
         if not self._resting():
             deadlines.append(self._next_sample())  # sample turns only while some job lives
+            if any(job.layout is not None for job in self.jobs.values()):  # a gang's links talk from the turns
+                deadlines.append(self._last_turn + self.config.daemon.sample_interval)
         timeout_ms = max(0, min(1000, int((min(deadlines) - self.system.now()) * 1000) + 1))
         events = dict(poller.poll(timeout_ms))
         now = self.system.now()
