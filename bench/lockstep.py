@@ -20,6 +20,7 @@ a little more often per second of its worker's running than it would alone.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -28,7 +29,7 @@ import statistics
 import subprocess
 import time
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,21 +65,13 @@ class Arm:
         return len(read_progress(self.progress))
 
     def cpu(self) -> float:
-        """CPU seconds of every thread of the arm's processes so far (schedstat: nanoseconds, not ticks)."""
-        total = 0
-        for group in self.groups:
-            for pid in _group_pids(group):
-                try:
-                    for task in os.listdir(f"/proc/{pid}/task"):
-                        with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as fh:
-                            total += int(fh.read().split()[0])
-                except (FileNotFoundError, ProcessLookupError):
-                    continue
-        return total / 1e9
+        """CPU seconds of the arm's processes so far (``process_cpu``: psutil, on Linux and macOS alike). Per slice
+        it is good to a clock tick; the arm is frozen between its slices, so the slices' sum is exact."""
+        return sum(process_cpu(pid) for group in self.groups for pid in _group_pids(group))
 
 
 def _group_pids(group: int) -> list[int]:
-    from supervisor.daemon.footprint import group_pids
+    from supervisor.daemon.footprint import group_pids  # proc_listpgrppids on macOS, a /proc scan on Linux
 
     return [group, *(pid for pid in group_pids(group) if pid != group)]
 
@@ -108,13 +101,19 @@ def _worker_group(daemon: Child, timeout: float) -> int:
     raise BenchError(f"mlxsupd run spawned no worker within {timeout:.0f}s")
 
 
+def _slice_of(starts: list[float], slices: list[tuple[float, float]], wall: float) -> int | None:
+    """The index of the slice ``wall`` falls in (``starts``: the slices' starts), or None between slices."""
+    index = bisect_right(starts, wall) - 1
+    return index if index >= 0 and wall <= slices[index][1] else None
+
+
 def counted_steps(rows: list[tuple[int, float, float]], slices: list[tuple[float, float]]) -> list[list[float]]:
     """Per slice, the durations of the steps that ran wholly inside it: end_step to end_step (wall times)."""
     starts = [start for start, _ in slices]
     found: list[list[float]] = [[] for _ in slices]
     for (_, _, before), (_, _, after) in itertools.pairwise(rows):
-        index = bisect_right(starts, before) - 1
-        if index >= 0 and after <= slices[index][1]:
+        index = _slice_of(starts, slices, before)
+        if index is not None and after <= slices[index][1]:
             found[index].append(after - before)
     return found
 
@@ -124,10 +123,20 @@ def _steps_in(rows: list[tuple[int, float, float]], slices: list[tuple[float, fl
     starts = [start for start, _ in slices]
     counts = [0] * len(slices)
     for _, _, wall in rows:
-        index = bisect_right(starts, wall) - 1
-        if index >= 0 and wall <= slices[index][1]:
+        index = _slice_of(starts, slices, wall)
+        if index is not None:
             counts[index] += 1
     return counts
+
+
+def _interval(pairs: Sequence[Any], ratio: Callable[[Sequence[Any]], float | None],
+              seed: int = 0) -> list[float | None] | None:
+    """95 % interval of ``ratio`` over ``pairs`` resampled with replacement (slice pairs stay together)."""
+    rng = random.Random(seed)
+    draws = sorted(r for r in (ratio(rng.choices(pairs, k=len(pairs))) for _ in range(RESAMPLES)) if r)
+    if not draws:
+        return None
+    return [rounded(draws[int(0.025 * len(draws))]), rounded(draws[int(0.975 * len(draws)) - 1])]
 
 
 def cpu_summary(unsup_cpu: list[float], unsup_steps: list[int], sup_cpu: list[float], sup_steps: list[int],
@@ -139,11 +148,7 @@ def cpu_summary(unsup_cpu: list[float], unsup_steps: list[int], sup_cpu: list[fl
         uc, us, sc, ss = (sum(p[i] for p in sample) for i in range(4))
         return (uc / us) / (sc / ss) if us and ss and sc else None
 
-    rng = random.Random(seed)
-    draws = sorted(r for r in (ratio(rng.choices(pairs, k=len(pairs))) for _ in range(RESAMPLES)) if r)
-    return {"ratio": rounded(ratio(pairs)),
-            "ci95": [rounded(draws[int(0.025 * len(draws))]), rounded(draws[int(0.975 * len(draws)) - 1])]
-            if draws else None,
+    return {"ratio": rounded(ratio(pairs)), "ci95": _interval(pairs, ratio, seed),
             "ms_per_step": {"unsupervised": rounded(1000 * sum(unsup_cpu) / max(1, sum(unsup_steps)), 3),
                             "supervised": rounded(1000 * sum(sup_cpu) / max(1, sum(sup_steps)), 3)}}
 
@@ -160,15 +165,10 @@ def _ratio(pairs: Sequence[tuple[list[float], list[float]]]) -> float | None:
 def summarize(unsup: list[list[float]], sup: list[list[float]], seed: int = 0) -> dict[str, Any]:
     """The ratio, its 95 % bootstrap interval over slice pairs, and the ratio of median step times."""
     pairs = list(zip(unsup, sup, strict=False))
-    ratio = _ratio(pairs)
-    rng = random.Random(seed)
-    draws = sorted(r for r in (_ratio(rng.choices(pairs, k=len(pairs))) for _ in range(RESAMPLES)) if r)
     all_unsup = [d for slice_ in unsup for d in slice_]
     all_sup = [d for slice_ in sup for d in slice_]
     return {
-        "ratio": rounded(ratio),
-        "ci95": [rounded(draws[int(0.025 * len(draws))]), rounded(draws[int(0.975 * len(draws)) - 1])]
-        if draws else None,
+        "ratio": rounded(_ratio(pairs)), "ci95": _interval(pairs, _ratio, seed),
         "median_ratio": rounded(statistics.median(all_unsup) / statistics.median(all_sup))
         if all_unsup and all_sup else None,
         "steps": {"unsupervised": len(all_unsup), "supervised": len(all_sup)},
@@ -201,13 +201,9 @@ def measure(work: Path, train: dict[str, Any], seconds: float, slice_seconds: fl
                 arms = {"unsupervised": Arm("unsupervised", progress["unsupervised"], [alone.pid]),
                         "supervised": Arm("supervised", progress["supervised"], [daemon.pid, group])}
                 return _run_slices(arms, seconds, slice_seconds, timeout, [daemon, alone], daemon.pid)
-            finally:
-                for pid in (daemon.pid, group, alone.pid):
-                    try:
-                        os.killpg(pid, signal.SIGCONT)  # a stopped group is SIGKILLed on the way out anyway
-                        os.killpg(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+            finally:  # the Children kill their own groups, stopped or not; the worker leads one of its own
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
 
 
 def _run_slices(arms: dict[str, Arm], seconds: float, slice_seconds: float, timeout: float,
