@@ -109,7 +109,7 @@ class Lifecycle(PeerRole):
         """Bytes between the budget and the largest rank's last complete sample while the job runs steadily
         (RUNNING, nothing departing, every rank sampled); 0 otherwise, which keeps sampling at the full rate."""
         life = self.life
-        if life is None or self.state != S.RUNNING or self.departing or self.deferred:
+        if life is None or self.state != S.RUNNING or self.departing:  # (deferred is a STARTING matter)
             return 0
         sampled = [rank.last_bytes for rank in life.alive]
         if not sampled or min(sampled) <= 0:

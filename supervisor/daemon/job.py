@@ -117,7 +117,7 @@ class Job:
         self.recorder = Recorder(paths.telemetry, on_error=self.io_error, max_bytes=telemetry_max,
                                  keep=telemetry_keep)
         self.sampled_at = 0.0  # when its workers were last sampled (0: never; finite, for the poll timeout)
-        self.next_sample_at = 0.0  # when they are next, while it runs steadily (see sample_due)
+        self.next_sample_at = 0.0  # when they are next, while it runs steadily (see next_sample)
         self._sampled_all = False  # the last sample read every member of every group
 
     # -- what the rest of the daemon reads ----------------------------------------------------------
@@ -276,7 +276,7 @@ class Job:
         below = hold_threshold(self.limits, self.last_sampled, life.estimator.level)
         return Heartbeat(sent_at, None, hold, below, hold_horizon(life.estimator))
 
-    def sample_due(self, interval: float) -> float:
+    def next_sample(self, interval: float) -> float:
         """When this job's workers are next sampled (inf without a process): on the cadence ``on_sample`` set
         while the job runs steadily far from its budget and its last sample was complete, else ``interval``
         after the last sample."""

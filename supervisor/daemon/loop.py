@@ -196,8 +196,7 @@ class Daemon:
         if self.reload_requested:
             self.reload_requested = False
             self.hooks.on_reload(now)
-        if now >= self._next_sample():
-            self._sample_all(now)
+        if self._sample_all(now):
             for job in self.jobs.values():
                 job.recorder.flush_due()  # telemetry lines reach the file within about a second
         if now >= self._next_heartbeat:
@@ -258,17 +257,19 @@ class Daemon:
     def _next_sample(self) -> float:
         """When the next job is due for a sample: 20 Hz near a budget, less often far from it (``sample_gap``)."""
         interval = self.config.daemon.sample_interval
-        return min((job.sample_due(interval) for job in self.jobs.values()), default=math.inf)
+        return min((job.next_sample(interval) for job in self.jobs.values()), default=math.inf)
 
-    def _sample_all(self, now: float) -> None:
+    def _sample_all(self, now: float) -> bool:
+        """Sample every job that is due; whether any was."""
         d = self.config.daemon
-        due = [j for j in self.jobs.values() if now >= j.sample_due(d.sample_interval)]
+        due = [j for j in self.jobs.values() if now >= j.next_sample(d.sample_interval)]
         if not due:
-            return
+            return False
         available = self._available() if self.floor else self.total_memory
         cadence = (d.sample_interval, d.calm_sample_interval, float(_growth_rate(d.growth_rate)))
         for job in due:
             job.on_sample(now, available, self.floor, cadence)
+        return True
 
     def _heartbeat_all(self) -> None:
         sent_at, hold = time.time(), self.config.daemon.telemetry_hold
