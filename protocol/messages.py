@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import types
+from collections.abc import Sequence
 from typing import Any, ClassVar, Final, Union, get_args, get_origin, get_type_hints
 
 import msgpack
@@ -84,6 +86,51 @@ class Step:
     val_loss: float | None = None  # absent: no validation loss this step
 
 
+STEP_COLUMNS: Final = ("step", "batch", "accum", "loss", "step_seconds", "mlx_active", "mlx_cache", "mlx_peak",
+                        "footprint")
+OPTIONAL_STEP_COLUMNS: Final = ("tokens_per_second", "val_loss")
+MAX_STEPS_ROWS: Final = 256  # rows of a ``steps`` frame at most: about 27 kB packed, well under MAX_MESSAGE_BYTES
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Steps:
+    """The telemetry of several held steps in one frame, one list per ``Step`` field (row i of every list is
+    the i-th step, in the order they ran; steps strictly increase). Sent only to a daemon whose heartbeat
+    carries ``hold_rows``, with at most that many rows (and at most ``MAX_STEPS_ROWS``): the daemon handles
+    a whole frame at about the cost of one step. An optional column absent, or nil in a row: not measured."""
+
+    TAG: ClassVar[str] = "steps"
+    step: tuple[int, ...]
+    batch: tuple[int, ...]
+    accum: tuple[int, ...]
+    loss: tuple[float, ...]
+    step_seconds: tuple[float, ...]
+    mlx_active: tuple[int, ...]
+    mlx_cache: tuple[int, ...]
+    mlx_peak: tuple[int, ...]
+    footprint: tuple[int, ...]
+    tokens_per_second: tuple[float | None, ...] | None = None
+    val_loss: tuple[float | None, ...] | None = None
+
+    @classmethod
+    def of(cls, steps: Sequence[Step]) -> Steps:
+        """The rows of ``steps`` as one message (optional columns only when some row has a value)."""
+        columns = {name: tuple(getattr(s, name) for s in steps) for name in STEP_COLUMNS + OPTIONAL_STEP_COLUMNS}
+        for name in OPTIONAL_STEP_COLUMNS:
+            if not any(value is not None for value in columns[name]):
+                columns[name] = None  # type: ignore[assignment]
+        return cls(**columns)
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    def rows(self) -> list[Step]:
+        """One ``Step`` per row."""
+        none = (None,) * len(self.step)
+        optional = [getattr(self, name) or none for name in OPTIONAL_STEP_COLUMNS]
+        return [Step(*row) for row in zip(*(getattr(self, n) for n in STEP_COLUMNS), *optional, strict=True)]
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class CheckpointSaved:
     """A checkpoint became durable (fsynced and renamed into place)."""
@@ -120,6 +167,7 @@ class Heartbeat:
     hold: float | None = None
     hold_below: int | None = None
     hold_horizon: int | None = None
+    hold_rows: int | None = None  # held steps may go out as ``steps`` frames of at most this many rows
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -135,8 +183,8 @@ class Command:
     reason: str
 
 
-Message = Hello | Welcome | Step | CheckpointSaved | Goodbye | Heartbeat | Command
-FROM_WORKER: Final = frozenset({Hello.TAG, Step.TAG, CheckpointSaved.TAG, Goodbye.TAG, Heartbeat.TAG})
+Message = Hello | Welcome | Step | Steps | CheckpointSaved | Goodbye | Heartbeat | Command
+FROM_WORKER: Final = frozenset({Hello.TAG, Step.TAG, Steps.TAG, CheckpointSaved.TAG, Goodbye.TAG, Heartbeat.TAG})
 FROM_DAEMON: Final = frozenset({Welcome.TAG, Heartbeat.TAG, Command.TAG})
 
 
@@ -163,7 +211,7 @@ def _fields_of(cls: type[Any]) -> tuple[_Field, ...]:
 
 
 _TYPES: Final[dict[str, type[Any]]] = {
-    cls.TAG: cls for cls in (Hello, Welcome, Step, CheckpointSaved, Goodbye, Heartbeat, Command)
+    cls.TAG: cls for cls in (Hello, Welcome, Step, Steps, CheckpointSaved, Goodbye, Heartbeat, Command)
 }
 _FIELDS: Final[dict[str, tuple[_Field, ...]]] = {tag: _fields_of(cls) for tag, cls in _TYPES.items()}
 _PACKER: Final = msgpack.Packer(use_bin_type=True)  # reused: encode runs once per training step
@@ -180,6 +228,11 @@ def negotiate(worker_max: int) -> int:
 def encode(message: Message, version: int = PROTOCOL_VERSION) -> bytes:
     """Serialize one message to a frame; optional fields holding their default are left out."""
     body: dict[str, Any] = {"v": version, "t": message.TAG}
+    if isinstance(message, Steps):
+        for name in STEP_COLUMNS + OPTIONAL_STEP_COLUMNS:
+            if (column := getattr(message, name)) is not None:
+                body[name] = list(column)
+        return _PACKER.pack(body)  # type: ignore[no-any-return]
     for field in _FIELDS[message.TAG]:
         value = getattr(message, field.name)
         if field.required or value != field.default:
@@ -203,6 +256,8 @@ def decode(frame: bytes) -> Message:
         raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks "
                             f"{MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION})", "version")
     tag = body.get("t")
+    if tag == Steps.TAG:
+        return _steps(body)
     if not isinstance(tag, str) or tag not in _TYPES:
         raise ProtocolError(f"unknown message type {str(tag)[:64]!r}", "unknown_type")
     values = {field.name: _check(tag, field, body) for field in _FIELDS[tag]}
@@ -212,6 +267,57 @@ def decode(frame: bytes) -> Message:
     if isinstance(message, Hello | Welcome) and message.protocol < 1:
         raise ProtocolError(f"{tag}.protocol: version {message.protocol} is not a protocol version", "field_value")
     return message
+
+
+_INTS: Final = frozenset({int})
+_NUMBERS: Final = frozenset({int, float})
+_OPTIONAL_NUMBERS: Final = frozenset({int, float, type(None)})
+
+
+def _steps(body: dict[str, Any]) -> Steps:
+    """A ``steps`` frame's columns, checked a column at a time (C loops, not Python ones: a frame of 256 rows
+    must cost the daemon about what one step does)."""
+    rows = body.get("step")
+    if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_STEPS_ROWS:
+        problem = f"a list of 1..{MAX_STEPS_ROWS} rows" if isinstance(rows, list) else "a list"
+        if "step" not in body or rows is None:
+            raise ProtocolError("steps: missing field 'step'", "missing_field")
+        raise ProtocolError(f"steps.step: expected {problem}", "field_type" if not isinstance(rows, list)
+                            else "field_value")
+    count = len(rows)
+    columns: dict[str, tuple[Any, ...] | None] = {}
+    for name in STEP_COLUMNS + OPTIONAL_STEP_COLUMNS:
+        column = body.get(name)
+        optional = name in OPTIONAL_STEP_COLUMNS
+        if column is None:
+            if not optional:
+                raise ProtocolError(f"steps: missing field {name!r}", "missing_field")
+            columns[name] = None
+            continue
+        if not isinstance(column, list):
+            raise ProtocolError(f"steps.{name}: expected a list, got {type(column).__name__}", "field_type")
+        if len(column) != count:
+            raise ProtocolError(f"steps.{name}: {len(column)} rows, 'step' has {count}", "field_value")
+        kinds = set(map(type, column))
+        integer = name not in ("loss", "step_seconds") and not optional
+        allowed = _INTS if integer else _OPTIONAL_NUMBERS if optional else _NUMBERS
+        if not kinds <= allowed:
+            bad = next(k for k in kinds if k not in allowed)
+            expected = "integers" if integer else "numbers"
+            raise ProtocolError(f"steps.{name}: expected {expected}, got {bad.__name__}", "field_type")
+        if integer:
+            if min(column) < 0 or max(column) > MAX_INT:
+                raise ProtocolError(f"steps.{name}: a value is outside 0..2**63-1", "field_value")
+        else:
+            present = column if not optional else [v for v in column if v is not None]
+            if any(map(math.isinf, present)):
+                raise ProtocolError(f"steps.{name}: infinite value", "field_value")
+            if int in kinds:
+                column = [float(v) if v is not None else None for v in column]
+        columns[name] = tuple(column)
+    if not all(map(operator.lt, rows, rows[1:])):
+        raise ProtocolError("steps.step: steps must strictly increase", "field_value")
+    return Steps(**columns)  # type: ignore[arg-type]
 
 
 def _check(tag: str, field: _Field, body: dict[str, Any]) -> Any:

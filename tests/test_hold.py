@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import Heartbeat
+from protocol.messages import MAX_STEPS_ROWS
 from supervisor.core.policy import Estimator, Limits, PolicyConfig, hold_horizon, hold_threshold
 from worker.hold import StepHold
 
@@ -179,7 +180,8 @@ class TestJobHeartbeat:
             h.step(step, footprint=300 * MiB)
         h.sample(400 * MiB)  # the group holds 100 MiB more than the worker itself
         # Horizon: 2 x (2 checkpoint steps + 10 steps of 10 ms in the daemon's 0.1 s reaction).
-        assert h.job.heartbeat(1.0, 0.25) == Heartbeat(1.0, None, 0.25, 850 * MiB - 150 * MiB - 100 * MiB, 24)
+        assert h.job.heartbeat(1.0, 0.25) == Heartbeat(1.0, None, 0.25, 850 * MiB - 150 * MiB - 100 * MiB, 24,
+                                                        MAX_STEPS_ROWS)  # held steps may come as steps frames
         assert h.job.heartbeat(1.0, 0.0) == Heartbeat(1.0)  # telemetry_hold = 0: never
 
     def test_hold_is_at_most_a_quarter_of_the_hang_timeout(self, tmp_path: Path) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 from pathlib import Path
+from typing import Any, Union, get_args, get_origin
 
 from protocol.messages import _FIELDS, _TYPES, EXIT_CHECKPOINTED, MAX_MESSAGE_BYTES, MAX_STRING_CHARS
 from worker.session import ENV_PREFIX, SessionSettings
@@ -12,6 +14,17 @@ from worker.session import ENV_PREFIX, SessionSettings
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = (ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
 TYPE_NAMES = {int: "int", float: "float", str: "str"}
+COLUMN_NAMES = {int: "ints", float: "floats"}  # a ``steps`` column: tuple[int, ...] or tuple[float | None, ...]
+
+
+def type_name(kind: Any) -> str:
+    """The spec's name of a field's type."""
+    if get_origin(kind) is tuple:
+        (element, *_) = get_args(kind)
+        if get_origin(element) in (Union, types.UnionType):
+            (element,) = (arg for arg in get_args(element) if arg is not type(None))
+        return COLUMN_NAMES[element]
+    return TYPE_NAMES[kind]
 
 
 def message_tables() -> dict[str, dict[str, tuple[str, str]]]:
@@ -36,7 +49,7 @@ class TestMessages:
             assert set(tables[tag]) == {f.name for f in fields}, tag
             for field in fields:
                 kind, required = tables[tag][field.name]
-                assert kind == TYPE_NAMES[field.kind], (tag, field.name)
+                assert kind == type_name(field.kind), (tag, field.name)
                 assert (required == "yes") is field.required, (tag, field.name, required)
 
     def test_limits_and_exit_code_are_the_codes(self) -> None:

@@ -16,6 +16,11 @@ from protocol.vectors import ROOT_NOTE, build, frame_of, load
 VECTORS = load()
 
 
+def plain(value: Any) -> Any:
+    """A decoded field as JSON has it (a ``steps`` column is a tuple)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def by_name(kind: str) -> list[Any]:
     return [pytest.param(v, id=v["name"]) for v in VECTORS[kind]]
 
@@ -44,7 +49,7 @@ class TestValidFrames:
     def test_decodes_to_the_expected_fields(self, vector: dict[str, Any]) -> None:
         message = decode(frame_of(vector))
         assert vector["type"] == message.TAG
-        assert {name: getattr(message, name) for name in vector["fields"]} == vector["fields"]
+        assert {name: plain(getattr(message, name)) for name in vector["fields"]} == vector["fields"]
         assert set(vector["fields"]) == {f.name for f in dataclasses.fields(message)}
 
     @pytest.mark.parametrize("vector", by_name("valid"))

@@ -9,18 +9,44 @@ of them has waited ``hold`` seconds. A step that is not calm (its footprint plus
 trend ``hold_horizon`` steps ahead, reaches ``hold_below``) goes out at once with the held ones before it:
 the edge trigger. So do any frame other than a step (held steps go first, order is kept), and every step of a
 worker that has not been told to hold. A command from the daemon stops holding until its next heartbeat.
+
+When the heartbeat also carries ``hold_rows``, a run of steps goes out as ``steps`` frames of at most that many
+rows (``batch_frames``), which the daemon handles at about the cost of one step: its cost stops growing with
+the step rate. Without it, each step is its own frame, as version 1 daemons expect.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-MAX_HELD = 1000  # frames held at most (about 130 kB): a very fast loop sends a burst before the timer
+from protocol.messages import MAX_STEPS_ROWS, Step, Steps, encode
+
+MAX_HELD = 1000  # steps held at most (about 100 kB as frames): a very fast loop sends a burst before the timer
+
+
+def batch_frames(messages: Sequence[Any], rows: int) -> list[bytes]:
+    """The frames for ``messages`` in order: each run of ``Step`` messages as ``steps`` frames of at most
+    ``rows`` rows when ``rows`` > 1 (a run of one stays a ``step`` frame), every other message as its frame."""
+    frames: list[bytes] = []
+    run: list[Step] = []
+    for message in (*messages, None):
+        if isinstance(message, Step) and rows > 1:
+            run.append(message)
+            if len(run) < rows:
+                continue
+        if run:
+            frames.append(encode(run[0]) if len(run) == 1 else encode(Steps.of(run)))
+            run = []
+        if message is not None and not (isinstance(message, Step) and rows > 1):
+            frames.append(encode(message))
+    return frames
 
 
 class StepHold:
-    """Which frames to send now; pure bookkeeping (no socket), the clock is injectable."""
+    """Which messages to send now; pure bookkeeping (no socket), the clock is injectable. It holds whatever
+    the caller gives it (``Step`` messages in the SDK) and hands them back in order."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, max_held: int = MAX_HELD) -> None:
         self.clock = clock
@@ -28,13 +54,15 @@ class StepHold:
         self.hold = 0.0  # seconds a calm step may wait; 0: send every step at once
         self.below = 0
         self.horizon = 0
-        self.held: list[bytes] = []
+        self.rows = 0  # rows a steps frame may carry (0: one frame per step)
+        self.held: list[Any] = []
         self.held_since = 0.0
         self._last: tuple[int, int] | None = None  # (step, footprint) of the previous step
         self._sent_a_step = False
 
-    def configure(self, hold: float | None, below: int | None, horizon: int | None) -> None:
+    def configure(self, hold: float | None, below: int | None, horizon: int | None, rows: int | None = None) -> None:
         """What the daemon's latest heartbeat allows (any field absent: hold nothing)."""
+        self.rows = min(rows or 0, MAX_STEPS_ROWS)
         if hold is None or below is None or horizon is None:
             self.hold = 0.0
         else:
@@ -54,8 +82,8 @@ class StepHold:
             trend = max(0.0, (footprint - last[1]) / (step - last[0]))
         return footprint + transient < self.below and footprint + trend * self.horizon < self.below
 
-    def step(self, frame: bytes, step: int, footprint: int, transient: int) -> list[bytes]:
-        """A step's frame: [] when it is held, else every frame to send now, in order."""
+    def step(self, frame: Any, step: int, footprint: int, transient: int) -> list[Any]:
+        """A step (its message or frame): [] when it is held, else everything to send now, in order."""
         if self.calm(step, footprint, transient) and len(self.held) < self.max_held and not self.due():
             if not self.held:
                 self.held_since = self.clock()
@@ -64,8 +92,8 @@ class StepHold:
         self._sent_a_step = True
         return self.release(frame)
 
-    def release(self, frame: bytes | None = None) -> list[bytes]:
-        """The held frames (and ``frame`` after them), to send now."""
+    def release(self, frame: Any = None) -> list[Any]:
+        """The held steps (and ``frame`` after them), to send now."""
         frames, self.held = self.held, []
         if frame is not None:
             frames.append(frame)

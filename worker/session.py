@@ -33,14 +33,13 @@ from protocol import (
     Step,
     Welcome,
     decode,
-    encode,
 )
 from protocol.footprint import self_footprint
 from protocol.messages import EXIT_CHECKPOINTED
 from worker import checkpoint as ckpt
 from worker import gang as gang_mod
 from worker.gang import Gang
-from worker.hold import StepHold
+from worker.hold import StepHold, batch_frames
 from worker.pulse import Pulse
 
 ENV_PREFIX = "MLXSUP_"
@@ -112,7 +111,7 @@ class Session:
         self._socket: zmq.Socket[bytes] | None = None
         self._lock = threading.Lock()  # the socket, shared with the pulse thread
         self._inbox: list[Command] = []  # commands received, handled at the next step boundary
-        self._hold = StepHold()  # step frames held while memory is far from the daemon's bands
+        self._hold = StepHold()  # steps held while memory is far from the daemon's bands
         self._pulse: Pulse | None = None
         if settings.endpoint:
             self._connect()
@@ -281,7 +280,7 @@ class Session:
             self._pulse = None
         if self._socket is not None:
             with self._lock:
-                self._send_frames(self._hold.release())
+                self._send_all(self._hold.release())
             self._socket.close(linger=linger_ms)
             self._socket = None
         if self._context is not None:
@@ -323,19 +322,18 @@ class Session:
     def _send_locked(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat) -> None:
         if self._socket is None:
             return
-        frame = encode(message)
-        if isinstance(message, Step):
+        if isinstance(message, Step):  # held as a message: held steps go out as one ``steps`` frame
             transient = max(0, message.mlx_peak - message.mlx_active)
-            frames = self._hold.step(frame, message.step, message.footprint, transient)
+            self._send_all(self._hold.step(message, message.step, message.footprint, transient))
         elif isinstance(message, Heartbeat):
-            frames = [frame]  # a sign of life; held steps keep waiting
+            self._send_all([message])  # a sign of life; held steps keep waiting
         else:
-            frames = self._hold.release(frame)  # held steps first: the daemon sees everything in order
-        self._send_frames(frames)
+            self._send_all(self._hold.release(message))  # held steps first: the daemon sees everything in order
 
-    def _send_frames(self, frames: list[bytes]) -> None:
+    def _send_all(self, messages: list[Any]) -> None:
+        """Send ``messages`` in order; runs of steps as ``steps`` frames when the daemon allows them."""
         assert self._socket is not None
-        for frame in frames:
+        for frame in batch_frames(messages, self._hold.rows):
             try:
                 self._socket.send(frame, zmq.NOBLOCK)
             except zmq.Again:
@@ -370,7 +368,7 @@ class Session:
                 continue
             if isinstance(message, Heartbeat):
                 self._last_heard = max(self._last_heard, message.sent_at)
-                self._hold.configure(message.hold, message.hold_below, message.hold_horizon)
+                self._hold.configure(message.hold, message.hold_below, message.hold_horizon, message.hold_rows)
             elif isinstance(message, Command):
                 self._last_heard = time.time()
                 self._inbox.append(message)
@@ -378,7 +376,7 @@ class Session:
             elif isinstance(message, Welcome):  # version 1 is the only one yet: nothing to switch
                 self._last_heard = time.time()
         if self._hold.due():  # the loop is slow to reach its next step: the pulse thread sends them
-            self._send_frames(self._hold.release())
+            self._send_all(self._hold.release())
 
     def _leave(self, reason: str, step: int, code: int) -> None:
         self._log("worker_exit", {"reason": reason, "step": step})

@@ -30,7 +30,12 @@ _STEP_DEFAULTS = {"tokens_per_second": None, "val_loss": None}
 _HEAD = {"v": 1}
 
 
-_NO_HOLD: dict[str, Any] = {"hold": None, "hold_below": None, "hold_horizon": None}  # a heartbeat without them
+_NO_HOLD: dict[str, Any] = {"hold": None, "hold_below": None, "hold_horizon": None, "hold_rows": None}
+# Two held steps as one ``steps`` frame: a list per field, in the spec's order.
+_STEPS = {"step": [121, 122], "batch": [8, 8], "accum": [2, 2], "loss": [2.5, 2.25], "step_seconds": [0.125, 0.0625],
+          "mlx_active": [1 << 30, 1 << 30], "mlx_cache": [1 << 20, 0], "mlx_peak": [3 << 29, 3 << 29],
+          "footprint": [3 << 30, (3 << 30) + 4096]}
+_STEPS_DEFAULTS = {"tokens_per_second": None, "val_loss": None}
 
 
 def _valid(name: str, tag: str, body: dict[str, Any], fields: dict[str, Any], canonical: bool,
@@ -58,6 +63,7 @@ def _nested(depth: int) -> Any:
 def _valid_vectors() -> list[dict[str, Any]]:
     step_full = {**_STEP, "tokens_per_second": 16384.5, "val_loss": 2.75}
     unicode_hello = {**_HELLO, "job": "tränîng-✓", "token": ""}
+    steps_full = {**_STEPS, "tokens_per_second": [16384.5, None], "val_loss": [None, 2.75]}
     return [
         _valid("hello", "hello", _HELLO, {**_HELLO, "protocol": 1}, True),
         _valid("hello_unicode_job", "hello", unicode_hello, {**unicode_hello, "protocol": 1}, True),
@@ -95,8 +101,22 @@ def _valid_vectors() -> list[dict[str, Any]]:
                {"sent_at": 1767225600.25, "token": _HELLO["token"], **_NO_HOLD}, True),
         _valid("heartbeat_with_hold", "heartbeat",
                {"sent_at": 1767225600.25, "hold": 0.25, "hold_below": 3 << 30, "hold_horizon": 6},
-               {"sent_at": 1767225600.25, "token": None, "hold": 0.25, "hold_below": 3 << 30, "hold_horizon": 6},
-               True),
+               {"sent_at": 1767225600.25, "token": None, "hold": 0.25, "hold_below": 3 << 30, "hold_horizon": 6,
+                "hold_rows": None}, True),
+        _valid("heartbeat_with_hold_rows", "heartbeat",
+               {"sent_at": 1767225600.25, "hold": 0.25, "hold_below": 3 << 30, "hold_horizon": 6, "hold_rows": 256},
+               {"sent_at": 1767225600.25, "token": None, "hold": 0.25, "hold_below": 3 << 30, "hold_horizon": 6,
+                "hold_rows": 256}, True),
+        _valid("steps", "steps", _STEPS, {**_STEPS, **_STEPS_DEFAULTS}, True),
+        _valid("steps_one_row", "steps", {k: v[:1] for k, v in _STEPS.items()},
+               {**{k: v[:1] for k, v in _STEPS.items()}, **_STEPS_DEFAULTS}, True),
+        _valid("steps_with_optional_columns", "steps", steps_full, steps_full, True),
+        _valid("steps_optional_column_nil", "steps", {**_STEPS, "val_loss": None}, {**_STEPS, **_STEPS_DEFAULTS},
+               False),
+        _valid("steps_integer_loss", "steps", {**_STEPS, "loss": [3, 2]},
+               {**_STEPS, **_STEPS_DEFAULTS, "loss": [3.0, 2.0]}, False),
+        _valid("steps_with_unknown_fields", "steps", {**_STEPS, "grad_norm": [0.5, 0.25], "note": "x"},
+               {**_STEPS, **_STEPS_DEFAULTS}, False),
         _valid("heartbeat_float32", "heartbeat", {}, {"sent_at": 1.5, "token": None, **_NO_HOLD}, False,
                raw=b"\x83\xa1v\x01\xa1t\xa9heartbeat\xa7sent_at\xca" + struct.pack(">f", 1.5)),
         _valid("heartbeat_integer_time", "heartbeat", {"sent_at": 1767225600},
@@ -117,6 +137,7 @@ def _invalid_vectors() -> list[dict[str, Any]]:
     beat = {"v": 1, "t": "heartbeat", "sent_at": 1.5}
     step = {**_HEAD, "t": "step", **_STEP}
     hello = {**_HEAD, "t": "hello", **_HELLO}
+    steps = {**_HEAD, "t": "steps", **_STEPS}
     return [
         _invalid("garbage_byte", None, "not_msgpack", raw=b"\xc1"),
         _invalid("truncated_map", None, "not_msgpack", raw=bytes.fromhex(_pack(beat))[:-3]),
@@ -152,6 +173,19 @@ def _invalid_vectors() -> list[dict[str, Any]]:
         _invalid("hello_protocol_zero", {**hello, "protocol": 0}, "field_value"),
         _invalid("goodbye_reason_too_long", {"v": 1, "t": "goodbye", "reason": "x" * 4097, "step": 1},
                  "field_value"),
+        _invalid("steps_without_footprint", {k: v for k, v in steps.items() if k != "footprint"}, "missing_field"),
+        _invalid("steps_without_step", {k: v for k, v in steps.items() if k != "step"}, "missing_field"),
+        _invalid("steps_column_as_integer", {**steps, "loss": 2.5}, "field_type"),
+        _invalid("steps_bool_in_an_integer_column", {**steps, "batch": [8, True]}, "field_type"),
+        _invalid("steps_float_in_an_integer_column", {**steps, "footprint": [1.0, 2.0]}, "field_type"),
+        _invalid("steps_string_in_an_optional_column", {**steps, "val_loss": [None, "low"]}, "field_type"),
+        _invalid("steps_nil_in_a_required_column", {**steps, "loss": [2.5, None]}, "field_type"),
+        _invalid("steps_rows_disagree", {**steps, "mlx_cache": [0]}, "field_value"),
+        _invalid("steps_no_rows", {**steps, **{k: [] for k in _STEPS}}, "field_value"),
+        _invalid("steps_too_many_rows", {**steps, **{k: list(range(1, 258)) for k in _STEPS}}, "field_value"),
+        _invalid("steps_not_increasing", {**steps, "step": [122, 122]}, "field_value"),
+        _invalid("steps_negative_value", {**steps, "mlx_cache": [0, -1]}, "field_value"),
+        _invalid("steps_infinite_loss", {**steps, "loss": [2.5, float("inf")]}, "field_value"),
         {"name": "oversized_frame", "fill": {"byte": "00", "count": 64 * 1024 + 1}, "error": "too_large"},
     ]
 

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 from protocol import Hello, Step
+from protocol.messages import Steps
 from supervisor.core.gang import Outcome
 from supervisor.core.policy import Decision, Limits
 
@@ -103,6 +104,15 @@ class StepIn:
 
     now: float
     msg: Step
+    rank: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepsIn:
+    """Telemetry of several held steps of the current worker, in one frame (rows in the order they ran)."""
+
+    now: float
+    msg: Steps
     rank: int = 0
 
 
@@ -202,7 +212,7 @@ class LeaderSays:
 
 
 Event = (Start | Stop | Restart | Shutdown | CheckpointNow | SetLimits | Spawned | SpawnFailed | HelloIn | StepIn
-         | Heard | GoodbyeIn | Sample | Exited | DepartedExited | Tick | PeerSync | LeaderSays)
+         | StepsIn | Heard | GoodbyeIn | Sample | Exited | DepartedExited | Tick | PeerSync | LeaderSays)
 
 
 # -- actions ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import math
 import statistics
 from bisect import bisect_left, insort
 from collections import deque
+from collections.abc import Sequence
 
 MiB = 1024 * 1024
 
@@ -110,6 +111,33 @@ class Estimator:
             if self.baseline is None or level < self.baseline:
                 self.baseline = level
         self.step_peak = level
+
+    def observe_steps(self, steps: Sequence[int], levels: Sequence[int], reported: Sequence[int],
+                      seconds: Sequence[float]) -> None:
+        """Several held steps at once (a ``steps`` frame), in bulk: every row counts for ``steps_seen``, the
+        baseline, and the transient and duration windows, but only the last row joins the slope window, so a
+        frame costs about what one step does. Held steps are calm (far from the bands, by the worker's test), so
+        the trend loses nothing it needs: its window spans more steps while they are held, and every step again
+        once they are not. The samples taken while the rows ran count against the last row's level."""
+        if self.steps_seen < self.config.warmup_steps:
+            for row in zip(steps, levels, reported, seconds, strict=True):  # rare: a frame across the warmup
+                self.observe_step(*row)
+            return
+        window = self.config.window
+        self.steps_seen += len(steps)
+        self._trend.add(steps[-1], levels[-1])
+        self.durations.extend(s for s in seconds[-window:] if s > 0)
+        tail = levels[-window - 1:]
+        later = reported[len(reported) - len(tail) + 1:]  # what the worker reported for tail[1:]
+        drops = [max(0, before - after, r) for (before, after), r in zip(itertools.pairwise(tail), later, strict=True)]
+        if len(levels) <= window:  # the first row follows the last step seen before the frame
+            drops.insert(0, max(0, self.step_peak - levels[0], reported[0]))
+        drops[-1] = max(drops[-1], self.step_peak - levels[-1])
+        self.transients.extend(drops)
+        lowest = min(levels)
+        if self.baseline is None or lowest < self.baseline:
+            self.baseline = lowest
+        self.step_peak = levels[-1]
 
     @property
     def slope(self) -> float:

@@ -26,6 +26,7 @@ import structlog
 
 from protocol import CheckpointSaved, Command, Goodbye, Heartbeat, Hello, Message, Step, encode
 from protocol.checkpoints import latest_step
+from protocol.messages import MAX_STEPS_ROWS, Steps
 from supervisor.config import JobConfig, worker_argv
 from supervisor.core import events as ev
 from supervisor.core.events import Action, Event, Refused
@@ -37,7 +38,7 @@ from supervisor.core.sizes import parse_bytes, parse_fraction_of
 from supervisor.core.states import JobState
 from supervisor.daemon.history import History
 from supervisor.daemon.ranks import rank_env, rank_rows, write_ring
-from supervisor.daemon.recorder import Recorder
+from supervisor.daemon.recorder import Recorder, expand_steps
 from supervisor.daemon.system import System, WorkerProcess
 from supervisor.hostfile import Layout
 
@@ -254,6 +255,8 @@ class Job:
         rank = self._lead() if rank is None else rank
         if isinstance(message, Step):
             self.feed(ev.StepIn(now, message, rank))
+        elif isinstance(message, Steps):
+            self.feed(ev.StepsIn(now, message, rank))
         elif isinstance(message, Goodbye):
             self.feed(ev.GoodbyeIn(now, message.reason, message.step, self._newest(), rank))
         else:
@@ -266,7 +269,8 @@ class Job:
 
     def heartbeat(self, sent_at: float, hold: float) -> Heartbeat:
         """The heartbeat for this job's worker, with how long (at most ``hold`` seconds, and a quarter of the
-        hang timeout) and how far from its bands it may hold step telemetry: see ``worker.hold``."""
+        hang timeout) and how far from its bands it may hold step telemetry, and that held steps may come as
+        ``steps`` frames: see ``worker.hold``."""
         life = self.lifecycle.life
         hold = min(hold, self.lifecycle.settings.hang_timeout / 4)
         if self.layout is not None:
@@ -274,7 +278,7 @@ class Job:
         if hold <= 0 or life is None or not life.estimator.levels:
             return Heartbeat(sent_at)  # nothing to compare the group's footprint with yet: no holding
         below = hold_threshold(self.limits, self.last_sampled, life.estimator.level)
-        return Heartbeat(sent_at, None, hold, below, hold_horizon(life.estimator))
+        return Heartbeat(sent_at, None, hold, below, hold_horizon(life.estimator), MAX_STEPS_ROWS)
 
     def next_sample(self, interval: float) -> float:
         """When this job's workers are next sampled (inf without a process): on the cadence ``on_sample`` set
@@ -341,8 +345,9 @@ class Job:
     def _carry_out(self, action: Action) -> None:
         if isinstance(action, ev.Telemetry):
             self.recorder.record(action.kind, **action.fields)
-            if action.publish:
-                self.publish(self.name, "telemetry", action.fields)
+            if action.publish:  # subscribers see one event per step, however the steps came
+                for fields in expand_steps(action.fields) if action.kind == "steps" else (action.fields,):
+                    self.publish(self.name, "telemetry", fields)
         elif isinstance(action, ev.Send):
             frame = encode(Command(action.action, action.reason))
             for rank, identity in list(self.identities.items()):

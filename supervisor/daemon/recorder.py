@@ -1,5 +1,8 @@
 """Telemetry recording: every step and every footprint sample of a job, as compact JSON lines.
 
+A step is a ``step`` line; the held steps a worker sent in one ``steps`` frame are one ``steps`` line, a list
+per field (``leak_bytes_per_step``, ``transient`` and ``rank`` once, as after the last row). ``read_records``
+gives them back as one ``step`` record per row, so readers see every step either way.
 ``mlxsupctl plot`` and the benchmarks read these files. A record is encoded and kept in memory; the lines are
 written in one write and flushed to the OS once ``flush_every`` has passed (at the next record, or at the
 daemon loop's next turn through ``flush_due``), when ``max_pending`` lines are waiting, and at close: recording
@@ -106,8 +109,26 @@ class Recorder:
             self._file = None
 
 
+def expand_steps(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One ``step`` record per row of a ``steps`` record (list fields by row, the others as they are; a row's
+    nil in an optional field leaves it out, as a ``step`` line does). A record whose lists disagree in length
+    gives nothing (a damaged line)."""
+    rows = record.get("step")
+    if not isinstance(rows, list | tuple):
+        return []
+    columns = {k: v for k, v in record.items() if isinstance(v, list | tuple)}
+    if any(len(column) != len(rows) for column in columns.values()):
+        return []
+    shared = {k: v for k, v in record.items() if k not in columns}
+    shared["k"] = "step"
+    names = list(columns)
+    return [{**shared, **{k: v for k, v in zip(names, values, strict=True) if v is not None}}
+            for values in zip(*columns.values(), strict=True)]
+
+
 def read_records(path: Path, window: int = READ_WINDOW) -> list[dict[str, Any]]:
-    """The complete records in the last ``window`` bytes of a telemetry file (a torn line is skipped)."""
+    """The complete records in the last ``window`` bytes of a telemetry file (a torn line is skipped); a
+    ``steps`` line comes back as its ``step`` records."""
     try:
         with open(path, "rb") as handle:
             size = handle.seek(0, os.SEEK_END)
@@ -117,4 +138,7 @@ def read_records(path: Path, window: int = READ_WINDOW) -> list[dict[str, Any]]:
         return []
     if size > window:
         data = data.split(b"\n", 1)[-1]  # the first line of the window is probably cut
-    return parse_jsonl(data.decode(errors="replace"))
+    records = parse_jsonl(data.decode(errors="replace"))
+    if not any(r.get("k") == "steps" for r in records):
+        return records
+    return [row for r in records for row in (expand_steps(r) if r.get("k") == "steps" else (r,))]
