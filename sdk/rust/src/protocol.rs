@@ -20,6 +20,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub const MAX_STRING_CHARS: usize = 4096;
 /// Largest integer on the wire (integers are non-negative and fit an `i64`).
 pub const MAX_INT: u64 = i64::MAX as u64;
+/// Most rows of a `steps` frame.
+pub const MAX_STEPS_ROWS: usize = 256;
 /// Deepest nesting of arrays and maps decoded (the spec requires at least 100).
 pub const MAX_DEPTH: usize = 256;
 /// Exit status of a worker that checkpointed and wants to be restarted.
@@ -115,6 +117,26 @@ pub struct Step {
     pub val_loss: Option<f64>,
 }
 
+/// The telemetry of several held steps in one frame, one array per [`Step`] field: row *i* of every array is the
+/// *i*-th step, in the order they ran (steps strictly increase), 1 to [`MAX_STEPS_ROWS`] rows. Sent only to a
+/// daemon whose heartbeat carries `hold_rows`; this crate decodes it but does not send it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Steps {
+    pub step: Vec<u64>,
+    pub batch: Vec<u64>,
+    pub accum: Vec<u64>,
+    pub loss: Vec<f64>,
+    pub step_seconds: Vec<f64>,
+    pub mlx_active: Vec<u64>,
+    pub mlx_cache: Vec<u64>,
+    pub mlx_peak: Vec<u64>,
+    pub footprint: Vec<u64>,
+    /// Training throughput of each row, `None` in a row that did not measure it; absent: no row did.
+    pub tokens_per_second: Option<Vec<Option<f64>>>,
+    /// Validation loss of each row, `None` in a row without one; absent: no row had one.
+    pub val_loss: Option<Vec<Option<f64>>>,
+}
+
 /// A checkpoint became durable (fsynced and renamed into place).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointSaved {
@@ -134,7 +156,8 @@ pub struct Goodbye {
 /// Liveness, both ways: the sender's wall clock in seconds since the Unix epoch. A worker's heartbeats carry its
 /// spawn token, so that they count as signs of life even before its hello (a long model load). The daemon's may
 /// allow holding the telemetry of steps far from the memory bands (`hold`, `hold_below`, `hold_horizon`; see
-/// docs/PROTOCOL.md); a worker that does not hold simply sends every step at once.
+/// docs/PROTOCOL.md), and sending held steps as [`Steps`] frames of at most `hold_rows` rows; a worker that does
+/// not hold simply sends every step at once.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Heartbeat {
     pub sent_at: f64,
@@ -142,6 +165,7 @@ pub struct Heartbeat {
     pub hold: Option<f64>,
     pub hold_below: Option<u64>,
     pub hold_horizon: Option<u64>,
+    pub hold_rows: Option<u64>,
 }
 
 /// What the daemon asks for at the next step boundary.
@@ -179,6 +203,7 @@ pub enum Message {
     Hello(Hello),
     Welcome(Welcome),
     Step(Step),
+    Steps(Steps),
     CheckpointSaved(CheckpointSaved),
     Goodbye(Goodbye),
     Heartbeat(Heartbeat),
@@ -192,6 +217,7 @@ impl Message {
             Message::Hello(_) => "hello",
             Message::Welcome(_) => "welcome",
             Message::Step(_) => "step",
+            Message::Steps(_) => "steps",
             Message::CheckpointSaved(_) => "checkpoint_saved",
             Message::Goodbye(_) => "goodbye",
             Message::Heartbeat(_) => "heartbeat",
@@ -203,16 +229,15 @@ impl Message {
     pub fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut map = serde_json::Map::new();
         for (name, value) in self.fields() {
-            map.insert(name.to_string(), match value {
-                Value::Int(n) => serde_json::json!(n as u64),
-                Value::Float(x) => serde_json::json!(x),
-                Value::Str(s) => serde_json::json!(s),
-                _ => serde_json::Value::Null,
-            });
+            map.insert(name.to_string(), value.to_json());
         }
         match self {
             Message::Hello(m) => { map.insert("protocol".into(), serde_json::json!(m.protocol)); }
             Message::Step(m) => {
+                map.insert("tokens_per_second".into(), serde_json::json!(m.tokens_per_second));
+                map.insert("val_loss".into(), serde_json::json!(m.val_loss));
+            }
+            Message::Steps(m) => {
                 map.insert("tokens_per_second".into(), serde_json::json!(m.tokens_per_second));
                 map.insert("val_loss".into(), serde_json::json!(m.val_loss));
             }
@@ -221,6 +246,7 @@ impl Message {
                 map.insert("hold".into(), serde_json::json!(m.hold));
                 map.insert("hold_below".into(), serde_json::json!(m.hold_below));
                 map.insert("hold_horizon".into(), serde_json::json!(m.hold_horizon));
+                map.insert("hold_rows".into(), serde_json::json!(m.hold_rows));
             }
             _ => {}
         }
@@ -229,7 +255,10 @@ impl Message {
 
     /// Fields in the spec's order; optional ones only when they differ from their default.
     fn fields(&self) -> Vec<(&'static str, Value)> {
-        use Value::{Float, Int, Str};
+        use Value::{Array, Float, Int, Nil, Str};
+        let ints = |column: &[u64]| Array(column.iter().map(|&n| Int(n.into())).collect());
+        let floats = |column: &[f64]| Array(column.iter().map(|&x| Float(x)).collect());
+        let optional = |column: &[Option<f64>]| Array(column.iter().map(|x| x.map_or(Nil, Float)).collect());
         match self {
             Message::Hello(m) => {
                 let mut f = vec![("token", Str(m.token.clone())), ("pid", Int(m.pid.into())),
@@ -256,6 +285,19 @@ impl Message {
                 }
                 f
             }
+            Message::Steps(m) => {
+                let mut f = vec![("step", ints(&m.step)), ("batch", ints(&m.batch)), ("accum", ints(&m.accum)),
+                                 ("loss", floats(&m.loss)), ("step_seconds", floats(&m.step_seconds)),
+                                 ("mlx_active", ints(&m.mlx_active)), ("mlx_cache", ints(&m.mlx_cache)),
+                                 ("mlx_peak", ints(&m.mlx_peak)), ("footprint", ints(&m.footprint))];
+                if let Some(tokens_per_second) = &m.tokens_per_second {
+                    f.push(("tokens_per_second", optional(tokens_per_second)));
+                }
+                if let Some(val_loss) = &m.val_loss {
+                    f.push(("val_loss", optional(val_loss)));
+                }
+                f
+            }
             Message::CheckpointSaved(m) => vec![("step", Int(m.step.into())), ("path", Str(m.path.clone())),
                                                 ("seconds", Float(m.seconds)), ("nbytes", Int(m.nbytes.into()))],
             Message::Goodbye(m) => vec![("reason", Str(m.reason.clone())), ("step", Int(m.step.into()))],
@@ -272,6 +314,9 @@ impl Message {
                 }
                 if let Some(horizon) = m.hold_horizon {
                     f.push(("hold_horizon", Int(horizon.into())));
+                }
+                if let Some(rows) = m.hold_rows {
+                    f.push(("hold_rows", Int(rows.into())));
                 }
                 f
             }
@@ -309,6 +354,17 @@ impl Value {
             Value::Ext => "ext",
         }
     }
+
+    /// The value as JSON, for [`Message::to_json`] (maps and opaque values as `null`).
+    fn to_json(&self) -> serde_json::Value {
+        match self {
+            Value::Int(n) => serde_json::json!(*n as u64),
+            Value::Float(x) => serde_json::json!(x),
+            Value::Str(s) => serde_json::json!(s),
+            Value::Array(items) => items.iter().map(Value::to_json).collect(),
+            _ => serde_json::Value::Null,
+        }
+    }
 }
 
 impl Serialize for Value {
@@ -319,6 +375,7 @@ impl Serialize for Value {
             Value::Float(x) => serializer.serialize_f64(*x),
             Value::Str(s) => serializer.serialize_str(s),
             Value::Bool(b) => serializer.serialize_bool(*b),
+            Value::Array(items) => serializer.collect_seq(items),
             _ => serializer.serialize_unit(),
         }
     }
@@ -555,6 +612,84 @@ impl Fields<'_> {
         Ok(value)
     }
 
+    /// The array `name` of a `steps` frame, of `rows` entries; `None` when an optional one is absent or nil.
+    fn column(&self, name: &str, rows: usize, optional: bool) -> Result<Option<&[Value]>, ProtocolError> {
+        let column = match self.get(name) {
+            None | Some(Value::Nil) if optional => return Ok(None),
+            None | Some(Value::Nil) => {
+                return Err(ProtocolError::new(ErrorKind::MissingField, format!("{}: missing field {name:?}", self.tag)))
+            }
+            Some(Value::Array(items)) => items,
+            Some(other) => return Err(self.error(ErrorKind::FieldType, name,
+                                                 format!("expected an array, got {}", other.type_name()))),
+        };
+        if column.len() != rows {
+            return Err(self.error(ErrorKind::FieldValue, name, format!("{} rows, \"step\" has {rows}", column.len())));
+        }
+        Ok(Some(column))
+    }
+
+    /// Refuse a column with an entry that `fits` does not accept, before any entry's value is checked.
+    fn column_types(&self, name: &str, column: &[Value], expected: &str, fits: fn(&Value) -> bool)
+                    -> Result<(), ProtocolError> {
+        match column.iter().find(|value| !fits(value)) {
+            Some(bad) => Err(self.error(ErrorKind::FieldType, name,
+                                        format!("expected {expected}, got {}", bad.type_name()))),
+            None => Ok(()),
+        }
+    }
+
+    fn ints(&self, name: &str, rows: usize) -> Result<Vec<u64>, ProtocolError> {
+        let column = self.column(name, rows, false)?.unwrap_or_default();
+        self.column_types(name, column, "integers", |value| matches!(value, Value::Int(_)))?;
+        column.iter().map(|value| self.int_of(name, value)).collect()
+    }
+
+    fn floats(&self, name: &str, rows: usize) -> Result<Vec<f64>, ProtocolError> {
+        let column = self.column(name, rows, false)?.unwrap_or_default();
+        self.column_types(name, column, "numbers", |value| matches!(value, Value::Int(_) | Value::Float(_)))?;
+        column.iter().map(|value| self.float_of(name, value)).collect()
+    }
+
+    fn floats_opt(&self, name: &str, rows: usize) -> Result<Option<Vec<Option<f64>>>, ProtocolError> {
+        let Some(column) = self.column(name, rows, true)? else { return Ok(None) };
+        self.column_types(name, column, "numbers or nil",
+                          |value| matches!(value, Value::Int(_) | Value::Float(_) | Value::Nil))?;
+        column.iter().map(|value| match value {
+            Value::Nil => Ok(None),
+            value => self.float_of(name, value).map(Some),
+        }).collect::<Result<_, _>>().map(Some)
+    }
+
+    /// A `steps` frame, checked as the Python daemon does: the `step` array's presence, type and row count first,
+    /// then every column in the spec's order (presence, type, row count, entry types, entry values), then the
+    /// order of the steps.
+    fn steps(&self) -> Result<Steps, ProtocolError> {
+        let rows = match self.get("step") {
+            None | Some(Value::Nil) => return Err(ProtocolError::new(ErrorKind::MissingField,
+                                                                     format!("{}: missing field \"step\"", self.tag))),
+            Some(Value::Array(rows)) if (1..=MAX_STEPS_ROWS).contains(&rows.len()) => rows.len(),
+            Some(Value::Array(rows)) => {
+                return Err(self.error(ErrorKind::FieldValue, "step",
+                                      format!("{} rows, expected 1..{MAX_STEPS_ROWS}", rows.len())))
+            }
+            Some(other) => return Err(self.error(ErrorKind::FieldType, "step",
+                                                 format!("expected an array, got {}", other.type_name()))),
+        };
+        let steps = Steps {
+            step: self.ints("step", rows)?, batch: self.ints("batch", rows)?, accum: self.ints("accum", rows)?,
+            loss: self.floats("loss", rows)?, step_seconds: self.floats("step_seconds", rows)?,
+            mlx_active: self.ints("mlx_active", rows)?, mlx_cache: self.ints("mlx_cache", rows)?,
+            mlx_peak: self.ints("mlx_peak", rows)?, footprint: self.ints("footprint", rows)?,
+            tokens_per_second: self.floats_opt("tokens_per_second", rows)?,
+            val_loss: self.floats_opt("val_loss", rows)?,
+        };
+        if steps.step.windows(2).any(|pair| pair[0] >= pair[1]) {
+            return Err(self.error(ErrorKind::FieldValue, "step", "steps must strictly increase".to_string()));
+        }
+        Ok(steps)
+    }
+
     fn message(&self) -> Result<Message, ProtocolError> {
         Ok(match self.tag {
             "hello" => Message::Hello(Hello {
@@ -572,6 +707,7 @@ impl Fields<'_> {
                 tokens_per_second: self.float_opt("tokens_per_second")?,
                 val_loss: self.float_opt("val_loss")?,
             }),
+            "steps" => Message::Steps(self.steps()?),
             "checkpoint_saved" => Message::CheckpointSaved(CheckpointSaved {
                 step: self.int("step")?, path: self.string("path")?, seconds: self.float("seconds")?,
                 nbytes: self.int("nbytes")?,
@@ -580,6 +716,7 @@ impl Fields<'_> {
             "heartbeat" => Message::Heartbeat(Heartbeat {
                 sent_at: self.float("sent_at")?, token: self.string_opt("token")?, hold: self.float_opt("hold")?,
                 hold_below: self.int_opt("hold_below")?, hold_horizon: self.int_opt("hold_horizon")?,
+                hold_rows: self.int_opt("hold_rows")?,
             }),
             "command" => {
                 let name = self.string("action")?;
