@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from protocol import Heartbeat
+import pytest
+
+from protocol import MAX_MESSAGE_BYTES, Goodbye, Heartbeat, Step, Steps, decode
 from protocol.messages import MAX_STEPS_ROWS
 from supervisor.core.policy import Estimator, Limits, PolicyConfig, hold_horizon, hold_threshold
-from worker.hold import StepHold
+from worker.hold import StepHold, batch_frames
 
 MiB = 1 << 20
 
@@ -85,6 +87,42 @@ class TestHolding:
         assert h.release() == []
 
 
+def step_message(step: int) -> Step:
+    return Step(step, 8, 1, 1.5, 0.02, 100 * MiB, 0, 120 * MiB, 100 * MiB + step)
+
+
+class TestBatchFrames:
+    """How held steps become frames: ``steps`` frames of at most ``rows`` rows when the daemon allows them."""
+
+    def test_a_run_of_steps_is_one_steps_frame_with_every_row_in_order(self) -> None:
+        held = [step_message(s) for s in range(2, 7)]
+        (frame,) = batch_frames(held, 256)
+        message = decode(frame)
+        assert isinstance(message, Steps) and message.rows() == held
+
+    def test_runs_are_cut_at_rows_and_a_run_of_one_stays_a_step_frame(self) -> None:
+        held = [step_message(s) for s in range(1, 6)]
+        frames = [decode(f) for f in batch_frames(held, 2)]
+        assert [type(m).__name__ for m in frames] == ["Steps", "Steps", "Step"]
+        assert [r.step for m in frames for r in (m.rows() if isinstance(m, Steps) else [m])] == [1, 2, 3, 4, 5]
+
+    def test_without_rows_every_step_is_its_own_frame(self) -> None:
+        held = [step_message(s) for s in range(1, 4)]
+        assert [decode(f) for f in batch_frames(held, 0)] == held
+
+    def test_other_messages_end_a_run_and_keep_their_place(self) -> None:
+        bye = Goodbye("finished", 4)
+        frames = [decode(f) for f in batch_frames([step_message(2), step_message(3), bye, step_message(5)], 256)]
+        assert isinstance(frames[0], Steps) and [r.step for r in frames[0].rows()] == [2, 3]
+        assert frames[1:] == [bye, step_message(5)]
+
+    def test_the_largest_frame_fits_the_message_limit(self) -> None:
+        held = [Step(2**40 + s, 2**20, 2**10, 1e300, 1e300, 2**62, 2**62, 2**62, 2**62, 1e300, 1e300)
+                for s in range(MAX_STEPS_ROWS)]
+        (frame,) = batch_frames(held, MAX_STEPS_ROWS)
+        assert len(frame) <= MAX_MESSAGE_BYTES and decode(frame).rows() == held  # type: ignore[union-attr]
+
+
 class TestDaemonSide:
     """What the daemon tells the worker."""
 
@@ -113,18 +151,25 @@ class TestSessionHolding:
 
     @staticmethod
     def steps_received(router: Any, wait_ms: int) -> list[int]:
-        from protocol import Step, decode
+        return [step for frame in TestSessionHolding.frames_received(router, wait_ms) for step in frame]
 
-        got: list[int] = []
+    @staticmethod
+    def frames_received(router: Any, wait_ms: int) -> list[list[int]]:
+        """The steps of each step or steps frame received, a list per frame."""
+        got: list[list[int]] = []
         while router.poll(wait_ms):
             message = decode(router.recv_multipart()[1])
             if isinstance(message, Step):
-                got.append(message.step)
+                got.append([message.step])
+            elif isinstance(message, Steps):
+                got.append(list(message.step))
             wait_ms = 50
         return got
 
-    def test_calm_steps_wait_until_an_urgent_step_the_pulse_or_close(
-            self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("rows", [None, MAX_STEPS_ROWS], ids=["step_frames", "steps_frames"])
+    def test_calm_steps_wait_until_an_urgent_step_the_pulse_or_close(self, tmp_path: Path, rows: int | None) -> None:
+        """Without ``hold_rows`` (a version 1 daemon) each held step is its own frame; with it, the steps sent
+        together are one ``steps`` frame."""
         import zmq
 
         from protocol import encode
@@ -138,31 +183,35 @@ class TestSessionHolding:
         session = Session(SessionSettings(endpoint=endpoint, token="t" * 32, orphan_timeout=60), 100, batch=8)
         def tell(hold: float, below: int) -> None:
             """A daemon heartbeat with the hold fields; returns once the session's pulse thread has read it."""
-            router.send_multipart([identity, encode(Heartbeat(time.time(), None, hold, below, 6))])
+            router.send_multipart([identity, encode(Heartbeat(time.time(), None, hold, below, 6, rows))])
             deadline = time.monotonic() + 10
             while (session._hold.hold, session._hold.below) != (hold, below) and time.monotonic() < deadline:
                 time.sleep(0.01)
 
+        def together(*steps: int) -> list[list[int]]:
+            """The frames that ``steps`` sent at once arrive in."""
+            return [list(steps)] if rows else [[step] for step in steps]
+
         try:
             session.end_step(1, 1.0)
             identity = router.recv_multipart()[0]  # the hello
-            assert self.steps_received(router, 2000) == [1]
+            assert self.frames_received(router, 2000) == [[1]]
             tell(30.0, 1 << 50)
             for step in range(2, 6):
                 session.end_step(step, 1.0)
-            assert self.steps_received(router, 600) == []  # held: calm, and 30 s allowed
+            assert self.frames_received(router, 600) == []  # held: calm, and 30 s allowed
             tell(30.0, 1)  # now every footprint is near the band
             session.end_step(6, 1.0)
-            assert self.steps_received(router, 2000) == [2, 3, 4, 5, 6]  # at once, the held ones first
+            assert self.frames_received(router, 2000) == together(2, 3, 4, 5, 6)  # at once, the held ones first
             tell(0.3, 1 << 50)
             session.end_step(7, 1.0)
             session.end_step(8, 1.0)
-            assert self.steps_received(router, 3000) == [7, 8]  # the pulse thread sent them after 0.3 s
+            assert self.frames_received(router, 3000) == together(7, 8)  # the pulse thread sent them after 0.3 s
             session.end_step(9, 1.0)
             session.end_step(10, 1.0)
         finally:
             session.close()
-        assert self.steps_received(router, 2000) == [9, 10]  # close sends what was held
+        assert self.frames_received(router, 2000) == together(9, 10)  # close sends what was held
         router.close(linger=0)
         context.term()
 

@@ -6,12 +6,13 @@ The same logic runs against real processes in test_supervise.py; here the timing
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from protocol import Command, Hello, Step, decode
+from protocol import Command, Hello, Step, Steps, decode
 from supervisor.config import JobConfig
 from supervisor.core.policy import Limits
 from supervisor.core.states import JobState
@@ -22,11 +23,11 @@ MiB = 2**20
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, **config: Any) -> None:
+    def __init__(self, tmp_path: Path, telemetry: Path | None = None, **config: Any) -> None:
         self.system = FakeSystem()
         self.sent: list[Command] = []
         self.job = Job("j", JobConfig(**config), Limits(850 * MiB, 1000 * MiB, 1100 * MiB),
-                       JobPaths(tmp_path / "ckpt", tmp_path / "logs", None), self.system, "ipc://x",
+                       JobPaths(tmp_path / "ckpt", tmp_path / "logs", None, telemetry), self.system, "ipc://x",
                        lambda identity, frame: self.sent.append(decode(frame)),  # type: ignore[arg-type]
                        lambda *a: None)
         self.job.start(self.system.clock)
@@ -59,6 +60,14 @@ class Harness:
         assert life is not None
         self.job.on_message(Step(step, life.batch, life.accum, 1.0, 0.01, footprint, 0, footprint, footprint),
                             self.system.clock)
+
+    def steps(self, first: int, count: int, footprint: Callable[[int], int] = lambda step: 100 * MiB) -> None:
+        """``count`` held steps from ``first`` as one ``steps`` frame."""
+        life = self.job.life
+        assert life is not None
+        rows = [Step(s, life.batch, life.accum, 1.0, 0.01, footprint(s), 0, footprint(s), footprint(s))
+                for s in range(first, first + count)]
+        self.job.on_message(Steps.of(rows), self.system.clock)
 
     def actions(self) -> list[str]:
         return [c.action for c in self.sent if isinstance(c, Command)]
@@ -159,6 +168,33 @@ class TestRegrowthWithFakeSystem:
         h.sample(1050 * MiB)
         h.sample(1050 * MiB)
         assert h.job.lifecycle.policy.regrow_after_steps == 10
+
+
+class TestStepsFramesWithFakeSystem:
+    """Held steps in one ``steps`` frame: every row counts, one telemetry line, the policy after the last row."""
+
+    def test_every_row_counts_and_is_recorded_once(self, tmp_path: Path) -> None:
+        from supervisor.daemon.recorder import read_records
+
+        telemetry = tmp_path / "telemetry.jsonl"
+        h = Harness(tmp_path, telemetry=telemetry)
+        h.step(1)
+        h.steps(2, 40)
+        h.job.recorder.flush()
+        assert h.job.lifecycle.stats.steps_completed == 41 and h.job.life.lead.healthy_steps == 41  # type: ignore[union-attr]
+        assert h.job.life.lead.estimator.steps_seen == 41  # type: ignore[union-attr]
+        assert [line.count('"k":"steps"') for line in telemetry.read_text().splitlines()] == [0, 1]
+        records = read_records(telemetry)
+        assert [r["step"] for r in records] == list(range(1, 42)) and {r["k"] for r in records} == {"step"}
+        assert records[-1]["footprint"] == 100 * MiB and "val_loss" not in records[-1]
+
+    def test_a_leak_predicted_at_the_last_row_recycles_at_once(self, tmp_path: Path) -> None:
+        h = Harness(tmp_path)
+        for first in range(1, 41, 10):  # calm frames of a 10 MiB/step leak, far below the 1000 MiB budget
+            h.steps(first, 10, lambda step: 300 * MiB + 10 * MiB * step)
+        assert h.actions() == [] and h.job.state == JobState.RUNNING
+        h.steps(41, 10, lambda step: 300 * MiB + 10 * MiB * step + (300 * MiB if step == 50 else 0))
+        assert h.actions() == ["checkpoint_exit"] and h.job.state == JobState.CHECKPOINTING
 
 
 @pytest.fixture(autouse=True)

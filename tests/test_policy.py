@@ -274,3 +274,46 @@ class TestSampleGap:
         gap = sample_gap(headroom, interval, longest, growth)
         assert interval * (1 - 1e-9) <= gap <= max(interval, longest) * (1 + 1e-9)
         assert gap <= interval * (1 + 1e-9) or growth * gap <= headroom * (1 + 1e-6)
+
+
+class TestObserveSteps:
+    """A ``steps`` frame observed in bulk equals its rows observed one by one, except two things: the slope window
+    takes only the frame's last row, and a sample taken while the rows ran counts against the last row's level
+    as well as the first's (when it was taken is unknown: both is the cautious reading)."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(rows=st.lists(st.tuples(st.integers(0, 2**34), st.integers(0, 2**30), st.floats(0, 2)), min_size=1,
+                         max_size=60),
+           before=st.integers(0, 40), sampled=st.integers(0, 2**35), warmup=st.integers(0, 5))
+    def test_counters_windows_and_baseline_equal_one_by_one(self, rows: list[tuple[int, int, float]], before: int,
+                                                            sampled: int, warmup: int) -> None:
+        config = PolicyConfig(warmup_steps=warmup)
+        bulk, one = Estimator(config), Estimator(config)
+        for step in range(1, before + 1):
+            for est in (bulk, one):
+                est.observe_step(step, 100 * MiB + step, 0, 0.5)
+        steps = list(range(before + 1, before + 1 + len(rows)))
+        levels, reported, seconds = ([r[i] for r in rows] for i in range(3))
+        for est in (bulk, one):
+            est.observe_sample(sampled)
+        peak = bulk.step_peak
+        bulk.observe_steps(steps, levels, reported, seconds)
+        for step, level, transient, took in zip(steps, levels, reported, seconds, strict=True):
+            one.observe_step(step, level, transient, took)
+        assert bulk.steps_seen == one.steps_seen and bulk.baseline == one.baseline
+        assert bulk.step_peak == one.step_peak and list(bulk.durations) == list(one.durations)
+        expected = list(one.transients)
+        if before >= warmup:  # a frame across the warm-up is taken row by row: exactly one by one
+            expected[-1] = max(expected[-1], peak - levels[-1])
+            assert list(bulk.levels)[-1:] == [(steps[-1], levels[-1])]
+            prior = [(step, 100 * MiB + step) for step in range(1, before + 1)][warmup:]
+            assert list(bulk.levels)[:-1] == prior[-(config.window - 1):]
+        assert list(bulk.transients) == expected
+
+    def test_a_leak_held_in_frames_keeps_its_slope(self) -> None:
+        est = Estimator(PolicyConfig())
+        for first in range(1, 400, 10):  # frames of 10 rows, 50 MiB/step
+            steps = list(range(first, first + 10))
+            est.observe_steps(steps, [400 * MiB + 50 * MiB * s for s in steps], [0] * 10, [0.02] * 10)
+        assert est.slope == pytest.approx(50 * MiB) and est.steps_seen == 400
+        assert len(est.levels) == PolicyConfig().window  # one point per frame

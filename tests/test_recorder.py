@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest.mock import ANY
 
-from supervisor.daemon.recorder import Recorder, read_records
+from supervisor.daemon.recorder import Recorder, expand_steps, read_records
 
 
 def lines(path: Path) -> list[str]:
@@ -67,3 +68,24 @@ class TestBuffering:
         recorder.record("step", step=2)
         recorder.close()
         assert [r["step"] for r in read_records(blocker / "telemetry.jsonl")] == [2]
+
+
+class TestStepsLines:
+    """A ``steps`` line (the rows of one ``steps`` frame) reads back as one ``step`` record per row."""
+
+    def test_rows_come_back_as_step_records_in_order(self, tmp_path: Path) -> None:
+        path = tmp_path / "telemetry.jsonl"
+        recorder = Recorder(path)
+        recorder.record("step", step=1, loss=2.0)
+        recorder.record("steps", step=(2, 3), loss=(1.5, 1.25), val_loss=(None, 1.0), transient=7, rank=1)
+        recorder.record("sample", bytes=5)
+        recorder.close()
+        assert read_records(path) == [
+            {"t": ANY, "k": "step", "step": 1, "loss": 2.0},
+            {"t": ANY, "k": "step", "step": 2, "loss": 1.5, "transient": 7, "rank": 1},
+            {"t": ANY, "k": "step", "step": 3, "loss": 1.25, "val_loss": 1.0, "transient": 7, "rank": 1},
+            {"t": ANY, "k": "sample", "bytes": 5}]
+
+    def test_a_damaged_steps_line_gives_nothing(self) -> None:
+        assert expand_steps({"k": "steps", "step": [1, 2], "loss": [1.0]}) == []
+        assert expand_steps({"k": "steps", "step": 3}) == []

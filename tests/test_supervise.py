@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -139,6 +140,30 @@ class TestSdkExample:
         assert summary["outcome"] == "finished" and summary["steps_completed"] == 200
         assert summary["final_loss"] < 1.0
         assert (tmp_path / "state" / "jobs" / "j" / "checkpoints" / "ckpt-0000000200").is_dir()
+
+
+class TestHeldTelemetry:
+    """A fast loop far from its budget: the SDK holds its steps and sends them as ``steps`` frames; the daemon
+    counts and records every step all the same."""
+
+    def test_every_step_is_recorded_once_and_most_came_in_steps_frames(self, config_file: Any,
+                                                                      tmp_path: Path) -> None:
+        import sys
+
+        from supervisor.daemon.recorder import read_records
+
+        root = Path(__file__).resolve().parent.parent
+        path = config_file({"j": {"command": [sys.executable, str(root / "examples" / "sdk_loop.py"), "3000"],
+                                  "checkpoint_every": 0, "env": {"PYTHONPATH": str(root)}}},
+                           heartbeat_interval=0.2)
+        done, summary = run_to_end(path, "j", tmp_path / "s.json", timeout=180)
+        assert done.returncode == 0 and summary["steps_completed"] == 3000, done.stderr[-2000:]
+        telemetry = tmp_path / "state" / "jobs" / "j" / "telemetry.jsonl"
+        lines = [json.loads(line) for line in telemetry.read_text().splitlines()]
+        batched = sum(len(r["step"]) for r in lines if r["k"] == "steps")
+        assert batched > 1500, f"only {batched} of 3000 steps came in steps frames"
+        steps = [r["step"] for r in read_records(telemetry) if r["k"] == "step"]
+        assert steps == list(range(1, 3001))
 
 
 class TestSystemFloor:

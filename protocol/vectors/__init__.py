@@ -32,9 +32,10 @@ _HEAD = {"v": 1}
 
 _NO_HOLD: dict[str, Any] = {"hold": None, "hold_below": None, "hold_horizon": None, "hold_rows": None}
 # Two held steps as one ``steps`` frame: a list per field, in the spec's order.
-_STEPS = {"step": [121, 122], "batch": [8, 8], "accum": [2, 2], "loss": [2.5, 2.25], "step_seconds": [0.125, 0.0625],
-          "mlx_active": [1 << 30, 1 << 30], "mlx_cache": [1 << 20, 0], "mlx_peak": [3 << 29, 3 << 29],
-          "footprint": [3 << 30, (3 << 30) + 4096]}
+_STEPS: dict[str, list[Any]] = {
+    "step": [121, 122], "batch": [8, 8], "accum": [2, 2], "loss": [2.5, 2.25], "step_seconds": [0.125, 0.0625],
+    "mlx_active": [1 << 30, 1 << 30], "mlx_cache": [1 << 20, 0], "mlx_peak": [3 << 29, 3 << 29],
+    "footprint": [3 << 30, (3 << 30) + 4096]}
 _STEPS_DEFAULTS = {"tokens_per_second": None, "val_loss": None}
 
 

@@ -118,7 +118,8 @@ class Estimator:
         baseline, and the transient and duration windows, but only the last row joins the slope window, so a
         frame costs about what one step does. Held steps are calm (far from the bands, by the worker's test), so
         the trend loses nothing it needs: its window spans more steps while they are held, and every step again
-        once they are not. The samples taken while the rows ran count against the last row's level."""
+        once they are not. A sample taken while the rows ran counts against the first row, as one by one, and
+        against the last row's level as well (when it was taken is unknown)."""
         if self.steps_seen < self.config.warmup_steps:
             for row in zip(steps, levels, reported, seconds, strict=True):  # rare: a frame across the warmup
                 self.observe_step(*row)
@@ -126,7 +127,7 @@ class Estimator:
         window = self.config.window
         self.steps_seen += len(steps)
         self._trend.add(steps[-1], levels[-1])
-        self.durations.extend(s for s in seconds[-window:] if s > 0)
+        self.durations.extend(filter((0.0).__lt__, seconds))  # the timed rows; the deque keeps the last window
         tail = levels[-window - 1:]
         later = reported[len(reported) - len(tail) + 1:]  # what the worker reported for tail[1:]
         drops = [max(0, before - after, r) for (before, after), r in zip(itertools.pairwise(tail), later, strict=True)]
