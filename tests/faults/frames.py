@@ -13,12 +13,12 @@ from typing import Any
 import msgpack
 from hypothesis import strategies as st
 
-from protocol import CheckpointSaved, Goodbye, Heartbeat, Hello, Message, Step, encode
+from protocol import CheckpointSaved, Goodbye, Heartbeat, Hello, Message, Step, Steps, encode
 from supervisor.control.commands import REGISTRY
 
 POISON = "__fuzz__"
 OVERSIZED = 300 * 1024  # above the control protocol's 256 KiB but under the socket's hard limit: error reply
-WORKER_TAGS = ["hello", "step", "checkpoint_saved", "goodbye", "heartbeat", "command"]
+WORKER_TAGS = ["hello", "step", "steps", "checkpoint_saved", "goodbye", "heartbeat", "command"]
 
 scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
            | st.text(max_size=40) | st.binary(max_size=40))
@@ -103,6 +103,7 @@ def _valid_unauthenticated(rng: random.Random) -> list[bytes]:
     messages: list[Message] = [
         Step(10**9, 1, 1, 0.5, 0.1, 10**12, 0, 10**12, 10**12), CheckpointSaved(10**9, "/etc/passwd", 0.1, 1),
         Goodbye("finished", 10**9), Heartbeat(0.0), Hello("0" * 32, 1, "j", 0, 10, 1, 1),
+        Steps.of([Step(10**9 + i, 1, 1, 0.5, 0.1, 10**12, 0, 10**12, 10**12) for i in range(3)]),
     ]
     return [encode(rng.choice(messages))]
 
