@@ -71,7 +71,7 @@ demo-gang: $(STAMP)
 test: test-main test-fake-macos test-py313
 
 test-main: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fake-macos: $(STAMP)
 	$(FAKE_MACOS_ENV) $(PY) -m pytest -q -p no:cacheprovider $(FAKE_MACOS_TESTS)

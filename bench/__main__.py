@@ -46,7 +46,7 @@ class Plan:
     gang_recovery_steps: int
 
 
-FULL = Plan(overhead_steps=600, overhead_pairs=3, lockstep_seconds=150.0, sdk_calls=5000, reaction_steps=40,
+FULL = Plan(overhead_steps=600, overhead_pairs=3, lockstep_seconds=300.0, sdk_calls=5000, reaction_steps=40,
             goodput_steps=1000, ckpt_mb=100, ckpt_rounds=5, idle_seconds=10.0, control_requests=500,
             flood_messages=50_000, flood_linger=3.0, mlx_lm_iters=100, mlx_lm_pairs=9, mlx_lm_restart_iters=40,
             gang_steps=300, gang_pairs=5, gang_recovery_steps=120, daemon_window=15.0)

@@ -81,8 +81,11 @@ class TestSubscriptions:
         context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         sub = subscriber(context, service.control.events_endpoint, b"job.j.state")
         try:
+            assert not service.wants("j", "state")
             got = publish_until(service, sub, "state")
             assert got["new"] == "RUNNING"
+            assert service.wants("j", "state") and not service.wants("j", "telemetry")
+            assert not service.wants("k", "state")
             encoded.clear()
             for seq in range(50):
                 service.control.publish("j", "telemetry", {"seq": seq})  # another topic: nobody wants it

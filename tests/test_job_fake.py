@@ -188,6 +188,18 @@ class TestStepsFramesWithFakeSystem:
         assert [r["step"] for r in records] == list(range(1, 42)) and {r["k"] for r in records} == {"step"}
         assert records[-1]["footprint"] == 100 * MiB and "val_loss" not in records[-1]
 
+    def test_subscribers_get_one_event_per_row_and_nothing_is_built_without_one(self, tmp_path: Path) -> None:
+        h = Harness(tmp_path)
+        published: list[dict[str, Any]] = []
+        subscribed = False
+        h.job.publish = lambda job, kind, data: published.append(data) if kind == "telemetry" else None
+        h.job.wants = lambda job, kind: subscribed
+        h.steps(1, 5)
+        assert published == []
+        subscribed = True
+        h.steps(6, 5)
+        assert [event["step"] for event in published] == [6, 7, 8, 9, 10]
+
     def test_a_leak_predicted_at_the_last_row_recycles_at_once(self, tmp_path: Path) -> None:
         h = Harness(tmp_path)
         for first in range(1, 41, 10):  # calm frames of a 10 MiB/step leak, far below the 1000 MiB budget

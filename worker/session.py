@@ -202,7 +202,7 @@ class Session:
         if self._socket is not None:
             if not self._hello_sent:
                 self._say_hello(step - 1)
-            self._send(Step(step, self.batch, self.accum, float(loss), now - self._last_end,
+            self._send(Step(step, self.batch, self.accum, float(loss), round(now - self._last_end, 6),  # µs
                             mx.get_active_memory(), mx.get_cache_memory(), mx.get_peak_memory(),
                             self_footprint(), tokens_per_second, val_loss))
             mx.reset_peak_memory()

@@ -184,6 +184,11 @@ class ControlServer:
 
     # -- events ---------------------------------------------------------------------------------------
 
+    def wants(self, job: str, kind: str) -> bool:
+        """Whether some subscriber's topics take this event (per the subscriptions read so far)."""
+        topic = event_topic(job, kind)
+        return any(topic.startswith(prefix) for prefixes in self.topics.values() for prefix in prefixes)
+
     def publish(self, job: str, kind: str, data: dict[str, Any]) -> None:
         """Send an event to the subscribers of its topic; encoded only when there is one (per the
         subscriptions read so far: the loop reads them as they arrive)."""

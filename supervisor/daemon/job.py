@@ -43,6 +43,7 @@ from supervisor.daemon.system import System, WorkerProcess
 from supervisor.hostfile import Layout
 
 Publish = Callable[[str, str, dict[str, Any]], None]  # (job, kind, data)
+Wants = Callable[[str, str], bool]  # (job, kind): whether an event of that kind has a subscriber
 SendToWorker = Callable[[bytes, bytes], None]  # (identity, frame)
 log = structlog.get_logger("mlxsupd")
 IO_ERROR_LOG_EVERY = 60.0  # seconds between log lines about the same kind of failing write
@@ -91,7 +92,7 @@ class Job:
     def __init__(
         self, name: str, config: JobConfig, limits: Limits, paths: JobPaths, system: System, endpoint: str,
         send: SendToWorker, publish: Publish, orphan_timeout: float = 5.0, telemetry_max: int = 50 * 2**20,
-        telemetry_keep: int = 3, layout: Layout | None = None,
+        telemetry_keep: int = 3, layout: Layout | None = None, wants: Wants = lambda job, kind: True,
     ) -> None:
         self.name = name
         self.config = config
@@ -101,6 +102,7 @@ class Job:
         self.endpoint = endpoint
         self.send_frame = send
         self.publish = publish
+        self.wants = wants  # whether anyone subscribed to a kind of this job's events
         self.orphan_timeout = orphan_timeout
         self.lifecycle = Lifecycle(settings_of(config, layout), limits)
         self.procs: dict[ProcKey, WorkerProcess] = {}  # (life, rank) -> process, current and departing
@@ -345,8 +347,11 @@ class Job:
     def _carry_out(self, action: Action) -> None:
         if isinstance(action, ev.Telemetry):
             self.recorder.record(action.kind, **action.fields)
-            if action.publish:  # subscribers see one event per step, however the steps came
-                for fields in expand_steps(action.fields) if action.kind == "steps" else (action.fields,):
+            if action.kind != "steps":
+                if action.publish:
+                    self.publish(self.name, "telemetry", action.fields)
+            elif action.publish and self.wants(self.name, "telemetry"):  # one event per step, however they came
+                for fields in expand_steps(action.fields):
                     self.publish(self.name, "telemetry", fields)
         elif isinstance(action, ev.Send):
             frame = encode(Command(action.action, action.reason))

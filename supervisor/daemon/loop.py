@@ -47,6 +47,9 @@ class Hooks(Protocol):
     def publish(self, job: str, kind: str, data: dict[str, Any]) -> None:
         """An event of a job (kind: telemetry, state, decision, log)."""
 
+    def wants(self, job: str, kind: str) -> bool:
+        """Whether an event of that kind would reach anyone (so a costly one is built only then)."""
+
     def on_reload(self, now: float) -> None:
         """SIGHUP arrived."""
 
@@ -62,6 +65,9 @@ class NoHooks:
 
     def publish(self, job: str, kind: str, data: dict[str, Any]) -> None:
         pass
+
+    def wants(self, job: str, kind: str) -> bool:
+        return False
 
     def on_reload(self, now: float) -> None:
         pass
@@ -133,7 +139,8 @@ class Daemon:
         job = Job(name, job_config, job_config.limits(self.total_memory), paths, self.system,
                   self.worker_endpoint, self._send_to_worker, self.hooks.publish, orphan_timeout=orphan,
                   telemetry_max=parse_bytes(self.config.daemon.log_max_bytes),
-                  telemetry_keep=self.config.daemon.log_keep, layout=self.config.layout(name))
+                  telemetry_keep=self.config.daemon.log_keep, layout=self.config.layout(name),
+                  wants=self.hooks.wants)
         self.jobs[name] = job
         return job
 

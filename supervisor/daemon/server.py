@@ -65,6 +65,9 @@ class DaemonService:
     def publish(self, job: str, kind: str, data: dict[str, Any]) -> None:
         self.control.publish(job, kind, data)
 
+    def wants(self, job: str, kind: str) -> bool:
+        return self.control.wants(job, kind)
+
     def on_reload(self, now: float) -> None:
         log.info("sighup", action="reread and update")
         try:
