@@ -29,17 +29,19 @@ MAX_HELD = 1000  # steps held at most (about 100 kB as frames): a very fast loop
 def batch_frames(messages: Sequence[Any], rows: int) -> list[bytes]:
     """The frames for ``messages`` in order: each run of ``Step`` messages as ``steps`` frames of at most
     ``rows`` rows when ``rows`` > 1 (a run of one stays a ``step`` frame), every other message as its frame."""
+    if rows < 2 or len(messages) < 2:  # the common case on the per-step path: nothing to batch
+        return [encode(message) for message in messages]
     frames: list[bytes] = []
     run: list[Step] = []
     for message in (*messages, None):
-        if isinstance(message, Step) and rows > 1:
+        if isinstance(message, Step):
             run.append(message)
             if len(run) < rows:
                 continue
         if run:
             frames.append(encode(run[0]) if len(run) == 1 else encode(Steps.of(run)))
             run = []
-        if message is not None and not (isinstance(message, Step) and rows > 1):
+        if message is not None and not isinstance(message, Step):
             frames.append(encode(message))
     return frames
 
