@@ -50,7 +50,7 @@ FULL = Plan(overhead_steps=600, overhead_pairs=3, lockstep_seconds=300.0, sdk_ca
             goodput_steps=1000, ckpt_mb=100, ckpt_rounds=5, idle_seconds=10.0, control_requests=500,
             flood_messages=50_000, flood_linger=3.0, mlx_lm_iters=100, mlx_lm_pairs=9, mlx_lm_restart_iters=40,
             gang_steps=300, gang_pairs=5, gang_recovery_steps=120, daemon_window=15.0)
-QUICK = Plan(overhead_steps=100, overhead_pairs=1, lockstep_seconds=5.0, sdk_calls=1000, reaction_steps=12,
+QUICK = Plan(overhead_steps=60, overhead_pairs=1, lockstep_seconds=3.0, sdk_calls=1000, reaction_steps=12,
              goodput_steps=100, ckpt_mb=10, ckpt_rounds=1, idle_seconds=2.0, control_requests=50,
              flood_messages=2000, flood_linger=1.0, mlx_lm_iters=20, mlx_lm_pairs=1, mlx_lm_restart_iters=20,
              gang_steps=40, gang_pairs=1, gang_recovery_steps=40, daemon_window=2.0)

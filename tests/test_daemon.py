@@ -348,12 +348,21 @@ class TestServiceRestart:
 
     def test_daemon_log_file_rotates_and_reopens(self, daemon: Any, tmp_path: Path) -> None:
         d = daemon({"j": {**two_jobs()["steady"], "autostart": False}}, log_file=str(tmp_path / "d.log"),
-                   log_max_bytes="2KiB", log_keep=2)
-        for _ in range(30):
+                   log_max_bytes="1KiB", log_keep=2)
+
+        def cycle() -> None:
             d.json("start", "j")
             d.json("stop", "j")
             d.wait(lambda: d.states()["j"] == "STOPPED", 30, "stopped")
-        assert (tmp_path / "d.log.1").exists() and not (tmp_path / "d.log.3").exists()
+
+        cycles = 0
+        while not (tmp_path / "d.log.1").exists() and cycles < 30:  # until the first rotation
+            cycle()
+            cycles += 1
+        assert (tmp_path / "d.log.1").exists(), f"no rotation after {cycles} start/stop cycles"
+        for _ in range(3 * cycles):  # three more rotations' worth: a third old file would be d.log.3
+            cycle()
+        assert (tmp_path / "d.log.2").exists() and not (tmp_path / "d.log.3").exists()
         os.replace(tmp_path / "d.log", tmp_path / "moved.log")
         d.proc.send_signal(signal.SIGUSR1)
         time.sleep(0.5)
