@@ -86,18 +86,16 @@ class Step:
     val_loss: float | None = None  # absent: no validation loss this step
 
 
-STEP_COLUMNS: Final = ("step", "batch", "accum", "loss", "step_seconds", "mlx_active", "mlx_cache", "mlx_peak",
-                        "footprint")
-OPTIONAL_STEP_COLUMNS: Final = ("tokens_per_second", "val_loss")
 MAX_STEPS_ROWS: Final = 256  # rows of a ``steps`` frame at most: about 27 kB packed, well under MAX_MESSAGE_BYTES
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Steps:
-    """The telemetry of several held steps in one frame, one list per ``Step`` field (row i of every list is
-    the i-th step, in the order they ran; steps strictly increase). Sent only to a daemon whose heartbeat
-    carries ``hold_rows``, with at most that many rows (and at most ``MAX_STEPS_ROWS``): the daemon handles
-    a whole frame at about the cost of one step. An optional column absent, or nil in a row: not measured."""
+    """The telemetry of several held steps in one frame, one list per ``Step`` field, in ``Step``'s order (row i
+    of every list is the i-th step, in the order they ran; steps strictly increase). Sent only to a daemon whose
+    heartbeat carries ``hold_rows``, with at most that many rows (and at most ``MAX_STEPS_ROWS``): the daemon
+    handles a whole frame at about the cost of one step. An optional column absent, or nil in a row: not
+    measured."""
 
     TAG: ClassVar[str] = "steps"
     step: tuple[int, ...]
@@ -114,21 +112,25 @@ class Steps:
 
     @classmethod
     def of(cls, steps: Sequence[Step]) -> Steps:
-        """The rows of ``steps`` as one message (optional columns only when some row has a value)."""
-        columns = {name: tuple(getattr(s, name) for s in steps) for name in STEP_COLUMNS + OPTIONAL_STEP_COLUMNS}
-        for name in OPTIONAL_STEP_COLUMNS:
-            if not any(value is not None for value in columns[name]):
-                columns[name] = None  # type: ignore[assignment]
+        """The rows of ``steps`` as one message (an optional column only when some row has a value)."""
+        columns: dict[str, Any] = {}
+        for field in _FIELDS[Step.TAG]:
+            column = tuple(getattr(s, field.name) for s in steps)
+            columns[field.name] = column if field.required or any(v is not None for v in column) else None
         return cls(**columns)
 
     def __len__(self) -> int:
         return len(self.step)
 
+    def row(self, index: int) -> Step:
+        """Row ``index`` as a ``Step``."""
+        values: list[Any] = [None if (column := getattr(self, f.name)) is None else column[index]
+                             for f in _FIELDS[Step.TAG]]
+        return Step(*values)
+
     def rows(self) -> list[Step]:
         """One ``Step`` per row."""
-        none = (None,) * len(self.step)
-        optional = [getattr(self, name) or none for name in OPTIONAL_STEP_COLUMNS]
-        return [Step(*row) for row in zip(*(getattr(self, n) for n in STEP_COLUMNS), *optional, strict=True)]
+        return [self.row(index) for index in range(len(self))]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -228,11 +230,6 @@ def negotiate(worker_max: int) -> int:
 def encode(message: Message, version: int = PROTOCOL_VERSION) -> bytes:
     """Serialize one message to a frame; optional fields holding their default are left out."""
     body: dict[str, Any] = {"v": version, "t": message.TAG}
-    if isinstance(message, Steps):
-        for name in STEP_COLUMNS + OPTIONAL_STEP_COLUMNS:
-            if (column := getattr(message, name)) is not None:
-                body[name] = list(column)
-        return _PACKER.pack(body)  # type: ignore[no-any-return]
     for field in _FIELDS[message.TAG]:
         value = getattr(message, field.name)
         if field.required or value != field.default:
@@ -275,46 +272,44 @@ _OPTIONAL_NUMBERS: Final = frozenset({int, float, type(None)})
 
 
 def _steps(body: dict[str, Any]) -> Steps:
-    """A ``steps`` frame's columns, checked a column at a time (C loops, not Python ones: a frame of 256 rows
-    must cost the daemon about what one step does)."""
-    rows = body.get("step")
-    if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_STEPS_ROWS:
-        problem = f"a list of 1..{MAX_STEPS_ROWS} rows" if isinstance(rows, list) else "a list"
-        if "step" not in body or rows is None:
-            raise ProtocolError("steps: missing field 'step'", "missing_field")
-        raise ProtocolError(f"steps.step: expected {problem}", "field_type" if not isinstance(rows, list)
-                            else "field_value")
-    count = len(rows)
+    """A ``steps`` frame: each of ``Step``'s fields as a list, checked a column at a time with C loops, not a
+    value at a time (a frame of 256 rows must cost the daemon about what one step does). ``step``, the first
+    field, sets the number of rows."""
     columns: dict[str, tuple[Any, ...] | None] = {}
-    for name in STEP_COLUMNS + OPTIONAL_STEP_COLUMNS:
+    count = 0
+    for field in _FIELDS[Step.TAG]:
+        name = field.name
         column = body.get(name)
-        optional = name in OPTIONAL_STEP_COLUMNS
         if column is None:
-            if not optional:
+            if field.required:
                 raise ProtocolError(f"steps: missing field {name!r}", "missing_field")
             columns[name] = None
             continue
         if not isinstance(column, list):
             raise ProtocolError(f"steps.{name}: expected a list, got {type(column).__name__}", "field_type")
-        if len(column) != count:
+        if not count:
+            count = len(column)
+            if not 1 <= count <= MAX_STEPS_ROWS:
+                raise ProtocolError(f"steps.{name}: {count} rows, expected 1..{MAX_STEPS_ROWS}", "field_value")
+        elif len(column) != count:
             raise ProtocolError(f"steps.{name}: {len(column)} rows, 'step' has {count}", "field_value")
         kinds = set(map(type, column))
-        integer = name not in ("loss", "step_seconds") and not optional
-        allowed = _INTS if integer else _OPTIONAL_NUMBERS if optional else _NUMBERS
+        allowed = _INTS if field.kind is int else _NUMBERS if field.required else _OPTIONAL_NUMBERS
         if not kinds <= allowed:
             bad = next(k for k in kinds if k not in allowed)
-            expected = "integers" if integer else "numbers"
+            expected = "integers" if field.kind is int else "numbers"
             raise ProtocolError(f"steps.{name}: expected {expected}, got {bad.__name__}", "field_type")
-        if integer:
+        if field.kind is int:
             if min(column) < 0 or max(column) > MAX_INT:
                 raise ProtocolError(f"steps.{name}: a value is outside 0..2**63-1", "field_value")
         else:
-            present = column if not optional else [v for v in column if v is not None]
-            if any(map(math.isinf, present)):
+            if any(map(math.isinf, column if field.required else [v for v in column if v is not None])):
                 raise ProtocolError(f"steps.{name}: infinite value", "field_value")
             if int in kinds:
-                column = [float(v) if v is not None else None for v in column]
+                column = [None if v is None else float(v) for v in column]
         columns[name] = tuple(column)
+    rows = columns["step"]
+    assert rows is not None  # a required field
     if not all(map(operator.lt, rows, rows[1:])):
         raise ProtocolError("steps.step: steps must strictly increase", "field_value")
     return Steps(**columns)  # type: ignore[arg-type]

@@ -150,10 +150,6 @@ class TestSessionHolding:
     """A real Session over a real socket: held steps arrive together, in order, and none is lost."""
 
     @staticmethod
-    def steps_received(router: Any, wait_ms: int) -> list[int]:
-        return [step for frame in TestSessionHolding.frames_received(router, wait_ms) for step in frame]
-
-    @staticmethod
     def frames_received(router: Any, wait_ms: int) -> list[list[int]]:
         """The steps of each step or steps frame received, a list per frame."""
         got: list[list[int]] = []

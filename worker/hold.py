@@ -17,6 +17,7 @@ the step rate. Without it, each step is its own frame, as version 1 daemons expe
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,17 +33,14 @@ def batch_frames(messages: Sequence[Any], rows: int) -> list[bytes]:
     if rows < 2 or len(messages) < 2:  # the common case on the per-step path: nothing to batch
         return [encode(message) for message in messages]
     frames: list[bytes] = []
-    run: list[Step] = []
-    for message in (*messages, None):
-        if isinstance(message, Step):
-            run.append(message)
-            if len(run) < rows:
-                continue
-        if run:
-            frames.append(encode(run[0]) if len(run) == 1 else encode(Steps.of(run)))
-            run = []
-        if message is not None and not isinstance(message, Step):
-            frames.append(encode(message))
+    for is_step, group in itertools.groupby(messages, lambda message: isinstance(message, Step)):
+        run = list(group)
+        if not is_step:
+            frames += [encode(message) for message in run]
+            continue
+        for start in range(0, len(run), rows):
+            chunk = run[start:start + rows]
+            frames.append(encode(chunk[0] if len(chunk) == 1 else Steps.of(chunk)))
     return frames
 
 

@@ -32,11 +32,11 @@ import dataclasses
 import itertools
 import operator
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from protocol import Command, Step
-from protocol.messages import EXIT_CHECKPOINTED, Steps
+from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core import events as ev
 from supervisor.core.events import Action, Event, Refused
 from supervisor.core.life import INF, Departing, JobStats, Life, Rank, Settings
@@ -64,7 +64,7 @@ from supervisor.core.states import (
 S = JobState
 __all__ = ["Departing", "JobStats", "Life", "Lifecycle", "Rank", "Settings"]
 STEP_FIELDS = tuple(field.name for field in dataclasses.fields(Step))  # recorded and published as they came
-STEPS_COLUMNS = tuple(field.name for field in dataclasses.fields(Steps))  # the same, a list per field
+# (a ``steps`` frame has a list under each of these names)
 
 
 class Lifecycle(PeerRole):
@@ -247,18 +247,9 @@ class Lifecycle(PeerRole):
         life, rank, m = self.life, self._rank(e.rank), e.msg
         if life is None or rank is None:
             return
-        rank.last_heard = e.now
-        stats = self.stats
-        rank.last_step = m.step
-        stats.steps_completed = max(stats.steps_completed, m.step)
-        if rank is life.lead:
-            stats.final_loss = m.loss
-            if m.step_seconds > 0:
-                stats.steps_per_second = 0.9 * stats.steps_per_second + 0.1 / m.step_seconds
-            self._note_batch(m.step, m.batch, m.accum)
         rank.estimator.observe_step(m.step, m.footprint, m.mlx_peak - m.mlx_active, m.step_seconds)
         fields = {name: value for name in STEP_FIELDS if (value := getattr(m, name)) is not None}
-        self._stepped(e, life, rank, 1, "step", fields, m.step, m.footprint)
+        self._stepped(e, life, rank, "step", fields, (m.step_seconds,), m)
 
     def _steps(self, e: ev.StepsIn) -> None:
         """Several held steps in one frame: counters and estimates take every row at once, and the policy runs
@@ -267,42 +258,39 @@ class Lifecycle(PeerRole):
         life, rank, m = self.life, self._rank(e.rank), e.msg
         if life is None or rank is None:
             return
-        last_step, last_level = m.step[-1], m.footprint[-1]
-        rank.last_heard = e.now
-        stats = self.stats
-        rank.last_step = last_step
-        stats.steps_completed = max(stats.steps_completed, last_step)
-        if rank is life.lead:
-            stats.final_loss = m.loss[-1]
-            rate = stats.steps_per_second
-            for seconds in m.step_seconds:
-                if seconds > 0:
-                    rate = 0.9 * rate + 0.1 / seconds
-            stats.steps_per_second = rate
-            self._note_batch(m.step[0], m.batch[0], m.accum[0])
-            self._note_batch(last_step, m.batch[-1], m.accum[-1])
         rank.estimator.observe_steps(m.step, m.footprint, list(map(operator.sub, m.mlx_peak, m.mlx_active)),
                                      m.step_seconds)
-        fields = {name: column for name in STEPS_COLUMNS if (column := getattr(m, name)) is not None}
-        self._stepped(e, life, rank, len(m), "steps", fields, last_step, last_level)
+        fields = {name: column for name in STEP_FIELDS if (column := getattr(m, name)) is not None}
+        self._stepped(e, life, rank, "steps", fields, m.step_seconds, m.row(-1))
 
-    def _stepped(self, e: ev.StepIn | ev.StepsIn, life: Life, rank: Rank, count: int, kind: str,
-                 fields: dict[str, Any], step: int, level: int) -> None:
-        """After ``count`` steps of ``rank``: recovery time, the telemetry record, the policy."""
+    def _stepped(self, e: ev.StepIn | ev.StepsIn, life: Life, rank: Rank, kind: str, fields: dict[str, Any],
+                 seconds: Sequence[float], last: Step) -> None:
+        """After ``len(seconds)`` steps of ``rank`` (``last`` the latest): counters, recovery time, the telemetry
+        record, the policy. (A batch change is noted at ``last``: a process's first step, the one that can bring
+        one, is never held, so it comes alone.)"""
         stats = self.stats
+        rank.last_heard = e.now
+        rank.last_step = last.step
+        stats.steps_completed = max(stats.steps_completed, last.step)
+        if rank is life.lead:
+            stats.final_loss = last.loss
+            for took in seconds:
+                if took > 0:
+                    stats.steps_per_second = 0.9 * stats.steps_per_second + 0.1 / took
+            self._note_batch(last.step, last.batch, last.accum)
         if stats.last_decision_at is not None and life.spawned_at >= stats.last_decision_at and all(
                 r.estimator.steps_seen for r in life.ranks.values()):
             # The first productive step of every rank of a life started after a breach decision.
             stats.recoveries.append(e.now - stats.last_decision_at)
             stats.last_decision_at = None
-        rank.healthy_steps += count
+        rank.healthy_steps += len(seconds)
         fields.update(leak_bytes_per_step=round(rank.estimator.slope), transient=rank.estimator.transient,
                       **self._rank_fields(e.rank))
         self._out.append(ev.Telemetry(kind, fields))
         if self.state == S.RUNNING:
             decision = self._on_step(life, rank)
             if decision.acts:
-                self._act(life, rank, decision, e.now, step=step, level=level)
+                self._act(life, rank, decision, e.now, step=last.step, level=last.footprint)
 
     def _on_step(self, life: Life, rank: Rank) -> Decision:
         """The policy after one rank's step; a gang regrows only when every rank has room for it."""

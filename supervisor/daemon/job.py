@@ -347,12 +347,12 @@ class Job:
     def _carry_out(self, action: Action) -> None:
         if isinstance(action, ev.Telemetry):
             self.recorder.record(action.kind, **action.fields)
-            if action.kind != "steps":
-                if action.publish:
-                    self.publish(self.name, "telemetry", action.fields)
-            elif action.publish and self.wants(self.name, "telemetry"):  # one event per step, however they came
-                for fields in expand_steps(action.fields):
-                    self.publish(self.name, "telemetry", fields)
+            if action.kind == "steps":  # one event per step, however they came; built only for a subscriber
+                events = expand_steps(action.fields) if action.publish and self.wants(self.name, "telemetry") else []
+            else:
+                events = [action.fields] if action.publish else []
+            for fields in events:
+                self.publish(self.name, "telemetry", fields)
         elif isinstance(action, ev.Send):
             frame = encode(Command(action.action, action.reason))
             for rank, identity in list(self.identities.items()):

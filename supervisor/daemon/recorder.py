@@ -139,6 +139,4 @@ def read_records(path: Path, window: int = READ_WINDOW) -> list[dict[str, Any]]:
     if size > window:
         data = data.split(b"\n", 1)[-1]  # the first line of the window is probably cut
     records = parse_jsonl(data.decode(errors="replace"))
-    if not any(r.get("k") == "steps" for r in records):
-        return records
     return [row for r in records for row in (expand_steps(r) if r.get("k") == "steps" else (r,))]
