@@ -2,6 +2,7 @@
 
   mlxsupd -c CONFIG                     supervise every job of CONFIG in the foreground (service mode)
   mlxsupd run -c CONFIG JOB [--summary]  supervise one job until it finishes, then print a JSON summary
+  mlxsupd run [OPTIONS] -- CMD [ARGS]   the same for any command, with no config file
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 
 from supervisor import paths
-from supervisor.config import ConfigError, load_config
+from supervisor.config import Config, ConfigError, load_config
 from supervisor.daemon.logs import configure
 
 EXIT_CONFIG = 2
@@ -39,22 +40,54 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_common(False)],
     )
     sub = parser.add_subparsers(dest="command")
-    run = sub.add_parser("run", parents=[_common(True)],
-                         help="supervise one job in the foreground until it finishes or gives up")
-    run.add_argument("job", help="name of a job in the config")
+    run = sub.add_parser(
+        "run", parents=[_common(True)], help="supervise one job in the foreground until it finishes or gives up",
+        usage="mlxsupd run -c CONFIG JOB [--summary FILE] [--max-seconds S]\n"
+              "       mlxsupd run [OPTIONS] [-c CONFIG] -- CMD [ARGS...]",
+        description="Supervise one job in the foreground: a job of CONFIG, or any command given after '--' "
+        "(a Python script using the Session SDK, an unmodified program guarded by sampling alone, or an mlx-lm "
+        "fine-tune: mlx_lm.lora ..., mlx_lm lora ..., python -m mlx_lm lora ...). With '--', -c takes the "
+        "[daemon] table and the defaults of the job of the same name from CONFIG; an option that differs from "
+        "the file is an error. mlxsupctl reaches the run on its run dir (the line printed at the start).",
+        epilog="At the end the JSON summary goes to stdout (and --summary) and a short report to stderr. Exit "
+        "status: 0 the job finished (or did its --max-steps), 1 it did not, 2 config or usage error. Ctrl-C "
+        "checkpoints an SDK worker (a guard-only one is stopped) and prints the report.")
+    run.add_argument("job", nargs="?", help="name of a job in the config (the -c CONFIG JOB form)")
     run.add_argument("--summary", type=Path, default=None, help="also write the JSON summary to this file")
     run.add_argument("--max-seconds", type=float, default=None, help="give up (stop the job) after this long")
+    from supervisor.cli.oneline import add_arguments
+
+    add_arguments(run)
     return parser
+
+
+def _split(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """Options before ``--`` and the command after it (None when there is no ``--``)."""
+    if "--" not in argv:
+        return argv, None
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    config_path = args.config or paths.default_config_path()
+    options, command = _split(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(options)
+    one_line = args.command == "run" and command is not None
+    if (problem := _form_problem(args, command)) is not None:
+        print(f"mlxsupd: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
-        config = load_config(config_path)
+        if one_line:
+            assert command is not None
+            config, args.job = _one_line_config(args, command)
+        else:
+            config = load_config(args.config or paths.default_config_path())
     except ConfigError as exc:
         print(f"mlxsupd: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as exc:  # the one-line form's UsageError and OptionError name the option
+        print(f"mlxsupd run: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     sink = None
     if config.daemon.log_file:
@@ -63,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
         sink = RotatingFile(config.resolve(config.daemon.log_file, config.log_dir / "mlxsupd.log"),
                             parse_bytes(config.daemon.log_max_bytes), config.daemon.log_keep)
-    configure(args.log_format or config.daemon.log_format, args.log_level, sink)
+    # The one-line form's own lines (progress, report) say what happens; its log shows warnings unless asked.
+    level = "warning" if one_line and "--log-level" not in options else args.log_level
+    configure(args.log_format or config.daemon.log_format, level, sink)
     if sink is not None:
         import signal
 
@@ -83,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         from supervisor.daemon.rundir import RunDirError
 
         try:
-            return run_one(config, args.job, args.summary, args.max_seconds)
-        except RunDirError as exc:
-            print(f"mlxsupd: {exc}", file=sys.stderr)
+            return run_one(config, args.job, args.summary, args.max_seconds, args.max_steps, args.plot)
+        except (RunDirError, ConfigError) as exc:
+            hint = " (or give --state-dir DIR: the run then has a run dir of its own)" if one_line else ""
+            print(f"mlxsupd: {exc}{hint}", file=sys.stderr)
             return EXIT_CONFIG
     from supervisor.daemon.rundir import RunDirError
     from supervisor.daemon.server import serve
@@ -95,6 +131,36 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunDirError) as exc:
         print(f"mlxsupd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _form_problem(args: argparse.Namespace, command: list[str] | None) -> str | None:
+    """Why the command line mixes the forms (or is neither), or None."""
+    if args.command != "run":
+        return "'--' and a command belong to 'mlxsupd run'" if command is not None else None
+    from supervisor.cli.oneline import given_one_line_options
+
+    if command is not None and args.job is not None:
+        return f"give a job of the config ({args.job!r}) or a command after '--', not both"
+    if command is None and args.job is None:
+        return "give the command to supervise after '--' (mlxsupd run [OPTIONS] -- CMD ...) or -c CONFIG JOB"
+    named = given_one_line_options(args)
+    if command is None and named:
+        return (f"{', '.join(named)} apply to a command after '--' (mlxsupd run {' '.join(named[:1])} ... -- "
+                f"{args.job} ...); a job of a config file takes its settings from the file")
+    if args.plot is not None and args.plot.suffix.lower() not in (".png", ".svg"):
+        return f"--plot {args.plot}: give a .png or .svg file"
+    for option in ("max_steps", "max_attempts", "batch", "accum"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            return f"--{option.replace('_', '-')} {value}: must be at least 1"
+    return None
+
+
+def _one_line_config(args: argparse.Namespace, command: list[str]) -> tuple[Config, str]:
+    from supervisor.cli.oneline import build
+    from supervisor.daemon.footprint import system_memory
+
+    return build(args, command, system_memory()[1], Path.cwd())
 
 
 if __name__ == "__main__":

@@ -84,20 +84,35 @@ def render(job: Job) -> str:
     )
 
 
-def run_one(config: Config, name: str, summary_path: Path | None, max_seconds: float | None = None) -> int:
-    """Supervise job ``name`` to the end; exit status 0 when it finished, 1 otherwise."""
+def run_one(config: Config, name: str, summary_path: Path | None, max_seconds: float | None = None,
+            max_steps: int | None = None, plot: Path | None = None) -> int:
+    """Supervise job ``name`` to the end; exit status 0 when it finished (or did its ``max_steps``), 1 otherwise.
+
+    While it runs, ``mlxsupctl`` reaches it on its run dir; at the end the JSON summary goes to stdout (and
+    ``summary_path``) and a short report to stderr."""
+    from supervisor.daemon import report
+    from supervisor.daemon.foreground import ForegroundService, details, kind_of
+
     started = time.monotonic()
     progress = ProgressLine(sys.stderr)
-    daemon = Daemon(config, [name], one_shot=True, hooks=progress)
+    service = ForegroundService(config, name, progress, max_steps)
+    daemon = service.daemon
     daemon.install_signal_handlers()
     job = daemon.jobs[name]
+    endpoint = service.control.endpoint
+    print(f"mlxsupd: running {name} ({kind_of(job)}, budget {format_bytes(job.limits.budget)}); "
+          f"mlxsupctl -s {endpoint} status", file=sys.stderr, flush=True)
     try:
         job.start(daemon.system.now(), "mlxsupd run")
         daemon.run(max_seconds=max_seconds)
     finally:
         progress.close()
-        daemon.close()
+        service.close()
     summary = summarize(job, time.monotonic() - started)
+    summary.update(details(job, kind_of(job), endpoint), summary_path=str(summary_path) if summary_path else None,
+                   max_steps=max_steps, stopped_at_max_steps=service.reached_max_steps)
+    if plot is not None:
+        summary.update(_plot(job, plot))
     text = json.dumps(summary, indent=2)
     if summary_path is not None:
         summary_path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,4 +120,18 @@ def run_one(config: Config, name: str, summary_path: Path | None, max_seconds: f
         tmp.write_text(text + "\n")
         os.replace(tmp, summary_path)
     print(text)
-    return 0 if summary["outcome"] == "finished" else 1
+    sys.stdout.flush()
+    sys.stderr.write(report.render(summary))
+    return 0 if summary["outcome"] == "finished" or service.reached_max_steps else 1
+
+
+def _plot(job: Job, out: Path) -> dict[str, Any]:
+    """Draw the job's memory plot; the summary's plot_path, or plot_error saying why not (never raises)."""
+    from supervisor.tools.plot import PlotError, plot_job
+
+    limits = {"warn": job.limits.warn, "budget": job.limits.budget, "kill": job.limits.kill}
+    job_dir = (job.paths.telemetry or job.paths.history or out).parent
+    try:
+        return {"plot_path": str(plot_job(job_dir, out, limits))}
+    except (PlotError, OSError) as exc:
+        return {"plot_path": None, "plot_error": str(exc)}

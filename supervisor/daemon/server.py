@@ -40,14 +40,15 @@ class DaemonService:
     tells it about SIGHUP, and lets it drop removed jobs once their workers are gone.
     """
 
-    def __init__(self, config: Config, system: System | None = None) -> None:
+    def __init__(self, config: Config, system: System | None = None, job_names: list[str] | None = None,
+                 one_shot: bool = False) -> None:
         self.config = config
         self.pending: Config | None = None
         self.removing: set[str] = set()
         self.epoch = secrets.token_hex(4)  # tells this process's gang generations from an earlier one's
         # Gang followers: job -> (its gang config, its link to the leader; None when its keys cannot be read).
         self.links: dict[str, tuple[GangConfig, GangLink | None]] = {}
-        self.daemon = Daemon(config, system=system, hooks=self)
+        self.daemon = Daemon(config, job_names, system=system, one_shot=one_shot, hooks=self)
         audit = AuditTrail(config.state_dir / "audit.jsonl", parse_bytes(config.daemon.log_max_bytes),
                            config.daemon.log_keep)
         try:
