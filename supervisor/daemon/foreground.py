@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.control import ControlError
+from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.config import Config
 from supervisor.core.policy import theil_sen
 from supervisor.daemon.job import Job
@@ -84,9 +85,22 @@ def details(job: Job, kind: str, endpoint: str) -> dict[str, Any]:
         "telemetry_path": str(job.paths.telemetry) if job.paths.telemetry else None,
         "control_endpoint": endpoint,
         "last_exit_code": code,
+        "last_stderr": stderr_tail(job.paths.logs / "stderr.log") if code is not None and code not in (0, EXIT_CHECKPOINTED) and code > 0 else [],
         "footprint_bytes_per_second": _rounded(slope_per_second(job.paths.telemetry,
                                                                 spawns[-1]["time"] if spawns else None)),
     }
+
+
+def stderr_tail(path: Path, lines: int = 8, chunk: int = 16384) -> list[str]:
+    """The last non-blank lines of a worker's stderr log (its own error), read from the end of the file."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - chunk))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line.rstrip()[:300] for line in text.splitlines() if line.strip()][-lines:]
 
 
 def _rounded(value: float | None) -> float | None:

@@ -69,11 +69,7 @@ def _diagnosis(summary: dict[str, Any]) -> str | None:
         return None
     direction = "grew" if slope > 0 else "shrank" if slope < 0 else "stayed flat,"
     rate = f" {format_bytes(round(abs(slope)))}/s" if slope else ""
-    budget, largest = summary.get("budget_bytes") or 0, summary.get("max_sampled_bytes") or 0
-    eta = ""
-    if slope > 0 and budget > largest:
-        eta = f" (the budget {(budget - largest) / slope:.0f} s past the largest sample at that rate)"
-    return f"  footprint: {direction}{rate} over the last worker's life{eta}"
+    return f"  footprint: {direction}{rate} over the last worker's life (Theil-Sen over its samples)"
 
 
 def _exit(summary: dict[str, Any]) -> str | None:
@@ -94,6 +90,8 @@ def _exit(summary: dict[str, Any]) -> str | None:
 
 def _last_error(summary: dict[str, Any]) -> list[str]:
     error = summary.get("last_error")
+    if not isinstance(error, dict):
+        error = {"stderr_tail": summary.get("last_stderr")} if summary.get("last_stderr") else None
     if not isinstance(error, dict):
         return []
     tail = [str(line) for line in error.get("stderr_tail") or []][-MAX_ERROR_LINES:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,7 @@ def run_one(config: Config, name: str, summary_path: Path | None, max_seconds: f
     finally:
         progress.close()
         service.close()
+        _default_signals()  # the loop's wakeup fd is closed: the report and plot run with the defaults
     summary = summarize(job, time.monotonic() - started)
     summary.update(details(job, kind_of(job), endpoint), summary_path=str(summary_path) if summary_path else None,
                    max_steps=max_steps, stopped_at_max_steps=service.reached_max_steps)
@@ -123,6 +125,12 @@ def run_one(config: Config, name: str, summary_path: Path | None, max_seconds: f
     sys.stdout.flush()
     sys.stderr.write(report.render(summary))
     return 0 if summary["outcome"] == "finished" or service.reached_max_steps else 1
+
+
+def _default_signals() -> None:
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _plot(job: Job, out: Path) -> dict[str, Any]:
