@@ -59,6 +59,9 @@ def _local_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                             description="Check Python, MLX, the footprint readers, memory, the run dir, the "
                             "config, the service manager and the daemon. Exit status 0 when nothing fails.")
     doctor.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the checks as JSON")
+    from supervisor.cli.init import add_parser as add_init_parser
+
+    add_init_parser(sub)
     try:
         from supervisor.install.service import add_service_parser
     except ImportError:  # pragma: no cover - the module ships with the package
@@ -102,7 +105,15 @@ def run_command(args: argparse.Namespace, client: ControlClient, events: str) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command: list[str] = []
+    if "--" in argv and "init" in argv[:argv.index("--")]:  # mlxsupctl init [OPTIONS] -- CMD [ARGS...]
+        argv, command = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     args = parser.parse_args(argv)
+    if args.command == "init":
+        from supervisor.cli.init import init
+
+        return init(args, command)
     if args.command == "keygen":
         from supervisor.cli.live import keygen
 

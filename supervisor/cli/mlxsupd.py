@@ -72,7 +72,13 @@ def _split(argv: list[str]) -> tuple[list[str], list[str] | None]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     options, command = _split(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(options)
+    args, extra = parser.parse_known_args(options)
+    if extra and args.command == "run" and command is None:  # mlxsupd run --budget 4GiB python train.py
+        words = " ".join([args.job or "", *extra]).strip()
+        print(f"mlxsupd: put the command after '--': mlxsupd run [OPTIONS] -- {words}", file=sys.stderr)
+        return EXIT_CONFIG
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     one_line = args.command == "run" and command is not None
     if (problem := _form_problem(args, command)) is not None:
         print(f"mlxsupd: {problem}", file=sys.stderr)

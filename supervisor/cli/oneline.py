@@ -31,7 +31,7 @@ MLX_LM_MODULES = ("mlx_lm.lora",)
 SDK_MARKERS = re.compile(r"^\s*(from\s+worker(\.session)?\s+import|import\s+worker\b)", re.MULTILINE)
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """A command line that cannot be run (mlxsupd exits 2); the message names the option and the value."""
 
 
@@ -89,6 +89,9 @@ def classify(argv: list[str], cwd: Path) -> Command:
     if not argv:
         raise UsageError("no command after '--': mlxsupd run [OPTIONS] -- CMD [ARGS...]")
     program = argv[0]
+    mlx_lm = mlx_lm_arguments(argv)
+    if mlx_lm is not None:  # runs as python -m worker.mlx_lm under this interpreter, not as the program itself
+        return Command(list(argv), mlx_lm, True)
     if "/" in program:
         path = program if os.path.isabs(program) else str(cwd / program)
         if not os.path.isfile(path):
@@ -97,9 +100,8 @@ def classify(argv: list[str], cwd: Path) -> Command:
             raise UsageError(f"command {program!r} is not executable (chmod +x, or run it with its interpreter)")
     elif shutil.which(program) is None:
         raise UsageError(f"command {program!r} not found on PATH")
-    mlx_lm = mlx_lm_arguments(argv)
     sdk = False
-    if mlx_lm is None and PYTHON_RE.fullmatch(Path(program).name) and len(argv) > 1 and argv[1].endswith(".py"):
+    if PYTHON_RE.fullmatch(Path(program).name) and len(argv) > 1 and argv[1].endswith(".py"):
         script = Path(argv[1]) if os.path.isabs(argv[1]) else cwd / argv[1]
         if not script.is_file():
             raise UsageError(f"script {argv[1]!r} not found")
@@ -107,7 +109,7 @@ def classify(argv: list[str], cwd: Path) -> Command:
             sdk = SDK_MARKERS.search(script.read_text(errors="replace")) is not None
         except OSError as exc:
             raise UsageError(f"script {argv[1]!r} cannot be read: {exc.strerror or exc}") from None
-    return Command(list(argv), mlx_lm, sdk)
+    return Command(list(argv), None, sdk)
 
 
 def mlx_lm_arguments(argv: list[str]) -> list[str] | None:
