@@ -62,11 +62,11 @@ class TestCommand:
 
     def test_a_file_that_is_not_executable(self, tmp_path: Path) -> None:
         (tmp_path / "run.sh").write_text("echo hi\n")
-        with pytest.raises(UsageError, match="'./run.sh' is not executable"):
+        with pytest.raises(UsageError, match=r"'\./run\.sh' is not executable"):
             classify(["./run.sh"], tmp_path)
 
     def test_a_missing_script(self, tmp_path: Path) -> None:
-        with pytest.raises(UsageError, match="script 'nope.py' not found"):
+        with pytest.raises(UsageError, match=r"script 'nope\.py' not found"):
             classify([sys.executable, "nope.py"], tmp_path)
 
     def test_a_script_importing_the_sdk_is_an_sdk_job(self, tmp_path: Path) -> None:

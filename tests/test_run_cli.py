@@ -96,7 +96,8 @@ class TestOneLine:
         assert summary["restarts"] >= 1 and set(summary["restart_reasons"]) <= {"leak", "leak_predicted"}
         assert summary["samples_over_budget"] == 0 and summary["kind"] == "sdk"
         assert summary["history_path"] == str(newcomer.state / "jobs" / "sdk_leak" / "history.jsonl")
-        assert (newcomer.work / "memory.png").stat().st_size > 0 and summary["plot_path"] == str(newcomer.work / "memory.png")
+        plot = newcomer.work / "memory.png"
+        assert plot.stat().st_size > 0 and summary["plot_path"] == str(plot)
         assert "mlxsupd: sdk_leak finished" in done.stderr and "command: last exit code 0" in done.stderr
 
     def test_an_unmodified_leaking_script_is_stopped_per_policy(self, newcomer: Newcomer) -> None:
@@ -131,6 +132,11 @@ class TestWhileItRuns:
         row = newcomer.wait_running("sdk_leak", proc)
         assert row["budget_bytes"] == 1 << 30 and row["pid"]
         endpoint = f"ipc://{newcomer.env['XDG_RUNTIME_DIR']}/mlxsup/control.sock"
+        top = newcomer.ctl("top", "--once")
+        assert top.returncode == 0 and "sdk_leak" in top.stdout and "RUNNING" in top.stdout
+        plot = newcomer.ctl("plot", "sdk_leak", "-o", "live.png")  # no config: the daemon says where files are
+        assert plot.returncode == 0, plot.stderr
+        assert (newcomer.work / "live.png").stat().st_size > 0
         stop = newcomer.ctl("-s", endpoint, "stop", "sdk_leak")
         assert stop.returncode == 0, stop.stderr
         _, stderr = proc.communicate(timeout=60)

@@ -235,7 +235,8 @@ def check_run_dir(config: Config | None) -> Check:
 def check_config(path: Path) -> tuple[Check, Config | None]:
     if not path.exists():
         return Check("config", WARN, f"no config at {path}",
-                     "write a starter config: mlxsupctl init" + (f" -o {path}" if path != paths.default_config_path() else "")
+                     "write a starter config: mlxsupctl init"
+                     + (f" -o {path}" if path != paths.default_config_path() else "")
                      + " [-- python train.py] (or pass -c PATH; `mlxsupd run -- CMD` needs none)"), None
     try:
         config = load_config(path)

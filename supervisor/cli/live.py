@@ -195,12 +195,15 @@ def keygen(name: str, directory: Path) -> int:
     return 0
 
 
-def plot(args: argparse.Namespace) -> int:
-    """Plot a job's recorded memory (from the config's state dir; works without a running daemon)."""
+def plot(args: argparse.Namespace, connect: Any = None) -> int:
+    """Plot a job's recorded memory (from the config's state dir; works without a running daemon). With -s, or
+    without a config file (a foreground `mlxsupd run -- CMD`), the running daemon says where the job's files are."""
     from supervisor import paths
     from supervisor.config import load_config
     from supervisor.tools.plot import plot_job
 
+    if connect is not None and (args.server or (args.config is None and not paths.default_config_path().exists())):
+        return _plot_from_daemon(args, connect)
     config = load_config(args.config or paths.default_config_path())
     if args.job not in config.jobs:
         print(f"mlxsupctl: no job {args.job!r} in {config.path}", file=sys.stderr)
@@ -210,5 +213,23 @@ def plot(args: argparse.Namespace) -> int:
     limits = config.jobs[args.job].limits(system_memory()[1])
     out = args.output or Path(f"{args.job}-memory.png")
     plot_job(config.job_dir(args.job), out, {"warn": limits.warn, "budget": limits.budget, "kill": limits.kill})
+    print(out)
+    return 0
+
+
+def _plot_from_daemon(args: argparse.Namespace, connect: Any) -> int:
+    """``connect(args)`` gives (client, events endpoint): mlxsupctl's, passed in (live never imports it)."""
+    from supervisor.tools.plot import plot_job
+
+    client, _ = connect(args)
+    try:
+        (row,) = client.call("status", {"job": args.job})["jobs"]
+    finally:
+        client.close()
+    if not row.get("job_dir"):
+        print("mlxsupctl: this daemon does not say where its jobs' files are: give -c CONFIG", file=sys.stderr)
+        return 2
+    out = args.output or Path(f"{args.job}-memory.png")
+    plot_job(Path(row["job_dir"]), out, {k: row[f"{k}_bytes"] for k in ("warn", "budget", "kill")})
     print(out)
     return 0

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plot":
             from supervisor.cli.live import plot
 
-            return plot(args)
+            return plot(args, connect)
         client, events = connect(args)
     except ControlError as exc:
         print(f"mlxsupctl: {exc.message}", file=sys.stderr)

@@ -85,10 +85,15 @@ def details(job: Job, kind: str, endpoint: str) -> dict[str, Any]:
         "telemetry_path": str(job.paths.telemetry) if job.paths.telemetry else None,
         "control_endpoint": endpoint,
         "last_exit_code": code,
-        "last_stderr": stderr_tail(job.paths.logs / "stderr.log") if code is not None and code not in (0, EXIT_CHECKPOINTED) and code > 0 else [],
+        "last_stderr": stderr_tail(job.paths.logs / "stderr.log") if _error_exit(code) else [],
         "footprint_bytes_per_second": _rounded(slope_per_second(job.paths.telemetry,
                                                                 spawns[-1]["time"] if spawns else None)),
     }
+
+
+def _error_exit(code: int | None) -> bool:
+    """An exit of the worker's own making that was no success (not a signal, not a checkpoint-and-exit)."""
+    return code is not None and code > 0 and code != EXIT_CHECKPOINTED
 
 
 def stderr_tail(path: Path, lines: int = 8, chunk: int = 16384) -> list[str]:

@@ -111,8 +111,9 @@ def run_one(config: Config, name: str, summary_path: Path | None, max_seconds: f
         service.close()
         _default_signals()  # the loop's wakeup fd is closed: the report and plot run with the defaults
     summary = summarize(job, time.monotonic() - started)
-    summary.update(details(job, kind_of(job), endpoint), summary_path=str(summary_path.absolute()) if summary_path else None,
-                   max_steps=max_steps, stopped_at_max_steps=service.reached_max_steps)
+    summary.update(details(job, kind_of(job), endpoint), max_steps=max_steps,
+                   summary_path=str(summary_path.absolute()) if summary_path else None,
+                   stopped_at_max_steps=service.reached_max_steps)
     if plot is not None:
         summary.update(_plot(job, plot.absolute()))
     text = json.dumps(summary, indent=2)
