@@ -230,6 +230,7 @@ def _mlx_lm_job(job: dict[str, Any], command: Command, args: argparse.Namespace,
                                 if option != "restart" else "it resumes from its checkpoints"))
     _merge(job, "mlx_lm", _mlx_lm_table(command.mlx_lm, cwd), "the mlx_lm.lora options", where)
     job.pop("command", None)
+    job.setdefault("startup_timeout", 600.0)  # the model loads before the hello: allow for a download
 
 
 def _command_job(job: dict[str, Any], command: Command, args: argparse.Namespace, where: str) -> None:
