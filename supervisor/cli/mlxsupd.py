@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run_one(config, args.job, args.summary, args.max_seconds, args.max_steps, args.plot)
         except (RunDirError, ConfigError) as exc:
-            hint = " (or give --state-dir DIR: the run then has a run dir of its own)" if one_line else ""
+            hint = (" (or give --state-dir DIR: the run then has a run dir of its own)"
+                    if one_line and args.state_dir is None else "")
             print(f"mlxsupd: {exc}{hint}", file=sys.stderr)
             return EXIT_CONFIG
     from supervisor.daemon.rundir import RunDirError
