@@ -23,16 +23,20 @@ def render(summary: dict[str, Any]) -> str:
     lines += [line for line in (_diagnosis(summary), _exit(summary)) if line]
     lines += _last_error(summary)
     lines += _files(summary)
-    if summary.get("kind") == "guard-only":
+    if _guard_only(summary):
         lines.append(_next_step(summary))
     return "\n".join(lines) + "\n"
+
+
+def _guard_only(summary: dict[str, Any]) -> bool:
+    return summary.get("kind") == "guard-only" or summary.get("guard_only") is True
 
 
 def _headline(summary: dict[str, Any]) -> str:
     job, outcome = summary.get("job", "?"), summary.get("outcome", "?")
     steps = summary.get("steps_completed") or 0
     target = summary.get("target_steps") or 0
-    if summary.get("kind") == "guard-only":
+    if _guard_only(summary):
         progress = "no steps reported (guard-only)"
     else:
         progress = f"{steps}/{target} steps" if target else f"{steps} steps"
@@ -108,7 +112,7 @@ def _files(summary: dict[str, Any]) -> list[str]:
     names = (("logs", "log_dir"), ("history", "history_path"), ("telemetry", "telemetry_path"),
              ("checkpoints", "checkpoint_dir"), ("summary", "summary_path"), ("plot", "plot_path"))
     lines = [f"  {label}: {summary[key]}" for label, key in names
-             if summary.get(key) and not (key == "checkpoint_dir" and summary.get("kind") == "guard-only")]
+             if summary.get(key) and not (key == "checkpoint_dir" and _guard_only(summary))]
     if summary.get("plot_error"):
         lines.append(f"  plot: not drawn: {summary['plot_error']}")
     return lines

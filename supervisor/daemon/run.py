@@ -78,11 +78,9 @@ class ProgressLine(NoHooks):
 def render(job: Job) -> str:
     stats = job.stats
     sampled = stats.max_sampled
-    memory = f"max {format_bytes(sampled)} / budget {format_bytes(job.limits.budget)}"
-    if not job.config.sdk:  # a guard-only command has no steps and no batch: only its memory and restarts
-        return f"{job.name} {job.state.name:<9} {memory}  restarts {stats.restarts}"
     return (
-        f"{job.name} {job.state.name:<9} step {stats.steps_completed}/{stats.target_steps or '?'}  {memory}"
+        f"{job.name} {job.state.name:<9} step {stats.steps_completed}/{stats.target_steps or '?'}"
+        f"  max {format_bytes(sampled)} / budget {format_bytes(job.limits.budget)}"
         f"  batch {job.batch}x{job.accum}  restarts {stats.restarts}  {stats.steps_per_second:.1f} steps/s"
     )
 
