@@ -191,13 +191,14 @@ class TestMlxLmPrefixed:
 
         model, data = build_tiny(tmp_path / "tiny")
         done = newcomer.run("--budget", "600MiB", "--", "mlx_lm.lora", "--model", str(model), "--train", "--data",
-                            str(data), "--iters", "30", "--num-layers", "4", "--learning-rate", "1e-4",
+                            str(data), "--iters", "20", "--num-layers", "4", "--learning-rate", "1e-4",
                             "--val-batches", "2", "--steps-per-eval", "10", "--save-every", "10",
                             "--adapter-path", "adapters", timeout=300, MLXSUP_INJECT_LEAK_MB_PER_STEP="25")
         assert done.returncode == 0, done.stderr[-3000:]
         summary = summary_of(done)
-        assert summary["outcome"] == "finished" and summary["steps_completed"] == 30 and summary["kind"] == "mlx-lm"
+        assert summary["outcome"] == "finished" and summary["steps_completed"] == 20 and summary["kind"] == "mlx-lm"
         assert summary["restarts"] >= 1 and set(summary["restart_reasons"]) <= {"leak", "leak_predicted"}
+        print(f"restarts {summary['restarts']} in {summary['wall_seconds']} s")  # for the record
         from mlx_lm import load
 
         with offline_env():
