@@ -130,6 +130,18 @@ class TestConfig:
         with pytest.raises(UsageError, match=r"--budget 4GiB conflicts with jobs.plain_leak.budget = '3GiB'"):
             one_line(tmp_path, [sys.executable, LEAK, "3", "1"], "-c", str(path), "--budget", "4GiB")
 
+    def test_a_command_differing_from_the_file_names_both(self, tmp_path: Path) -> None:
+        path = write_config(tmp_path / "c.toml", {}, {"plain_leak": {"command": ["python", "other.py"]}})
+        with pytest.raises(UsageError, match=r"the command after -- .* conflicts with jobs.plain_leak.command"):
+            one_line(tmp_path, [sys.executable, LEAK, "3", "1"], "-c", str(path))
+
+    def test_help_states_the_default_budget(self, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["run", "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "default total - max(8GiB, 25%), and never under half of total memory" in text
+        assert "mlxsupd run [OPTIONS] [-c CONFIG] -- CMD [ARGS...]" in text
+
     def test_a_long_state_dir_gets_a_short_run_dir(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    run_dir: Path) -> None:
         monkeypatch.setenv("XDG_RUNTIME_DIR", str(run_dir))

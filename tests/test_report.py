@@ -82,6 +82,9 @@ class TestReport:
         assert expected in text and "Your own training loop: the Session SDK" in text
         assert "checkpoints:" not in text
 
+    def test_the_lifecycle_guard_only_flag_counts_too(self) -> None:
+        assert "next: " in report(kind=None, guard_only=True, steps_completed=None, target_steps=None)
+
     def test_an_sdk_job_is_not_told_about_the_sdk(self) -> None:
         assert "next:" not in report(restarts=3)
 
