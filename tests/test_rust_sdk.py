@@ -22,10 +22,10 @@ import pytest
 from protocol.conformance.harness import Harness, Options
 from protocol.messages import CheckpointSaved, Heartbeat, Hello, Step
 from tests.conftest import ROOT, run_to_end
+from tests.rust_toolchain import CRATE, plan
 
 pytestmark = pytest.mark.slow  # real processes for seconds each (and a cargo build)
 
-from tests.rust_toolchain import CRATE, plan
 
 LEAKY = CRATE / "target" / "release" / "examples" / "leaky"
 PLAN = plan()
