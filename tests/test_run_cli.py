@@ -107,7 +107,7 @@ class TestOneLine:
         summary = summary_of(done)
         assert summary["outcome"] == "fatal" and summary["kind"] == "guard-only" and summary["restarts"] == 1
         # The diagnosis is the lifecycle's (issue 23's guard-only words, leak or spike, land with its other half).
-        assert set(summary["restart_reasons"]) <= {"leak", "spike", "peak"}
+        assert set(summary["restart_reasons"]) <= {"leak", "spike", "kill_ceiling", "peak"}
         kills = [e["signal"] for e in newcomer.history("plain_leak") if e["event"] == "kill"]
         assert kills and set(kills) <= {"SIGTERM", "SIGKILL"}
         assert summary["last_exit_code"] in (-signal.SIGTERM, -signal.SIGKILL)
