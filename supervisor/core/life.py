@@ -40,7 +40,8 @@ class Settings:
     peers: tuple[str, ...] = ()  # gang leader: the hosts whose daemons follow it
     follower: bool = False  # gang follower: lives start and end as the leader says
     peer_timeout: float = 3.0  # a peer not heard from for this long is not counted ready for a new generation
-    sdk: bool = True  # False: a guard-only job (no hello, telemetry or checkpoints; enforcement by signals)
+    sdk: bool | str = True  # False: a guard-only job (no hello, telemetry or checkpoints; enforcement by signals);
+    # "auto": each life is guard-only until its worker says hello, an SDK life from then on
     restart: str = "on-breach"  # guard-only jobs: on-breach | never
 
     @property

@@ -130,6 +130,12 @@ class Lifecycle(PeerRole):
             own = min([life.straggle_at, *(self._silent_at(r) for r in life.alive)])
         return min(own, departing)
 
+    def _sdk(self, life: Life | None) -> bool:
+        """Whether ``life`` is an SDK life: always (sdk = true), never (false), or once it said hello ("auto":
+        a hello may come at any time in the life; until then the life is guarded by samples alone)."""
+        sdk = self.settings.sdk
+        return sdk is True or (sdk == "auto" and life is not None and life.hello)
+
     def _silent_at(self, rank: Rank) -> float:
         """When rank ``rank`` counts as hung (no hello within startup_timeout, then no telemetry)."""
         return rank.last_heard + (self.settings.hang_timeout if rank.hello else self.settings.startup_timeout)
@@ -171,7 +177,7 @@ class Lifecycle(PeerRole):
         self._request_stop(e.now, "daemon shutdown", e.client)
 
     def _checkpoint_now(self, e: ev.CheckpointNow) -> None:
-        if not self.settings.sdk:
+        if self.settings.sdk is False:
             raise Refused("a guard-only job (sdk = false) cannot checkpoint")
         life = self.life
         if life is None or not life.hello or self.state not in (S.RUNNING, S.CHECKPOINTING):
@@ -206,8 +212,9 @@ class Lifecycle(PeerRole):
         life.start_checkpoint = e.start_checkpoint
         self._note("spawn", pid=e.pid, batch=life.batch, accum=life.accum, from_checkpoint=e.start_checkpoint,
                    **self._rank_fields(e.rank, life=life.id))
-        if not self.settings.sdk:
-            self._change(S.RUNNING, "spawned (guard-only: no hello expected)", pid=e.pid)
+        if self.settings.sdk is not True:
+            why = "guard-only: no hello expected" if self.settings.sdk is False else "auto: guard-only until a hello"
+            self._change(S.RUNNING, f"spawned ({why})", pid=e.pid)
 
     def _spawn_failed(self, e: ev.SpawnFailed) -> None:
         if self.life is None or self.life.id != e.life:
@@ -452,7 +459,7 @@ class Lifecycle(PeerRole):
         asked = code == EXIT_CHECKPOINTED or (life.term_sent and pending is not None and not life.crashed)
         crash = not asked and code != 0
         # A smaller batch next time is a new attempt, not a repeat of the failed one.
-        new_attempt = self.settings.sdk and asked and pending is not None and pending.next_batch != 0 and (
+        new_attempt = self._sdk(life) and asked and pending is not None and pending.next_batch != 0 and (
             (pending.next_batch, pending.next_accum) != (self.batch, self.accum))
         if progress:
             self.failures = self.crashes = 0  # the backoff grows only over crashes without progress
@@ -460,7 +467,7 @@ class Lifecycle(PeerRole):
             self.failures += 1
         self._note("exit", code=code, goodbye=life.lead.goodbye, step=life.last_step, checkpoint=newest,
                    progress=progress)
-        if not self.settings.sdk:
+        if not self._sdk(life):
             self._guard_exit(life, code, now)
             return
         if code == EXIT_CHECKPOINTED and self.settings.gang:
@@ -573,7 +580,7 @@ class Lifecycle(PeerRole):
         if not life.alive:  # a gang leader waiting for other hosts' reports: stop without them
             self._on_exit(life, life.code(), now, life.start_checkpoint)
             return
-        if not life.hello or not self.settings.sdk:
+        if not life.hello or not self._sdk(life):
             self._terminate(now, reason)
         elif life.term_sent or self.state == S.STOPPING:
             return  # already on its way out
@@ -585,8 +592,8 @@ class Lifecycle(PeerRole):
     # -- escalation ---------------------------------------------------------------------------------
 
     def _check_liveness(self, life: Life, now: float) -> None:
-        if not self.settings.sdk:
-            return  # nothing is ever heard from a guard-only job: only its memory is watched
+        if not self._sdk(life):
+            return  # nothing is ever heard from a guard-only life: only its memory is watched
         if self.state in (S.CHECKPOINTING, S.STOPPING):
             if now >= life.deadline:
                 self._terminate(now, f"checkpoint took longer than {self.settings.checkpoint_timeout}s")
@@ -601,7 +608,7 @@ class Lifecycle(PeerRole):
 
     def _act(self, life: Life, rank: Rank, decision: Decision, now: float, **numbers: Any) -> None:
         numbers.update(self._rank_fields(rank.rank))
-        if not self.settings.sdk:
+        if not self._sdk(life):
             self._guard(life, rank, decision, now, numbers)
             return
         if decision.action is Do.CLEAR_CACHE:
