@@ -106,6 +106,8 @@ class JobConfig:
     policy: str = _f("adaptive", "adaptive (leak: recycle, peak: shrink, regrow), shrink-only, "
                      "or stop (at the first breach)")
     leak_threshold: str = _f("1MiB", "growth per step above which a breach is a leak", "bytes/step")
+    leak_rate: str = _f("1MiB", "guard-only lives (sdk = false, or \"auto\" before a hello): sampled growth per "
+                        "second above which a breach is a leak (else a spike)", "bytes/s")
     regrow_after_steps: int = _f(50, "healthy steps before trying a larger batch")
     min_steps_per_life: int = _f(10, "recycling more often than this also shrinks the batch")
     checkpoint_dir: str = _f("", "checkpoints of this job (default <state_dir>/jobs/NAME/checkpoints)")
@@ -341,6 +343,7 @@ def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
     try:
         limits = job.limits(total)
         parse_bytes(job.leak_threshold)
+        parse_bytes(job.leak_rate)
         parse_bytes(job.cache_clear)
         parse_fraction_of(job.cache_limit, limits.budget)
         check_limits(limits)

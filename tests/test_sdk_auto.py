@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from protocol.control import ControlError
+from supervisor.cli.live import top_frame
 from supervisor.config import ConfigError, parse_config
+from supervisor.control.commands.jobs import describe, status_line
 from supervisor.core.states import JobState
 from tests.test_lifecycle import Service
 
@@ -138,3 +140,31 @@ class TestAfterTheHello:
         for _ in range(15):
             s.turn(0.1)
         assert job.state == JobState.STOPPING and s.proc("j").signals == [signal.SIGTERM]
+
+
+class TestStatus:
+    """Status speaks of samples while the job is guard-only, of steps and batches once it said hello."""
+
+    def test_guard_only_status_has_growth_and_null_step_fields(self, service: Any) -> None:
+        s = service({"j": AUTO})
+        job = s.job("j")
+        job.start(s.system.clock)
+        for i in range(12):
+            s.proc("j").sampled = (100 + 50 * i) * MiB
+            s.turn(0.25)
+            job.on_sample(s.system.clock, 8 << 30, 0)
+        row = describe(job)
+        assert row["guard_only"] is True and row["batch"] is None and row["step"] is None
+        assert row["leak_bytes_per_step"] is None and row["steps_per_second"] is None
+        assert row["guard"]["growth_bytes_per_second"] == 200 * MiB
+        assert row["guard"]["budget_in_seconds"] == pytest.approx((1000 - 650) / 200, abs=0.01)
+        assert "guard-only" in status_line(row) and "batch" not in status_line(row)
+        assert "guard-only" in top_frame([row], {}) and "200.0/s" in top_frame([row], {})
+
+    def test_after_the_hello_status_has_the_batch(self, service: Any) -> None:
+        s = service({"j": AUTO})
+        job = s.job("j")
+        job.start(s.system.clock)
+        s.hello("j")
+        row = describe(job)
+        assert row["guard_only"] is False and (row["batch"], row["accum"]) == (8, 1) and "guard" not in row

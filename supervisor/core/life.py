@@ -13,6 +13,7 @@ import dataclasses
 import math
 
 from protocol.messages import EXIT_CHECKPOINTED
+from supervisor.core.guard import SampleTrend
 from supervisor.core.policy import Decision, Estimator, PolicyConfig
 
 INF = math.inf
@@ -68,6 +69,7 @@ class Rank:
     last_bytes: int = 0  # the group's last complete sample
     min_bytes: int = 0  # its smallest (0: none yet): what a fresh worker needs when there is no baseline yet
     exit_code: int | None = None
+    growth: SampleTrend = dataclasses.field(default_factory=SampleTrend)  # a guard-only life's samples per second
 
     @property
     def alive(self) -> bool:

@@ -39,6 +39,7 @@ from protocol import Command, Step
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core import events as ev
 from supervisor.core.events import Action, Event, Refused
+from supervisor.core.guard import floor_decision, guard_numbers, guard_on_sample
 from supervisor.core.life import INF, Departing, JobStats, Life, Rank, Settings
 from supervisor.core.peers import PeerRole
 from supervisor.core.policy import (
@@ -90,6 +91,7 @@ class Lifecycle(PeerRole):
         self.regrown_to = 0  # the batch the last regrowth went to, until it proves itself or breaches
         self.next: tuple[Settings, Limits] | None = None  # a reread config, applied at the next start
         self.last_sampled = 0
+        self.said_hello = False  # a worker of this job has said hello (sdk = "auto": it speaks the SDK)
         self.stats = JobStats()
         self._lives = itertools.count(1)
         self._out: list[Action] = []
@@ -135,6 +137,16 @@ class Lifecycle(PeerRole):
         a hello may come at any time in the life; until then the life is guarded by samples alone)."""
         sdk = self.settings.sdk
         return sdk is True or (sdk == "auto" and life is not None and life.hello)
+
+    @property
+    def guard_only(self) -> bool:
+        """The job speaks of samples alone: sdk = false, or "auto" before any of its workers said hello."""
+        return self.settings.sdk is False or (self.settings.sdk == "auto" and not self.said_hello)
+
+    def _sdk_fields(self, life: Life | None, **fields: Any) -> dict[str, Any]:
+        """``fields`` (batch, step, checkpoint...) for the records of an SDK life (``life`` None: the job's next
+        one); nothing for a guard-only life, which has none of them."""
+        return fields if (self._sdk(life) if life is not None else not self.guard_only) else {}
 
     def _silent_at(self, rank: Rank) -> float:
         """When rank ``rank`` counts as hung (no hello within startup_timeout, then no telemetry)."""
@@ -210,7 +222,8 @@ class Lifecycle(PeerRole):
             return
         rank.pid, rank.last_heard = e.pid, e.now
         life.start_checkpoint = e.start_checkpoint
-        self._note("spawn", pid=e.pid, batch=life.batch, accum=life.accum, from_checkpoint=e.start_checkpoint,
+        self._note("spawn", pid=e.pid, **self._sdk_fields(None, batch=life.batch, accum=life.accum,
+                                                          from_checkpoint=e.start_checkpoint),
                    **self._rank_fields(e.rank, life=life.id))
         if self.settings.sdk is not True:
             why = "guard-only: no hello expected" if self.settings.sdk is False else "auto: guard-only until a hello"
@@ -231,7 +244,7 @@ class Lifecycle(PeerRole):
         life, rank, m = self.life, self._rank(e.rank), e.msg
         if life is None or rank is None:
             return
-        rank.hello, rank.last_heard = True, e.now
+        rank.hello, rank.last_heard, self.said_hello = True, e.now, True
         # The worker knows where it really resumed (a damaged newest checkpoint was skipped).
         rank.last_step = m.start_step
         self._note("hello", pid=m.pid, start_step=m.start_step, batch=m.batch, accum=m.accum,
@@ -345,6 +358,9 @@ class Lifecycle(PeerRole):
             policy_bytes = total  # the departing workers are already killed: only the current one is left
         if life is None or rank is None or policy_bytes is None or self.state not in PROCESS_STATES:
             return
+        if not self._sdk(life):
+            self._guard_sample(life, rank, e, policy_bytes)
+            return
         if e.complete:
             rank.last_bytes = e.current or 0
             rank.min_bytes = min(rank.min_bytes or rank.last_bytes, rank.last_bytes)
@@ -359,6 +375,22 @@ class Lifecycle(PeerRole):
         if decision.acts:
             self._act(life, rank, decision, e.now, step=rank.last_step, sampled=policy_bytes,
                       budget=self.limits.budget, available=e.available, departing=departing)
+
+    def _guard_sample(self, life: Life, rank: Rank, e: ev.Sample, sampled: int) -> None:
+        """A guard-only life's sample, decided in its own terms: growth per second, leak or spike, SIGTERM or
+        SIGKILL (``supervisor.core.guard``); no step, batch or checkpoint in its records."""
+        if e.complete:
+            rank.last_bytes = e.current or 0
+            rank.min_bytes = min(rank.min_bytes or rank.last_bytes, rank.last_bytes)
+            rank.growth.add(e.now, rank.last_bytes)
+        decision, rank.over_count = guard_on_sample(sampled, e.complete, rank.over_count, self.limits, rank.growth,
+                                                    self.policy, e.now)
+        if not decision.acts and e.floor and e.available < e.floor and self.state == S.RUNNING:
+            decision = floor_decision(e.available, e.floor)
+        if decision.acts:
+            numbers = {"sampled": sampled, "budget": self.limits.budget, "available": e.available,
+                       **guard_numbers(rank.growth, self.limits, sampled, e.now), **self._rank_fields(rank.rank)}
+            self._guard(life, rank, decision, e.now, numbers)
 
     def _count_sample(self, total: int, rank: int) -> None:
         stats = self.stats
@@ -465,8 +497,8 @@ class Lifecycle(PeerRole):
             self.failures = self.crashes = 0  # the backoff grows only over crashes without progress
         elif not new_attempt:
             self.failures += 1
-        self._note("exit", code=code, goodbye=life.lead.goodbye, step=life.last_step, checkpoint=newest,
-                   progress=progress)
+        self._note("exit", code=code, **self._sdk_fields(life, goodbye=life.lead.goodbye, step=life.last_step,
+                                                         checkpoint=newest, progress=progress))
         if not self._sdk(life):
             self._guard_exit(life, code, now)
             return
@@ -531,7 +563,7 @@ class Lifecycle(PeerRole):
         """Start the next life; every start after the first counts as a restart."""
         self.stats.restarts += 1
         self.stats.restart_reasons[reason] += 1
-        self._note("restart", reason=reason, batch=self.batch, accum=self.accum)
+        self._note("restart", reason=reason, **self._sdk_fields(None, batch=self.batch, accum=self.accum))
         self._begin(now, f"restart: {reason}")
 
     def _begin(self, now: float, reason: str, **fields: Any) -> None:
@@ -543,7 +575,7 @@ class Lifecycle(PeerRole):
             self.regrown_to, self.next = 0, None
         self.stop_reason = None
         self.retry_at = INF
-        self._change(S.STARTING, reason, batch=self.batch, accum=self.accum, **fields)
+        self._change(S.STARTING, reason, **self._sdk_fields(None, batch=self.batch, accum=self.accum), **fields)
         if self._room(now):
             self._spawn(now)
         else:
@@ -607,10 +639,7 @@ class Lifecycle(PeerRole):
                 return
 
     def _act(self, life: Life, rank: Rank, decision: Decision, now: float, **numbers: Any) -> None:
-        numbers.update(self._rank_fields(rank.rank))
-        if not self._sdk(life):
-            self._guard(life, rank, decision, now, numbers)
-            return
+        numbers.update(self._rank_fields(rank.rank))  # (an SDK life's; a guard-only one decides in _guard_sample)
         if decision.action is Do.CLEAR_CACHE:
             if rank.hello and now - rank.last_cache_clear >= self.settings.clear_cache_every:
                 rank.last_cache_clear = now
@@ -637,9 +666,7 @@ class Lifecycle(PeerRole):
         ceiling = decision.action is Do.KILL
         if decision.action is Do.CLEAR_CACHE or (life.term_sent and not ceiling) or life.killed:
             return
-        if self.stats.first_breach_step is None:
-            self.stats.first_breach_step = rank.last_step
-        self._out.append(ev.Decided(decision, numbers))
+        self._out.append(ev.Decided(decision, numbers))  # (no first_breach_step: a guard-only life has no steps)
         life.pending = decision
         self.stats.last_decision_at = now
         if ceiling and life.term_sent:
@@ -673,7 +700,7 @@ class Lifecycle(PeerRole):
         if life is None or life.term_sent:
             return
         self._note("kill", signal=signal.Signals(signum).name, reason=reason, pid=life.pid,
-                   grace=self.settings.kill_grace, step=life.last_step, level="warning")
+                   grace=self.settings.kill_grace, level="warning", **self._sdk_fields(life, step=life.last_step))
         life.term_sent = True
         life.deadline = now + self.settings.kill_grace
         self._out.append(ev.Signal(life.id, signum))

@@ -56,7 +56,8 @@ ProcKey = tuple[int, int]  # (life, rank)
 def settings_of(job: JobConfig, layout: Layout | None = None) -> Settings:
     """The lifecycle settings of a job's config."""
     policy = PolicyConfig(
-        leak_threshold=float(parse_bytes(job.leak_threshold)), shrink_factor=job.shrink_factor,
+        leak_threshold=float(parse_bytes(job.leak_threshold)), leak_rate=float(parse_bytes(job.leak_rate)),
+        shrink_factor=job.shrink_factor,
         min_batch=job.min_batch, max_batch=job.batch, keep_effective_batch=job.keep_effective_batch,
         min_steps_per_life=job.min_steps_per_life, regrow_after_steps=job.regrow_after_steps,
         adaptive=job.policy == "adaptive",
