@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+from typing import Any
 
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core.guard import SampleTrend
@@ -94,6 +95,7 @@ class Life:
     crashed: bool = False  # a rank exited unasked (not 0 or 75) while others ran: a crash, whatever was pending
     straggle_at: float = INF  # a rank exited: the others must be gone by then (SIGKILL)
     killed: bool = False  # SIGKILL sent (guard-only jobs at the ceiling)
+    tail: tuple[str, ...] = ()  # the last stderr lines of the first rank that exited uncleanly
 
     @property
     def lead(self) -> Rank:
@@ -167,3 +169,5 @@ class JobStats:
     rank_max_sampled: dict[int, int] = dataclasses.field(default_factory=dict)  # rank -> its largest sample
     # For each checkpoint-and-exit of a gang: the step each rank checkpointed at.
     stop_steps: list[list[int]] = dataclasses.field(default_factory=list)
+    # The last crash: {"exit_code", "signal", "stderr_tail", "signature"} (supervisor.core.crashes.Crash.record)
+    last_error: dict[str, Any] | None = None

@@ -38,6 +38,7 @@ from typing import Any
 from protocol import Command, Step
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core import events as ev
+from supervisor.core.crashes import Crash, CrashPolicy, classify
 from supervisor.core.events import Action, Event, Refused
 from supervisor.core.guard import floor_decision, guard_numbers, guard_on_sample
 from supervisor.core.life import INF, Departing, JobStats, Life, Rank, Settings
@@ -53,6 +54,7 @@ from supervisor.core.policy import (
     backoff_delay,
     on_sample,
     on_step,
+    shrink,
 )
 from supervisor.core.states import (
     PROCESS_STATES,
@@ -417,6 +419,8 @@ class Lifecycle(PeerRole):
         if life is None or rank is None:
             return
         rank.exit_code = e.code
+        if e.stderr_tail and not life.tail:
+            life.tail = e.stderr_tail
         if life.first_exit is None:
             life.first_exit = e.code
         first, life.left = not life.left, True
@@ -490,6 +494,9 @@ class Lifecycle(PeerRole):
         progress = newest > life.start_checkpoint
         asked = code == EXIT_CHECKPOINTED or (life.term_sent and pending is not None and not life.crashed)
         crash = not asked and code != 0
+        failure = classify(code, life.tail, life.hello) if crash else None
+        if failure is not None:
+            self.stats.last_error = failure.record()
         # A smaller batch next time is a new attempt, not a repeat of the failed one.
         new_attempt = self._sdk(life) and asked and pending is not None and pending.next_batch != 0 and (
             (pending.next_batch, pending.next_accum) != (self.batch, self.accum))
@@ -498,9 +505,10 @@ class Lifecycle(PeerRole):
         elif not new_attempt:
             self.failures += 1
         self._note("exit", code=code, **self._sdk_fields(life, goodbye=life.lead.goodbye, step=life.last_step,
-                                                         checkpoint=newest, progress=progress))
+                                                         checkpoint=newest, progress=progress),
+                   **crash_fields(failure))
         if not self._sdk(life):
-            self._guard_exit(life, code, now)
+            self._guard_exit(life, code, now, failure)
             return
         if code == EXIT_CHECKPOINTED and self.settings.gang:
             self._note_stop_steps(life)
@@ -513,11 +521,18 @@ class Lifecycle(PeerRole):
             if self.restart_pending and not self.shutting_down:
                 self.restart_pending = False
                 self._begin(now, "restart requested")
+        elif failure is not None and failure.policy is CrashPolicy.FATAL:
+            self._change(S.FATAL, f"not retried: the worker's own error before its hello "
+                                  f"({failure.describe(describe_exit(code))})", stderr_tail=list(failure.tail))
         elif self.failures >= self.settings.max_attempts:
-            self._change(S.FATAL, f"{self.failures} attempts without progress (last exit {code})")
+            last = failure.describe(describe_exit(code)) if failure is not None else f"exit {code}"
+            self._change(S.FATAL, f"{self.failures} attempts without progress (last {last})",
+                         **crash_fields(failure))
+        elif failure is not None and failure.policy is not CrashPolicy.BACKOFF:
+            self._crash_restart(now, life, failure)
         elif crash or (pending is None and life.term_sent):
             reason = self.restart_reason if life.term_sent else describe_exit(code)
-            self._after_failure(now, reason)
+            self._after_failure(now, reason, failure)
         elif pending is not None and pending.diagnosis is Diagnosis.SYSTEM_FLOOR:
             self._change(S.WAITING_FOR_MEMORY, pending.reason)
         elif pending is not None and self.settings.mode == "stop":
@@ -527,7 +542,16 @@ class Lifecycle(PeerRole):
                 life.lead.goodbye or "checkpointed")
             self._restart_now(now, reason)
 
-    def _guard_exit(self, life: Life, code: int, now: float) -> None:
+    def _crash_restart(self, now: float, life: Life, failure: Crash) -> None:
+        """A crash a fresh process clears (recycle) or a smaller batch avoids (shrink; a guard-only life has no
+        batch and starts over): restart at once, not after a backoff."""
+        if failure.policy is CrashPolicy.SHRINK and self._sdk(life):
+            self.batch, self.accum = shrink(life.batch, life.accum, self.policy)
+        self._note("crash_signature", signature=failure.signature, policy=failure.policy.value, hint=failure.hint,
+                   **self._sdk_fields(life, batch=self.batch, accum=self.accum), level="warning")
+        self._restart_now(now, failure.signature or "crash")
+
+    def _guard_exit(self, life: Life, code: int, now: float, failure: Crash | None = None) -> None:
         """The ladder of a guard-only job: finish, stop, start over after a breach (restart = on-breach), or
         give up. Without checkpoints no life counts as progress, so breaches in a row end in FATAL."""
         pending = life.pending
@@ -538,8 +562,12 @@ class Lifecycle(PeerRole):
                 self._begin(now, "restart requested")
         elif code == 0:
             self._change(S.FINISHED, "command exited 0")
+        elif pending is None and failure is not None and failure.policy in (CrashPolicy.RECYCLE, CrashPolicy.SHRINK) \
+                and self.settings.restart == "on-breach" and self.failures < self.settings.max_attempts:
+            self._crash_restart(now, life, failure)
         elif pending is None:
-            self._change(S.FATAL, f"command exited {code}" if code >= 0 else f"command killed by signal {-code}")
+            words = f"command exited {code}" if code >= 0 else f"command killed by signal {-code}"
+            self._change(S.FATAL, failure.describe(words) if failure is not None else words, **crash_fields(failure))
         elif self.settings.restart == "never":
             self._change(S.STOPPED, f"{pending.reason} (restart = never)", code=code)
         elif self.failures >= self.settings.max_attempts:
@@ -549,15 +577,17 @@ class Lifecycle(PeerRole):
         else:
             self._restart_now(now, pending.diagnosis.value if pending.diagnosis else "breach")
 
-    def _after_failure(self, now: float, reason: str) -> None:
+    def _after_failure(self, now: float, reason: str, failure: Crash | None = None) -> None:
+        """Back off before the next start (``reason`` is the restart's; the state change quotes the crash)."""
         self.crashes += 1
+        said = failure.describe(reason) if failure is not None else reason
         if self.failures >= self.settings.max_attempts:
-            self._change(S.FATAL, f"{self.failures} attempts without progress: {reason}")
+            self._change(S.FATAL, f"{self.failures} attempts without progress: {said}", **crash_fields(failure))
             return
         delay = backoff_delay(self.crashes, self.settings.backoff_initial, self.settings.backoff_max)
         self.retry_at = now + delay
         self.restart_reason = reason
-        self._change(S.BACKOFF, reason, delay=round(delay, 3))
+        self._change(S.BACKOFF, said, delay=round(delay, 3))
 
     def _restart_now(self, now: float, reason: str) -> None:
         """Start the next life; every start after the first counts as a restart."""
@@ -753,6 +783,14 @@ _HANDLERS: dict[type[Any], Callable[[Lifecycle, Any], None]] = {
     ev.DepartedExited: Lifecycle._departed, ev.Tick: Lifecycle._tick,
     ev.PeerSync: Lifecycle._peer_sync, ev.LeaderSays: Lifecycle._leader_says,
 }
+
+
+def crash_fields(failure: Crash | None) -> dict[str, Any]:
+    """A crash's signature, hint and last stderr lines for its records (nothing without a crash)."""
+    if failure is None:
+        return {}
+    return {"signature": failure.signature, "stderr_tail": list(failure.tail),
+            **({"hint": failure.hint} if failure.hint else {})}
 
 
 def describe_exit(code: int) -> str:

@@ -51,6 +51,8 @@ def summarize(job: Job, wall_seconds: float) -> dict[str, Any]:
                    "budget_bytes": job.limits.budget, "restarts": stats.restarts}
                   for rank in job.lifecycle.settings.ranks],
         "stop_steps": stats.stop_steps,
+        # The last crash (exit_code or signal, stderr_tail, signature); null when nothing crashed.
+        "last_error": stats.last_error,
     }
 
 

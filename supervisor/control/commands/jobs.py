@@ -34,7 +34,8 @@ def describe(job: Job) -> dict[str, Any]:
         "transient_bytes": estimator.transient if estimator else 0,
         "baseline_bytes": estimator.baseline if estimator else None,
         "samples_over_budget": stats.samples_over_budget, "final_loss": stats.final_loss,
-        "io_errors": dict(job.io_errors), "last_decision": job.last_decision.get(0, ""), **gang_status(job),
+        "io_errors": dict(job.io_errors), "last_decision": job.last_decision.get(0, ""),
+        "last_error": stats.last_error, **gang_status(job),
         **guard_status(job),
     }
 
@@ -85,6 +86,11 @@ def status_line(row: dict[str, Any]) -> str:
         line = (f"{row['name']:<16} {row['state']:<18} pid {row['pid'] or '-'!s:<7} "
                 f"step {row['step']}/{row['target_steps'] or '?':<8} mem {mem:<22} "
                 f"batch {row['batch']}x{row['accum']}  restarts {row['restarts']}")
+    error = row.get("last_error")
+    if error and row["state"] in ("BACKOFF", "FATAL", "STARTING", "STOPPED"):
+        said = next((line.strip() for line in reversed(error["stderr_tail"]) if line.strip()), "")
+        how = f"exit {error['exit_code']}" if error["exit_code"] is not None else error["signal"]
+        line += f"\n  last error ({how}{', ' + error['signature'] if error['signature'] else ''}): {said[:160]}"
     if "gang" in row:
         gang = row["gang"]
         line += f"\n  gang: {gang['world']} ranks, generation {gang['generation']}, this host {gang['host']}"
