@@ -128,3 +128,21 @@ class TestOwnTerms:
         decisions = [e for e in history if e["event"] == "decision"]
         assert code == 1 and [d["diagnosis"] for d in decisions] == ["spike"] and summary["guard_only"]
         assert decisions[0]["reason"].startswith("spike: sample ") and sdk_words(history) == []
+
+
+@pytest.mark.slow
+class TestAutoWithTheSdk:
+    """sdk = "auto" and a worker that says hello: an SDK job, recycled from its checkpoints."""
+
+    @pytest.mark.timeout(300)
+    def test_a_leaking_sdk_worker_finishes_with_recycles(self, config_file: Any, tmp_path: Path) -> None:
+        path = config_file({"j": {"sdk": "auto", "budget": "700MiB", "train": {"steps": 120, "leak_mb_per_step": 25}}})
+        summary_path = tmp_path / "summary.json"
+        done = subprocess.run(mlxsupd("run", "-c", str(path), "j", "--summary", str(summary_path), "--log-format",
+                                      "json"), capture_output=True, text=True, timeout=280)
+        summary = json.loads(summary_path.read_text())
+        assert done.returncode == 0 and summary["outcome"] == "finished" and summary["guard_only"] is False
+        assert summary["steps_completed"] == 120 and summary["restarts"] >= 1
+        assert set(summary["restart_reasons"]) <= {"leak", "leak_predicted"}
+        history = read_history(tmp_path / "state" / "jobs" / "j" / "history.jsonl")
+        assert any(e["event"] == "spawn" and e.get("from_checkpoint") for e in history)  # resumed, not from scratch
