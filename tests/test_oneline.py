@@ -82,13 +82,13 @@ class TestConfig:
         assert name == "plain_leak"
         state = str((tmp_path / "s").resolve())
         path = write_config(tmp_path / "c.toml", {"state_dir": state, "run_dir": str(config.run_dir)},
-                            {name: {"command": [sys.executable, LEAK, "10", "1"], "sdk": False, "budget": "2GiB",
+                            {name: {"command": [sys.executable, LEAK, "10", "1"], "sdk": "auto", "budget": "2GiB",
                                     "kill": "120%", "working_dir": str(tmp_path)}})
         assert config.jobs == load_config(path, total_memory=TOTAL).jobs
         assert config.state_dir == Path(state) and config.daemon == load_config(path, total_memory=TOTAL).daemon
 
     def test_sdk_choice(self, tmp_path: Path) -> None:
-        assert one_line(tmp_path, [sys.executable, SDK_LEAK, "3", "1"])[0].jobs["sdk_leak"].sdk
+        assert one_line(tmp_path, [sys.executable, SDK_LEAK, "3", "1"])[0].jobs["sdk_leak"].sdk == "auto"
         assert not one_line(tmp_path, [sys.executable, SDK_LEAK, "3", "1"], "--sdk", "no")[0].jobs["sdk_leak"].sdk
         assert one_line(tmp_path, [sys.executable, LEAK, "3", "1"], "--sdk", "yes")[0].jobs["plain_leak"].sdk
 
@@ -107,8 +107,8 @@ class TestConfig:
         (["--budget", "2GiB", "--kill", "2GiB"], r"--kill 2GiB \(2.00 GiB\) is at or under the budget"),
         (["--budget", "2GiB", "--kill", "90%"], r"--kill 90% \(1.80 GiB\) is at or under the budget"),
         (["--budget", "lots"], "--budget lots: invalid size 'lots'"),
-        (["--batch", "4"], "--batch applies to SDK workers"),
-        (["--max-steps", "4"], "--max-steps applies to SDK workers"),
+        (["--sdk", "no", "--batch", "4"], "--batch applies to SDK workers"),
+        (["--sdk", "no", "--max-steps", "4"], "--max-steps applies to SDK workers"),
     ])
     def test_bad_values_name_themselves(self, tmp_path: Path, options: list[str], message: str) -> None:
         with pytest.raises(UsageError, match=message):
@@ -116,7 +116,7 @@ class TestConfig:
 
     def test_restart_never_on_an_sdk_job_is_refused(self, tmp_path: Path) -> None:
         with pytest.raises(UsageError, match="restart applies to guard-only jobs"):
-            one_line(tmp_path, [sys.executable, SDK_LEAK, "3", "1"], "--restart", "never")
+            one_line(tmp_path, [sys.executable, SDK_LEAK, "3", "1"], "--sdk", "yes", "--restart", "never")
 
     def test_config_file_gives_daemon_and_job_defaults(self, tmp_path: Path) -> None:
         path = write_config(tmp_path / "c.toml", {"sample_interval": 0.1, "calm_sample_interval": 0.5},

@@ -106,9 +106,12 @@ class TestOneLine:
         assert done.returncode == 1, done.stderr[-3000:]
         summary = summary_of(done)
         assert summary["outcome"] == "fatal" and summary["kind"] == "guard-only" and summary["restarts"] == 1
-        # The diagnosis is the lifecycle's (issue 23's guard-only words, leak or spike, land with its other half).
-        assert set(summary["restart_reasons"]) <= {"leak", "spike", "kill_ceiling", "peak"}
-        kills = [e["signal"] for e in newcomer.history("plain_leak") if e["event"] == "kill"]
+        # sdk = "auto" and no hello: guard-only, diagnosed from its samples, with no batch or checkpoint anywhere.
+        assert summary["restart_reasons"] == {"leak": 1} and summary["guard_only"] is True
+        assert summary["batch_history"] == [] and summary["steps_completed"] is None
+        history = newcomer.history("plain_leak")
+        assert not any({"batch", "accum", "checkpoint", "next_batch"} & set(e) for e in history)
+        kills = [e["signal"] for e in history if e["event"] == "kill"]
         assert kills and set(kills) <= {"SIGTERM", "SIGKILL"}
         assert summary["last_exit_code"] in (-signal.SIGTERM, -signal.SIGKILL)
         assert "started over from scratch once; with the SDK it resumes from a checkpoint" in done.stderr

@@ -41,7 +41,7 @@ class Command:
 
     argv: list[str]
     mlx_lm: list[str] | None  # mlx_lm.lora's arguments when the command is an mlx-lm fine-tune
-    sdk_guess: bool  # a Python script that imports the SDK (worker.Session)
+    sdk_guess: bool  # a Python script that imports the SDK (worker.Session): what `mlxsupctl init` writes
 
 
 def default_budget(total: int) -> int:
@@ -66,8 +66,8 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
         "(on-breach, the default) or stop")
     add("--max-attempts", type=int, help="starts in a row without progress before giving up (default 5)")
     add("--sdk", choices=["auto", "yes", "no"], default="auto",
-        help="whether CMD speaks the Session SDK (default auto: a Python script that imports worker; an mlx-lm "
-        "command always does)")
+        help="whether CMD speaks the Session SDK (default auto: guarded by sampling alone until its worker says "
+        "hello, an SDK job from then on; an mlx-lm command always does)")
     add("--state-dir", type=Path, help="history, checkpoints, logs and the control socket's run dir "
         f"(default {paths.default_state_dir()}; the run dir is then the platform's)")
     add("--plot", type=Path, help="after the run, plot memory to this PNG or SVG (needs matplotlib)")
@@ -234,12 +234,12 @@ def _mlx_lm_job(job: dict[str, Any], command: Command, args: argparse.Namespace,
 
 
 def _command_job(job: dict[str, Any], command: Command, args: argparse.Namespace, where: str) -> None:
-    sdk = {"yes": True, "no": False}.get(args.sdk, command.sdk_guess)
+    sdk: bool | str = {"yes": True, "no": False}.get(args.sdk, "auto")  # auto: learned from the worker's hello
     if args.sdk == "auto" and "sdk" in job:
         sdk = job["sdk"]
     _merge(job, "command", command.argv, "the command after --", where)
     _merge(job, "sdk", sdk, f"--sdk {args.sdk}", where)
-    if not sdk:
+    if sdk is False:
         for option in ("batch", "accum", "max_steps"):
             if getattr(args, option) is not None:
                 raise UsageError(f"--{option.replace('_', '-')} applies to SDK workers; {command.argv[0]!r} runs "

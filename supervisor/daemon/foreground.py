@@ -112,8 +112,15 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
+def announced_kind(job: Job) -> str:
+    """The kind said at the start: with sdk = "auto" it is learned from the first hello."""
+    if job.config.sdk == "auto" and not job.config.mlx_lm:
+        return "sdk auto: guarded by sampling until its worker says hello"
+    return kind_of(job)
+
+
 def kind_of(job: Job) -> str:
     """sdk, guard-only or mlx-lm: which words the report uses."""
     if job.config.mlx_lm:
         return "mlx-lm"
-    return "sdk" if job.config.sdk else "guard-only"
+    return "guard-only" if job.lifecycle.guard_only else "sdk"
