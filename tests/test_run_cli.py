@@ -63,7 +63,7 @@ class Newcomer:
             done = self.ctl("status", name, "--json")
             if done.returncode == 0:
                 (row,) = json.loads(done.stdout)["jobs"]
-                if row["state"] == "RUNNING" and row["step"] >= steps:
+                if row["state"] == "RUNNING" and (row["step"] or 0) >= steps:  # None until the hello
                     return dict(row)
             time.sleep(0.2)
         raise AssertionError("the job never ran")
