@@ -17,8 +17,11 @@ from typing import Any
 import pytest
 
 from protocol import darwin
+from protocol.durable import write_durably
 from supervisor import paths
 from supervisor.config import ConfigError, write_config
+from supervisor.hostfile import build_layout
+from supervisor.daemon.ranks import write_ring
 from supervisor.daemon.rundir import RunDirError, ipc_socket, prepare_run_dir
 from tests.conftest import SMALL, mlxsupd
 from worker import checkpoint
@@ -211,6 +214,23 @@ class TestFullFsyncWithFakeFcntl:
             checkpoint.full_fsync(fh.fileno())
         assert calls["fullfsync"] == [] and len(calls["fsync"]) == 1
 
+    def test_fake_fcntl_fullfsync_for_the_daemons_summary_and_ring_file(self, calls: dict[str, list[int]],
+                                                                        tmp_path: Path) -> None:
+        layout = build_layout(2, [], None, "", 29000, [])
+        assert layout is not None
+        write_ring(layout, tmp_path / "gang" / "ring.json", 3)
+        write_durably(tmp_path / "summary.json", "{}\n")  # what run_one writes its --summary with
+        # each: the file, then its directory after the rename; fsync only where F_FULLFSYNC fails
+        assert len(calls["fullfsync"]) == 4 and calls["fsync"] == []
+        assert json.loads((tmp_path / "gang" / "ring.json").read_text()) and (tmp_path / "summary.json").read_text()
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["gang", "ring.json", "summary.json"]  # no temp left
+
+    def test_fake_fcntl_failure_in_a_durable_write_falls_back_to_fsync(
+            self, calls: dict[str, list[int]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("FAKE_FULLFSYNC_FAILS", "1")
+        write_durably(tmp_path / "summary.json", b"{}")
+        assert calls["fullfsync"] == [] and len(calls["fsync"]) == 2
+
     def test_without_the_constant_fsync_is_used(self, calls: dict[str, list[int]], tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delattr(fcntl, "F_FULLFSYNC")
@@ -247,5 +267,6 @@ class TestLeakJobWithoutWaitid:
         for line in log.read_text().splitlines():
             pid, name = line.split()
             used.setdefault(pid, set()).add(name)
-        assert {"waitid", "proc_listpgrppids", "proc_pid_rusage"} <= used.pop(str(daemon.pid))
+        # the daemon's own: the exit probe, the group walk, the footprints, and F_FULLFSYNC for its --summary
+        assert {"waitid", "proc_listpgrppids", "proc_pid_rusage", "F_FULLFSYNC"} <= used.pop(str(daemon.pid))
         assert len(used) >= 2 and all("F_FULLFSYNC" in names for names in used.values())  # every worker life

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from protocol.durable import write_durably
 from supervisor.hostfile import Layout, ring_json
 
 if TYPE_CHECKING:
@@ -39,8 +39,5 @@ def rank_env(layout: Layout, ring: Path, rank: int) -> dict[str, str]:
 
 
 def write_ring(layout: Layout, path: Path, generation: int) -> None:
-    """The MLX_HOSTFILE of a generation (fresh ports), replaced atomically: ranks read it once, at init."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(ring_json(layout, generation))
-    os.replace(tmp, path)
+    """The MLX_HOSTFILE of a generation (fresh ports), replaced atomically and durably: ranks read it once, at init."""
+    write_durably(path, ring_json(layout, generation))
