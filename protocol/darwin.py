@@ -35,7 +35,7 @@ RUSAGE_INFO_V2: Final = 2
 # "#define _CS_DARWIN_USER_TEMP_DIR 65537" (beside _CS_DARWIN_USER_DIR 65536 and _CS_DARWIN_USER_CACHE_DIR 65538,
 # under __DARWIN_C_LEVEL >= __DARWIN_C_FULL) in the macOS 13 SDK's usr/include/unistd.h, as vendored by Zig
 # (github.com/ziglang/zig, lib/libc/include/any-macos.13-any/unistd.h, commit f2892775990a). The 10.4u SDK's
-# unistd.h has no _CS_DARWIN_* at all: the number is macOS 10.5 and later.
+# unistd.h (github.com/phracker/MacOSX-SDKs) has no _CS_DARWIN_* names: the number is newer than 10.4.
 # tests/test_darwin_real.py asks the real confstr on a Mac and compares with $TMPDIR.
 CS_DARWIN_USER_TEMP_DIR: Final = 65537
 # The dylibs live in the dyld shared cache on recent macOS: dlopen finds them though no file exists.
