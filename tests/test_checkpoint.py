@@ -430,6 +430,7 @@ def mount_tmpfs(mountpoint: Path, size: str) -> str | None:
 class TestWriteErrors:
     """A failed write raises CheckpointError, removes its temp dir and leaves older checkpoints intact."""
 
+    @pytest.mark.linux_only("mounts a size-limited tmpfs (macOS has none)")
     def test_disk_full(self, tmp_path: Path) -> None:
         disk = tmp_path / "disk"
         reason = mount_tmpfs(disk, "2m")
