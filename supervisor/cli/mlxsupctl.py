@@ -59,6 +59,10 @@ def _local_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                             description="Check Python, MLX, the footprint readers, memory, the run dir, the "
                             "config, the service manager and the daemon. Exit status 0 when nothing fails.")
     doctor.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the checks as JSON")
+    doctor.add_argument("--deep", action="store_true", help="also run the acceptance kit (real allocations, "
+                        "supervised leaking jobs, a SIGKILL mid-checkpoint, launchd on macOS: about a minute) and "
+                        "print its table for a bug report")
+    doctor.add_argument("--out", type=Path, default=None, help="with --deep: also write the kit's JSON report here")
     try:
         from supervisor.install.service import add_service_parser
     except ImportError:  # pragma: no cover - the module ships with the package
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from supervisor.cli.doctor import doctor
 
-        return doctor(args.config, args.json)
+        return doctor(args.config, args.json, deep=args.deep, out=args.out)
     try:
         if args.command == "plot":
             from supervisor.cli.live import plot
