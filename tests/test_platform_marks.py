@@ -19,6 +19,9 @@ REAL = "tests/test_darwin_real.py"
 FAKE = re.compile(r"fake", re.IGNORECASE)
 MACOS_THING = re.compile(r"macos|darwin|libproc|libsystem|launch|waitid|fcntl|fullfsync|sysctl|pressure|confstr",
                          re.IGNORECASE)
+# Fakes of tools rather than of macOS facts: tests/sysdeps.sh against a fake Homebrew, which CI's macOS jobs run for
+# real (`make test` installs the Rust toolchain through it).
+NOT_MACOS_FACTS = ("tests/test_platform_marks.py", REAL, "tests/test_sysdeps.py")
 # What only Linux has; a test module that uses one must mark the tests that do (linux_only).
 LINUX_THINGS = ("/proc/", "pidfd", "epoll", "netns", "systemd-analyze", "ns_last_pid", "tmpfs", "prctl")
 # The darwin paths of the project, each with its real test here (issue 22).
@@ -44,7 +47,7 @@ class TestFakesNameTheirRealTest:
     def test_every_macos_fake_names_a_real_test(self, collected: list[dict[str, Any]]) -> None:
         unnamed = [row["nodeid"] for row in collected
                    if FAKE.search(row["nodeid"]) and MACOS_THING.search(row["nodeid"])
-                   and not row["nodeid"].startswith(("tests/test_platform_marks.py", REAL))
+                   and not row["nodeid"].startswith(NOT_MACOS_FACTS)
                    and not row["marks"]["darwin_real"]]
         assert unnamed == [], f"fake tests of macOS facts without @pytest.mark.darwin_real(...): {unnamed}"
 
