@@ -87,8 +87,13 @@ class TestGangRestart:
         assert summary["outcome"] == "finished" and summary["restarts"] == 1
         [reason] = summary["restart_reasons"]
         assert reason.startswith("hung: rank ")  # both are silent: rank 1 stopped, rank 0 blocked in all_sum
-        kills = [e for e in history(tmp_path) if e["event"] == "kill"]
-        assert [k["signal"] for k in kills] == ["SIGTERM", "SIGKILL"]  # the blocked rank ignores SIGTERM
+        events = history(tmp_path)
+        kills = [e for e in events if e["event"] == "kill"]
+        # One record per process signalled; the blocked rank ignores SIGTERM, the stopped one cannot act on it.
+        assert [k["signal"] for k in kills] == ["SIGTERM", "SIGTERM", "SIGKILL", "SIGKILL"]
+        assert {k["pid"] for k in kills} == {e["pid"] for e in events if e["event"] == "spawn" and e["life"] == 1}
+        exits = [e for e in events if e["event"] == "rank_exit" and e["life"] == 1]
+        assert sorted(e["rank"] for e in exits) == [0, 1] and all(e["expected"] for e in exits)
         assert same_weights(tmp_path / "state" / "jobs" / "j" / "checkpoints" / FINAL, reference)
 
 

@@ -67,6 +67,7 @@ class Rank:
     last_bytes: int = 0  # the group's last complete sample
     min_bytes: int = 0  # its smallest (0: none yet): what a fresh worker needs when there is no baseline yet
     exit_code: int | None = None
+    signalled: str = ""  # why the supervisor signalled it (its exit is then expected)
 
     @property
     def alive(self) -> bool:
@@ -141,6 +142,7 @@ class Departing:
     kill_at: float
     bytes: int = 0
     killed: bool = False
+    pid: int = 0
 
 
 @dataclasses.dataclass

@@ -290,7 +290,8 @@ class Lifecycle(PeerRole):
         if self.state == S.RUNNING:
             decision = self._on_step(life, rank)
             if decision.acts:
-                self._act(life, rank, decision, e.now, step=last.step, level=last.footprint)
+                self._act(life, rank, decision, e.now, step=last.step, sampled=rank.last_bytes,
+                          budget=self.limits.budget, footprint_level=last.footprint)
 
     def _on_step(self, life: Life, rank: Rank) -> Decision:
         """The policy after one rank's step; a gang regrows only when every rank has room for it."""
@@ -313,7 +314,7 @@ class Lifecycle(PeerRole):
         if requested and e.reason != "finished" and self.stop_reason is None and not self.settings.gang:
             # Its checkpoint is durable: plan the successor now, while the kernel tears the old one down.
             self.departing[life.id] = Departing(e.now + self.settings.kill_grace + self.settings.departing_grace,
-                                                rank.last_bytes)
+                                                rank.last_bytes, pid=rank.pid)
             self.reserve = rank.estimator.baseline or rank.min_bytes
             self._out.append(ev.Depart(life.id))
             self._on_exit(life, EXIT_CHECKPOINTED, e.now, e.newest)
@@ -368,7 +369,7 @@ class Lifecycle(PeerRole):
         for life_id in doomed:
             self.departing[life_id].killed = True
             self._out.append(ev.Signal(life_id, signal.SIGKILL))
-            self._note("kill", signal="SIGKILL", life=life_id, level="warning",
+            self._note("kill", signal="SIGKILL", life=life_id, pid=self.departing[life_id].pid, level="warning",
                        reason=f"job footprint {total} >= budget {self.limits.budget} with a departing worker")
         return bool(doomed)
 
@@ -381,12 +382,29 @@ class Lifecycle(PeerRole):
         if life.first_exit is None:
             life.first_exit = e.code
         first, life.left = not life.left, True
+        if self.settings.gang:
+            self._note_rank_exit(life, rank, first)
         if not life.alive:
             if not self._owed(life, e.now):
                 self._on_exit(life, life.code(), e.now, e.newest)
             return
         if first:
             self._rank_left(life, f"rank {e.rank} {describe_exit(e.code)}", e.code, e.now)
+
+    def _note_rank_exit(self, life: Life, rank: Rank, first: bool) -> None:
+        """One ``rank_exit`` record per rank per life: how it ended. A rank that failed after a peer had crashed
+        (a ring survivor raises "connection to a peer was lost") is labelled expected: the first exit is the cause."""
+        code = rank.exit_code if rank.exit_code is not None else 0
+        fields: dict[str, Any] = {"rank": rank.rank, "life": life.id, "pid": rank.pid, "code": code,
+                                  "step": rank.last_step, "goodbye": rank.goodbye}
+        if code < 0:
+            fields["signal"] = signal_name(-code)
+        if rank.goodbye_step is not None:
+            fields["goodbye_step"] = rank.goodbye_step
+        if code not in (0, EXIT_CHECKPOINTED) and (rank.signalled or (not first and life.crashed)):
+            fields["expected"] = True  # not a new failure: the supervisor's kill, or the fall-out of a lost peer
+            fields["cause"] = rank.signalled or f"peer lost: {self.restart_reason}"
+        self._note("rank_exit", level="info" if code in (0, EXIT_CHECKPOINTED) else "warning", **fields)
 
     def _rank_left(self, life: Life, who: str, code: int | None, now: float) -> None:
         """The first rank (or host) of a gang life is gone: a clean exit leaves the others ``kill_grace`` to
@@ -413,19 +431,16 @@ class Lifecycle(PeerRole):
                 if not departing.killed:
                     departing.killed = True
                     self._out.append(ev.Signal(life_id, signal.SIGKILL))
-                    self._note("kill", signal="SIGKILL", life=life_id, reason="departing worker did not exit",
-                               level="warning")
+                    self._note("kill", signal="SIGKILL", life=life_id, pid=departing.pid,
+                               reason="departing worker did not exit", level="warning")
         life = self.life
         if life is not None:
             if now >= life.straggle_at and life.alive:
                 life.straggle_at = INF
-                self._note("kill", signal="SIGKILL", reason="straggler: another rank had exited",
-                           ranks=[r.rank for r in life.alive], level="warning")
-                self._out.append(ev.Signal(life.id, signal.SIGKILL))
+                self._kill(life, signal.SIGKILL, "straggler: another rank had exited")
             if life.term_sent:
                 if now >= life.deadline:
-                    self._note("kill", signal="SIGKILL", reason="grace expired", pid=life.pid, level="warning")
-                    self._out.append(ev.Signal(life.id, signal.SIGKILL))
+                    self._kill(life, signal.SIGKILL, "grace expired")
                     life.deadline = INF
             else:
                 self._check_liveness(life, now)
@@ -637,8 +652,7 @@ class Lifecycle(PeerRole):
         self.stats.last_decision_at = now
         if ceiling and life.term_sent:
             life.killed = True
-            self._note("kill", signal="SIGKILL", reason=decision.reason, pid=life.pid, level="warning")
-            self._out.append(ev.Signal(life.id, signal.SIGKILL))
+            self._kill(life, signal.SIGKILL, decision.reason)
             return
         life.killed = ceiling
         self._terminate(now, decision.reason, signal.SIGKILL if ceiling else signal.SIGTERM)
@@ -665,14 +679,20 @@ class Lifecycle(PeerRole):
         life = self.life
         if life is None or life.term_sent:
             return
-        self._note("kill", signal=signal.Signals(signum).name, reason=reason, pid=life.pid,
-                   grace=self.settings.kill_grace, step=life.last_step, level="warning")
         life.term_sent = True
         life.deadline = now + self.settings.kill_grace
-        self._out.append(ev.Signal(life.id, signum))
+        self._kill(life, signum, reason, grace=self.settings.kill_grace)
         self.restart_reason = reason
         if self.state != S.STOPPING:
             self._change(S.STOPPING, reason)
+
+    def _kill(self, life: Life, signum: int, reason: str, **fields: Any) -> None:
+        """Signal every live rank of ``life``: one ``kill`` record per process, naming the pid it went to."""
+        for rank in life.alive:
+            rank.signalled = rank.signalled or f"{signal.Signals(signum).name} from the supervisor: {reason}"
+            self._note("kill", signal=signal.Signals(signum).name, reason=reason, pid=rank.pid, step=rank.last_step,
+                       level="warning", **fields, **self._rank_fields(rank.rank))
+        self._out.append(ev.Signal(life.id, signum))
 
     # -- bookkeeping --------------------------------------------------------------------------------
 
@@ -719,6 +739,13 @@ _HANDLERS: dict[type[Any], Callable[[Lifecycle, Any], None]] = {
     ev.DepartedExited: Lifecycle._departed, ev.Tick: Lifecycle._tick,
     ev.PeerSync: Lifecycle._peer_sync, ev.LeaderSays: Lifecycle._leader_says,
 }
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
 
 
 def describe_exit(code: int) -> str:

@@ -222,9 +222,10 @@ class Job:
         self.history_record("config_changed", applies="next start")
 
     def on_peer_sync(self, now: float, host: str, gen: int, alive: int, want: bool, outcome: Outcome | None,
-                     ranks: tuple[dict[str, Any], ...]) -> dict[str, Any]:
-        """Gang leader: a follower's state arrived; returns the answer for it."""
-        self.feed(ev.PeerSync(now, host, gen, alive, want, outcome, self._newest(), ranks))
+                     ranks: tuple[dict[str, Any], ...], leaving: bool = False) -> dict[str, Any]:
+        """Gang leader: a follower's state arrived (``leaving``: its last, its daemon shuts down); returns the
+        answer for it."""
+        self.feed(ev.PeerSync(now, host, gen, alive, want, outcome, self._newest(), ranks, leaving))
         return self.replies.pop(host, {"error": "no answer"})
 
     # -- inputs from the daemon ----------------------------------------------------------------------
