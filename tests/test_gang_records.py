@@ -201,7 +201,7 @@ class TestGangRecords:
         actions += life.handle(ev.Exited(5.1, 1, 0, 0))  # "[ring] connection to a peer was lost"
         exits = notes(actions, "rank_exit")
         assert [(e["rank"], e["code"]) for e in exits] == [(1, -9), (0, 1)]
-        assert exits[0]["signal"] == "SIGKILL" and "expected" not in exits[0] and exits[0]["pid"] == 101
+        assert exits[0]["signal"] == "SIGKILL" and exits[0]["expected"] is False and exits[0]["pid"] == 101
         assert exits[1]["expected"] is True and "rank 1 killed by signal 9" in exits[1]["cause"]
         assert exits[1]["step"] == 4
         assert len(notes(actions, "exit")) == 1  # and one record of the life's exit, as before
@@ -260,3 +260,47 @@ class TestFollowerLeaving:
         assert [(k["signal"], k["pid"]) for k in notes(actions, "kill")] == [("SIGTERM", 100)]
         life.handle(ev.Exited(0.7, -signal.SIGTERM, 0, 0))
         assert life.life is None and life.state == JobState.BACKOFF  # not left waiting for host b's report
+
+
+class TestGangHangShapes:
+    """A gang hang names its shape: who is silent, who waits inside which collective."""
+
+    def hang(self, waiting: dict[int, tuple[str, float]], heard: dict[int, float]) -> str:
+        life = job((0, 1))
+        running(life)
+        for rank, at in heard.items():
+            life.handle(ev.Heard(at, rank))
+        for rank, (what, seconds) in waiting.items():
+            life.handle(ev.Waiting(9.5, rank, what, seconds))
+        actions = life.handle(ev.Tick(11.0, 10**12, 0))
+        [state] = [a for a in actions if isinstance(a, ev.StateChanged)]
+        assert state.new == "STOPPING"
+        return state.reason
+
+    def test_a_stopped_peer_is_silent_and_the_other_waits_in_all_sum(self) -> None:
+        reason = self.hang({0: ("all_sum", 1.5)}, {0: 0.5})
+        assert reason == "hung: rank 1 silent 11.0s; rank 0 waiting in all_sum for 3.0s (timeout 10.0s)"
+
+    def test_every_rank_waiting_inside_a_collective_is_a_deadlock(self) -> None:
+        reason = self.hang({0: ("all_sum", 1.5), 1: ("all_sum", 1.0)}, {})
+        assert reason.startswith("hung: rank 0 waiting in all_sum for 3.0s; rank 1 waiting in all_sum for 2.5s")
+        assert "every rank blocked inside a collective" in reason
+
+    def test_waiting_is_no_sign_of_life(self) -> None:
+        life = job((0, 1))
+        running(life)
+        life.handle(ev.Heard(9.0, 1))
+        for at in (5.0, 8.0, 9.9):  # rank 0 keeps saying it waits: its silence still counts
+            life.handle(ev.Waiting(at, 0, "all_sum", at - 1.0))
+        actions = life.handle(ev.Tick(10.5, 10**12, 0))
+        assert [k["rank"] for k in notes(actions, "kill")] == [0, 1]
+
+    def test_a_step_clears_the_waiting_mark(self) -> None:
+        life = job((0, 1))
+        running(life)
+        life.handle(ev.Waiting(1.0, 0, "all_sum", 1.0))
+        life.handle(step(1, 100 * MiB, rank=0))
+        life.handle(ev.Heard(1.0, 1))
+        actions = life.handle(ev.Tick(11.5, 10**12, 0))
+        [state] = [a for a in actions if isinstance(a, ev.StateChanged)]
+        assert "waiting" not in state.reason and "rank 0 silent" in state.reason

@@ -151,6 +151,17 @@ class Sample:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Waiting:
+    """Rank ``rank`` says it has been blocked inside collective ``what`` for ``seconds``: no sign of life (it makes
+    no progress), only what a gang hang's report names."""
+
+    now: float
+    rank: int
+    what: str
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Exited:
     """Rank ``rank`` of the current life exited (its group leader was reaped); ``newest`` is the newest
     checkpoint on disk."""
@@ -213,7 +224,7 @@ class LeaderSays:
 
 
 Event = (Start | Stop | Restart | Shutdown | CheckpointNow | SetLimits | Spawned | SpawnFailed | HelloIn | StepIn
-         | StepsIn | Heard | GoodbyeIn | Sample | Exited | DepartedExited | Tick | PeerSync | LeaderSays)
+         | StepsIn | Heard | Waiting | GoodbyeIn | Sample | Exited | DepartedExited | Tick | PeerSync | LeaderSays)
 
 
 # -- actions ---------------------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ class Rank:
     min_bytes: int = 0  # its smallest (0: none yet): what a fresh worker needs when there is no baseline yet
     exit_code: int | None = None
     signalled: str = ""  # why the supervisor signalled it (its exit is then expected)
+    waiting: str = ""  # the collective it said it is blocked in (cleared by its next step)
+    waiting_since: float = INF
 
     @property
     def alive(self) -> bool:

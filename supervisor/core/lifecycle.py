@@ -39,6 +39,7 @@ from protocol import Command, Step
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core import events as ev
 from supervisor.core.events import Action, Event, Refused
+from supervisor.core.hangs import gang_hang, rank_exit_fields
 from supervisor.core.life import INF, Departing, JobStats, Life, Rank, Settings
 from supervisor.core.peers import PeerRole
 from supervisor.core.policy import (
@@ -243,6 +244,11 @@ class Lifecycle(PeerRole):
         if rank is not None:
             rank.last_heard = e.now
 
+    def _waiting(self, e: ev.Waiting) -> None:
+        rank = self._rank(e.rank)
+        if rank is not None:
+            rank.waiting, rank.waiting_since = e.what, e.now - e.seconds
+
     def _step(self, e: ev.StepIn) -> None:
         life, rank, m = self.life, self._rank(e.rank), e.msg
         if life is None or rank is None:
@@ -271,6 +277,7 @@ class Lifecycle(PeerRole):
         stats = self.stats
         rank.last_heard = e.now
         rank.last_step = last.step
+        rank.waiting, rank.waiting_since = "", INF
         stats.steps_completed = max(stats.steps_completed, last.step)
         if rank is life.lead:
             stats.final_loss = last.loss
@@ -394,17 +401,8 @@ class Lifecycle(PeerRole):
     def _note_rank_exit(self, life: Life, rank: Rank, first: bool) -> None:
         """One ``rank_exit`` record per rank per life: how it ended. A rank that failed after a peer had crashed
         (a ring survivor raises "connection to a peer was lost") is labelled expected: the first exit is the cause."""
-        code = rank.exit_code if rank.exit_code is not None else 0
-        fields: dict[str, Any] = {"rank": rank.rank, "life": life.id, "pid": rank.pid, "code": code,
-                                  "step": rank.last_step, "goodbye": rank.goodbye}
-        if code < 0:
-            fields["signal"] = signal_name(-code)
-        if rank.goodbye_step is not None:
-            fields["goodbye_step"] = rank.goodbye_step
-        if code not in (0, EXIT_CHECKPOINTED) and (rank.signalled or (not first and life.crashed)):
-            fields["expected"] = True  # not a new failure: the supervisor's kill, or the fall-out of a lost peer
-            fields["cause"] = rank.signalled or f"peer lost: {self.restart_reason}"
-        self._note("rank_exit", level="info" if code in (0, EXIT_CHECKPOINTED) else "warning", **fields)
+        fields = rank_exit_fields(life, rank, first, self.restart_reason)
+        self._note("rank_exit", level="warning" if fields.get("expected") is False else "info", **fields)
 
     def _rank_left(self, life: Life, who: str, code: int | None, now: float) -> None:
         """The first rank (or host) of a gang life is gone: a clean exit leaves the others ``kill_grace`` to
@@ -608,6 +606,9 @@ class Lifecycle(PeerRole):
             return
         for rank in life.alive:
             if now > self._silent_at(rank):
+                if self.settings.gang and life.hello:
+                    self._terminate(now, gang_hang(life, now, self.settings.hang_timeout))
+                    return
                 timeout = self.settings.hang_timeout if rank.hello else self.settings.startup_timeout
                 what = "no telemetry" if rank.hello else "no hello"
                 who = f"rank {rank.rank}: " if self.settings.gang else ""
@@ -735,17 +736,11 @@ _HANDLERS: dict[type[Any], Callable[[Lifecycle, Any], None]] = {
     ev.Shutdown: Lifecycle._shutdown, ev.CheckpointNow: Lifecycle._checkpoint_now,
     ev.SetLimits: Lifecycle._set_limits, ev.Spawned: Lifecycle._spawned, ev.SpawnFailed: Lifecycle._spawn_failed,
     ev.HelloIn: Lifecycle._hello, ev.StepIn: Lifecycle._step, ev.StepsIn: Lifecycle._steps, ev.Heard: Lifecycle._heard,
+    ev.Waiting: Lifecycle._waiting,
     ev.GoodbyeIn: Lifecycle._goodbye, ev.Sample: Lifecycle._sample, ev.Exited: Lifecycle._exited,
     ev.DepartedExited: Lifecycle._departed, ev.Tick: Lifecycle._tick,
     ev.PeerSync: Lifecycle._peer_sync, ev.LeaderSays: Lifecycle._leader_says,
 }
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return str(signum)
 
 
 def describe_exit(code: int) -> str:
