@@ -225,9 +225,10 @@ class Job:
         self.history_record("config_changed", applies="next start")
 
     def on_peer_sync(self, now: float, host: str, gen: int, alive: int, want: bool, outcome: Outcome | None,
-                     ranks: tuple[dict[str, Any], ...]) -> dict[str, Any]:
-        """Gang leader: a follower's state arrived; returns the answer for it."""
-        self.feed(ev.PeerSync(now, host, gen, alive, want, outcome, self._newest(), ranks))
+                     ranks: tuple[dict[str, Any], ...], leaving: bool = False) -> dict[str, Any]:
+        """Gang leader: a follower's state arrived (``leaving``: its last, its daemon shuts down); returns the
+        answer for it."""
+        self.feed(ev.PeerSync(now, host, gen, alive, want, outcome, self._newest(), ranks, leaving))
         return self.replies.pop(host, {"error": "no answer"})
 
     # -- inputs from the daemon ----------------------------------------------------------------------
@@ -264,6 +265,8 @@ class Job:
             self.feed(ev.StepsIn(now, message, rank))
         elif isinstance(message, Goodbye):
             self.feed(ev.GoodbyeIn(now, message.reason, message.step, self._newest(), rank))
+        elif isinstance(message, Heartbeat) and message.waiting and self.layout is not None:
+            self.feed(ev.Waiting(now, rank, message.waiting[:64], max(0.0, message.waiting_seconds or 0.0)))
         else:
             if isinstance(message, CheckpointSaved):
                 fields = {"rank": rank} if self.layout is not None else {}
@@ -278,8 +281,8 @@ class Job:
         ``steps`` frames: see ``worker.hold``."""
         life = self.lifecycle.life
         hold = min(hold, self.lifecycle.settings.hang_timeout / 4)
-        if self.layout is not None:
-            return Heartbeat(sent_at)  # a gang's ranks meet at every step: nothing is held
+        if self.layout is not None:  # a gang's ranks meet at every step: nothing is held
+            return Heartbeat(sent_at, report_waiting=1)  # a rank blocked in a collective may say so
         if hold <= 0 or life is None or not life.estimator.levels:
             return Heartbeat(sent_at)  # nothing to compare the group's footprint with yet: no holding
         below = hold_threshold(self.limits, self.last_sampled, life.estimator.level)
