@@ -33,7 +33,9 @@ def describe(job: Job) -> dict[str, Any]:
         "transient_bytes": estimator.transient if estimator else 0,
         "baseline_bytes": estimator.baseline if estimator else None,
         "samples_over_budget": stats.samples_over_budget, "final_loss": stats.final_loss,
-        "io_errors": dict(job.io_errors), **gang_status(job),
+        "io_errors": dict(job.io_errors),
+        # The worker protocol version negotiated with the current worker (its lowest rank); None before its hello.
+        "protocol": job.protocols[min(job.protocols)] if job.protocols else None, **gang_status(job),
     }
 
 
@@ -62,6 +64,8 @@ def status_line(row: dict[str, Any]) -> str:
     line = (f"{row['name']:<16} {row['state']:<18} pid {row['pid'] or '-'!s:<7} "
             f"step {row['step']}/{row['target_steps'] or '?':<8} mem {mem:<22} "
             f"batch {row['batch']}x{row['accum']}  restarts {row['restarts']}")
+    if row.get("protocol"):
+        line += f"  protocol {row['protocol']}"
     if "gang" in row:
         gang = row["gang"]
         line += f"\n  gang: {gang['world']} ranks, generation {gang['generation']}, this host {gang['host']}"
