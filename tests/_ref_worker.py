@@ -2,7 +2,7 @@
 
 ``python tests/_ref_worker.py --steps N [--step-ms MS] [--break MODE] [--future]``. With no ``--break`` it
 follows the spec, so the conformance kit must pass it; each MODE breaks the rule one check is about, so that
-check must FAIL. ``--future`` plays a newer worker: hello offers protocol 2 and every frame carries extra fields.
+check must FAIL. ``--future`` plays a newer worker: hello offers protocol 3 and every frame carries extra fields.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Worker:
     def send(self, message: Any) -> None:
         body = {"v": 1, "t": message.TAG, **{k: v for k, v in dataclasses.asdict(message).items() if v is not None}}
         if self.args.future:
-            body.update({"protocol": 2} if body["t"] == "hello" else {}, gpu_watts=12.5, notes=["from v2"])
+            body.update({"protocol": 3} if body["t"] == "hello" else {}, gpu_watts=12.5, notes=["from v3"])
         self.sock.send(msgpack.packb(body, use_bin_type=True))
 
     def resume(self) -> int:
@@ -70,6 +70,9 @@ class Worker:
                     continue
                 if isinstance(body, dict) and "action" in body:
                     found.append(Command(str(body["action"]), str(body.get("reason", ""))))
+                continue
+            if self.args.v1_only and msgpack.unpackb(frame).get("v") != 1:
+                print("refused a frame that is not version 1", flush=True)  # a 1.0 worker reads nothing newer
                 continue
             try:
                 message = decode(frame)
@@ -153,6 +156,7 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=5.0)
     parser.add_argument("--break", dest="mode", choices=MODES, default="")
     parser.add_argument("--future", action="store_true")
+    parser.add_argument("--v1-only", action="store_true", help="play a 1.0 worker: read version 1 frames only")
     Worker(parser.parse_args()).run()
 
 
