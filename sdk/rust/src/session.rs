@@ -141,10 +141,10 @@ pub struct Resumed {
 /// Telemetry of one step beyond its number and loss (memory in bytes).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepStats {
-    /// MLX active memory (mlx-rs `memory::get_active_memory()`); `None`: not measured (the default), which the
+    /// MLX active memory (mlx-rs `memory::active_memory()`); `None`: not measured (the default), which the
     /// daemon never reads as 0.
     pub mlx_active: Option<u64>,
-    /// MLX buffer cache (mlx-rs `memory::get_cache_memory()`); `None`: not measured.
+    /// MLX buffer cache (mlx-rs `memory::cache_memory()`); `None`: not measured.
     pub mlx_cache: Option<u64>,
     pub mlx_peak: u64,
     pub tokens_per_second: Option<f64>,
