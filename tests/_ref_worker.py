@@ -27,7 +27,8 @@ from protocol.checkpoints import CheckpointDamaged, checkpoint_name, hash_file, 
 from protocol.messages import CheckpointSaved, Command, Goodbye, Heartbeat, Hello, ProtocolError, Step, Welcome, decode
 
 MODES = ("wrong_token", "ms_seconds", "mid_step_checkpoint", "bad_hash", "acts_on_invalid", "crash_on_garbage",
-         "strict_fields", "exit_zero", "fresh_start", "deaf", "no_sigterm", "keep_all", "no_finish_goodbye")
+         "strict_fields", "exit_zero", "fresh_start", "deaf", "no_sigterm", "keep_all", "no_finish_goodbye",
+         "reads_parts", "steps_past_target")
 
 
 class Worker:
@@ -62,7 +63,10 @@ class Worker:
     def commands(self) -> list[Command]:
         found = []
         while self.sock.poll(0):
-            frame = self.sock.recv()
+            parts = self.sock.recv_multipart() if self.mode != "reads_parts" else [self.sock.recv()]
+            if len(parts) != 1:
+                continue  # a multi-part message is refused whole (PROTOCOL.md 2)
+            frame = parts[0]
             if self.mode == "acts_on_invalid":  # a lenient reader: anything with an action is a command
                 try:
                     body = msgpack.unpackb(frame)
@@ -132,7 +136,7 @@ class Worker:
         token = "not-the-token" if self.mode == "wrong_token" else os.environ["MLXSUP_TOKEN"]
         self.send(Hello(token, os.getpid(), os.environ["MLXSUP_JOB"], step, self.args.steps, self.batch, self.accum))
         last = time.perf_counter()
-        while step < self.args.steps:
+        while step < self.args.steps or (self.mode == "steps_past_target" and step == self.args.steps):
             time.sleep(self.args.step_ms / 1000)
             step += 1
             if self.mode == "mid_step_checkpoint":

@@ -39,6 +39,8 @@ BROKEN = {
     "no_sigterm": "sigterm",
     "keep_all": "keep_checkpoints",
     "no_finish_goodbye": "finish",
+    "reads_parts": "multipart_refused",  # reads each part of a message as a frame of its own
+    "steps_past_target": "resume_at_target",  # trains a step past its target after resuming there
 }
 
 

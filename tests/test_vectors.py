@@ -70,7 +70,7 @@ class TestValidFrames:
 
     def test_single_part_messages_decode_through_decode_parts(self) -> None:
         for vector in VECTORS["valid"]:
-            assert decode_parts([frame_of(vector)]).TAG == vector["type"]
+            assert vector["type"] == decode_parts([frame_of(vector)]).TAG
 
 
 class TestInvalidFrames:

@@ -69,29 +69,6 @@ def _measured(counter: Callable[[], int] | None, version: int) -> int | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class ConformanceHooks:
-    """Set only by the conformance kit (docs/PROTOCOL.md section 9), never by the daemon: a slow model load
-    before the hello, and one long busy stretch at a step boundary, so the kit can watch heartbeats, keepalives
-    and the orphan watchdog in a worker it cannot otherwise slow down."""
-
-    load_seconds: float = 0.0
-    busy_step: int = 0
-    busy_seconds: float = 0.0
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> ConformanceHooks:
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            name = f"{ENV_PREFIX}CONFORMANCE_{field.name.upper()}"
-            raw = env.get(name) or "0"
-            try:
-                values[field.name] = type(field.default)(raw)
-            except ValueError:
-                raise ValueError(f"{name}={raw!r} is not a valid {type(field.default).__name__}") from None
-        return cls(**values)
-
-
-@dataclasses.dataclass(frozen=True)
 class Resumed:
     """Where a run starts: step 0 on a fresh run, else the step of the checkpoint loaded."""
 
@@ -153,7 +130,6 @@ class Session:
         self._hello_sent = False
         self._stepped = False  # a step boundary was reached (before it, SIGTERM ends the process at once)
         self._version = 1  # the protocol version of our frames: 1 until the daemon's welcome says more
-        self.hooks = ConformanceHooks.from_env(os.environ) if settings.endpoint else ConformanceHooks()
         self.fast_exit = False
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._socket: zmq.Socket[bytes] | None = None
@@ -209,9 +185,6 @@ class Session:
         """
         self._model, self._optimizer = model, optimizer
         self._trainable_only = trainable_only
-        if self.hooks.load_seconds:
-            with self.busy("conformance: slow model load"):
-                _sleep(self.hooks.load_seconds)
         loaded: ckpt.Checkpoint | None = None
         extra: dict[str, Any] = {}
         if self.checkpoint_dir is not None:
@@ -259,10 +232,6 @@ class Session:
                             self_footprint(), tokens_per_second, val_loss))
             mx.reset_peak_memory()
         self._stepped = True
-        if step == self.hooks.busy_step and self.hooks.busy_seconds:
-            with self.busy("conformance: long evaluation"):
-                _sleep(self.hooks.busy_seconds)
-            now = time.perf_counter()  # the stretch belongs to the next step's step_seconds, as a checkpoint would
         self._last_end = now
         settings = self.settings
         if settings.cache_clear_bytes and mx.get_cache_memory() > settings.cache_clear_bytes:
@@ -370,7 +339,7 @@ class Session:
             return
         self._hello_sent = True
         self._send(Hello(self.settings.token, os.getpid(), self.settings.job, start_step,
-                         self.target_steps, self.batch, self.accum, PROTOCOL_VERSION))  # a v 1 frame: any daemon reads it
+                         self.target_steps, self.batch, self.accum, PROTOCOL_VERSION))  # written as v 1: any daemon
 
     def _send(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat) -> None:
         with self._lock:
@@ -458,9 +427,3 @@ class Session:
         details = " ".join(f"{k}={v}" for k, v in fields.items())
         print(f"[worker {self.settings.job}] {event} {details}", file=sys.stderr, flush=True)
 
-
-def _sleep(seconds: float) -> None:
-    """Sleep in short slices (a conformance hook's stand-in for work; signals are handled between slices)."""
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        time.sleep(min(left, 0.05))
