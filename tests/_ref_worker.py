@@ -136,7 +136,9 @@ class Worker:
         token = "not-the-token" if self.mode == "wrong_token" else os.environ["MLXSUP_TOKEN"]
         self.send(Hello(token, os.getpid(), os.environ["MLXSUP_JOB"], step, self.args.steps, self.batch, self.accum))
         last = time.perf_counter()
-        while step < self.args.steps or (self.mode == "steps_past_target" and step == self.args.steps):
+        first = self.mode == "steps_past_target"  # broken: always trains a step, even resumed at the target
+        while step < self.args.steps or first:
+            first = False
             time.sleep(self.args.step_ms / 1000)
             step += 1
             if self.mode == "mid_step_checkpoint":
