@@ -159,11 +159,12 @@ def _install(tmp: Path, final: Path) -> None:
 
 
 def _prune(directory: Path, saved: Path, keep: int) -> None:
-    """Delete all but the newest ``keep - 1`` other checkpoints; ``saved`` stays even if it is not the newest.
+    """Delete all but the newest ``keep - 1`` checkpoints older than ``saved``. Newer ones (which can only be
+    damaged ones the load passed over) are neither counted nor touched: they stay for the operator.
 
     Best effort: the new checkpoint is already durable, and whatever is left is retried on the next save.
     """
-    others = [path for path in list_checkpoints(directory) if path != saved]
+    others = [path for path in list_checkpoints(directory) if step_of(path) < step_of(saved)]
     for path in others[: max(0, len(others) - (keep - 1))]:
         doomed = directory / f".prune-ckpt-{step_of(path)}-{os.getpid()}-{secrets.token_hex(4)}"
         try:

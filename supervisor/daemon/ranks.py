@@ -27,7 +27,7 @@ def rank_rows(job: Job) -> list[dict[str, Any]]:
             "sampled_bytes": current.last_bytes if current is not None else 0,
             "max_sampled_bytes": stats.rank_max_sampled.get(rank, 0), "budget_bytes": job.limits.budget,
             "leak_bytes_per_step": round(current.estimator.slope) if current is not None else 0,
-            "decision": job.last_decision.get(rank, ""),
+            "decision": job.last_decision.get(rank, ""), "protocol": job.protocols.get(rank),
         })
     return rows
 
