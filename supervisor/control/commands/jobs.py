@@ -34,6 +34,7 @@ def describe(job: Job) -> dict[str, Any]:
         "baseline_bytes": estimator.baseline if estimator else None,
         "samples_over_budget": stats.samples_over_budget, "final_loss": stats.final_loss,
         "io_errors": dict(job.io_errors), **gang_status(job),
+        "restart_reasons": dict(stats.restart_reasons),
     }
 
 
@@ -100,8 +101,10 @@ class Status(ControlCommand):
         parser.add_argument("job", nargs="?", help="one job (default: all)")
 
     def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
+        from supervisor.daemon.overview import overview
+
         jobs = [job_of(daemon, args["job"])] if "job" in args else list(daemon.daemon.jobs.values())
-        return {"jobs": [describe(j) for j in jobs]}
+        return {"jobs": [describe(j) for j in jobs], **overview(daemon, client)}
 
     def render(self, result: Any) -> str:
         return "\n".join(status_line(r) for r in result["jobs"]) or "no jobs configured"
