@@ -153,7 +153,7 @@
       : "-" + (ago >= 120 ? Math.round(ago / 60) + " min" : Math.round(ago) + " s");
     SERIES.concat([["restart", -1, "restart"]]).forEach(([name, , label], i) => {
       const y = TOP + 14 + 16 * i, x = LEFT + 10;
-      root.append(name === "restart" ? svg("line", { x1: x, x2: x, y1: y - 8, y2: y + 3, class: "marker restart" })
+      root.append(name === "restart" ? svg("line", { x1: x, x2: x, y1: y - 8, y2: y + 3, class: "key restart" })
         : svg("line", { x1: x - 6, x2: x + 10, y1: y - 3, y2: y - 3, class: "series " + name }));
       root.append(svg("text", { x: x + 16, y: y, class: "legend" }, label));
     });
