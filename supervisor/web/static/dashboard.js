@@ -152,10 +152,10 @@
     const left = span === null ? new Date(x0 * 1000).toLocaleTimeString()
       : "-" + (ago >= 120 ? Math.round(ago / 60) + " min" : Math.round(ago) + " s");
     SERIES.concat([["restart", -1, "restart"]]).forEach(([name, , label], i) => {
-      const y = TOP + 14 + 16 * i, x = LEFT + 10;
-      root.append(name === "restart" ? svg("line", { x1: x, x2: x, y1: y - 8, y2: y + 3, class: "key restart" })
-        : svg("line", { x1: x - 6, x2: x + 10, y1: y - 3, y2: y - 3, class: "series " + name }));
-      root.append(svg("text", { x: x + 16, y: y, class: "legend" }, label));
+      const y = H - 6, x = LEFT + 150 + 130 * i;  // the legend, along the time axis
+      root.append(name === "restart" ? svg("line", { x1: x, x2: x, y1: y - 10, y2: y + 2, class: "key restart" })
+        : svg("line", { x1: x - 8, x2: x + 8, y1: y - 4, y2: y - 4, class: "series " + name }));
+      root.append(svg("text", { x: x + 12, y: y, class: "legend" }, label));
     });
     root.append(svg("text", { x: LEFT, y: H - 6, class: "tick" }, left));
     root.append(svg("text", { x: W - RIGHT, y: H - 6, class: "tick", "text-anchor": "end" },
