@@ -95,7 +95,7 @@ def run(seconds: float, rounds: int) -> dict[str, Any]:
             try:
                 if client.call("status")["jobs"][0]["state"] == "RUNNING":
                     break
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:  # not up yet: ControlError, or a reply without the job
                 pass
             time.sleep(0.3)
         proc = psutil.Process(daemon.pid)
