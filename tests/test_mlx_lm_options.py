@@ -148,6 +148,9 @@ class TestConfigTable:
         ({"train": {"steps": 3}, "mlx_lm": {"model": "m"}}, "'train' and 'mlx_lm' are both set"),
         ({"sdk": False, "mlx_lm": {"model": "m"}}, "'sdk = false' and 'mlx_lm' are both set"),
         ({"batch": 8, "mlx_lm": {"batch_size": 4}}, "batch = 8 conflicts with mlx_lm.batch_size = 4"),
+        ({"batch": 2, "mlx_lm": {"batch_size": 4}}, "batch = 2 conflicts with mlx_lm.batch_size = 4"),  # divides
+        ({"batch": 8, "mlx_lm": {"batch_size": 2, "grad_accumulation_steps": 2}},
+         "batch = 8 conflicts with mlx_lm.batch_size = 2"),  # does not divide the step's 4 examples
         ({"accum": 2, "mlx_lm": {"model": "m"}}, "accum = 2 conflicts with mlx_lm.grad_accumulation_steps = 1"),
         ({"cache_clear": "1MB", "mlx_lm": {"clear_cache_threshold": "2MB"}}, "cache_clear (1000000 bytes)"),
         ({"mlx_lm": {"config": "missing.yaml"}}, "mlx_lm.config: cannot read"),

@@ -153,12 +153,13 @@ class Sample:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Exited:
     """Rank ``rank`` of the current life exited (its group leader was reaped); ``newest`` is the newest
-    checkpoint on disk."""
+    checkpoint on disk; ``stderr_tail`` what it last wrote to stderr (read by the job for an unclean exit)."""
 
     now: float
     code: int
     newest: int
     rank: int = 0
+    stderr_tail: tuple[str, ...] = ()  # the last lines of its stderr when it exited other than 0 or 75
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

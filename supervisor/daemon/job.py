@@ -26,7 +26,7 @@ import structlog
 
 from protocol import CheckpointSaved, Command, Goodbye, Heartbeat, Hello, Message, Step, encode
 from protocol.checkpoints import latest_step
-from protocol.messages import MAX_STEPS_ROWS, Steps
+from protocol.messages import EXIT_CHECKPOINTED, MAX_STEPS_ROWS, Steps
 from supervisor.config import JobConfig, worker_argv
 from supervisor.core import events as ev
 from supervisor.core.events import Action, Event, Refused
@@ -40,6 +40,7 @@ from supervisor.daemon.history import History
 from supervisor.daemon.ranks import rank_env, rank_rows, write_ring
 from supervisor.daemon.recorder import Recorder, expand_steps
 from supervisor.daemon.system import System, WorkerProcess
+from supervisor.daemon.tails import log_size, stderr_tail
 from supervisor.hostfile import Layout
 
 Publish = Callable[[str, str, dict[str, Any]], None]  # (job, kind, data)
@@ -56,7 +57,8 @@ ProcKey = tuple[int, int]  # (life, rank)
 def settings_of(job: JobConfig, layout: Layout | None = None) -> Settings:
     """The lifecycle settings of a job's config."""
     policy = PolicyConfig(
-        leak_threshold=float(parse_bytes(job.leak_threshold)), shrink_factor=job.shrink_factor,
+        leak_threshold=float(parse_bytes(job.leak_threshold)), leak_rate=float(parse_bytes(job.leak_rate)),
+        shrink_factor=job.shrink_factor,
         min_batch=job.min_batch, max_batch=job.batch, keep_effective_batch=job.keep_effective_batch,
         min_steps_per_life=job.min_steps_per_life, regrow_after_steps=job.regrow_after_steps,
         adaptive=job.policy == "adaptive",
@@ -108,6 +110,7 @@ class Job:
         self.procs: dict[ProcKey, WorkerProcess] = {}  # (life, rank) -> process, current and departing
         self.tokens: dict[int, str] = {}  # rank -> spawn token of the current life
         self.identities: dict[int, bytes] = {}  # rank -> worker socket identity, once it said hello
+        self.stderr_start: dict[int, int] = {}  # rank -> size of its stderr.log when the current life began
         self.next_config: JobConfig | None = None
         self.next_layout: Layout | None = layout
         self.replies: dict[str, dict[str, Any]] = {}  # gang leader: the last answer to each follower
@@ -332,7 +335,9 @@ class Job:
             current = self.lifecycle.life
             if current is not None and life == current.id:
                 self.identities.pop(rank, None)
-                self.feed(ev.Exited(now, code, self._newest(), rank))
+                tail = () if code in (0, EXIT_CHECKPOINTED) else stderr_tail(self._stderr(rank),
+                                                                             self.stderr_start.get(rank, 0))
+                self.feed(ev.Exited(now, code, self._newest(), rank, tail))
             elif life in self.lifecycle.departing:
                 self.feed(ev.DepartedExited(now, life, code))
         self.feed(ev.Tick(now, available, resume_above))
@@ -406,6 +411,7 @@ class Job:
             spawned = []
             for rank in self.lifecycle.settings.ranks:
                 env = self._worker_env(self.tokens[rank], action.batch, action.accum, rank)
+                self.stderr_start[rank] = log_size(self._stderr(rank))
                 proc = self.system.spawn(worker_argv(self.config), env, self._cwd(), self._log_dir(rank))
                 self.procs[(action.life, rank)] = proc
                 spawned.append((rank, proc))
@@ -438,6 +444,9 @@ class Job:
 
     def _log_dir(self, rank: int) -> Path:
         return self.paths.logs / f"rank-{rank}" if self.layout is not None else self.paths.logs
+
+    def _stderr(self, rank: int) -> Path:
+        return self._log_dir(rank) / "stderr.log"
 
     def _write_ring(self, generation: int) -> None:
         if self.layout is not None and self.paths.ring is not None:

@@ -22,11 +22,13 @@ def summarize(job: Job, wall_seconds: float) -> dict[str, Any]:
     """The JSON summary of a one-shot run (field names are a contract: extend, never rename)."""
     stats = job.stats
     recoveries = sorted(stats.recoveries)
+    guard = job.lifecycle.guard_only  # no steps to count: null, never 0 posing as data
     return {
         "job": job.name,
         "outcome": OUTCOMES.get(job.state, "stopped"),
-        "target_steps": stats.target_steps,
-        "steps_completed": stats.steps_completed,
+        "guard_only": guard,
+        "target_steps": None if guard else stats.target_steps,
+        "steps_completed": None if guard else stats.steps_completed,
         "restarts": stats.restarts,
         "restart_reasons": dict(stats.restart_reasons),
         "first_breach_step": stats.first_breach_step,
@@ -49,6 +51,8 @@ def summarize(job: Job, wall_seconds: float) -> dict[str, Any]:
                    "budget_bytes": job.limits.budget, "restarts": stats.restarts}
                   for rank in job.lifecycle.settings.ranks],
         "stop_steps": stats.stop_steps,
+        # The last crash (exit_code or signal, stderr_tail, signature); null when nothing crashed.
+        "last_error": stats.last_error,
     }
 
 
@@ -77,6 +81,9 @@ class ProgressLine(NoHooks):
 def render(job: Job) -> str:
     stats = job.stats
     sampled = stats.max_sampled
+    if job.lifecycle.guard_only:
+        return (f"{job.name} {job.state.name:<9} guard-only  max {format_bytes(sampled)} / budget "
+                f"{format_bytes(job.limits.budget)}  restarts {stats.restarts}")
     return (
         f"{job.name} {job.state.name:<9} step {stats.steps_completed}/{stats.target_steps or '?'}"
         f"  max {format_bytes(sampled)} / budget {format_bytes(job.limits.budget)}"

@@ -37,7 +37,8 @@ def leak_text(row: dict[str, Any]) -> str:
 
 def job_row(row: dict[str, Any]) -> str:
     name = str(row.get("name", ""))
-    step = f"{row.get('step', 0)}/{row.get('target_steps') or '?'}"
+    step = "-" if row.get("step") is None else f"{row['step']}/{row.get('target_steps') or '?'}"
+    batch = "-" if row.get("batch") is None else f"{row['batch']}×{row.get('accum')}"
     memory = f"{_bytes(row.get('sampled_bytes'))} / {_bytes(row.get('budget_bytes'))}"
     cells = [f'<th scope="row">{_e(name)}</th>', f'<td data-field="state">{_e(row.get("state", ""))}</td>',
              f'<td data-field="step">{_e(step)}</td>',
@@ -45,7 +46,7 @@ def job_row(row: dict[str, Any]) -> str:
              f'<td data-field="memory">{_e(memory)}</td>',
              f'<td data-field="leak">{_e(round((row.get("leak_bytes_per_step") or 0) / 2**20, 2))}</td>',
              f'<td data-field="restarts">{_e(restarts_text(row))}</td>',
-             f'<td data-field="batch">{_e(row.get("batch", ""))}×{_e(row.get("accum", ""))}</td>',
+             f'<td data-field="batch">{_e(batch)}</td>',
              f'<td data-field="verdict">{_e(leak_text(row))}</td>']
     lines = [f'<tr data-job="{_e(name)}">{"".join(cells)}</tr>']
     for rank in row.get("ranks") or []:

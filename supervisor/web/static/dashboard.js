@@ -50,10 +50,10 @@
   function jobRow(row) {
     const tr = el("tr", { "data-job": row.name });
     tr.append(el("th", { scope: "row" }, row.name));
-    const cells = [["state", row.state], ["step", row.step + "/" + (row.target_steps || "?")],
+    const cells = [["state", row.state], ["step", row.step === null ? "-" : row.step + "/" + (row.target_steps || "?")],
       ["rate", Number(row.steps_per_second || 0).toFixed(1)], ["memory", fmtBytes(row.sampled_bytes) + " / " + fmtBytes(row.budget_bytes)],
       ["leak", ((row.leak_bytes_per_step || 0) / 1048576).toFixed(2)], ["restarts", restartsText(row)],
-      ["batch", row.batch + "×" + row.accum], ["verdict", leakText(row)]];
+      ["batch", row.batch === null ? "-" : row.batch + "×" + row.accum], ["verdict", leakText(row)]];
     for (const [field, value] of cells) tr.append(el("td", { "data-field": field }, value));
     if (state.controls.length) {
       const td = el("td", { "data-field": "control" });
