@@ -55,6 +55,9 @@ def _local_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     plot = sub.add_parser("plot", help="memory vs step and time for a job, from its recorded telemetry")
     plot.add_argument("job")
     plot.add_argument("-o", "--output", type=Path, default=None, help="PNG or SVG file (default JOB-memory.png)")
+    from supervisor.cli.dashboard import add_arguments as add_dashboard_arguments
+
+    add_dashboard_arguments(sub)
     doctor = sub.add_parser("doctor", help="check this machine before a first run (PASS/WARN/FAIL with the fix)",
                             description="Check Python, MLX, the footprint readers, memory, the run dir, the "
                             "config, the service manager and the daemon. Exit status 0 when nothing fails.")
@@ -138,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             from supervisor.cli.live import top
 
             return top(client, events, args.once, args.seconds)
+        if args.command in ("dashboard", "metrics"):
+            from supervisor.cli import dashboard
+
+            return int(getattr(dashboard, args.command)(args, client, events))
         return run_command(args, client, events)
     except UsageError as exc:
         print(f"mlxsupctl: {exc}", file=sys.stderr)

@@ -39,6 +39,7 @@ def describe(job: Job) -> dict[str, Any]:
         # The worker protocol version negotiated with the current worker (its lowest rank); None before its hello.
         "protocol": job.protocols[min(job.protocols)] if job.protocols else None, **gang_status(job),
         **guard_status(job),
+        "restart_reasons": dict(stats.restart_reasons),
     }
 
 
@@ -133,8 +134,10 @@ class Status(ControlCommand):
         parser.add_argument("job", nargs="?", help="one job (default: all)")
 
     def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
+        from supervisor.daemon.overview import overview
+
         jobs = [job_of(daemon, args["job"])] if "job" in args else list(daemon.daemon.jobs.values())
-        return {"jobs": [describe(j) for j in jobs]}
+        return {"jobs": [describe(j) for j in jobs], **overview(daemon, client)}
 
     def render(self, result: Any) -> str:
         return "\n".join(status_line(r) for r in result["jobs"]) or "no jobs configured"
