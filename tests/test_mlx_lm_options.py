@@ -91,6 +91,36 @@ class TestCommandLine:
                 assert option.default == CONFIG_DEFAULTS[option.name], option.name
 
 
+class TestAdapterConfig:
+    """``adapter_config.json`` is what mlx_lm.lora writes for the same command line."""
+
+    def test_same_keys_and_values_as_mlx_lm_lora_including_train(self, tmp_path: Path) -> None:
+        import json
+
+        lora = pytest.importorskip("mlx_lm.lora")
+        from mlx_lm.utils import save_config
+
+        from worker.mlx_lm.setup import write_adapter_config
+
+        argv = ["--model", "m", "--train", "--data", "d", "--adapter-path", str(tmp_path / "ours"), "--iters", "7"]
+        theirs = vars(lora.build_parser().parse_args(argv))  # as mlx_lm.lora's main() completes it
+        theirs.update({k: v for k, v in lora.CONFIG_DEFAULTS.items() if theirs.get(k) is None})
+        save_config(theirs, tmp_path / "theirs.json")
+        write_adapter_config(parse(argv))
+        ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+        assert ours == json.loads((tmp_path / "theirs.json").read_text())
+        assert ours["train"] is True
+
+
+class TestReportTo:
+    """report_to stays refused, and the refusal says where the same curves are."""
+
+    def test_refusal_points_at_the_telemetry_stream_and_the_dashboard(self) -> None:
+        with pytest.raises(OptionError) as caught:
+            parse(["--report-to", "wandb"])
+        assert "mlxsupctl tail -f JOB telemetry" in str(caught.value) and "mlxsupctl dashboard" in str(caught.value)
+
+
 class TestRequirement:
     """A missing or untested mlx-lm is a clear error with the version, the range and the command."""
 

@@ -71,6 +71,9 @@ class Rank:
     min_bytes: int = 0  # its smallest (0: none yet): what a fresh worker needs when there is no baseline yet
     exit_code: int | None = None
     growth: SampleTrend = dataclasses.field(default_factory=SampleTrend)  # a guard-only life's samples per second
+    signalled: str = ""  # why the supervisor signalled it (its exit is then expected)
+    waiting: str = ""  # the collective it said it is blocked in (cleared by its next step)
+    waiting_since: float = INF
 
     @property
     def alive(self) -> bool:
@@ -146,6 +149,7 @@ class Departing:
     kill_at: float
     bytes: int = 0
     killed: bool = False
+    pid: int = 0
 
 
 @dataclasses.dataclass

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import operator
 import signal
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,6 +40,7 @@ from supervisor.core import events as ev
 from supervisor.core.crashes import Crash, CrashPolicy, classify
 from supervisor.core.events import Action, Event, Refused
 from supervisor.core.guard import floor_decision, guard_numbers, guard_on_sample
+from supervisor.core.hangs import gang_hang, rank_exit_fields
 from supervisor.core.life import INF, Departing, JobStats, Life, Rank, Settings
 from supervisor.core.peers import PeerRole
 from supervisor.core.policy import (
@@ -265,11 +265,16 @@ class Lifecycle(PeerRole):
         if rank is not None:
             rank.last_heard = e.now
 
+    def _waiting(self, e: ev.Waiting) -> None:
+        rank = self._rank(e.rank)
+        if rank is not None:
+            rank.waiting, rank.waiting_since = e.what, e.now - e.seconds
+
     def _step(self, e: ev.StepIn) -> None:
         life, rank, m = self.life, self._rank(e.rank), e.msg
         if life is None or rank is None:
             return
-        rank.estimator.observe_step(m.step, m.footprint, m.mlx_peak - m.mlx_active, m.step_seconds)
+        rank.estimator.observe_step(m.step, m.footprint, _transient(m.mlx_peak, m.mlx_active), m.step_seconds)
         fields = {name: value for name in STEP_FIELDS if (value := getattr(m, name)) is not None}
         self._stepped(e, life, rank, "step", fields, (m.step_seconds,), m)
 
@@ -280,7 +285,7 @@ class Lifecycle(PeerRole):
         life, rank, m = self.life, self._rank(e.rank), e.msg
         if life is None or rank is None:
             return
-        rank.estimator.observe_steps(m.step, m.footprint, list(map(operator.sub, m.mlx_peak, m.mlx_active)),
+        rank.estimator.observe_steps(m.step, m.footprint, list(map(_transient, m.mlx_peak, m.mlx_active)),
                                      m.step_seconds)
         fields = {name: column for name in STEP_FIELDS if (column := getattr(m, name)) is not None}
         self._stepped(e, life, rank, "steps", fields, m.step_seconds, m.row(-1))
@@ -293,6 +298,7 @@ class Lifecycle(PeerRole):
         stats = self.stats
         rank.last_heard = e.now
         rank.last_step = last.step
+        rank.waiting, rank.waiting_since = "", INF
         stats.steps_completed = max(stats.steps_completed, last.step)
         if rank is life.lead:
             stats.final_loss = last.loss
@@ -312,7 +318,8 @@ class Lifecycle(PeerRole):
         if self.state == S.RUNNING:
             decision = self._on_step(life, rank)
             if decision.acts:
-                self._act(life, rank, decision, e.now, step=last.step, level=last.footprint)
+                self._act(life, rank, decision, e.now, step=last.step, sampled=rank.last_bytes,
+                          budget=self.limits.budget, footprint_level=last.footprint)
 
     def _on_step(self, life: Life, rank: Rank) -> Decision:
         """The policy after one rank's step; a gang regrows only when every rank has room for it."""
@@ -335,7 +342,7 @@ class Lifecycle(PeerRole):
         if requested and e.reason != "finished" and self.stop_reason is None and not self.settings.gang:
             # Its checkpoint is durable: plan the successor now, while the kernel tears the old one down.
             self.departing[life.id] = Departing(e.now + self.settings.kill_grace + self.settings.departing_grace,
-                                                rank.last_bytes)
+                                                rank.last_bytes, pid=rank.pid)
             self.reserve = rank.estimator.baseline or rank.min_bytes
             self._out.append(ev.Depart(life.id))
             self._on_exit(life, EXIT_CHECKPOINTED, e.now, e.newest)
@@ -409,7 +416,7 @@ class Lifecycle(PeerRole):
         for life_id in doomed:
             self.departing[life_id].killed = True
             self._out.append(ev.Signal(life_id, signal.SIGKILL))
-            self._note("kill", signal="SIGKILL", life=life_id, level="warning",
+            self._note("kill", signal="SIGKILL", life=life_id, pid=self.departing[life_id].pid, level="warning",
                        reason=f"job footprint {total} >= budget {self.limits.budget} with a departing worker")
         return bool(doomed)
 
@@ -424,12 +431,20 @@ class Lifecycle(PeerRole):
         if life.first_exit is None:
             life.first_exit = e.code
         first, life.left = not life.left, True
+        if self.settings.gang:
+            self._note_rank_exit(life, rank, first)
         if not life.alive:
             if not self._owed(life, e.now):
                 self._on_exit(life, life.code(), e.now, e.newest)
             return
         if first:
             self._rank_left(life, f"rank {e.rank} {describe_exit(e.code)}", e.code, e.now)
+
+    def _note_rank_exit(self, life: Life, rank: Rank, first: bool) -> None:
+        """One ``rank_exit`` record per rank per life: how it ended. A rank that failed after a peer had crashed
+        (a ring survivor raises "connection to a peer was lost") is labelled expected: the first exit is the cause."""
+        fields = rank_exit_fields(life, rank, first, self.restart_reason)
+        self._note("rank_exit", level="warning" if fields.get("expected") is False else "info", **fields)
 
     def _rank_left(self, life: Life, who: str, code: int | None, now: float) -> None:
         """The first rank (or host) of a gang life is gone: a clean exit leaves the others ``kill_grace`` to
@@ -456,19 +471,16 @@ class Lifecycle(PeerRole):
                 if not departing.killed:
                     departing.killed = True
                     self._out.append(ev.Signal(life_id, signal.SIGKILL))
-                    self._note("kill", signal="SIGKILL", life=life_id, reason="departing worker did not exit",
-                               level="warning")
+                    self._note("kill", signal="SIGKILL", life=life_id, pid=departing.pid,
+                               reason="departing worker did not exit", level="warning")
         life = self.life
         if life is not None:
             if now >= life.straggle_at and life.alive:
                 life.straggle_at = INF
-                self._note("kill", signal="SIGKILL", reason="straggler: another rank had exited",
-                           ranks=[r.rank for r in life.alive], level="warning")
-                self._out.append(ev.Signal(life.id, signal.SIGKILL))
+                self._kill(life, signal.SIGKILL, "straggler: another rank had exited")
             if life.term_sent:
                 if now >= life.deadline:
-                    self._note("kill", signal="SIGKILL", reason="grace expired", pid=life.pid, level="warning")
-                    self._out.append(ev.Signal(life.id, signal.SIGKILL))
+                    self._kill(life, signal.SIGKILL, "grace expired")
                     life.deadline = INF
             else:
                 self._check_liveness(life, now)
@@ -662,6 +674,9 @@ class Lifecycle(PeerRole):
             return
         for rank in life.alive:
             if now > self._silent_at(rank):
+                if self.settings.gang and life.hello:
+                    self._terminate(now, gang_hang(life, now, self.settings.hang_timeout))
+                    return
                 timeout = self.settings.hang_timeout if rank.hello else self.settings.startup_timeout
                 what = "no telemetry" if rank.hello else "no hello"
                 who = f"rank {rank.rank}: " if self.settings.gang else ""
@@ -701,8 +716,7 @@ class Lifecycle(PeerRole):
         self.stats.last_decision_at = now
         if ceiling and life.term_sent:
             life.killed = True
-            self._note("kill", signal="SIGKILL", reason=decision.reason, pid=life.pid, level="warning")
-            self._out.append(ev.Signal(life.id, signal.SIGKILL))
+            self._kill(life, signal.SIGKILL, decision.reason)
             return
         life.killed = ceiling
         self._terminate(now, decision.reason, signal.SIGKILL if ceiling else signal.SIGTERM)
@@ -729,14 +743,20 @@ class Lifecycle(PeerRole):
         life = self.life
         if life is None or life.term_sent:
             return
-        self._note("kill", signal=signal.Signals(signum).name, reason=reason, pid=life.pid,
-                   grace=self.settings.kill_grace, level="warning", **self._sdk_fields(life, step=life.last_step))
         life.term_sent = True
         life.deadline = now + self.settings.kill_grace
-        self._out.append(ev.Signal(life.id, signum))
+        self._kill(life, signum, reason, grace=self.settings.kill_grace)
         self.restart_reason = reason
         if self.state != S.STOPPING:
             self._change(S.STOPPING, reason)
+
+    def _kill(self, life: Life, signum: int, reason: str, **fields: Any) -> None:
+        """Signal every live rank of ``life``: one ``kill`` record per process, naming the pid it went to."""
+        for rank in life.alive:
+            rank.signalled = rank.signalled or f"{signal.Signals(signum).name} from the supervisor: {reason}"
+            self._note("kill", signal=signal.Signals(signum).name, reason=reason, pid=rank.pid, level="warning",
+                       **fields, **self._sdk_fields(life, step=rank.last_step), **self._rank_fields(rank.rank))
+        self._out.append(ev.Signal(life.id, signum))
 
     # -- bookkeeping --------------------------------------------------------------------------------
 
@@ -779,10 +799,16 @@ _HANDLERS: dict[type[Any], Callable[[Lifecycle, Any], None]] = {
     ev.Shutdown: Lifecycle._shutdown, ev.CheckpointNow: Lifecycle._checkpoint_now,
     ev.SetLimits: Lifecycle._set_limits, ev.Spawned: Lifecycle._spawned, ev.SpawnFailed: Lifecycle._spawn_failed,
     ev.HelloIn: Lifecycle._hello, ev.StepIn: Lifecycle._step, ev.StepsIn: Lifecycle._steps, ev.Heard: Lifecycle._heard,
+    ev.Waiting: Lifecycle._waiting,
     ev.GoodbyeIn: Lifecycle._goodbye, ev.Sample: Lifecycle._sample, ev.Exited: Lifecycle._exited,
     ev.DepartedExited: Lifecycle._departed, ev.Tick: Lifecycle._tick,
     ev.PeerSync: Lifecycle._peer_sync, ev.LeaderSays: Lifecycle._leader_says,
 }
+
+
+def _transient(peak: int, active: int | None) -> int:
+    """A step's transient (MLX's peak over its active memory); 0 when active memory was not measured."""
+    return 0 if active is None else peak - active
 
 
 def crash_fields(failure: Crash | None) -> dict[str, Any]:

@@ -110,6 +110,7 @@ class Job:
         self.procs: dict[ProcKey, WorkerProcess] = {}  # (life, rank) -> process, current and departing
         self.tokens: dict[int, str] = {}  # rank -> spawn token of the current life
         self.identities: dict[int, bytes] = {}  # rank -> worker socket identity, once it said hello
+        self.protocols: dict[int, int] = {}  # rank -> protocol version negotiated in its welcome
         self.stderr_start: dict[int, int] = {}  # rank -> size of its stderr.log when the current life began
         self.next_config: JobConfig | None = None
         self.next_layout: Layout | None = layout
@@ -225,9 +226,10 @@ class Job:
         self.history_record("config_changed", applies="next start")
 
     def on_peer_sync(self, now: float, host: str, gen: int, alive: int, want: bool, outcome: Outcome | None,
-                     ranks: tuple[dict[str, Any], ...]) -> dict[str, Any]:
-        """Gang leader: a follower's state arrived; returns the answer for it."""
-        self.feed(ev.PeerSync(now, host, gen, alive, want, outcome, self._newest(), ranks))
+                     ranks: tuple[dict[str, Any], ...], leaving: bool = False) -> dict[str, Any]:
+        """Gang leader: a follower's state arrived (``leaving``: its last, its daemon shuts down); returns the
+        answer for it."""
+        self.feed(ev.PeerSync(now, host, gen, alive, want, outcome, self._newest(), ranks, leaving))
         return self.replies.pop(host, {"error": "no answer"})
 
     # -- inputs from the daemon ----------------------------------------------------------------------
@@ -247,11 +249,12 @@ class Job:
         if rank is not None:
             self.feed(ev.Heard(now, rank))
 
-    def on_hello(self, hello: Hello, identity: bytes, now: float) -> None:
+    def on_hello(self, hello: Hello, identity: bytes, now: float, version: int = 1) -> None:
         rank = self._token_rank(hello.token)
         if rank is None:
             return
         self.identities[rank] = identity
+        self.protocols[rank] = version
         self.feed(ev.HelloIn(now, hello, rank))
 
     def on_message(self, message: Message, now: float, rank: int | None = None) -> None:
@@ -264,6 +267,8 @@ class Job:
             self.feed(ev.StepsIn(now, message, rank))
         elif isinstance(message, Goodbye):
             self.feed(ev.GoodbyeIn(now, message.reason, message.step, self._newest(), rank))
+        elif isinstance(message, Heartbeat) and message.waiting and self.layout is not None:
+            self.feed(ev.Waiting(now, rank, message.waiting[:64], max(0.0, message.waiting_seconds or 0.0)))
         else:
             if isinstance(message, CheckpointSaved):
                 fields = {"rank": rank} if self.layout is not None else {}
@@ -272,14 +277,18 @@ class Job:
                 self.publish(self.name, "log", {"event": "checkpoint", "step": message.step, **fields})
             self.feed(ev.Heard(now, rank))
 
+    def protocol_of(self, rank: int) -> int:
+        """The protocol version negotiated with the worker of ``rank`` (1 before its hello)."""
+        return self.protocols.get(rank, 1)
+
     def heartbeat(self, sent_at: float, hold: float) -> Heartbeat:
         """The heartbeat for this job's worker, with how long (at most ``hold`` seconds, and a quarter of the
         hang timeout) and how far from its bands it may hold step telemetry, and that held steps may come as
         ``steps`` frames: see ``worker.hold``."""
         life = self.lifecycle.life
         hold = min(hold, self.lifecycle.settings.hang_timeout / 4)
-        if self.layout is not None:
-            return Heartbeat(sent_at)  # a gang's ranks meet at every step: nothing is held
+        if self.layout is not None:  # a gang's ranks meet at every step: nothing is held
+            return Heartbeat(sent_at, report_waiting=1)  # a rank blocked in a collective may say so
         if hold <= 0 or life is None or not life.estimator.levels:
             return Heartbeat(sent_at)  # nothing to compare the group's footprint with yet: no holding
         below = hold_threshold(self.limits, self.last_sampled, life.estimator.level)
@@ -335,6 +344,7 @@ class Job:
             current = self.lifecycle.life
             if current is not None and life == current.id:
                 self.identities.pop(rank, None)
+                self.protocols.pop(rank, None)
                 tail = () if code in (0, EXIT_CHECKPOINTED) else stderr_tail(self._stderr(rank),
                                                                              self.stderr_start.get(rank, 0))
                 self.feed(ev.Exited(now, code, self._newest(), rank, tail))
@@ -359,10 +369,10 @@ class Job:
             for fields in events:
                 self.publish(self.name, "telemetry", fields)
         elif isinstance(action, ev.Send):
-            frame = encode(Command(action.action, action.reason))
+            command = Command(action.action, action.reason)
             for rank, identity in list(self.identities.items()):
                 if action.rank is None or action.rank == rank:
-                    self.send_frame(identity, frame)
+                    self.send_frame(identity, encode(command, self.protocol_of(rank)))
         elif isinstance(action, ev.Signal):
             for (life, rank), proc in list(self.procs.items()):
                 if life == action.life and action.rank in (None, rank):
@@ -371,6 +381,7 @@ class Job:
             self._spawn(action)
         elif isinstance(action, ev.Depart):
             self.identities.clear()  # its process stays in self.procs until reaped
+            self.protocols.clear()
         elif isinstance(action, ev.StateChanged):
             self.log.info("job_state", old=action.old, new=action.new, reason=action.reason, **action.fields)
             data = {"old": action.old, "new": action.new, "reason": action.reason, **action.fields}
@@ -405,6 +416,7 @@ class Job:
             self.layout = self.next_layout
         self.tokens = {rank: secrets.token_hex(16) for rank in self.lifecycle.settings.ranks}
         self.identities = {}
+        self.protocols = {}
         newest = self._newest()
         try:
             self._write_ring(action.life)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any
 
+from protocol.durable import write_durably
 from supervisor.config import Config
 from supervisor.core.sizes import format_bytes
 from supervisor.core.states import JobState
@@ -125,10 +125,7 @@ def run_one(config: Config, name: str, summary_path: Path | None, max_seconds: f
         summary.update(_plot(job, plot.absolute()))
     text = json.dumps(summary, indent=2)
     if summary_path is not None:
-        summary_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = summary_path.with_name(summary_path.name + f".tmp{os.getpid()}")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, summary_path)
+        write_durably(summary_path, text + "\n")  # F_FULLFSYNC on macOS, as checkpoints are
     print(text)
     sys.stdout.flush()
     sys.stderr.write(report.render(summary))
