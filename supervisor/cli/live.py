@@ -51,7 +51,7 @@ def bar(used: int, budget: int) -> str:
 
 def top_frame(jobs: list[dict[str, Any]], decisions: dict[str, str]) -> str:
     header = (f"{'JOB':<14} {'STATE':<18} {'STEP':>13} {'STEP/S':>7} {'MEMORY':>21} {'':<22} "
-              f"{'LEAK MB/STEP':>12} {'RESTARTS':>8} {'BATCH':>7}")
+              f"{'LEAK MB/STEP':>12} {'WHAT LEAKS':<15} {'RESTARTS':>8} {'BATCH':>7}")
     lines = [header]
     for row in jobs:
         step = f"{row['step']}/{row['target_steps'] or '?'}"
@@ -59,7 +59,7 @@ def top_frame(jobs: list[dict[str, Any]], decisions: dict[str, str]) -> str:
         lines.append(
             f"{row['name'][:14]:<14} {row['state']:<18} {step:>13} {row['steps_per_second']:>7.2f} {mem:>21} "
             f"{bar(row['sampled_bytes'], row['budget_bytes']):<22} {row['leak_bytes_per_step'] / 2**20:>12.1f} "
-            f"{row['restarts']:>8} {row['batch']:>4}x{row['accum']:<2}")
+            f"{row.get('leak', {}).get('verdict', '-'):<15} {row['restarts']:>8} {row['batch']:>4}x{row['accum']:<2}")
         if row["name"] in decisions:
             lines.append(f"{'':<14} last decision: {decisions[row['name']][:100]}")
         lines += [rank_line(rank) for rank in row.get("ranks", [])]

@@ -33,7 +33,7 @@ def describe(job: Job) -> dict[str, Any]:
         "transient_bytes": estimator.transient if estimator else 0,
         "baseline_bytes": estimator.baseline if estimator else None,
         "samples_over_budget": stats.samples_over_budget, "final_loss": stats.final_loss,
-        "io_errors": dict(job.io_errors), **gang_status(job),
+        "io_errors": dict(job.io_errors), "leak": job.diagnosis.status(), **gang_status(job),
     }
 
 
