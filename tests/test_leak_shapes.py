@@ -3,7 +3,9 @@ way each; the verdict names the kind of memory that grows, and the census (diagn
 
 from __future__ import annotations
 
+import re
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +110,27 @@ class TestCensusLeavesTrainingAlone:
         assert weights[True].keys() == weights[False].keys()
         for name, value in weights[True].items():
             assert value.tobytes() == weights[False][name].tobytes(), name
+
+
+class TestCacheClearOnTheDemo:
+    """The demo's leak (deploy/demo.toml, shortened): clear_cache releases the cache, and the growth goes on."""
+
+    def test_each_clear_reports_its_release_and_that_growth_went_on(self, config_file: Any, tmp_path: Path) -> None:
+        demo = tomllib.loads((ROOT / "deploy" / "demo.toml").read_text())["jobs"]["demo"]
+        demo["train"]["steps"] = 70  # about two lives, each reaching the warn band
+        path = config_file({"demo": demo}, system_floor="0")
+        done, summary = run_to_end(path, "demo", tmp_path / "summary.json", timeout=400)
+        assert summary["outcome"] == "finished", done.stderr[-3000:]
+        clears = summary["cache_clears"]
+        assert clears["sent"] >= 1 and clears["measured"] >= 1, clears
+        assert clears["growth_went_on"] == clears["measured"]
+        assert clears["released_bytes"] > 0
+        for record in clears["last"]:
+            assert record["released_of"] == "cache"
+            assert record["growth_bytes_per_step"] > 40 * 2**20  # the demo leaks 50 MB/step
+            assert re.fullmatch(r"clear_cache released [\d.]+ [KMG]?i?B; growth went on at [\d.]+ MiB/step",
+                                record["text"]), record["text"]
+            assert record["before"]["step"] < record["after"]["step"]
+        assert summary["leak"]["overall"]["verdict"] == "arrays_retained"
+        history = read_history(tmp_path / "state" / "jobs" / "demo" / "history.jsonl")
+        assert [e["text"] for e in history if e["event"] == "cache_clear"] == [r["text"] for r in clears["last"]]

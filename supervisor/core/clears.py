@@ -4,7 +4,8 @@ the growth go on? That answers, from the run itself, whether clearing the cache 
 The worker clears at the first step boundary after the command reaches it, which may be a step or a few late;
 the clear is the largest fall of the cache (of the footprint when the cache is not measured) among the first
 ``REACTION`` steps after the command was sent. The growth after it is the footprint's rise per step over the
-``follow`` steps that come next (or those until the life ends). Pure; bounded (the last ``keep`` tests and totals).
+``follow`` steps that come next (or those until the life ends; with none, the net growth across the clear
+itself). Pure; bounded (the last ``keep`` tests and totals).
 """
 
 from __future__ import annotations
@@ -73,10 +74,9 @@ class CacheClears:
         """The life ended: a test still being measured finishes with the steps it has (a leaking life may end a
         few steps after its first clear), or is dropped when no step followed the clear."""
         pending, self._pending = self._pending, None
-        if pending is None or len(pending.rows) < 3:
+        if pending is None or len(pending.rows) < 2:
             return None
-        index = self._clear_index(pending.rows)
-        return self._finish(pending.rows, index) if index < len(pending.rows) - 1 else None
+        return self._finish(pending.rows, self._clear_index(pending.rows))
 
     def _clear_index(self, rows: list[Row]) -> int:
         """Index of the first row after the clear: the largest fall in the first REACTION steps."""
@@ -89,7 +89,10 @@ class CacheClears:
         before, after, last = rows[index - 1], rows[index], rows[-1]
         cache_known = before[3] is not None and after[3] is not None
         released = max(0, (before[3] or 0) - (after[3] or 0)) if cache_known else max(0, before[1] - after[1])
-        growth = (last[1] - after[1]) / (last[0] - after[0])
+        if last is after:  # no step after the clear's: the net growth across the clear
+            growth = (after[1] - before[1]) / (after[0] - before[0])
+        else:
+            growth = (last[1] - after[1]) / (last[0] - after[0])
         went_on = growth > self.threshold
         self.measured += 1
         self.released_bytes += released
