@@ -6,9 +6,9 @@ packed with plain msgpack (not with ``protocol.encode``), so the vectors check t
 
 Format: ``{"protocol_version", "valid": [{"name", "type", "hex", "fields", "canonical"}], "invalid": [{"name",
 "hex" | "fill": {"byte", "count"}, "error"}]}``; a vector of an optional feature (``census``) also has
-``"feature"``: an SDK that does not implement that feature may skip it. ``fields`` holds every field of the type, optional ones with
-their defaults (``null`` for an absent ``val_loss``); ``canonical`` says that encoding the decoded message gives
-back exactly ``hex``. ``error`` is a ``ProtocolError`` kind (see docs/PROTOCOL.md).
+``"feature"``: an SDK that does not implement that feature may skip it. ``fields`` holds every field of the
+type, optional ones with their defaults (``null`` for an absent ``val_loss``); ``canonical`` says that encoding
+the decoded message gives back exactly ``hex``. ``error`` is a ``ProtocolError`` kind (see docs/PROTOCOL.md).
 """
 
 from __future__ import annotations

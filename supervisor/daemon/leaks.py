@@ -84,13 +84,15 @@ def ask_census(job: Job, steps: int, reason: str, now: float) -> dict[str, Any]:
     """Ask the lead worker for a census over ``steps`` steps; CensusRefused when it cannot take one."""
     if not 1 <= steps <= MAX_CENSUS_STEPS:
         raise CensusRefused(f"steps must be 1..{MAX_CENSUS_STEPS}, got {steps}")
+    if not job.lifecycle.settings.sdk:
+        raise CensusRefused("a guard-only job's command does not speak the SDK, so it does not take censuses")
     rank = min(job.lifecycle.settings.ranks)
     identity = job.identities.get(rank)
     if identity is None or job.lifecycle.life is None:
         raise CensusRefused(f"job {job.name!r} has no worker that said hello (state {job.state.name})")
     if CENSUS_FEATURE not in job.features.get(rank, frozenset()):
-        raise CensusRefused("its worker does not take censuses (the Python SDK does; a guard-only job or another "
-                            "SDK does not)")
+        raise CensusRefused("its worker does not take censuses (its hello did not list the feature: the Python "
+                            "SDK takes them)")
     job.send_frame(identity, encode(Command(Command.CENSUS, reason, steps)))
     asked = {"steps": steps, "reason": reason, "from_step": job.stats.steps_completed}
     job.diagnosis.census_asked = now

@@ -1,6 +1,6 @@
 """A small supervised training loop that leaks in one chosen way, for the leak-forensics tests.
 
-usage: leak_shapes.py SHAPE STEPS [--kib N] [--weights FILE]
+usage: leak_shapes.py SHAPE STEPS [--kib N] [--weights FILE] [--seconds S]
   SHAPE: list (a list of (dict of arrays, loss) tuples), dict (arrays keyed by step), attr (a list kept on an
   object), cache (a buffer of a new size every step, freed: MLX's cache grows), bytes (a list of Python bytes),
   none (no leak). --weights: save the final weights there (safetensors).
@@ -9,6 +9,7 @@ usage: leak_shapes.py SHAPE STEPS [--kib N] [--weights FILE]
 from __future__ import annotations
 
 import argparse
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +22,7 @@ parser.add_argument("shape", choices=["list", "dict", "attr", "cache", "bytes", 
 parser.add_argument("steps", type=int)
 parser.add_argument("--kib", type=int, default=512, help="KiB leaked per step")
 parser.add_argument("--weights", default="")
+parser.add_argument("--seconds", type=float, default=0.0, help="sleep per step")
 args = parser.parse_args()
 
 
@@ -68,6 +70,8 @@ while step < args.steps:
         del scratch
     elif args.shape == "bytes":
         junk.append(bytes([step % 251]) * (args.kib * 1024))
+    if args.seconds:
+        time.sleep(args.seconds)
     session.end_step(step, loss.item())
 if args.weights:
     mx.save_safetensors(args.weights, dict(zip(["weight", "bias"], [model.weight, model.bias], strict=True)))
