@@ -59,7 +59,7 @@ class Plan:
     gang_recovery_steps: int
     census_repeats: int = 50
     attribution_messages: int = 5000
-    attribution_blocks: int = 9
+    attribution_blocks: int = 21
 
 
 FULL = Plan(overhead_steps=600, overhead_pairs=3, lockstep_seconds=300.0, sdk_calls=5000, reaction_steps=40,

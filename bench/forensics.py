@@ -71,8 +71,8 @@ def attribution(messages: int, blocks: int) -> dict[str, Any]:
     rows: dict[str, list[float]] = {"without_us": [], "with_us": []}
     step = 1
     for _ in range(blocks):
-        frames = [encode(Step(s, 8, 1, 2.5, 0.01, 1000 * MiB + s * MiB, 10 * MiB, 1100 * MiB,
-                              1500 * MiB + s * MiB)) for s in range(step, step + messages)]
+        frames = [encode(Step(s, 8, 1, 2.5, 0.01, 1000 * MiB + 2 * s * MiB, 10 * MiB, 1100 * MiB,
+                              1500 * MiB + 2 * s * MiB)) for s in range(step, step + messages)]
         rows["without_us"].append(_block(plain, None, frames, step) * 1e6)
         rows["with_us"].append(_block(attributed, diagnosis, frames, step) * 1e6)
         step += messages

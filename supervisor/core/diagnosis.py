@@ -42,7 +42,9 @@ class JobDiagnosis:
 
     def step(self, life: int, now: float, row: Row) -> bool:
         """A step of life ``life``; True when diagnose_on_leak should ask for a census now."""
-        forensics, _ = self._life(life, now)
+        forensics = self.current
+        if forensics is None or forensics.life != life:
+            forensics, _ = self._life(life, now)
         joined = forensics.observe_step(*row)
         if not (joined and self.auto and not self.auto_fired):
             return False

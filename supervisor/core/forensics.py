@@ -116,6 +116,7 @@ class LifeForensics:
         self.first_step: int | None = None
         self.last_step = 0
         self.series = {name: ThinnedTrend(1.0) for name in SERIES}
+        self._footprint = self.series["footprint"]
         self.per_second = ThinnedTrend(0.25)
         self.last: tuple[int, int, int | None, int | None] | None = None  # (step, footprint, active, cache)
 
@@ -124,13 +125,12 @@ class LifeForensics:
         self.steps_seen += 1
         self.last_step = step
         self.last = (step, footprint, active, cache)
-        if self.steps_seen <= self.warmup:
+        if step < self._footprint.next or self.steps_seen <= self.warmup:  # most steps: between two kept points
             return False
         if self.first_step is None:
             self.first_step = step
         series = self.series
-        if not series["footprint"].add(step, footprint):
-            return False
+        self._footprint.add(step, footprint)
         if active is not None:
             series["active"].add(step, active)
         if cache is not None:

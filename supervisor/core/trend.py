@@ -56,17 +56,17 @@ class ThinnedTrend:
         self.stride = stride
         self.keep = keep
         self.points: list[tuple[float, int]] = []
-        self._next = -math.inf
+        self.next = -math.inf  # the least x kept next
         self._fit: Fit | None = None
         self._fresh = True  # _fit is current
 
     def add(self, x: float, y: int) -> bool:
         """Observe y at x (x never decreasing); True when the point was kept."""
-        if x < self._next:
+        if x < self.next:
             return False
         points = self.points
         points.append((x, y))
-        self._next = x + self.stride
+        self.next = x + self.stride
         self._fresh = False
         if len(points) >= 2 * self.keep:
             del points[::2]  # the newest point stays
