@@ -35,7 +35,7 @@ FAKE_MACOS_TESTS := tests/test_fake_macos.py tests/test_process.py tests/test_fo
 	tests/test_daemon.py::TestReloadAndShutdown::test_sigterm_checkpoints_every_worker_then_exits_zero
 FAKE_MACOS_ENV := MLXSUP_FAKE_MACOS=1 PYTHONPATH=$(CURDIR)/tests/fake_macos
 
-.PHONY: venv demo demo-lora demo-gang test test-main test-fake-macos test-py313 bench faults lint clean rust conformance
+.PHONY: venv sysdeps demo demo-lora demo-gang test test-main test-fake-macos test-py313 bench faults lint clean rust conformance
 
 venv: $(STAMP)
 
@@ -70,7 +70,13 @@ demo-gang: $(STAMP)
 
 test: test-main test-fake-macos test-py313
 
-test-main: $(STAMP)
+# System packages beyond the venv (the Rust SDK's toolchain and crates, systemd-analyze): installed through apt as
+# root on Debian or Ubuntu, through Homebrew on macOS, else reported; never fatal (tests/sysdeps.sh). The tests
+# that need a missing one skip and say why, and the run's last lines name what was not tested.
+sysdeps:
+	@bash tests/sysdeps.sh
+
+test-main: $(STAMP) sysdeps
 	$(PY) -m pytest -q --durations=15
 
 test-fake-macos: $(STAMP)
@@ -93,9 +99,9 @@ endif
 bench: $(STAMP)
 	$(PY) -m bench
 
-# The Rust SDK's example, built offline from Debian's packaged crates (see sdk/rust/.cargo/config.toml).
-rust:
-	cd $(RUST_CRATE) && cargo build --release --offline --example leaky
+# The Rust SDK's example: offline from Debian's packaged crates, or from crates.io on macOS (tests/rust_toolchain.py).
+rust: $(STAMP) sysdeps
+	@cargo=$$($(PY) -m tests.rust_toolchain) || exit 1; cd $(RUST_CRATE) && $$cargo build --release --example leaky
 
 # The conformance kit against the Python SDK's example and the Rust example; report in .conformance/results.json.
 conformance: $(STAMP) rust

@@ -114,3 +114,12 @@ def run_to_end(config: Path, job: str, summary: Path, timeout: float = 240,
                           capture_output=True, text=True, timeout=timeout)
     assert summary.exists(), done.stderr[-3000:]
     return done, json.loads(summary.read_text())
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say in one line, at the end where people and CI look, when the Rust SDK could not be tested here."""
+    reasons = {str(getattr(report, "longrepr", "")) for report in terminalreporter.stats.get("skipped", [])}
+    rust = sorted({r for r in reasons if "Rust SDK not tested" in r})
+    if rust:
+        reason = rust[0].split("Rust SDK not tested: ", 1)[1].rstrip("')")
+        terminalreporter.write_line(f"NOT RUN: the Rust SDK tests (sdk/rust): {reason}", yellow=True, bold=True)
