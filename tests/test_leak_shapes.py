@@ -24,7 +24,7 @@ def run_shape(config_file: Any, tmp_path: Path, shape: str, steps: int = STEPS, 
     """Run the script of one shape under a roomy budget (no breach: only the diagnosis speaks); its summary."""
     extra = job.pop("args", [])
     config = config_file({"j": {"command": [sys.executable, SCRIPT, shape, str(steps), *extra], "budget": "4GiB",
-                                "leak_threshold": "64KiB", "diagnose_on_leak": True, "checkpoint_every": 0,
+                                "leak_threshold": "256KiB", "diagnose_on_leak": True, "checkpoint_every": 0,
                                 "working_dir": str(ROOT), **job}})
     done, summary = run_to_end(config, "j", tmp_path / "summary.json", timeout=300)
     assert summary["outcome"] == "finished", done.stderr[-3000:]

@@ -40,12 +40,13 @@ class JobDiagnosis:
             current = self.current = LifeForensics(life, now, self.threshold, self.warmup)
         return current, ended
 
-    def step(self, life: int, now: float, row: Row) -> bool:
-        """A step of life ``life``; True when diagnose_on_leak should ask for a census now."""
+    def step(self, life: int, now: float, row: Row, rows: int = 1) -> bool:
+        """A step of life ``life`` (the last of ``rows`` held ones); True when diagnose_on_leak should ask for a
+        census now."""
         forensics = self.current
         if forensics is None or forensics.life != life:
             forensics, _ = self._life(life, now)
-        joined = forensics.observe_step(*row)
+        joined = forensics.observe_step(*row, rows)
         if not (joined and self.auto and not self.auto_fired):
             return False
         self._new_points += 1

@@ -120,9 +120,9 @@ class LifeForensics:
         self.per_second = ThinnedTrend(0.25)
         self.last: tuple[int, int, int | None, int | None] | None = None  # (step, footprint, active, cache)
 
-    def observe_step(self, step: int, footprint: int, active: int | None, cache: int | None) -> bool:
-        """One step's report; True when it joined the series (a new point to judge)."""
-        self.steps_seen += 1
+    def observe_step(self, step: int, footprint: int, active: int | None, cache: int | None, rows: int = 1) -> bool:
+        """One step's report (the last of ``rows`` held steps); True when it joined the series (a new point)."""
+        self.steps_seen += rows
         self.last_step = step
         self.last = (step, footprint, active, cache)
         if step < self._footprint.next or self.steps_seen <= self.warmup:  # most steps: between two kept points

@@ -41,7 +41,7 @@ def observe(job: Job, message: Step | Steps, now: float, rank: int) -> None:
     else:
         last = (message.step[-1], message.footprint[-1], _last(message.mlx_active), _last(message.mlx_cache))
         rows = [(r.step, r.footprint, r.mlx_active, r.mlx_cache) for r in message.rows()] if measuring else []
-    auto = diagnosis.step(life.id, now, last)
+    auto = diagnosis.step(life.id, now, last, 1 if isinstance(message, Step) else len(message))
     for row in rows:
         _cleared(job, diagnosis.clears.observe(row))
     if auto:
