@@ -21,6 +21,7 @@ from protocol.messages import (
     Steps,
     Welcome,
     decode,
+    decode_parts,
     encode,
     negotiate,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Steps",
     "Welcome",
     "decode",
+    "decode_parts",
     "encode",
     "negotiate",
 ]

@@ -26,7 +26,7 @@ import structlog
 
 from protocol import Census, CheckpointSaved, Command, Goodbye, Heartbeat, Hello, Message, Step, encode
 from protocol.checkpoints import latest_step
-from protocol.messages import MAX_STEPS_ROWS, Steps
+from protocol.messages import EXIT_CHECKPOINTED, MAX_STEPS_ROWS, Steps
 from supervisor.config import JobConfig, worker_argv
 from supervisor.core import events as ev
 from supervisor.core.diagnosis import JobDiagnosis
@@ -42,6 +42,7 @@ from supervisor.daemon.history import History
 from supervisor.daemon.ranks import rank_env, rank_rows, write_ring
 from supervisor.daemon.recorder import Recorder, expand_steps
 from supervisor.daemon.system import System, WorkerProcess
+from supervisor.daemon.tails import log_size, stderr_tail
 from supervisor.hostfile import Layout
 
 Publish = Callable[[str, str, dict[str, Any]], None]  # (job, kind, data)
@@ -58,7 +59,8 @@ ProcKey = tuple[int, int]  # (life, rank)
 def settings_of(job: JobConfig, layout: Layout | None = None) -> Settings:
     """The lifecycle settings of a job's config."""
     policy = PolicyConfig(
-        leak_threshold=float(parse_bytes(job.leak_threshold)), shrink_factor=job.shrink_factor,
+        leak_threshold=float(parse_bytes(job.leak_threshold)), leak_rate=float(parse_bytes(job.leak_rate)),
+        shrink_factor=job.shrink_factor,
         min_batch=job.min_batch, max_batch=job.batch, keep_effective_batch=job.keep_effective_batch,
         min_steps_per_life=job.min_steps_per_life, regrow_after_steps=job.regrow_after_steps,
         adaptive=job.policy == "adaptive",
@@ -112,6 +114,8 @@ class Job:
         self.identities: dict[int, bytes] = {}  # rank -> worker socket identity, once it said hello
         self.features: dict[int, frozenset[str]] = {}  # rank -> the optional features its hello announced
         self.diagnosis = JobDiagnosis(float(parse_bytes(config.leak_threshold)), config.diagnose_on_leak)
+        self.protocols: dict[int, int] = {}  # rank -> protocol version negotiated in its welcome
+        self.stderr_start: dict[int, int] = {}  # rank -> size of its stderr.log when the current life began
         self.next_config: JobConfig | None = None
         self.next_layout: Layout | None = layout
         self.replies: dict[str, dict[str, Any]] = {}  # gang leader: the last answer to each follower
@@ -226,9 +230,10 @@ class Job:
         self.history_record("config_changed", applies="next start")
 
     def on_peer_sync(self, now: float, host: str, gen: int, alive: int, want: bool, outcome: Outcome | None,
-                     ranks: tuple[dict[str, Any], ...]) -> dict[str, Any]:
-        """Gang leader: a follower's state arrived; returns the answer for it."""
-        self.feed(ev.PeerSync(now, host, gen, alive, want, outcome, self._newest(), ranks))
+                     ranks: tuple[dict[str, Any], ...], leaving: bool = False) -> dict[str, Any]:
+        """Gang leader: a follower's state arrived (``leaving``: its last, its daemon shuts down); returns the
+        answer for it."""
+        self.feed(ev.PeerSync(now, host, gen, alive, want, outcome, self._newest(), ranks, leaving))
         return self.replies.pop(host, {"error": "no answer"})
 
     # -- inputs from the daemon ----------------------------------------------------------------------
@@ -248,12 +253,13 @@ class Job:
         if rank is not None:
             self.feed(ev.Heard(now, rank))
 
-    def on_hello(self, hello: Hello, identity: bytes, now: float) -> None:
+    def on_hello(self, hello: Hello, identity: bytes, now: float, version: int = 1) -> None:
         rank = self._token_rank(hello.token)
         if rank is None:
             return
         self.identities[rank] = identity
         self.features[rank] = frozenset((hello.features or "").split())
+        self.protocols[rank] = version
         self.feed(ev.HelloIn(now, hello, rank))
 
     def on_message(self, message: Message, now: float, rank: int | None = None) -> None:
@@ -271,6 +277,8 @@ class Job:
             self.feed(ev.Heard(now, rank))
         elif isinstance(message, Goodbye):
             self.feed(ev.GoodbyeIn(now, message.reason, message.step, self._newest(), rank))
+        elif isinstance(message, Heartbeat) and message.waiting and self.layout is not None:
+            self.feed(ev.Waiting(now, rank, message.waiting[:64], max(0.0, message.waiting_seconds or 0.0)))
         else:
             if isinstance(message, CheckpointSaved):
                 fields = {"rank": rank} if self.layout is not None else {}
@@ -279,14 +287,18 @@ class Job:
                 self.publish(self.name, "log", {"event": "checkpoint", "step": message.step, **fields})
             self.feed(ev.Heard(now, rank))
 
+    def protocol_of(self, rank: int) -> int:
+        """The protocol version negotiated with the worker of ``rank`` (1 before its hello)."""
+        return self.protocols.get(rank, 1)
+
     def heartbeat(self, sent_at: float, hold: float) -> Heartbeat:
         """The heartbeat for this job's worker, with how long (at most ``hold`` seconds, and a quarter of the
         hang timeout) and how far from its bands it may hold step telemetry, and that held steps may come as
         ``steps`` frames: see ``worker.hold``."""
         life = self.lifecycle.life
         hold = min(hold, self.lifecycle.settings.hang_timeout / 4)
-        if self.layout is not None:
-            return Heartbeat(sent_at)  # a gang's ranks meet at every step: nothing is held
+        if self.layout is not None:  # a gang's ranks meet at every step: nothing is held
+            return Heartbeat(sent_at, report_waiting=1)  # a rank blocked in a collective may say so
         if hold <= 0 or life is None or not life.estimator.levels:
             return Heartbeat(sent_at)  # nothing to compare the group's footprint with yet: no holding
         below = hold_threshold(self.limits, self.last_sampled, life.estimator.level)
@@ -343,7 +355,10 @@ class Job:
             current = self.lifecycle.life
             if current is not None and life == current.id:
                 self.identities.pop(rank, None)
-                self.feed(ev.Exited(now, code, self._newest(), rank))
+                self.protocols.pop(rank, None)
+                tail = () if code in (0, EXIT_CHECKPOINTED) else stderr_tail(self._stderr(rank),
+                                                                             self.stderr_start.get(rank, 0))
+                self.feed(ev.Exited(now, code, self._newest(), rank, tail))
             elif life in self.lifecycle.departing:
                 self.feed(ev.DepartedExited(now, life, code))
         self.feed(ev.Tick(now, available, resume_above))
@@ -367,10 +382,10 @@ class Job:
         elif isinstance(action, ev.Send):
             if action.action == Command.CLEAR_CACHE:
                 leaks.clear_asked(self, self.system.now())
-            frame = encode(Command(action.action, action.reason))
+            command = Command(action.action, action.reason)
             for rank, identity in list(self.identities.items()):
                 if action.rank is None or action.rank == rank:
-                    self.send_frame(identity, frame)
+                    self.send_frame(identity, encode(command, self.protocol_of(rank)))
         elif isinstance(action, ev.Signal):
             for (life, rank), proc in list(self.procs.items()):
                 if life == action.life and action.rank in (None, rank):
@@ -379,6 +394,7 @@ class Job:
             self._spawn(action)
         elif isinstance(action, ev.Depart):
             self.identities.clear()  # its process stays in self.procs until reaped
+            self.protocols.clear()
         elif isinstance(action, ev.StateChanged):
             self.log.info("job_state", old=action.old, new=action.new, reason=action.reason, **action.fields)
             data = {"old": action.old, "new": action.new, "reason": action.reason, **action.fields}
@@ -415,12 +431,14 @@ class Job:
             self.layout = self.next_layout
         self.tokens = {rank: secrets.token_hex(16) for rank in self.lifecycle.settings.ranks}
         self.identities = {}
+        self.protocols = {}
         newest = self._newest()
         try:
             self._write_ring(action.life)
             spawned = []
             for rank in self.lifecycle.settings.ranks:
                 env = self._worker_env(self.tokens[rank], action.batch, action.accum, rank)
+                self.stderr_start[rank] = log_size(self._stderr(rank))
                 proc = self.system.spawn(worker_argv(self.config), env, self._cwd(), self._log_dir(rank))
                 self.procs[(action.life, rank)] = proc
                 spawned.append((rank, proc))
@@ -453,6 +471,9 @@ class Job:
 
     def _log_dir(self, rank: int) -> Path:
         return self.paths.logs / f"rank-{rank}" if self.layout is not None else self.paths.logs
+
+    def _stderr(self, rank: int) -> Path:
+        return self._log_dir(rank) / "stderr.log"
 
     def _write_ring(self, generation: int) -> None:
         if self.layout is not None and self.paths.ring is not None:

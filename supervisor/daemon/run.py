@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any
 
+from protocol.durable import write_durably
 from supervisor.config import Config
 from supervisor.core.sizes import format_bytes
 from supervisor.core.states import JobState
@@ -22,11 +22,13 @@ def summarize(job: Job, wall_seconds: float) -> dict[str, Any]:
     """The JSON summary of a one-shot run (field names are a contract: extend, never rename)."""
     stats = job.stats
     recoveries = sorted(stats.recoveries)
+    guard = job.lifecycle.guard_only  # no steps to count: null, never 0 posing as data
     return {
         "job": job.name,
         "outcome": OUTCOMES.get(job.state, "stopped"),
-        "target_steps": stats.target_steps,
-        "steps_completed": stats.steps_completed,
+        "guard_only": guard,
+        "target_steps": None if guard else stats.target_steps,
+        "steps_completed": None if guard else stats.steps_completed,
         "restarts": stats.restarts,
         "restart_reasons": dict(stats.restart_reasons),
         "first_breach_step": stats.first_breach_step,
@@ -53,6 +55,8 @@ def summarize(job: Job, wall_seconds: float) -> dict[str, Any]:
         "leak": job.diagnosis.summary(),
         "cache_clears": job.diagnosis.clears.summary(),
         "censuses": list(job.diagnosis.censuses),
+        # The last crash (exit_code or signal, stderr_tail, signature); null when nothing crashed.
+        "last_error": stats.last_error,
     }
 
 
@@ -81,6 +85,9 @@ class ProgressLine(NoHooks):
 def render(job: Job) -> str:
     stats = job.stats
     sampled = stats.max_sampled
+    if job.lifecycle.guard_only:
+        return (f"{job.name} {job.state.name:<9} guard-only  max {format_bytes(sampled)} / budget "
+                f"{format_bytes(job.limits.budget)}  restarts {stats.restarts}")
     return (
         f"{job.name} {job.state.name:<9} step {stats.steps_completed}/{stats.target_steps or '?'}"
         f"  max {format_bytes(sampled)} / budget {format_bytes(job.limits.budget)}"
@@ -104,9 +111,6 @@ def run_one(config: Config, name: str, summary_path: Path | None, max_seconds: f
     summary = summarize(job, time.monotonic() - started)
     text = json.dumps(summary, indent=2)
     if summary_path is not None:
-        summary_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = summary_path.with_name(summary_path.name + f".tmp{os.getpid()}")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, summary_path)
+        write_durably(summary_path, text + "\n")  # F_FULLFSYNC on macOS, as checkpoints are
     print(text)
     return 0 if summary["outcome"] == "finished" else 1
