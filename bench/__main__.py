@@ -17,7 +17,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import analysis, ckpt_io, control, daemon_cost, gang, goodput, lockstep, mlx_lm, overhead, reaction, report
+from bench import (
+    analysis,
+    ckpt_io,
+    control,
+    daemon_cost,
+    forensics,
+    gang,
+    goodput,
+    lockstep,
+    mlx_lm,
+    overhead,
+    reaction,
+    report,
+)
 from bench.common import ROOT, SMALL, BenchError, atomic_write_json
 
 
@@ -44,6 +57,9 @@ class Plan:
     gang_steps: int
     gang_pairs: int
     gang_recovery_steps: int
+    census_repeats: int = 50
+    attribution_messages: int = 5000
+    attribution_blocks: int = 21
 
 
 FULL = Plan(overhead_steps=600, overhead_pairs=3, lockstep_seconds=300.0, sdk_calls=5000, reaction_steps=40,
@@ -53,7 +69,8 @@ FULL = Plan(overhead_steps=600, overhead_pairs=3, lockstep_seconds=300.0, sdk_ca
 QUICK = Plan(overhead_steps=60, overhead_pairs=1, lockstep_seconds=3.0, sdk_calls=1000, reaction_steps=12,
              goodput_steps=100, ckpt_mb=10, ckpt_rounds=1, idle_seconds=2.0, control_requests=50,
              flood_messages=2000, flood_linger=1.0, mlx_lm_iters=20, mlx_lm_pairs=1, mlx_lm_restart_iters=20,
-             gang_steps=40, gang_pairs=1, gang_recovery_steps=40, daemon_window=2.0)
+             gang_steps=40, gang_pairs=1, gang_recovery_steps=40, daemon_window=2.0, census_repeats=5,
+             attribution_messages=500, attribution_blocks=3)
 RUN_TIMEOUT = 600.0  # seconds any one child may take before its group is killed
 SECTION_ERRORS = (BenchError, OSError, subprocess.SubprocessError, KeyError, ValueError, TypeError)
 
@@ -99,6 +116,11 @@ def _daemon(work: Path, plan: Plan) -> dict[str, Any]:
             "sixteen_jobs": daemon_cost.sixteen_jobs(work / "sixteen", plan.daemon_window, plan.control_requests)}
 
 
+def _forensics(work: Path, plan: Plan) -> dict[str, Any]:
+    return forensics.measure(work, plan.census_repeats, plan.attribution_messages, plan.attribution_blocks,
+                             RUN_TIMEOUT)
+
+
 def _gang(work: Path, plan: Plan) -> dict[str, Any]:
     return gang.measure(work, {**SMALL, "steps": plan.gang_steps}, plan.gang_pairs, plan.gang_recovery_steps,
                         RUN_TIMEOUT)
@@ -106,7 +128,7 @@ def _gang(work: Path, plan: Plan) -> dict[str, Any]:
 
 SECTIONS: list[tuple[str, Callable[[Path, Plan], dict[str, Any]]]] = [
     ("overhead", _overhead), ("reaction", _reaction), ("goodput", _goodput), ("checkpoint", _checkpoint),
-    ("control", _control), ("daemon", _daemon), ("mlx_lm", _mlx_lm), ("gang", _gang),
+    ("control", _control), ("daemon", _daemon), ("mlx_lm", _mlx_lm), ("gang", _gang), ("forensics", _forensics),
 ]
 
 

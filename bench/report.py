@@ -34,6 +34,10 @@ def _ratio(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else "null"
 
 
+def _ms2(value: Any) -> str:
+    return f"{value:.2f} ms" if isinstance(value, int | float) else "null"
+
+
 def _ms(value: Any) -> str:
     return f"{value:.1f} ms" if isinstance(value, int | float) else "null"
 
@@ -123,6 +127,14 @@ ROWS: list[tuple[str, tuple[str, ...], Target, Callable[[Any], str]]] = [
      Target(), _seconds),
     ("  mlx-lm restart: start (spawn -> RUNNING: import, load, restore)",
      ("details", "mlx_lm", "restart", "recovery", "start"), Target(), _seconds),
+    ("census of the loop's names: built-in model", ("details", "forensics", "census_ms", "builtin", "ms"),
+     Target(), _ms2),
+    ("  census: tiny mlx-lm model", ("details", "forensics", "census_ms", "tiny_mlx_lm", "ms"), Target(), _ms2),
+    ("attribution_cpu_ratio (daemon CPU per msg, with/without)", ("details", "forensics", "attribution_cpu_ratio"),
+     Target("<=", 1.05), _ratio),
+    ("  daemon CPU per step msg without / with attribution",
+     ("details", "forensics", "cpu_us_pair"), Target(), lambda v: f"{v[0]:.1f} / {v[1]:.1f} µs"
+     if isinstance(v, list) else "null"),
     ("gang_step_rate_ratio (2 ranks, supervised/unsupervised)", ("gang_step_rate_ratio",), Target(">=", 0.95),
      _ratio),
     ("  spread of the pairs' ratios: min", ("details", "gang", "ratio_min"), Target(), _ratio),

@@ -59,6 +59,7 @@ class Hello:
     batch: int
     accum: int
     protocol: int = 1  # the newest protocol version the worker speaks
+    features: str | None = None  # optional features it supports, space-separated (``census``); absent: none
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -188,13 +189,44 @@ class Command:
     CLEAR_CACHE: ClassVar[str] = "clear_cache"
     CHECKPOINT: ClassVar[str] = "checkpoint"
     CHECKPOINT_EXIT: ClassVar[str] = "checkpoint_exit"
-    ACTIONS: ClassVar[frozenset[str]] = frozenset({CLEAR_CACHE, CHECKPOINT, CHECKPOINT_EXIT})
+    CENSUS: ClassVar[str] = "census"  # only to a worker whose hello lists the ``census`` feature
+    ACTIONS: ClassVar[frozenset[str]] = frozenset({CLEAR_CACHE, CHECKPOINT, CHECKPOINT_EXIT, CENSUS})
     action: str
     reason: str
+    steps: int | None = None  # census: steps between its two counts
 
 
-Message = Hello | Welcome | Step | Steps | CheckpointSaved | Goodbye | Heartbeat | Command
-FROM_WORKER: Final = frozenset({Hello.TAG, Step.TAG, Steps.TAG, CheckpointSaved.TAG, Goodbye.TAG, Heartbeat.TAG})
+MAX_CENSUS_ROWS: Final = 32
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Census:
+    """The answer to a ``census`` command: the holders whose reachable memory grew between two counts taken at
+    step boundaries ``first_step`` and ``last_step``, one row per holder (a list per column, at most
+    ``MAX_CENSUS_ROWS`` rows, largest growth first). Sent only in answer to a ``census`` command."""
+
+    TAG: ClassVar[str] = "census"
+    first_step: int
+    last_step: int
+    seconds: float  # the two walks together
+    arrays: int  # distinct MLX arrays found by the later walk
+    array_bytes: int  # their bytes
+    visited: int  # objects the later walk visited
+    limit: int  # the most objects a walk visits (visited == limit: the walk stopped there)
+    name: tuple[str, ...]
+    kind: tuple[str, ...]  # the holder's type, e.g. list or dict
+    place: tuple[str, ...]  # where the name lives, e.g. train.py:main (a local) or train.py (a global)
+    items: tuple[int, ...]  # its items at the later count
+    items_per_step: tuple[float, ...]
+    mlx_bytes: tuple[int, ...]  # bytes of MLX arrays attributed to it at the later count
+    mlx_bytes_per_step: tuple[float, ...]
+    other_bytes_per_step: tuple[float, ...]  # bytes, bytearray and numpy buffers
+    contents: tuple[str, ...]  # what its items are, e.g. tuple(dict[str, array], array)
+
+
+Message = Hello | Welcome | Step | Steps | CheckpointSaved | Goodbye | Heartbeat | Command | Census
+FROM_WORKER: Final = frozenset({Hello.TAG, Step.TAG, Steps.TAG, CheckpointSaved.TAG, Goodbye.TAG, Heartbeat.TAG,
+                                Census.TAG})
 FROM_DAEMON: Final = frozenset({Welcome.TAG, Heartbeat.TAG, Command.TAG})
 
 
@@ -221,7 +253,7 @@ def _fields_of(cls: type[Any]) -> tuple[_Field, ...]:
 
 
 _TYPES: Final[dict[str, type[Any]]] = {
-    cls.TAG: cls for cls in (Hello, Welcome, Step, Steps, CheckpointSaved, Goodbye, Heartbeat, Command)
+    cls.TAG: cls for cls in (Hello, Welcome, Step, Steps, CheckpointSaved, Goodbye, Heartbeat, Command, Census)
 }
 _FIELDS: Final[dict[str, tuple[_Field, ...]]] = {tag: _fields_of(cls) for tag, cls in _TYPES.items()}
 _PACKER: Final = msgpack.Packer(use_bin_type=True)  # reused: encode runs once per training step
@@ -272,6 +304,8 @@ def decode(frame: bytes) -> Message:
     tag = body.get("t")
     if tag == Steps.TAG:
         return _steps(body)
+    if tag == Census.TAG:
+        return _census(body)
     if not isinstance(tag, str) or tag not in _TYPES:
         raise ProtocolError(f"unknown message type {str(tag)[:64]!r}", "unknown_type")
     values = {field.name: _check(tag, field, body) for field in _FIELDS[tag]}
@@ -334,6 +368,29 @@ def _steps(body: dict[str, Any]) -> Steps:
     if not all(map(operator.lt, rows, rows[1:])):
         raise ProtocolError("steps.step: steps must strictly increase", "field_value")
     return Steps(**columns)  # type: ignore[arg-type]
+
+
+def _census(body: dict[str, Any]) -> Census:
+    """A ``census`` frame: scalar fields as everywhere, then columns of equal length (0..MAX_CENSUS_ROWS)."""
+    values: dict[str, Any] = {}
+    rows: int | None = None
+    for field in _FIELDS[Census.TAG]:
+        if get_origin(field.kind) is not tuple:
+            values[field.name] = _check(Census.TAG, field, body)
+            continue
+        column = body.get(field.name)
+        if column is None:
+            raise ProtocolError(f"census: missing field {field.name!r}", "missing_field")
+        if not isinstance(column, list):
+            raise ProtocolError(f"census.{field.name}: expected a list, got {type(column).__name__}", "field_type")
+        if rows is None and len(column) > MAX_CENSUS_ROWS:
+            raise ProtocolError(f"census.{field.name}: {len(column)} rows, at most {MAX_CENSUS_ROWS}", "field_value")
+        if rows is not None and len(column) != rows:
+            raise ProtocolError(f"census.{field.name}: {len(column)} rows, 'name' has {rows}", "field_value")
+        rows = len(column)
+        cell = _Field(field.name, get_args(field.kind)[0], True, None, False)
+        values[field.name] = tuple(_check(Census.TAG, cell, {field.name: value}) for value in column)
+    return Census(**values)
 
 
 _KIND_NAMES: Final = {int: "an integer", float: "a number", str: "a string"}

@@ -106,6 +106,8 @@ class JobConfig:
     policy: str = _f("adaptive", "adaptive (leak: recycle, peak: shrink, regrow), shrink-only, "
                      "or stop (at the first breach)")
     leak_threshold: str = _f("1MiB", "growth per step above which a breach is a leak", "bytes/step")
+    diagnose_on_leak: bool = _f(False, "at the first leak verdict of a run, ask the worker for a census of what "
+                                "its loop holds (`mlxsupctl diagnose`; Python SDK)")
     leak_rate: str = _f("1MiB", "guard-only lives (sdk = false, or \"auto\" before a hello): sampled growth per "
                         "second above which a breach is a leak (else a spike)", "bytes/s")
     regrow_after_steps: int = _f(50, "healthy steps before trying a larger batch")

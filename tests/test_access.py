@@ -44,6 +44,8 @@ SPEC: dict[str, tuple[dict[str, Any], Role]] = {
     "stop": ({"job": "nosuch"}, Role.OPERATE),
     "restart": ({"job": "nosuch"}, Role.OPERATE),
     "checkpoint": ({"job": "nosuch"}, Role.OPERATE),
+    "explain": ({"job": "nosuch"}, Role.READ),
+    "diagnose": ({"job": "nosuch", "steps": 10}, Role.OPERATE),
     "signal": ({"job": "nosuch", "signal": "TERM"}, Role.ADMIN),
     "reread": ({}, Role.ADMIN),
     "update": ({}, Role.ADMIN),
@@ -52,7 +54,7 @@ SPEC: dict[str, tuple[dict[str, Any], Role]] = {
     "gang-sync": ({"job": "nosuch", "host": "h", "layout": "[]", "epoch": "e", "gen": 0, "alive": 0, "want": True},
                   Role.OPERATE),
 }
-CHANGES = {"budget", "start", "stop", "restart", "checkpoint", "signal", "reread", "update", "shutdown"}
+CHANGES = {"budget", "start", "stop", "restart", "checkpoint", "signal", "reread", "update", "shutdown", "diagnose"}
 
 
 @pytest.fixture
@@ -89,7 +91,7 @@ class TestRoleMatrix:
                 outcome = ask(service, principal, cmd, args, f"{role.label}-{cmd}")
                 outcomes[cmd, role.label] = outcome
                 assert (outcome == "forbidden") == (role < needed), (cmd, role, outcome)
-        assert sum(o == "forbidden" for o in outcomes.values()) == 11 + 5  # read: 11 refused, operate: 5
+        assert sum(o == "forbidden" for o in outcomes.values()) == 12 + 5  # read: 12 refused, operate: 5
         # Showing a budget is reading; changing it is operating.
         reader = Principal("r", Role.READ)
         assert ask(service, reader, "budget", {"job": "j"}, "show") == "ok"
@@ -131,7 +133,7 @@ class TestAuditTrail:
         assert by_id["0-admin-reread"]["result"] == {"added": [], "removed": [], "changed": []}
         assert by_id["0-read-stop"]["error"] == "forbidden" and by_id["0-read-stop"]["role"] == "read"
         counters = service.control.audit.counters()
-        assert counters["refused"] == {"forbidden": 3 * (10 + 4)}  # shutdown left out
+        assert counters["refused"] == {"forbidden": 3 * (11 + 4)}  # shutdown left out
         assert counters["audit_records"] == len(records)
 
     def test_operator_actions_name_the_client_in_the_job_history(self, service: DaemonService) -> None:

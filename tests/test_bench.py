@@ -113,3 +113,15 @@ class TestLockstep:
         cpu = lockstep.cpu_summary([0.25] * 20, [10] * 20, [0.26] * 20, [10] * 20)
         assert cpu["ratio"] == pytest.approx(0.25 / 0.26, abs=1e-4)
         assert cpu["ms_per_step"] == {"unsupervised": 25.0, "supervised": 26.0}
+
+
+def test_forensics_section_measures_a_census_and_attribution_side_by_side(tmp_path: Path) -> None:
+    from bench import forensics
+
+    result = forensics.measure(tmp_path, census_repeats=2, messages=200, blocks=1, timeout=300)
+    for model in ("builtin", "tiny_mlx_lm"):
+        census = result["census_ms"][model]
+        assert census["ms"] > 0 and census["arrays"] > 10 and census["visited"] >= census["arrays"]
+    assert result["daemon_cpu_us_per_msg_without"] > 0 and result["daemon_cpu_us_per_msg_with"] > 0
+    assert result["attribution_cpu_ratio"] > 0
+    assert result["verdict_of_the_life"] == "arrays_retained"  # the attributed arm really ran the diagnosis

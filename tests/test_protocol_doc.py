@@ -14,7 +14,7 @@ from worker.session import ENV_PREFIX, SessionSettings
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = (ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
 TYPE_NAMES = {int: "int", float: "float", str: "str"}
-COLUMN_NAMES = {int: "ints", float: "floats"}  # a ``steps`` column: tuple[int, ...] or tuple[float | None, ...]
+COLUMN_NAMES = {int: "ints", float: "floats", str: "strs"}  # a ``steps`` or ``census`` column: tuple[int, ...]...
 
 
 def type_name(kind: Any) -> str:

@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from protocol import (
     PROTOCOL_VERSION,
+    Census,
     CheckpointSaved,
     Command,
     Goodbye,
@@ -39,6 +40,7 @@ from protocol.footprint import self_footprint
 from protocol.messages import EXIT_CHECKPOINTED
 from worker import checkpoint as ckpt
 from worker import gang as gang_mod
+from worker.census import Taker
 from worker.gang import Gang
 from worker.hold import StepHold, batch_frames
 from worker.pulse import Pulse
@@ -137,6 +139,7 @@ class Session:
         self._inbox: list[Command] = []  # commands received, handled at the next step boundary
         self._hold = StepHold()  # steps held while memory is far from the daemon's bands
         self._pulse: Pulse | None = None
+        self._census = Taker()  # a census the daemon asked for (``mlxsupctl diagnose``)
         if settings.endpoint:
             self._connect()
         if settings.cache_limit:
@@ -243,6 +246,10 @@ class Session:
         if settings.cache_clear_bytes and mx.get_cache_memory() > settings.cache_clear_bytes:
             mx.clear_cache()
         self._take(self._poll() if self._socket is not None else [])
+        if self._census.steps:  # the caller's frame is the training loop whose names the census counts
+            answer = self._census.at_boundary(sys._getframe(1), step, self._model, self._optimizer)
+            if answer is not None:
+                self._send(answer)
         want_checkpoint, exit_reason = self._decide()
         if exit_reason and step >= self.target_steps:
             exit_reason = ""  # the loop is about to finish (and checkpoint) anyway
@@ -261,6 +268,8 @@ class Session:
                 mx.clear_cache()
             elif command.action == Command.CHECKPOINT:
                 self._want_checkpoint = True
+            elif command.action == Command.CENSUS:
+                self._census.ask(command.steps or 50)
             elif command.action == Command.CHECKPOINT_EXIT and not self._exit_reason:
                 self._exit_reason = command.reason or "asked"
         if self._stop_reason and not self._exit_reason:
@@ -346,13 +355,14 @@ class Session:
             return
         self._hello_sent = True
         self._send(Hello(self.settings.token, os.getpid(), self.settings.job, start_step,
-                         self.target_steps, self.batch, self.accum, PROTOCOL_VERSION))  # written as v 1: any daemon
+                         self.target_steps, self.batch, self.accum, PROTOCOL_VERSION,  # written as v 1: any daemon
+                         features="census"))
 
-    def _send(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat) -> None:
+    def _send(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat | Census) -> None:
         with self._lock:
             self._send_locked(message)
 
-    def _send_locked(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat) -> None:
+    def _send_locked(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat | Census) -> None:
         if self._socket is None:
             return
         if isinstance(message, Step):  # held as a message: held steps go out as one ``steps`` frame

@@ -9,7 +9,8 @@ Format: ``{"protocol_version", "valid": [{"name", "type", "v", "hex", "fields", 
 optional ones with their defaults (``null`` for an absent ``val_loss``, and for an ``mlx_active`` that was not
 measured); ``v`` is the frame's version, and ``canonical`` says that encoding the decoded message in that version
 gives back exactly ``hex``. ``error`` is a ``ProtocolError`` kind (see docs/PROTOCOL.md); a ``parts`` vector is one
-ZeroMQ message of several parts, refused whole (``multipart``) even when its first part is a valid frame.
+ZeroMQ message of several parts, refused whole (``multipart``) even when its first part is a valid frame. A vector
+of an optional feature (``census``) also has ``"feature"``: an SDK that does not implement that feature may skip it.
 """
 
 from __future__ import annotations
@@ -40,16 +41,31 @@ _STEPS: dict[str, list[Any]] = {
     "mlx_active": [1 << 30, 1 << 30], "mlx_cache": [1 << 20, 0], "mlx_peak": [3 << 29, 3 << 29],
     "footprint": [3 << 30, (3 << 30) + 4096]}
 _STEPS_DEFAULTS = {"tokens_per_second": None, "val_loss": None}
+# A census answer with two holders that grew (a list of arrays in the loop, a global list of bytes).
+_CENSUS: dict[str, Any] = {
+    "first_step": 120, "last_step": 140, "seconds": 0.0125, "arrays": 512, "array_bytes": 3 << 28,
+    "visited": 2048, "limit": 200000, "name": ["history", "junk"], "kind": ["list", "list"],
+    "place": ["train.py:main", "train.py"], "items": [140, 140], "items_per_step": [1.0, 1.0],
+    "mlx_bytes": [140 << 22, 0], "mlx_bytes_per_step": [41943040.0, 0.0], "other_bytes_per_step": [0.0, 524288.0],
+    "contents": ["tuple(dict[str, array], array)", "bytes"]}
+_CENSUS_COLUMNS = ("name", "kind", "place", "items", "items_per_step", "mlx_bytes", "mlx_bytes_per_step",
+                   "other_bytes_per_step", "contents")
 
 
 def _valid(name: str, tag: str, body: dict[str, Any], fields: dict[str, Any], canonical: bool,
-           raw: bytes | None = None, version: int = 1) -> dict[str, Any]:
+           raw: bytes | None = None, version: int = 1, feature: str = "") -> dict[str, Any]:
     frame = raw.hex() if raw is not None else _pack({"v": version, "t": tag, **body})
-    return {"name": name, "type": tag, "v": version, "hex": frame, "fields": fields, "canonical": canonical}
+    if tag == "hello":
+        fields = {"features": None, **fields}
+    elif tag == "command":
+        fields = {"steps": None, **fields}
+    vector = {"name": name, "type": tag, "v": version, "hex": frame, "fields": fields, "canonical": canonical}
+    return {**vector, "feature": feature} if feature else vector
 
 
-def _invalid(name: str, body: Any, error: str, raw: bytes | None = None) -> dict[str, Any]:
-    return {"name": name, "hex": raw.hex() if raw is not None else _pack(body), "error": error}
+def _invalid(name: str, body: Any, error: str, raw: bytes | None = None, feature: str = "") -> dict[str, Any]:
+    vector = {"name": name, "hex": raw.hex() if raw is not None else _pack(body), "error": error}
+    return {**vector, "feature": feature} if feature else vector
 
 
 def _pack(body: Any) -> str:
@@ -139,6 +155,13 @@ def _valid_vectors() -> list[dict[str, Any]]:
         _valid("command_with_unknown_fields", "command",
                {"action": "checkpoint", "reason": "", "deadline": 30.0, "urgent": True},
                {"action": "checkpoint", "reason": ""}, False),
+        _valid("hello_with_features", "hello", {**_HELLO, "features": "census"},
+               {**_HELLO, "protocol": 1, "features": "census"}, True),
+        _valid("command_census", "command", {"action": "census", "reason": "diagnose", "steps": 20},
+               {"action": "census", "reason": "diagnose", "steps": 20}, True),
+        _valid("census", "census", _CENSUS, _CENSUS, True, feature="census"),
+        _valid("census_nothing_grew", "census", {**_CENSUS, **{k: [] for k in _CENSUS_COLUMNS}},
+               {**_CENSUS, **{k: [] for k in _CENSUS_COLUMNS}}, True, feature="census"),
     ]
 
 
@@ -162,7 +185,8 @@ def _version_two_vectors() -> list[dict[str, Any]]:
         # Holding needs hold, hold_below and hold_horizon together: with any one absent nothing may be held.
         _valid("heartbeat_hold_without_hold_below", "heartbeat", {"sent_at": beat, "hold": 0.25, "hold_horizon": 6},
                {"sent_at": beat, "token": None, "hold": 0.25, "hold_below": None, "hold_horizon": 6,
-                "hold_rows": None}, True, version=2),
+                "hold_rows": None, "report_waiting": None, "waiting": None, "waiting_seconds": None}, True,
+               version=2),
         _valid("heartbeat_token_after_hello", "heartbeat", {"sent_at": beat, "token": _HELLO["token"]},
                {"sent_at": beat, **_NO_HOLD, "token": _HELLO["token"]}, True, version=2),
     ]
@@ -226,6 +250,19 @@ def _invalid_vectors() -> list[dict[str, Any]]:
         _invalid("steps_not_increasing", {**steps, "step": [122, 122]}, "field_value"),
         _invalid("steps_negative_value", {**steps, "mlx_cache": [0, -1]}, "field_value"),
         _invalid("steps_infinite_loss", {**steps, "loss": [2.5, float("inf")]}, "field_value"),
+        _invalid("command_census_steps_as_string", {"v": 1, "t": "command", "action": "census", "reason": "",
+                                                    "steps": "20"}, "field_type"),
+        _invalid("hello_features_as_list", {**hello, "features": ["census"]}, "field_type"),
+        _invalid("census_rows_disagree", {**_HEAD, "t": "census", **_CENSUS, "kind": ["list"]}, "field_value",
+                 feature="census"),
+        _invalid("census_too_many_rows", {**_HEAD, "t": "census", **_CENSUS,
+                                          **{k: [_CENSUS[k][0]] * 33 for k in _CENSUS_COLUMNS}}, "field_value",
+                 feature="census"),
+        _invalid("census_without_name", {**_HEAD, "t": "census", **{k: v for k, v in _CENSUS.items() if k != "name"}},
+                 "missing_field", feature="census"),
+        _invalid("census_string_in_a_number_column", {**_HEAD, "t": "census", **_CENSUS,
+                                                      "mlx_bytes_per_step": [1.0, "x"]}, "field_type",
+                 feature="census"),
         {"name": "oversized_frame", "fill": {"byte": "00", "count": 64 * 1024 + 1}, "error": "too_large"},
         # One ZeroMQ message of two parts whose first part is a valid command: refused whole, never acted on.
         {"name": "multipart_valid_first_part", "error": "multipart",

@@ -51,7 +51,7 @@ def bar(used: int, budget: int) -> str:
 
 def top_frame(jobs: list[dict[str, Any]], decisions: dict[str, str]) -> str:
     header = (f"{'JOB':<14} {'STATE':<18} {'STEP':>13} {'STEP/S':>7} {'MEMORY':>21} {'':<22} "
-              f"{'LEAK MB/STEP':>12} {'RESTARTS':>8} {'BATCH':>7}")
+              f"{'LEAK MB/STEP':>12} {'WHAT LEAKS':<15} {'RESTARTS':>8} {'BATCH':>7}")
     lines = [header]
     for row in jobs:
         guard = row.get("guard_only")  # no steps or batch: its growth per second in the leak column
@@ -64,6 +64,7 @@ def top_frame(jobs: list[dict[str, Any]], decisions: dict[str, str]) -> str:
         lines.append(
             f"{row['name'][:14]:<14} {row['state']:<18} {step:>13} {rate:>7} {mem:>21} "
             f"{bar(row['sampled_bytes'], row['budget_bytes']):<22} {leak:>12} "
+            f"{row.get('leak', {}).get('verdict', '-'):<15} "
             f"{row['restarts']:>8} {batch:>7}")
         if row["name"] in decisions:
             lines.append(f"{'':<14} last decision: {decisions[row['name']][:100]}")

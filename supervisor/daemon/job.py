@@ -24,11 +24,12 @@ from typing import Any
 
 import structlog
 
-from protocol import CheckpointSaved, Command, Goodbye, Heartbeat, Hello, Message, Step, encode
+from protocol import Census, CheckpointSaved, Command, Goodbye, Heartbeat, Hello, Message, Step, encode
 from protocol.checkpoints import latest_step
 from protocol.messages import EXIT_CHECKPOINTED, MAX_STEPS_ROWS, Steps
 from supervisor.config import JobConfig, worker_argv
 from supervisor.core import events as ev
+from supervisor.core.diagnosis import JobDiagnosis
 from supervisor.core.events import Action, Event, Refused
 from supervisor.core.gang import Outcome
 from supervisor.core.lifecycle import JobStats, Life, Lifecycle, Settings
@@ -36,6 +37,7 @@ from supervisor.core.policy import Action as Do
 from supervisor.core.policy import Limits, PolicyConfig, hold_horizon, hold_threshold, sample_gap
 from supervisor.core.sizes import parse_bytes, parse_fraction_of
 from supervisor.core.states import JobState
+from supervisor.daemon import leaks
 from supervisor.daemon.history import History
 from supervisor.daemon.ranks import rank_env, rank_rows, write_ring
 from supervisor.daemon.recorder import Recorder, expand_steps
@@ -110,6 +112,8 @@ class Job:
         self.procs: dict[ProcKey, WorkerProcess] = {}  # (life, rank) -> process, current and departing
         self.tokens: dict[int, str] = {}  # rank -> spawn token of the current life
         self.identities: dict[int, bytes] = {}  # rank -> worker socket identity, once it said hello
+        self.features: dict[int, frozenset[str]] = {}  # rank -> the optional features its hello announced
+        self.diagnosis = JobDiagnosis(float(parse_bytes(config.leak_threshold)), config.diagnose_on_leak)
         self.protocols: dict[int, int] = {}  # rank -> protocol version negotiated in its welcome
         self.stderr_start: dict[int, int] = {}  # rank -> size of its stderr.log when the current life began
         self.next_config: JobConfig | None = None
@@ -254,6 +258,7 @@ class Job:
         if rank is None:
             return
         self.identities[rank] = identity
+        self.features[rank] = frozenset((hello.features or "").split())
         self.protocols[rank] = version
         self.feed(ev.HelloIn(now, hello, rank))
 
@@ -262,9 +267,14 @@ class Job:
         finds the rank with ``rank_of``."""
         rank = self._lead() if rank is None else rank
         if isinstance(message, Step):
+            leaks.observe(self, message, now, rank)
             self.feed(ev.StepIn(now, message, rank))
         elif isinstance(message, Steps):
+            leaks.observe(self, message, now, rank)
             self.feed(ev.StepsIn(now, message, rank))
+        elif isinstance(message, Census):
+            leaks.census_in(self, message)
+            self.feed(ev.Heard(now, rank))
         elif isinstance(message, Goodbye):
             self.feed(ev.GoodbyeIn(now, message.reason, message.step, self._newest(), rank))
         elif isinstance(message, Heartbeat) and message.waiting and self.layout is not None:
@@ -328,6 +338,7 @@ class Job:
             sample = proc.sample(now)
             self._sampled_all &= sample.complete
             if sample.complete:
+                leaks.sample(self, now, sample.bytes)
                 fields = {"rank": rank} if self.layout is not None else {}
                 self.recorder.record("sample", bytes=sample.bytes, pids=sample.pids, **fields,
                                      **({"departing": sum(departing.values())} if departing else {}))
@@ -369,6 +380,8 @@ class Job:
             for fields in events:
                 self.publish(self.name, "telemetry", fields)
         elif isinstance(action, ev.Send):
+            if action.action == Command.CLEAR_CACHE:
+                leaks.clear_asked(self, self.system.now())
             command = Command(action.action, action.reason)
             for rank, identity in list(self.identities.items()):
                 if action.rank is None or action.rank == rank:
@@ -393,6 +406,8 @@ class Job:
             getattr(self.log, action.level)(LOG_NAMES.get(action.event, action.event), **action.fields)
             if action.history:
                 self.history_record(action.event, **action.fields)
+            if action.event == "exit":
+                leaks.life_ended(self)
         elif isinstance(action, ev.Reply):
             self.replies[action.host] = action.fields
 

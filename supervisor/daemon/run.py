@@ -52,6 +52,10 @@ def summarize(job: Job, wall_seconds: float) -> dict[str, Any]:
                    "budget_bytes": job.limits.budget, "restarts": stats.restarts}
                   for rank in job.lifecycle.settings.ranks],
         "stop_steps": stats.stop_steps,
+        # What leaks (overall and per life, the last lives), each cache-clear test, and the censuses taken.
+        "leak": job.diagnosis.summary(),
+        "cache_clears": job.diagnosis.clears.summary(),
+        "censuses": list(job.diagnosis.censuses),
         # The last crash (exit_code or signal, stderr_tail, signature); null when nothing crashed.
         "last_error": stats.last_error,
     }

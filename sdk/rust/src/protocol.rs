@@ -94,6 +94,8 @@ pub struct Hello {
     pub accum: u64,
     /// The newest protocol version the worker speaks (default 1).
     pub protocol: u64,
+    /// Optional features the worker supports, space-separated (this crate announces none).
+    pub features: Option<String>,
 }
 
 /// The daemon's answer to an accepted hello: the version both sides use from now on.
@@ -184,6 +186,8 @@ pub enum Action {
     ClearCache,
     Checkpoint,
     CheckpointExit,
+    /// Only sent to a worker whose hello lists the `census` feature (this crate does not).
+    Census,
 }
 
 impl Action {
@@ -192,11 +196,12 @@ impl Action {
             Action::ClearCache => "clear_cache",
             Action::Checkpoint => "checkpoint",
             Action::CheckpointExit => "checkpoint_exit",
+            Action::Census => "census",
         }
     }
 
     fn parse(name: &str) -> Option<Action> {
-        [Action::ClearCache, Action::Checkpoint, Action::CheckpointExit].into_iter().find(|a| a.name() == name)
+        [Action::ClearCache, Action::Checkpoint, Action::CheckpointExit, Action::Census].into_iter().find(|a| a.name() == name)
     }
 }
 
@@ -205,6 +210,8 @@ impl Action {
 pub struct Command {
     pub action: Action,
     pub reason: String,
+    /// `census`: steps between its two counts.
+    pub steps: Option<u64>,
 }
 
 /// Any message of the protocol.
@@ -242,7 +249,11 @@ impl Message {
             map.insert(name.to_string(), value.to_json());
         }
         match self {
-            Message::Hello(m) => { map.insert("protocol".into(), serde_json::json!(m.protocol)); }
+            Message::Hello(m) => {
+                map.insert("protocol".into(), serde_json::json!(m.protocol));
+                map.insert("features".into(), serde_json::json!(m.features));
+            }
+            Message::Command(m) => { map.insert("steps".into(), serde_json::json!(m.steps)); }
             Message::Step(m) => {
                 map.insert("tokens_per_second".into(), serde_json::json!(m.tokens_per_second));
                 map.insert("val_loss".into(), serde_json::json!(m.val_loss));
@@ -281,6 +292,9 @@ impl Message {
                                  ("accum", Int(m.accum.into()))];
                 if m.protocol != 1 {
                     f.push(("protocol", Int(m.protocol.into())));
+                }
+                if let Some(features) = &m.features {
+                    f.push(("features", Str(features.clone())));
                 }
                 f
             }
@@ -343,8 +357,13 @@ impl Message {
                 }
                 f
             }
-            Message::Command(m) => vec![("action", Str(m.action.name().to_string())),
-                                        ("reason", Str(m.reason.clone()))],
+            Message::Command(m) => {
+                let mut f = vec![("action", Str(m.action.name().to_string())), ("reason", Str(m.reason.clone()))];
+                if let Some(steps) = m.steps {
+                    f.push(("steps", Int(steps.into())));
+                }
+                f
+            }
         }
     }
 }
@@ -746,6 +765,7 @@ impl Fields<'_> {
                 start_step: self.int("start_step")?, target_steps: self.int("target_steps")?,
                 batch: self.int("batch")?, accum: self.int("accum")?,
                 protocol: self.protocol(self.int_or("protocol", 1)?)?,
+                features: self.string_opt("features")?,
             }),
             "welcome" => Message::Welcome(Welcome { protocol: self.protocol(self.int("protocol")?)? }),
             "step" => Message::Step(Step {
@@ -774,7 +794,7 @@ impl Fields<'_> {
                 let action = Action::parse(&name).ok_or_else(|| {
                     self.error(ErrorKind::FieldValue, "action", format!("unknown action {name:?}"))
                 })?;
-                Message::Command(Command { action, reason })
+                Message::Command(Command { action, reason, steps: self.int_opt("steps")? })
             }
             other => return Err(ProtocolError::new(ErrorKind::UnknownType, format!("unknown message type {other:?}"))),
         })

@@ -285,7 +285,7 @@ impl Session {
             }
         }
         if !self.stop_reason.is_empty() {
-            commands.push(Command { action: Action::CheckpointExit, reason: self.stop_reason.clone() });
+            commands.push(Command { action: Action::CheckpointExit, reason: self.stop_reason.clone(), steps: None });
         }
         if commands.iter().any(|c| c.action == Action::ClearCache) {
             state.clear_cache();
@@ -370,7 +370,7 @@ impl Session {
         self.send(Message::Hello(protocol::Hello {
             token: self.settings.token.clone(), pid: u64::from(std::process::id()), job: self.settings.job.clone(),
             start_step, target_steps: self.target_steps, batch: self.batch, accum: self.accum,
-            protocol: PROTOCOL_VERSION,
+            protocol: PROTOCOL_VERSION, features: None,
         }));
     }
 

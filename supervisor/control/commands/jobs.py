@@ -34,6 +34,7 @@ def describe(job: Job) -> dict[str, Any]:
         "transient_bytes": estimator.transient if estimator else 0,
         "baseline_bytes": estimator.baseline if estimator else None,
         "samples_over_budget": stats.samples_over_budget, "final_loss": stats.final_loss,
+        "leak": job.diagnosis.status(),
         "io_errors": dict(job.io_errors), "last_decision": job.last_decision.get(0, ""),
         "last_error": stats.last_error,
         "job_dir": str(job.paths.telemetry.parent) if job.paths.telemetry else None,
