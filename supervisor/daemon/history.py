@@ -22,7 +22,7 @@ from typing import Any
 from supervisor.daemon.logs import rotate_files
 
 OnError = Callable[[str, OSError], None]
-KEPT = 1000  # events of a job kept in memory (status, resume-after-restart, the history command's default)
+KEPT = 200  # events of a job kept in memory (resume after a daemon restart, the history command up to this many)
 MOST = 10_000  # events the history command reads back at most
 CHUNK = 64 * 1024  # bytes read at a time from a file's end
 MAX_ROTATED = 1000  # rotated files looked for past history.jsonl.1 (a bound on a loop over names, never reached)

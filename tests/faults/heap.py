@@ -49,18 +49,22 @@ class Profiler:
 
 
 def growth(profiler: Profiler) -> dict[str, Any]:
-    """From the first snapshot to the last: the lines and object types that grew, per restart."""
-    (first, before, counts_before), (last, after, counts_after) = profiler.snapshots[0], profiler.snapshots[-1]
+    """From the middle snapshot (past the warm-up: the bounded records are full by then) to the last: the lines
+    and object types that grew, per restart."""
+    middle = profiler.snapshots[(len(profiler.snapshots) - 1) // 2]
+    (first, before, counts_before), (last, after, counts_after) = middle, profiler.snapshots[-1]
     span = max(1, last - first)
     keep = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib*")]
-    stats = after.filter_traces(keep).compare_to(before.filter_traces(keep), "lineno")
-    lines = [{"where": str(s.traceback[0]), "bytes": s.size_diff, "blocks": s.count_diff,
-              "bytes_per_restart": round(s.size_diff / span, 2)} for s in stats[:TOP] if s.size_diff > 0]
+    stats = after.filter_traces(keep).compare_to(before.filter_traces(keep), "traceback")
+    lines = [{"where": " <- ".join(str(frame) for frame in reversed(s.traceback)), "bytes": s.size_diff,
+              "blocks": s.count_diff, "bytes_per_restart": round(s.size_diff / span, 2)}
+             for s in stats[:TOP] if s.size_diff > 0]
     types = [{"type": name, "count": n, "per_restart": round(n / span, 4)}
              for name, n in (counts_after - counts_before).most_common(TOP)]
-    traced = [sum(s.size for s in snap.statistics("filename")) for _, snap, _ in profiler.snapshots]
+    traced = {done: sum(s.size for s in snap.statistics("filename")) for done, snap, _ in profiler.snapshots}
     return {"from_restarts": first, "to_restarts": last, "traced_bytes": traced,
-            "traced_bytes_per_restart": round((traced[-1] - traced[0]) / span, 2), "lines": lines, "types": types}
+            "traced_bytes_per_restart": round((traced[last] - traced[first]) / span, 2), "lines": lines,
+            "types": types}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restarts", type=int, default=2000, help="restarts in all (default: %(default)s)")
     parser.add_argument("--every", type=int, default=500, help="restarts between snapshots (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path(".faults/heap.json"), help="JSON report path")
+    parser.add_argument("--frames", type=int, default=1, help="frames kept per allocation (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.restarts < 2 * args.every or args.every < 1:
         parser.error("--restarts must be at least twice --every (two snapshots), --every >= 1")
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(write_soak_config(area, shape))
     configure("json", "info", RotatingFile(area.state_dir / "logs" / "mlxsupd.log", shape.log_max_bytes,
                                            shape.log_keep))
-    tracemalloc.start(1)
+    tracemalloc.start(args.frames)
     service = DaemonService(config)
     profiler = Profiler(service, args.restarts, args.every)
     service.on_turn = profiler.on_turn  # type: ignore[method-assign]

@@ -66,6 +66,9 @@ class Life:
 
 def run(ws: Workspace, plan: SoakPlan) -> FaultResult:
     result = FaultResult("soak")
+    if plan.restarts <= 0:
+        result.note("skipped: no restarts asked for (the quick campaign; tests/test_soak.py is the short soak)")
+        return result
     area = ws.area("soak")
     config = write_soak_config(area, plan.shape)
     started = time.monotonic()

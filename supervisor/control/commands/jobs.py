@@ -195,7 +195,7 @@ class History(ControlCommand):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("job")
         parser.add_argument("-n", "--limit", type=int, default=50,
-                            help="last N events (default 50, at most 10000; past the daemon's last 1000 in memory, "
+                            help="last N events (default 50, at most 10000; past the 200 the daemon keeps in memory, "
                                  "read back across the rotated history files)")
 
     def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
