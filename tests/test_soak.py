@@ -56,6 +56,8 @@ def test_the_daemon_keeps_nothing_per_restart(tmp_path: Path, run_dir: Path) -> 
                 tail = Group(tail_loop_argv(config, "sdk0"), None, mark)
             done = restarts(client) or 0
             if done >= (WARM if not figures else RESTARTS):
+                tail.kill()  # figures without the subscriber's connection, whose fd comes and goes with it
+                tail = None
                 figures.append({"restarts": done, **probe.sample()})
                 if len(figures) == 2:
                     break

@@ -93,9 +93,13 @@ def run(ws: Workspace, plan: SoakPlan) -> FaultResult:
             if now_restarts is None:
                 continue
             total = life.base + now_restarts
+            first_in_life = not life.figures and total - life.base >= min(1000, plan.restarts // 4)
+            if (marks and total >= marks[0]) or first_in_life:
+                tail.kill()  # figures without the subscriber's connection, whose fd comes and goes with it
+                tail = None
             if marks and total >= marks[0]:
                 _figure(area, plan, life, total, soak, ws.mark, f"{marks.pop(0)}")
-            if not life.figures and total - life.base >= min(1000, plan.restarts // 4):
+            if first_in_life and not life.figures:
                 _figure(area, plan, life, total, soak, ws.mark, "1k into this daemon")
             if time.monotonic() >= next_hup:
                 os.kill(life.daemon.pid, signal.SIGHUP)
