@@ -170,6 +170,13 @@ class Heartbeat:
     hold_below: int | None = None
     hold_horizon: int | None = None
     hold_rows: int | None = None  # held steps may go out as ``steps`` frames of at most this many rows
+    # A gang's collectives block without a timeout when a peer is stopped or lost (or deadlocks). The daemon's
+    # ``report_waiting = 1`` lets a worker blocked inside one say so: its heartbeats then carry ``waiting`` (the
+    # collective, e.g. all_sum) and ``waiting_seconds``, and such a heartbeat is no sign of life (the rank makes
+    # no progress), only the diagnosis of a gang hang. A worker never sends them unless its daemon asked.
+    report_waiting: int | None = None  # daemon only
+    waiting: str | None = None  # worker only
+    waiting_seconds: float | None = None  # worker only, with waiting
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -106,6 +106,8 @@ class JobConfig:
     policy: str = _f("adaptive", "adaptive (leak: recycle, peak: shrink, regrow), shrink-only, "
                      "or stop (at the first breach)")
     leak_threshold: str = _f("1MiB", "growth per step above which a breach is a leak", "bytes/step")
+    leak_rate: str = _f("1MiB", "guard-only lives (sdk = false, or \"auto\" before a hello): sampled growth per "
+                        "second above which a breach is a leak (else a spike)", "bytes/s")
     regrow_after_steps: int = _f(50, "healthy steps before trying a larger batch")
     min_steps_per_life: int = _f(10, "recycling more often than this also shrinks the batch")
     checkpoint_dir: str = _f("", "checkpoints of this job (default <state_dir>/jobs/NAME/checkpoints)")
@@ -126,8 +128,11 @@ class JobConfig:
                           "`ranks` ranks, one mlxsupd each ([jobs.NAME.gang])")
     hostfile: str = _f("", "instead of hosts: mlx.launch's hostfile JSON (one entry per rank)")
     gang: GangConfig = dataclasses.field(default_factory=GangConfig, metadata={"help": "", "unit": ""})
-    sdk: bool = _f(True, "false: a guard-only job: `command` runs under outside sampling alone (no hello, no "
-                   "telemetry, no checkpoints); SIGTERM at the budget, SIGKILL at the ceiling or after kill_grace")
+    sdk: bool | str = _f(True, "true: the worker uses the SDK (hello, telemetry, checkpoints); false: a guard-only "
+                         "job: `command` runs under outside sampling alone (no hello, no telemetry, no checkpoints); "
+                         "SIGTERM at the budget, SIGKILL at the ceiling or after kill_grace; \"auto\": learned in "
+                         "each life: guard-only until its worker says hello (whenever that comes; no startup or "
+                         "hang timeout before it), an SDK job from the hello on")
     restart: str = _f("on-breach", "guard-only jobs: 'on-breach' starts the command over after a budget kill, "
                       "'never' leaves it stopped")
 
@@ -272,8 +277,13 @@ def _coerce(value: Any, kind: Any, name: str, path: Path) -> Any:
         ok = isinstance(value, dict)
         if ok and get_args(kind)[1] is str:
             ok = all(isinstance(v, str) for v in value.values())
-    elif origin in (Union, types.UnionType):  # pragma: no cover - no optional fields yet
-        ok = True
+    elif origin in (Union, types.UnionType):  # the first member type that takes the value
+        for member in get_args(kind):
+            try:
+                return _coerce(value, member, name, path)
+            except ConfigError:
+                continue
+        ok = False
     else:  # pragma: no cover
         raise ConfigError(f"{path}: {name}: unsupported type {kind}")
     if not ok:
@@ -333,6 +343,7 @@ def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
     try:
         limits = job.limits(total)
         parse_bytes(job.leak_threshold)
+        parse_bytes(job.leak_rate)
         parse_bytes(job.cache_clear)
         parse_fraction_of(job.cache_limit, limits.budget)
         check_limits(limits)
@@ -354,12 +365,15 @@ def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
             raise ConfigError(f"{prefix}.{key} = {getattr(job, key)}: must be positive")
     if job.checkpoint_every < 0 or job.regrow_after_steps < 1 or job.min_steps_per_life < 0:
         raise ConfigError(f"{prefix}: checkpoint_every >= 0, regrow_after_steps >= 1, min_steps_per_life >= 0")
-    if not job.sdk and not job.command:
+    if isinstance(job.sdk, str) and job.sdk != "auto":
+        raise ConfigError(f"{prefix}.sdk = {job.sdk!r}: expected true, false or \"auto\"")
+    if job.sdk is False and not job.command:
         raise ConfigError(f"{prefix}.sdk = false: a guard-only job needs a 'command' (the built-in job uses the SDK)")
     if job.restart not in ("on-breach", "never"):
         raise ConfigError(f"{prefix}.restart = {job.restart!r}: expected 'on-breach' or 'never'")
-    if job.sdk and job.restart != "on-breach":
-        raise ConfigError(f"{prefix}.restart applies to guard-only jobs (sdk = false); SDK jobs restart by 'policy'")
+    if job.sdk is True and job.restart != "on-breach":
+        raise ConfigError(f"{prefix}.restart applies to guard-only jobs (sdk = false or \"auto\" before a hello); "
+                          "SDK jobs restart by 'policy'")
     if job.command and job.train:
         raise ConfigError(f"{prefix}: 'train' options apply to the built-in job only; remove them or 'command'")
     managed = {"batch", "accum", "checkpoint_dir", "checkpoint-dir"} & set(job.train)
@@ -389,7 +403,7 @@ def _validate_gang(config: Config, name: str, total: int) -> None:
         raise ConfigError(f"{prefix}: {exc}") from None
     if layout is None:
         return
-    if not job.sdk:
+    if job.sdk is not True:
         raise ConfigError(f"{prefix}: a gang needs the SDK (sdk = true): its ranks stop and checkpoint together "
                           "through it")
     if job.mlx_lm:

@@ -76,6 +76,9 @@ class TestGangRestart:
         assert list(summary["restart_reasons"]) == ["rank 1 killed by signal 9"]
         exits = [e for e in history(tmp_path) if e["event"] == "exit"]
         assert exits[0]["code"] == -signal.SIGKILL
+        ranks = {e["rank"]: e for e in history(tmp_path) if e["event"] == "rank_exit" and e["life"] == 1}
+        assert ranks[1]["signal"] == "SIGKILL" and ranks[1]["expected"] is False  # the failure
+        assert ranks[0]["expected"] is True and "rank 1 killed by signal 9" in ranks[0]["cause"]  # its fall-out
         assert same_weights(tmp_path / "state" / "jobs" / "j" / "checkpoints" / FINAL, reference)
 
     def test_sigstop_of_one_rank_is_a_hang_that_restarts_the_gang(
@@ -86,9 +89,27 @@ class TestGangRestart:
         summary = finish(daemon, tmp_path / "summary.json")
         assert summary["outcome"] == "finished" and summary["restarts"] == 1
         [reason] = summary["restart_reasons"]
-        assert reason.startswith("hung: rank ")  # both are silent: rank 1 stopped, rank 0 blocked in all_sum
-        kills = [e for e in history(tmp_path) if e["event"] == "kill"]
-        assert [k["signal"] for k in kills] == ["SIGTERM", "SIGKILL"]  # the blocked rank ignores SIGTERM
+        # Both are silent; the shape is named: rank 1 stopped, rank 0 blocked in the gradient all-reduce.
+        assert reason.startswith("hung: rank 1 silent ") and "rank 0 waiting in all_sum for " in reason, reason
+        events = history(tmp_path)
+        kills = [e for e in events if e["event"] == "kill"]
+        # One record per process signalled; the blocked rank ignores SIGTERM, the stopped one cannot act on it.
+        assert [k["signal"] for k in kills] == ["SIGTERM", "SIGTERM", "SIGKILL", "SIGKILL"]
+        assert {k["pid"] for k in kills} == {e["pid"] for e in events if e["event"] == "spawn" and e["life"] == 1}
+        exits = [e for e in events if e["event"] == "rank_exit" and e["life"] == 1]
+        assert sorted(e["rank"] for e in exits) == [0, 1] and all(e["expected"] for e in exits)
+        assert same_weights(tmp_path / "state" / "jobs" / "j" / "checkpoints" / FINAL, reference)
+
+
+    def test_a_rank_that_never_enters_the_all_reduce_is_named_and_the_gang_restarts(
+            self, config_file: Any, tmp_path: Path, spawn: Any, reference: Path) -> None:
+        config = config_file({"j": gang_job(free_port_base(), hang_timeout=3.0, train={
+            "step_sleep": 0.05, "hang_after_steps": 14, "fault_rank": 1,
+            "fault_once_file": str(tmp_path / "hung-once")})})
+        summary = finish(start(spawn, config, tmp_path / "summary.json"), tmp_path / "summary.json")
+        assert summary["outcome"] == "finished" and summary["restarts"] == 1
+        [reason] = summary["restart_reasons"]
+        assert reason.startswith("hung: rank 1 silent ") and "rank 0 waiting in all_sum for " in reason, reason
         assert same_weights(tmp_path / "state" / "jobs" / "j" / "checkpoints" / FINAL, reference)
 
 

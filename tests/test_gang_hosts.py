@@ -119,13 +119,19 @@ class Hosts:
 
     def __init__(self, net: Net, tmp_path: Path, spawn: Any, job: dict[str, Any]) -> None:
         self.tmp_path = tmp_path
-        leader, follower = configs(tmp_path, job)
-        self.daemons = []
-        for name, config, side in zip(net.names, (leader, follower), "ab", strict=True):
-            with open(tmp_path / f"{side}.log", "wb") as log:  # the child keeps its own copy of the descriptor
-                self.daemons.append(spawn(["ip", "netns", "exec", name, sys.executable, "-m", "supervisor.cli.mlxsupd",
-                                           "-c", str(config), "--log-format", "json"],
-                                          stdout=subprocess.DEVNULL, stderr=log))
+        self.net, self.spawn = net, spawn
+        self.configs = configs(tmp_path, job)
+        self.daemons = [self._start(i) for i in (0, 1)]
+
+    def _start(self, index: int) -> Any:
+        side = "ab"[index]
+        with open(self.tmp_path / f"{side}.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            return self.spawn(["ip", "netns", "exec", self.net.names[index], sys.executable, "-m",
+                               "supervisor.cli.mlxsupd", "-c", str(self.configs[index]), "--log-format", "json"],
+                              stdout=subprocess.DEVNULL, stderr=log)
+
+    def restart_follower(self) -> None:
+        self.daemons[1] = self._start(1)
 
     def history(self, side: str) -> list[dict[str, Any]]:
         return read_history(self.tmp_path / side / "jobs" / "j" / "history.jsonl")
@@ -221,4 +227,26 @@ class TestTwoHosts:
         assert any(e["event"] == "gang_waiting" and e["hosts"] == [ADDRESSES[1]] for e in history)
         restarts = [e for e in history if e["event"] == "spawn"]
         assert len(restarts) == 2  # one gang restart, after the hosts saw each other again
+        assert same_weights(hosts.final("a"), hosts.final("b"))
+
+    def test_a_follower_daemon_that_shuts_down_tells_the_leader(self, net: Net, tmp_path: Path, spawn: Any) -> None:
+        import json
+
+        hosts = Hosts(net, tmp_path, spawn, {"train": {"step_sleep": 0.1}})
+        wait_for(lambda: any(e["event"] == "checkpoint" and e["step"] >= 6 for e in hosts.history("a")),
+                 "a checkpoint at step 6")
+        hosts.daemons[1].terminate()  # SIGTERM: its rank checkpoints (with rank 0, at one step), then it leaves
+        assert hosts.daemons[1].wait(timeout=60) == 0
+        [shutdown] = wait_for(lambda: [e for e in hosts.history("a") if e["event"] == "gang_host_shutdown"],
+                              "the leader told of the follower's shutdown", 10)
+        assert shutdown["host"] == ADDRESSES[1]
+        lines = [json.loads(line) for line in (tmp_path / "b.log").read_text().splitlines() if line.startswith("{")]
+        assert [e["answered"] for e in lines if e.get("event") == "gang_farewell"] == [True]
+        wait_for(lambda: hosts.states("a")[-1:] == ["STARTING"], "the leader waiting for host b", 10)
+        assert "STOPPING" not in hosts.states("a")  # no rank was killed, nothing timed out
+        stops = [e["steps"] for e in hosts.history("a") if e["event"] == "gang_stop"]
+        assert len(stops) == 1 and len(set(stops[0])) == 1
+        hosts.restart_follower()
+        hosts.wait_finished()
+        hosts.stop()
         assert same_weights(hosts.final("a"), hosts.final("b"))

@@ -15,6 +15,8 @@ from supervisor.daemon.history import read_history
 from tests.conftest import ROOT, mlxsupd
 
 LEAK = str(ROOT / "tests" / "workers" / "plain_leak.py")
+SPIKE = str(ROOT / "tests" / "workers" / "plain_spike.py")
+SDK_WORDS = {"batch", "accum", "next_batch", "next_accum", "step", "checkpoint", "from_checkpoint", "goodbye"}
 
 
 def run(config_file: Any, tmp_path: Path, argv: list[str], **job: Any) -> tuple[int, dict[str, Any],
@@ -90,6 +92,57 @@ class TestGuardOnly:
                                                                           tmp_path: Path) -> None:
         code, summary, history = run(config_file, tmp_path, ["200", "20"], max_attempts_without_progress=3)
         assert code == 1 and summary["outcome"] == "fatal"
-        assert summary["restarts"] == 2 and set(summary["restart_reasons"]) <= {"peak", "kill_ceiling"}
+        assert summary["restarts"] == 2 and set(summary["restart_reasons"]) <= {"leak", "kill_ceiling"}
         assert len(kills(history)) == 3
         assert "3 breaches in a row" in [e for e in history if e["event"] == "state"][-1]["reason"]
+
+
+def sdk_words(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records that speak of batches, steps or checkpoints."""
+    return [e for e in history if SDK_WORDS & set(e) or e.get("action") == "checkpoint_exit"]
+
+
+@pytest.mark.slow
+class TestOwnTerms:
+    """A guard-only life is diagnosed from its samples: leak or spike per second, no batch, step or checkpoint."""
+
+    @pytest.mark.parametrize("sdk", [False, "auto"])
+    def test_a_script_leaking_40mb_per_step_is_a_leak_with_no_batch_anywhere(self, config_file: Any,
+                                                                          tmp_path: Path, sdk: Any) -> None:
+        # The issue's case: it used to read "peak (transient ... B/step); batch 8x1 -> 4x2", {"peak": 2}.
+        code, summary, history = run(config_file, tmp_path, ["200", "40"], budget="1GiB", sdk=sdk,
+                                     max_attempts_without_progress=2)
+        assert code == 1 and summary["outcome"] == "fatal" and summary["guard_only"] is True
+        decisions = [e for e in history if e["event"] == "decision"]
+        assert decisions and all(d["diagnosis"] == "leak" and d["action"] == "terminate" for d in decisions)
+        assert decisions[0]["reason"].startswith("leak ") and "MiB/s" in decisions[0]["reason"]
+        assert decisions[0]["growth_bytes_per_second"] > 50 * 2**20
+        assert summary["restart_reasons"] == {"leak": 1}
+        assert sdk_words(history) == []
+        assert summary["batch_history"] == [] and summary["steps_completed"] is None
+        assert summary["first_breach_step"] is None and summary["target_steps"] is None
+
+    def test_one_sudden_allocation_is_a_spike(self, config_file: Any, tmp_path: Path) -> None:
+        job = {"command": [sys.executable, SPIKE, "4", "600"], "restart": "never", "kill": "300%"}
+        code, summary, history = run(config_file, tmp_path, [], **job)
+        decisions = [e for e in history if e["event"] == "decision"]
+        assert code == 1 and [d["diagnosis"] for d in decisions] == ["spike"] and summary["guard_only"]
+        assert decisions[0]["reason"].startswith("spike: sample ") and sdk_words(history) == []
+
+
+@pytest.mark.slow
+class TestAutoWithTheSdk:
+    """sdk = "auto" and a worker that says hello: an SDK job, recycled from its checkpoints."""
+
+    @pytest.mark.timeout(300)
+    def test_a_leaking_sdk_worker_finishes_with_recycles(self, config_file: Any, tmp_path: Path) -> None:
+        path = config_file({"j": {"sdk": "auto", "budget": "700MiB", "train": {"steps": 120, "leak_mb_per_step": 25}}})
+        summary_path = tmp_path / "summary.json"
+        done = subprocess.run(mlxsupd("run", "-c", str(path), "j", "--summary", str(summary_path), "--log-format",
+                                      "json"), capture_output=True, text=True, timeout=280)
+        summary = json.loads(summary_path.read_text())
+        assert done.returncode == 0 and summary["outcome"] == "finished" and summary["guard_only"] is False
+        assert summary["steps_completed"] == 120 and summary["restarts"] >= 1
+        assert set(summary["restart_reasons"]) <= {"leak", "leak_predicted"}
+        history = read_history(tmp_path / "state" / "jobs" / "j" / "history.jsonl")
+        assert any(e["event"] == "spawn" and e.get("from_checkpoint") for e in history)  # resumed, not from scratch

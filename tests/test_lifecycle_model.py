@@ -1,6 +1,7 @@
 """Model-based test: random interleavings of operator requests, config updates, shutdown, worker behaviour and
 memory samples, driving the real DaemonService and Jobs on a fake OS, with the lifecycle's invariants checked
-after every step. Job "a" is a plain job, job "g" a gang of two ranks on one host. ``MLXSUP_MODEL_EXAMPLES``
+after every step. Job "a" is a plain job, job "g" a gang of two ranks on one host, job "q" a command with
+sdk = "auto" (guard-only until it says hello, if it ever does). ``MLXSUP_MODEL_EXAMPLES``
 sets the number of examples (make test: 200; make faults: 3000).
 """
 
@@ -30,8 +31,11 @@ from supervisor.daemon.server import DaemonService
 from tests.fakeos import FakeProcess, FakeSystem
 
 MiB = 2**20
-NAMES = ("a", "g")
-RANKS = {"a": (0,), "g": (0, 1)}
+NAMES = ("a", "g", "q")
+RANKS = {"a": (0,), "g": (0, 1), "q": (0,)}
+AUTO = {"command": ["python", "train.py"], "sdk": "auto"}
+SDK_WORDS = {"batch", "accum", "next_batch", "next_accum", "step", "checkpoint", "from_checkpoint", "goodbye"}
+GUARD_REASONS = {"leak", "spike", "kill_ceiling", "system_floor"}
 JOB = {"budget": "1000MiB", "warn": "85%", "kill": "110%", "checkpoint_timeout": 5.0, "kill_grace": 2.0,
        "hang_timeout": 10.0, "startup_timeout": 10.0, "backoff_initial": 0.5, "backoff_max": 2.0,
        "max_attempts_without_progress": 3, "batch": 8, "autostart": False}
@@ -68,10 +72,12 @@ class DaemonModel(RuleBasedStateMachine):
         self.sent: dict[bytes, list[str]] = {}  # worker identity -> command actions sent to it
         self.stopping_at: float | None = None
         self.checkpoints = 0
+        self.guard_records: list[tuple[str, dict[str, Any]]] = []  # what job "q" recorded while guard-only
 
     def _write(self, names: tuple[str, ...]) -> Path:
         daemon = {"run_dir": str(self.root / "run"), "state_dir": str(self.root / "state")}
-        jobs = {name: {**JOB, **({"ranks": 2, "gang": {"port": 40000}} if name == "g" else {})} for name in names}
+        extra: dict[str, dict[str, Any]] = {"g": {"ranks": 2, "gang": {"port": 40000}}, "q": AUTO}
+        jobs = {name: {**JOB, **extra.get(name, {})} for name in names}
         return write_config(self.root / "mlxsup.toml", daemon, jobs)
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -80,7 +86,19 @@ class DaemonModel(RuleBasedStateMachine):
         job = self.daemon.jobs.get(name)
         if job is not None and job.send_frame != self._capture:
             job.send_frame = self._capture
+            if name == "q":
+                job.history_record = self._guard_recorder(job)  # type: ignore[method-assign]
         return job
+
+    def _guard_recorder(self, job: Job) -> Any:
+        record = job.history_record
+
+        def recorded(kind: str, **fields: Any) -> None:
+            if job.lifecycle.guard_only:
+                self.guard_records.append((kind, fields))
+            record(kind, **fields)
+
+        return recorded
 
     def _capture(self, identity: bytes, frame: bytes) -> None:
         message = decode(frame)
@@ -123,7 +141,7 @@ class DaemonModel(RuleBasedStateMachine):
         if self._job(name) is not None:
             self._call("budget", job=name, value=value)
 
-    @rule(names=st.sampled_from([(), ("a",), ("g",), ("a", "g")]))
+    @rule(names=st.sampled_from([(), ("a",), ("g",), ("a", "g"), ("q",), NAMES]))
     def reread_and_update(self, names: tuple[str, ...]) -> None:
         self._write(names)
         self.config_names = names
@@ -257,6 +275,20 @@ class DaemonModel(RuleBasedStateMachine):
             assert len({rank for rank, _ in current}) == len(current), job.name
             if job.state in TERMINAL_STATES:
                 assert job.life is None and not current, (job.name, job.state)
+
+    @invariant()
+    def a_guard_only_life_speaks_of_no_batch_step_or_checkpoint(self) -> None:
+        for kind, fields in self.guard_records:
+            assert not SDK_WORDS & set(fields), (kind, fields)
+            if kind == "decision":
+                assert fields["action"] in ("terminate", "kill"), fields
+            if kind == "restart":
+                assert fields["reason"] in GUARD_REASONS | {"restart requested"}, fields
+        self.guard_records.clear()
+        job = self.daemon.jobs.get("q")
+        if job is not None and job.lifecycle.guard_only:
+            assert set(job.stats.restart_reasons) <= GUARD_REASONS, job.stats.restart_reasons
+            assert not any(self.sent.get(i) for i in job.identities.values())  # nobody to command
 
     @invariant()
     def a_gang_never_overlaps_two_lives(self) -> None:

@@ -91,6 +91,36 @@ class TestCommandLine:
                 assert option.default == CONFIG_DEFAULTS[option.name], option.name
 
 
+class TestAdapterConfig:
+    """``adapter_config.json`` is what mlx_lm.lora writes for the same command line."""
+
+    def test_same_keys_and_values_as_mlx_lm_lora_including_train(self, tmp_path: Path) -> None:
+        import json
+
+        lora = pytest.importorskip("mlx_lm.lora")
+        from mlx_lm.utils import save_config
+
+        from worker.mlx_lm.setup import write_adapter_config
+
+        argv = ["--model", "m", "--train", "--data", "d", "--adapter-path", str(tmp_path / "ours"), "--iters", "7"]
+        theirs = vars(lora.build_parser().parse_args(argv))  # as mlx_lm.lora's main() completes it
+        theirs.update({k: v for k, v in lora.CONFIG_DEFAULTS.items() if theirs.get(k) is None})
+        save_config(theirs, tmp_path / "theirs.json")
+        write_adapter_config(parse(argv))
+        ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+        assert ours == json.loads((tmp_path / "theirs.json").read_text())
+        assert ours["train"] is True
+
+
+class TestReportTo:
+    """report_to stays refused, and the refusal says where the same curves are."""
+
+    def test_refusal_points_at_the_telemetry_stream_and_the_dashboard(self) -> None:
+        with pytest.raises(OptionError) as caught:
+            parse(["--report-to", "wandb"])
+        assert "mlxsupctl tail -f JOB telemetry" in str(caught.value) and "mlxsupctl dashboard" in str(caught.value)
+
+
 class TestRequirement:
     """A missing or untested mlx-lm is a clear error with the version, the range and the command."""
 
@@ -148,6 +178,9 @@ class TestConfigTable:
         ({"train": {"steps": 3}, "mlx_lm": {"model": "m"}}, "'train' and 'mlx_lm' are both set"),
         ({"sdk": False, "mlx_lm": {"model": "m"}}, "'sdk = false' and 'mlx_lm' are both set"),
         ({"batch": 8, "mlx_lm": {"batch_size": 4}}, "batch = 8 conflicts with mlx_lm.batch_size = 4"),
+        ({"batch": 2, "mlx_lm": {"batch_size": 4}}, "batch = 2 conflicts with mlx_lm.batch_size = 4"),  # divides
+        ({"batch": 8, "mlx_lm": {"batch_size": 2, "grad_accumulation_steps": 2}},
+         "batch = 8 conflicts with mlx_lm.batch_size = 2"),  # does not divide the step's 4 examples
         ({"accum": 2, "mlx_lm": {"model": "m"}}, "accum = 2 conflicts with mlx_lm.grad_accumulation_steps = 1"),
         ({"cache_clear": "1MB", "mlx_lm": {"clear_cache_threshold": "2MB"}}, "cache_clear (1000000 bytes)"),
         ({"mlx_lm": {"config": "missing.yaml"}}, "mlx_lm.config: cannot read"),

@@ -88,6 +88,7 @@ class Gang:
         dtype = leaves[0][1].dtype if leaves else mx.float32
         flags = mx.array([float(checkpoint), float(leave)], dtype=dtype)
         averaged, agreed = nn.average_gradients([grads, flags], group=self.group)
+        mx.eval(averaged, agreed)  # the all-reduce runs here, inside the caller's collective() mark
         self._agreed = agreed
         return averaged
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 
 INTERVAL = 0.25  # seconds between the thread's looks
 KEEPALIVE_EVERY = 1.0  # seconds between heartbeats while busy
+WAITING_AFTER = 1.0  # seconds inside a collective before the thread reports it (a normal all-reduce is ms)
 
 Exit = Callable[[int], None]
 
@@ -48,6 +49,9 @@ class Pulse:
         self._clock = clock
         self._interval = interval
         self._busy: list[str] = []
+        self._inside: tuple[str, float] | None = None  # the collective the loop is in, since when
+        self._last_waiting = 0.0
+        self.send_waiting: Callable[[str, float], None] | None = None  # set once the daemon asked for it
         self._last_keepalive = 0.0
         self._orphaned_at: float | None = None
         self.leaving = False  # the loop is checkpointing on its way out: give it time
@@ -72,6 +76,17 @@ class Pulse:
         finally:
             self._busy.remove(what)
 
+    @contextlib.contextmanager
+    def collective(self, what: str) -> Iterator[None]:
+        """The loop is inside collective ``what`` (it may block there without a timeout if a peer is stopped,
+        lost or deadlocked): after ``WAITING_AFTER`` seconds the thread says so, once a second, with heartbeats
+        that are no sign of life. Two attribute writes when the collective returns in time."""
+        self._inside = (what, self._clock())
+        try:
+            yield
+        finally:
+            self._inside = None
+
     def keepalive(self) -> None:
         """Send a heartbeat now (from any thread)."""
         with self._lock:
@@ -93,6 +108,8 @@ class Pulse:
         now = self._clock()
         if self._busy and now - self._last_keepalive >= KEEPALIVE_EVERY:
             self.keepalive()
+        else:
+            self._report_waiting(now)
         reason = self.orphan_reason()
         if not reason:
             self._orphaned_at = None
@@ -104,6 +121,15 @@ class Pulse:
             print(f"[worker] watchdog: {reason}; leaving mid-step, the last durable checkpoint stands",
                   file=sys.stderr, flush=True)
             self._exit(self._exit_code)
+
+    def _report_waiting(self, now: float) -> None:
+        inside, send = self._inside, self.send_waiting
+        if inside is None or send is None or now - inside[1] < WAITING_AFTER:
+            return
+        if now - self._last_waiting >= KEEPALIVE_EVERY:
+            self._last_waiting = now
+            with self._lock:
+                send(inside[0], now - inside[1])
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

@@ -186,9 +186,15 @@ class Session:
         if self.gang is None:
             return grads
         self._take(self._poll() if self._socket is not None else [])
-        averaged = self.gang.fold(grads, self._want_checkpoint, bool(self._exit_reason))
+        with self.collective("all_sum"):
+            averaged = self.gang.fold(grads, self._want_checkpoint, bool(self._exit_reason))
         self._want_checkpoint = False
         return averaged
+
+    def collective(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """``with session.collective("all_sum"):`` around a collective the loop evaluates itself: a rank that
+        blocks inside it (a peer stopped, lost or deadlocked) tells the daemon so, and a gang hang names it."""
+        return self._pulse.collective(what) if self._pulse is not None else contextlib.nullcontext()
 
     def end_step(self, step: int, loss: float, extra: dict[str, Any] | None = None, *,
                  tokens_per_second: float | None = None, val_loss: float | None = None) -> None:
@@ -239,7 +245,8 @@ class Session:
         if self.gang is None:
             want, self._want_checkpoint = self._want_checkpoint, False
             return want, self._exit_reason
-        want_checkpoint, want_exit = self.gang.agree(self._want_checkpoint, bool(self._exit_reason))
+        with self.collective("all_max"):  # only when no fold ran this step; else the flags are already here
+            want_checkpoint, want_exit = self.gang.agree(self._want_checkpoint, bool(self._exit_reason))
         if want_checkpoint:
             self._want_checkpoint = False
         reason = (self._exit_reason or "gang: a peer rank was asked") if want_exit else ""
@@ -339,6 +346,10 @@ class Session:
             except zmq.Again:
                 pass  # telemetry is best effort; the daemon samples our footprint itself
 
+    def _waiting_locked(self, what: str, seconds: float) -> None:
+        """Blocked inside collective ``what`` for ``seconds`` (the pulse thread, with the lock held)."""
+        self._send_locked(Heartbeat(time.time(), self.settings.token, waiting=what, waiting_seconds=round(seconds, 3)))
+
     def _heartbeat_locked(self) -> None:
         # The token lets the daemon count this as a sign of life even before our hello (a long model load).
         self._send_locked(Heartbeat(time.time(), self.settings.token))
@@ -369,6 +380,8 @@ class Session:
             if isinstance(message, Heartbeat):
                 self._last_heard = max(self._last_heard, message.sent_at)
                 self._hold.configure(message.hold, message.hold_below, message.hold_horizon, message.hold_rows)
+                if message.report_waiting and self._pulse is not None:
+                    self._pulse.send_waiting = self._waiting_locked
             elif isinstance(message, Command):
                 self._last_heard = time.time()
                 self._inbox.append(message)

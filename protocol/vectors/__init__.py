@@ -30,7 +30,8 @@ _STEP_DEFAULTS = {"tokens_per_second": None, "val_loss": None}
 _HEAD = {"v": 1}
 
 
-_NO_HOLD: dict[str, Any] = {"hold": None, "hold_below": None, "hold_horizon": None, "hold_rows": None}
+_NO_HOLD: dict[str, Any] = {"hold": None, "hold_below": None, "hold_horizon": None, "hold_rows": None,
+                            "report_waiting": None, "waiting": None, "waiting_seconds": None}
 # Two held steps as one ``steps`` frame: a list per field, in the spec's order.
 _STEPS: dict[str, list[Any]] = {
     "step": [121, 122], "batch": [8, 8], "accum": [2, 2], "loss": [2.5, 2.25], "step_seconds": [0.125, 0.0625],
@@ -103,11 +104,15 @@ def _valid_vectors() -> list[dict[str, Any]]:
         _valid("heartbeat_with_hold", "heartbeat",
                {"sent_at": 1767225600.25, "hold": 0.25, "hold_below": 3 << 30, "hold_horizon": 6},
                {"sent_at": 1767225600.25, "token": None, "hold": 0.25, "hold_below": 3 << 30, "hold_horizon": 6,
-                "hold_rows": None}, True),
+                "hold_rows": None, "report_waiting": None, "waiting": None, "waiting_seconds": None}, True),
         _valid("heartbeat_with_hold_rows", "heartbeat",
                {"sent_at": 1767225600.25, "hold": 0.25, "hold_below": 3 << 30, "hold_horizon": 6, "hold_rows": 256},
                {"sent_at": 1767225600.25, "token": None, "hold": 0.25, "hold_below": 3 << 30, "hold_horizon": 6,
-                "hold_rows": 256}, True),
+                "hold_rows": 256, "report_waiting": None, "waiting": None, "waiting_seconds": None}, True),
+        _valid("heartbeat_waiting", "heartbeat",
+               {"sent_at": 1767225600.25, "token": _HELLO["token"], "waiting": "all_sum", "waiting_seconds": 2.5},
+               {"sent_at": 1767225600.25, "token": _HELLO["token"], **_NO_HOLD, "waiting": "all_sum",
+                "waiting_seconds": 2.5}, True),
         _valid("steps", "steps", _STEPS, {**_STEPS, **_STEPS_DEFAULTS}, True),
         _valid("steps_one_row", "steps", {k: v[:1] for k, v in _STEPS.items()},
                {**{k: v[:1] for k, v in _STEPS.items()}, **_STEPS_DEFAULTS}, True),

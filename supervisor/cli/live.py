@@ -54,12 +54,17 @@ def top_frame(jobs: list[dict[str, Any]], decisions: dict[str, str]) -> str:
               f"{'LEAK MB/STEP':>12} {'RESTARTS':>8} {'BATCH':>7}")
     lines = [header]
     for row in jobs:
-        step = f"{row['step']}/{row['target_steps'] or '?'}"
+        guard = row.get("guard_only")  # no steps or batch: its growth per second in the leak column
+        step = "guard-only" if guard else f"{row['step']}/{row['target_steps'] or '?'}"
+        rate = "-" if guard else f"{row['steps_per_second']:.2f}"
+        leak = (f"{row['guard']['growth_bytes_per_second'] / 2**20:.1f}/s" if guard
+                else f"{row['leak_bytes_per_step'] / 2**20:.1f}")
+        batch = "-" if guard else f"{row['batch']}x{row['accum']}"
         mem = f"{format_bytes(row['sampled_bytes'])}/{format_bytes(row['budget_bytes'])}"
         lines.append(
-            f"{row['name'][:14]:<14} {row['state']:<18} {step:>13} {row['steps_per_second']:>7.2f} {mem:>21} "
-            f"{bar(row['sampled_bytes'], row['budget_bytes']):<22} {row['leak_bytes_per_step'] / 2**20:>12.1f} "
-            f"{row['restarts']:>8} {row['batch']:>4}x{row['accum']:<2}")
+            f"{row['name'][:14]:<14} {row['state']:<18} {step:>13} {rate:>7} {mem:>21} "
+            f"{bar(row['sampled_bytes'], row['budget_bytes']):<22} {leak:>12} "
+            f"{row['restarts']:>8} {batch:>7}")
         if row["name"] in decisions:
             lines.append(f"{'':<14} last decision: {decisions[row['name']][:100]}")
         lines += [rank_line(rank) for rank in row.get("ranks", [])]

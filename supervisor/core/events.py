@@ -151,14 +151,26 @@ class Sample:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Waiting:
+    """Rank ``rank`` says it has been blocked inside collective ``what`` for ``seconds``: no sign of life (it makes
+    no progress), only what a gang hang's report names."""
+
+    now: float
+    rank: int
+    what: str
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Exited:
     """Rank ``rank`` of the current life exited (its group leader was reaped); ``newest`` is the newest
-    checkpoint on disk."""
+    checkpoint on disk; ``stderr_tail`` what it last wrote to stderr (read by the job for an unclean exit)."""
 
     now: float
     code: int
     newest: int
     rank: int = 0
+    stderr_tail: tuple[str, ...] = ()  # the last lines of its stderr when it exited other than 0 or 75
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -194,6 +206,7 @@ class PeerSync:
     outcome: Outcome | None  # how its ranks of ``gen`` ended
     newest: int  # the newest checkpoint on the leader's disk
     ranks: tuple[dict[str, Any], ...] = ()  # its ranks as status shows them
+    leaving: bool = False  # its daemon is shutting down: this is its last report
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -212,7 +225,7 @@ class LeaderSays:
 
 
 Event = (Start | Stop | Restart | Shutdown | CheckpointNow | SetLimits | Spawned | SpawnFailed | HelloIn | StepIn
-         | StepsIn | Heard | GoodbyeIn | Sample | Exited | DepartedExited | Tick | PeerSync | LeaderSays)
+         | StepsIn | Heard | Waiting | GoodbyeIn | Sample | Exited | DepartedExited | Tick | PeerSync | LeaderSays)
 
 
 # -- actions ---------------------------------------------------------------------------------------------
@@ -253,12 +266,27 @@ class Depart:
     life: int
 
 
+# Keys the daemon log (structlog) and the history file write themselves: a field of that name would shadow them
+# (a decision's ``level`` once replaced the log line's level with a byte count).
+RESERVED_KEYS = frozenset({"level", "event", "timestamp", "time"})
+
+
+def check_fields(what: str, fields: dict[str, Any]) -> None:
+    """ValueError when ``fields`` would shadow a key of the log line or history record they become."""
+    clash = RESERVED_KEYS.intersection(fields)
+    if clash:
+        raise ValueError(f"{what}: field(s) {sorted(clash)} shadow the log's own keys; name them for what they are")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class StateChanged:
     old: str
     new: str
     reason: str
     fields: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        check_fields(f"state {self.new}", self.fields)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -267,6 +295,9 @@ class Decided:
 
     decision: Decision
     numbers: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        check_fields(f"decision {self.decision.action.value}", self.numbers)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -277,6 +308,9 @@ class Note:
     fields: dict[str, Any]
     level: str = "info"
     history: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self.event, self.fields)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

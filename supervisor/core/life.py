@@ -11,8 +11,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+from typing import Any
 
 from protocol.messages import EXIT_CHECKPOINTED
+from supervisor.core.guard import SampleTrend
 from supervisor.core.policy import Decision, Estimator, PolicyConfig
 from supervisor.core.recent import LAST_BATCHES, LAST_STOPS, Recent, Series
 
@@ -41,7 +43,8 @@ class Settings:
     peers: tuple[str, ...] = ()  # gang leader: the hosts whose daemons follow it
     follower: bool = False  # gang follower: lives start and end as the leader says
     peer_timeout: float = 3.0  # a peer not heard from for this long is not counted ready for a new generation
-    sdk: bool = True  # False: a guard-only job (no hello, telemetry or checkpoints; enforcement by signals)
+    sdk: bool | str = True  # False: a guard-only job (no hello, telemetry or checkpoints; enforcement by signals);
+    # "auto": each life is guard-only until its worker says hello, an SDK life from then on
     restart: str = "on-breach"  # guard-only jobs: on-breach | never
 
     @property
@@ -68,6 +71,10 @@ class Rank:
     last_bytes: int = 0  # the group's last complete sample
     min_bytes: int = 0  # its smallest (0: none yet): what a fresh worker needs when there is no baseline yet
     exit_code: int | None = None
+    growth: SampleTrend = dataclasses.field(default_factory=SampleTrend)  # a guard-only life's samples per second
+    signalled: str = ""  # why the supervisor signalled it (its exit is then expected)
+    waiting: str = ""  # the collective it said it is blocked in (cleared by its next step)
+    waiting_since: float = INF
 
     @property
     def alive(self) -> bool:
@@ -92,6 +99,7 @@ class Life:
     crashed: bool = False  # a rank exited unasked (not 0 or 75) while others ran: a crash, whatever was pending
     straggle_at: float = INF  # a rank exited: the others must be gone by then (SIGKILL)
     killed: bool = False  # SIGKILL sent (guard-only jobs at the ceiling)
+    tail: tuple[str, ...] = ()  # the last stderr lines of the first rank that exited uncleanly
 
     @property
     def lead(self) -> Rank:
@@ -142,6 +150,7 @@ class Departing:
     kill_at: float
     bytes: int = 0
     killed: bool = False
+    pid: int = 0
 
 
 @dataclasses.dataclass
@@ -167,3 +176,5 @@ class JobStats:
     rank_max_sampled: dict[int, int] = dataclasses.field(default_factory=dict)  # rank -> its largest sample
     # For each checkpoint-and-exit of a gang: the step each rank checkpointed at.
     stop_steps: Recent[list[int]] = dataclasses.field(default_factory=lambda: Recent(LAST_STOPS))
+    # The last crash: {"exit_code", "signal", "stderr_tail", "signature"} (supervisor.core.crashes.Crash.record)
+    last_error: dict[str, Any] | None = None

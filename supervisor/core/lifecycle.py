@@ -38,7 +38,10 @@ from typing import Any
 from protocol import Command, Step
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core import events as ev
+from supervisor.core.crashes import Crash, CrashPolicy, classify
 from supervisor.core.events import Action, Event, Refused
+from supervisor.core.guard import floor_decision, guard_numbers, guard_on_sample
+from supervisor.core.hangs import gang_hang, rank_exit_fields
 from supervisor.core.life import INF, Departing, JobStats, Life, Rank, Settings
 from supervisor.core.peers import PeerRole
 from supervisor.core.policy import (
@@ -52,6 +55,7 @@ from supervisor.core.policy import (
     backoff_delay,
     on_sample,
     on_step,
+    shrink,
 )
 from supervisor.core.states import (
     PROCESS_STATES,
@@ -90,6 +94,7 @@ class Lifecycle(PeerRole):
         self.regrown_to = 0  # the batch the last regrowth went to, until it proves itself or breaches
         self.next: tuple[Settings, Limits] | None = None  # a reread config, applied at the next start
         self.last_sampled = 0
+        self.said_hello = False  # a worker of this job has said hello (sdk = "auto": it speaks the SDK)
         self.stats = JobStats()
         self._lives = itertools.count(1)
         self._out: list[Action] = []
@@ -129,6 +134,22 @@ class Lifecycle(PeerRole):
         else:
             own = min([life.straggle_at, *(self._silent_at(r) for r in life.alive)])
         return min(own, departing)
+
+    def _sdk(self, life: Life | None) -> bool:
+        """Whether ``life`` is an SDK life: always (sdk = true), never (false), or once it said hello ("auto":
+        a hello may come at any time in the life; until then the life is guarded by samples alone)."""
+        sdk = self.settings.sdk
+        return sdk is True or (sdk == "auto" and life is not None and life.hello)
+
+    @property
+    def guard_only(self) -> bool:
+        """The job speaks of samples alone: sdk = false, or "auto" before any of its workers said hello."""
+        return self.settings.sdk is False or (self.settings.sdk == "auto" and not self.said_hello)
+
+    def _sdk_fields(self, life: Life | None, **fields: Any) -> dict[str, Any]:
+        """``fields`` (batch, step, checkpoint...) for the records of an SDK life (``life`` None: the job's next
+        one); nothing for a guard-only life, which has none of them."""
+        return fields if (self._sdk(life) if life is not None else not self.guard_only) else {}
 
     def _silent_at(self, rank: Rank) -> float:
         """When rank ``rank`` counts as hung (no hello within startup_timeout, then no telemetry)."""
@@ -171,7 +192,7 @@ class Lifecycle(PeerRole):
         self._request_stop(e.now, "daemon shutdown", e.client)
 
     def _checkpoint_now(self, e: ev.CheckpointNow) -> None:
-        if not self.settings.sdk:
+        if self.settings.sdk is False:
             raise Refused("a guard-only job (sdk = false) cannot checkpoint")
         life = self.life
         if life is None or not life.hello or self.state not in (S.RUNNING, S.CHECKPOINTING):
@@ -204,10 +225,12 @@ class Lifecycle(PeerRole):
             return
         rank.pid, rank.last_heard = e.pid, e.now
         life.start_checkpoint = e.start_checkpoint
-        self._note("spawn", pid=e.pid, batch=life.batch, accum=life.accum, from_checkpoint=e.start_checkpoint,
+        self._note("spawn", pid=e.pid, **self._sdk_fields(None, batch=life.batch, accum=life.accum,
+                                                          from_checkpoint=e.start_checkpoint),
                    **self._rank_fields(e.rank, life=life.id))
-        if not self.settings.sdk:
-            self._change(S.RUNNING, "spawned (guard-only: no hello expected)", pid=e.pid)
+        if self.settings.sdk is not True:
+            why = "guard-only: no hello expected" if self.settings.sdk is False else "auto: guard-only until a hello"
+            self._change(S.RUNNING, f"spawned ({why})", pid=e.pid)
 
     def _spawn_failed(self, e: ev.SpawnFailed) -> None:
         if self.life is None or self.life.id != e.life:
@@ -224,7 +247,7 @@ class Lifecycle(PeerRole):
         life, rank, m = self.life, self._rank(e.rank), e.msg
         if life is None or rank is None:
             return
-        rank.hello, rank.last_heard = True, e.now
+        rank.hello, rank.last_heard, self.said_hello = True, e.now, True
         # The worker knows where it really resumed (a damaged newest checkpoint was skipped).
         rank.last_step = m.start_step
         self._note("hello", pid=m.pid, start_step=m.start_step, batch=m.batch, accum=m.accum,
@@ -242,6 +265,11 @@ class Lifecycle(PeerRole):
         rank = self._rank(e.rank)
         if rank is not None:
             rank.last_heard = e.now
+
+    def _waiting(self, e: ev.Waiting) -> None:
+        rank = self._rank(e.rank)
+        if rank is not None:
+            rank.waiting, rank.waiting_since = e.what, e.now - e.seconds
 
     def _step(self, e: ev.StepIn) -> None:
         life, rank, m = self.life, self._rank(e.rank), e.msg
@@ -271,6 +299,7 @@ class Lifecycle(PeerRole):
         stats = self.stats
         rank.last_heard = e.now
         rank.last_step = last.step
+        rank.waiting, rank.waiting_since = "", INF
         stats.steps_completed = max(stats.steps_completed, last.step)
         if rank is life.lead:
             stats.final_loss = last.loss
@@ -290,7 +319,8 @@ class Lifecycle(PeerRole):
         if self.state == S.RUNNING:
             decision = self._on_step(life, rank)
             if decision.acts:
-                self._act(life, rank, decision, e.now, step=last.step, level=last.footprint)
+                self._act(life, rank, decision, e.now, step=last.step, sampled=rank.last_bytes,
+                          budget=self.limits.budget, footprint_level=last.footprint)
 
     def _on_step(self, life: Life, rank: Rank) -> Decision:
         """The policy after one rank's step; a gang regrows only when every rank has room for it."""
@@ -313,7 +343,7 @@ class Lifecycle(PeerRole):
         if requested and e.reason != "finished" and self.stop_reason is None and not self.settings.gang:
             # Its checkpoint is durable: plan the successor now, while the kernel tears the old one down.
             self.departing[life.id] = Departing(e.now + self.settings.kill_grace + self.settings.departing_grace,
-                                                rank.last_bytes)
+                                                rank.last_bytes, pid=rank.pid)
             self.reserve = rank.estimator.baseline or rank.min_bytes
             self._out.append(ev.Depart(life.id))
             self._on_exit(life, EXIT_CHECKPOINTED, e.now, e.newest)
@@ -338,6 +368,9 @@ class Lifecycle(PeerRole):
             policy_bytes = total  # the departing workers are already killed: only the current one is left
         if life is None or rank is None or policy_bytes is None or self.state not in PROCESS_STATES:
             return
+        if not self._sdk(life):
+            self._guard_sample(life, rank, e, policy_bytes)
+            return
         if e.complete:
             rank.last_bytes = e.current or 0
             rank.min_bytes = min(rank.min_bytes or rank.last_bytes, rank.last_bytes)
@@ -352,6 +385,22 @@ class Lifecycle(PeerRole):
         if decision.acts:
             self._act(life, rank, decision, e.now, step=rank.last_step, sampled=policy_bytes,
                       budget=self.limits.budget, available=e.available, departing=departing)
+
+    def _guard_sample(self, life: Life, rank: Rank, e: ev.Sample, sampled: int) -> None:
+        """A guard-only life's sample, decided in its own terms: growth per second, leak or spike, SIGTERM or
+        SIGKILL (``supervisor.core.guard``); no step, batch or checkpoint in its records."""
+        if e.complete:
+            rank.last_bytes = e.current or 0
+            rank.min_bytes = min(rank.min_bytes or rank.last_bytes, rank.last_bytes)
+            rank.growth.add(e.now, rank.last_bytes)
+        decision, rank.over_count = guard_on_sample(sampled, e.complete, rank.over_count, self.limits, rank.growth,
+                                                    self.policy, e.now)
+        if not decision.acts and e.floor and e.available < e.floor and self.state == S.RUNNING:
+            decision = floor_decision(e.available, e.floor)
+        if decision.acts:
+            numbers = {"sampled": sampled, "budget": self.limits.budget, "available": e.available,
+                       **guard_numbers(rank.growth, self.limits, sampled, e.now), **self._rank_fields(rank.rank)}
+            self._guard(life, rank, decision, e.now, numbers)
 
     def _count_sample(self, total: int, rank: int) -> None:
         stats = self.stats
@@ -368,7 +417,7 @@ class Lifecycle(PeerRole):
         for life_id in doomed:
             self.departing[life_id].killed = True
             self._out.append(ev.Signal(life_id, signal.SIGKILL))
-            self._note("kill", signal="SIGKILL", life=life_id, level="warning",
+            self._note("kill", signal="SIGKILL", life=life_id, pid=self.departing[life_id].pid, level="warning",
                        reason=f"job footprint {total} >= budget {self.limits.budget} with a departing worker")
         return bool(doomed)
 
@@ -378,15 +427,25 @@ class Lifecycle(PeerRole):
         if life is None or rank is None:
             return
         rank.exit_code = e.code
+        if e.stderr_tail and not life.tail:
+            life.tail = e.stderr_tail
         if life.first_exit is None:
             life.first_exit = e.code
         first, life.left = not life.left, True
+        if self.settings.gang:
+            self._note_rank_exit(life, rank, first)
         if not life.alive:
             if not self._owed(life, e.now):
                 self._on_exit(life, life.code(), e.now, e.newest)
             return
         if first:
             self._rank_left(life, f"rank {e.rank} {describe_exit(e.code)}", e.code, e.now)
+
+    def _note_rank_exit(self, life: Life, rank: Rank, first: bool) -> None:
+        """One ``rank_exit`` record per rank per life: how it ended. A rank that failed after a peer had crashed
+        (a ring survivor raises "connection to a peer was lost") is labelled expected: the first exit is the cause."""
+        fields = rank_exit_fields(life, rank, first, self.restart_reason)
+        self._note("rank_exit", level="warning" if fields.get("expected") is False else "info", **fields)
 
     def _rank_left(self, life: Life, who: str, code: int | None, now: float) -> None:
         """The first rank (or host) of a gang life is gone: a clean exit leaves the others ``kill_grace`` to
@@ -413,19 +472,16 @@ class Lifecycle(PeerRole):
                 if not departing.killed:
                     departing.killed = True
                     self._out.append(ev.Signal(life_id, signal.SIGKILL))
-                    self._note("kill", signal="SIGKILL", life=life_id, reason="departing worker did not exit",
-                               level="warning")
+                    self._note("kill", signal="SIGKILL", life=life_id, pid=departing.pid,
+                               reason="departing worker did not exit", level="warning")
         life = self.life
         if life is not None:
             if now >= life.straggle_at and life.alive:
                 life.straggle_at = INF
-                self._note("kill", signal="SIGKILL", reason="straggler: another rank had exited",
-                           ranks=[r.rank for r in life.alive], level="warning")
-                self._out.append(ev.Signal(life.id, signal.SIGKILL))
+                self._kill(life, signal.SIGKILL, "straggler: another rank had exited")
             if life.term_sent:
                 if now >= life.deadline:
-                    self._note("kill", signal="SIGKILL", reason="grace expired", pid=life.pid, level="warning")
-                    self._out.append(ev.Signal(life.id, signal.SIGKILL))
+                    self._kill(life, signal.SIGKILL, "grace expired")
                     life.deadline = INF
             else:
                 self._check_liveness(life, now)
@@ -451,17 +507,21 @@ class Lifecycle(PeerRole):
         progress = newest > life.start_checkpoint
         asked = code == EXIT_CHECKPOINTED or (life.term_sent and pending is not None and not life.crashed)
         crash = not asked and code != 0
+        failure = classify(code, life.tail, life.hello) if crash else None
+        if failure is not None:
+            self.stats.last_error = failure.record()
         # A smaller batch next time is a new attempt, not a repeat of the failed one.
-        new_attempt = self.settings.sdk and asked and pending is not None and pending.next_batch != 0 and (
+        new_attempt = self._sdk(life) and asked and pending is not None and pending.next_batch != 0 and (
             (pending.next_batch, pending.next_accum) != (self.batch, self.accum))
         if progress:
             self.failures = self.crashes = 0  # the backoff grows only over crashes without progress
         elif not new_attempt:
             self.failures += 1
-        self._note("exit", code=code, goodbye=life.lead.goodbye, step=life.last_step, checkpoint=newest,
-                   progress=progress)
-        if not self.settings.sdk:
-            self._guard_exit(life, code, now)
+        self._note("exit", code=code, **self._sdk_fields(life, goodbye=life.lead.goodbye, step=life.last_step,
+                                                         checkpoint=newest, progress=progress),
+                   **crash_fields(failure))
+        if not self._sdk(life):
+            self._guard_exit(life, code, now, failure)
             return
         if code == EXIT_CHECKPOINTED and self.settings.gang:
             self._note_stop_steps(life)
@@ -474,11 +534,18 @@ class Lifecycle(PeerRole):
             if self.restart_pending and not self.shutting_down:
                 self.restart_pending = False
                 self._begin(now, "restart requested")
+        elif failure is not None and failure.policy is CrashPolicy.FATAL:
+            self._change(S.FATAL, f"not retried: the worker's own error before its hello "
+                                  f"({failure.describe(describe_exit(code))})", stderr_tail=list(failure.tail))
         elif self.failures >= self.settings.max_attempts:
-            self._change(S.FATAL, f"{self.failures} attempts without progress (last exit {code})")
+            last = failure.describe(describe_exit(code)) if failure is not None else f"exit {code}"
+            self._change(S.FATAL, f"{self.failures} attempts without progress (last {last})",
+                         **crash_fields(failure))
+        elif failure is not None and failure.policy is not CrashPolicy.BACKOFF:
+            self._crash_restart(now, life, failure)
         elif crash or (pending is None and life.term_sent):
             reason = self.restart_reason if life.term_sent else describe_exit(code)
-            self._after_failure(now, reason)
+            self._after_failure(now, reason, failure)
         elif pending is not None and pending.diagnosis is Diagnosis.SYSTEM_FLOOR:
             self._change(S.WAITING_FOR_MEMORY, pending.reason)
         elif pending is not None and self.settings.mode == "stop":
@@ -488,7 +555,16 @@ class Lifecycle(PeerRole):
                 life.lead.goodbye or "checkpointed")
             self._restart_now(now, reason)
 
-    def _guard_exit(self, life: Life, code: int, now: float) -> None:
+    def _crash_restart(self, now: float, life: Life, failure: Crash) -> None:
+        """A crash a fresh process clears (recycle) or a smaller batch avoids (shrink; a guard-only life has no
+        batch and starts over): restart at once, not after a backoff."""
+        if failure.policy is CrashPolicy.SHRINK and self._sdk(life):
+            self.batch, self.accum = shrink(life.batch, life.accum, self.policy)
+        self._note("crash_signature", signature=failure.signature, policy=failure.policy.value, hint=failure.hint,
+                   **self._sdk_fields(life, batch=self.batch, accum=self.accum), level="warning")
+        self._restart_now(now, failure.signature or "crash")
+
+    def _guard_exit(self, life: Life, code: int, now: float, failure: Crash | None = None) -> None:
         """The ladder of a guard-only job: finish, stop, start over after a breach (restart = on-breach), or
         give up. Without checkpoints no life counts as progress, so breaches in a row end in FATAL."""
         pending = life.pending
@@ -499,8 +575,12 @@ class Lifecycle(PeerRole):
                 self._begin(now, "restart requested")
         elif code == 0:
             self._change(S.FINISHED, "command exited 0")
+        elif pending is None and failure is not None and failure.policy in (CrashPolicy.RECYCLE, CrashPolicy.SHRINK) \
+                and self.settings.restart == "on-breach" and self.failures < self.settings.max_attempts:
+            self._crash_restart(now, life, failure)
         elif pending is None:
-            self._change(S.FATAL, f"command exited {code}" if code >= 0 else f"command killed by signal {-code}")
+            words = f"command exited {code}" if code >= 0 else f"command killed by signal {-code}"
+            self._change(S.FATAL, failure.describe(words) if failure is not None else words, **crash_fields(failure))
         elif self.settings.restart == "never":
             self._change(S.STOPPED, f"{pending.reason} (restart = never)", code=code)
         elif self.failures >= self.settings.max_attempts:
@@ -510,21 +590,23 @@ class Lifecycle(PeerRole):
         else:
             self._restart_now(now, pending.diagnosis.value if pending.diagnosis else "breach")
 
-    def _after_failure(self, now: float, reason: str) -> None:
+    def _after_failure(self, now: float, reason: str, failure: Crash | None = None) -> None:
+        """Back off before the next start (``reason`` is the restart's; the state change quotes the crash)."""
         self.crashes += 1
+        said = failure.describe(reason) if failure is not None else reason
         if self.failures >= self.settings.max_attempts:
-            self._change(S.FATAL, f"{self.failures} attempts without progress: {reason}")
+            self._change(S.FATAL, f"{self.failures} attempts without progress: {said}", **crash_fields(failure))
             return
         delay = backoff_delay(self.crashes, self.settings.backoff_initial, self.settings.backoff_max)
         self.retry_at = now + delay
         self.restart_reason = reason
-        self._change(S.BACKOFF, reason, delay=round(delay, 3))
+        self._change(S.BACKOFF, said, delay=round(delay, 3))
 
     def _restart_now(self, now: float, reason: str) -> None:
         """Start the next life; every start after the first counts as a restart."""
         self.stats.restarts += 1
         self.stats.restart_reasons[reason] += 1
-        self._note("restart", reason=reason, batch=self.batch, accum=self.accum)
+        self._note("restart", reason=reason, **self._sdk_fields(None, batch=self.batch, accum=self.accum))
         self._begin(now, f"restart: {reason}")
 
     def _begin(self, now: float, reason: str, **fields: Any) -> None:
@@ -536,7 +618,7 @@ class Lifecycle(PeerRole):
             self.regrown_to, self.next = 0, None
         self.stop_reason = None
         self.retry_at = INF
-        self._change(S.STARTING, reason, batch=self.batch, accum=self.accum, **fields)
+        self._change(S.STARTING, reason, **self._sdk_fields(None, batch=self.batch, accum=self.accum), **fields)
         if self._room(now):
             self._spawn(now)
         else:
@@ -573,7 +655,7 @@ class Lifecycle(PeerRole):
         if not life.alive:  # a gang leader waiting for other hosts' reports: stop without them
             self._on_exit(life, life.code(), now, life.start_checkpoint)
             return
-        if not life.hello or not self.settings.sdk:
+        if not life.hello or not self._sdk(life):
             self._terminate(now, reason)
         elif life.term_sent or self.state == S.STOPPING:
             return  # already on its way out
@@ -585,14 +667,17 @@ class Lifecycle(PeerRole):
     # -- escalation ---------------------------------------------------------------------------------
 
     def _check_liveness(self, life: Life, now: float) -> None:
-        if not self.settings.sdk:
-            return  # nothing is ever heard from a guard-only job: only its memory is watched
+        if not self._sdk(life):
+            return  # nothing is ever heard from a guard-only life: only its memory is watched
         if self.state in (S.CHECKPOINTING, S.STOPPING):
             if now >= life.deadline:
                 self._terminate(now, f"checkpoint took longer than {self.settings.checkpoint_timeout}s")
             return
         for rank in life.alive:
             if now > self._silent_at(rank):
+                if self.settings.gang and life.hello:
+                    self._terminate(now, gang_hang(life, now, self.settings.hang_timeout))
+                    return
                 timeout = self.settings.hang_timeout if rank.hello else self.settings.startup_timeout
                 what = "no telemetry" if rank.hello else "no hello"
                 who = f"rank {rank.rank}: " if self.settings.gang else ""
@@ -600,10 +685,7 @@ class Lifecycle(PeerRole):
                 return
 
     def _act(self, life: Life, rank: Rank, decision: Decision, now: float, **numbers: Any) -> None:
-        numbers.update(self._rank_fields(rank.rank))
-        if not self.settings.sdk:
-            self._guard(life, rank, decision, now, numbers)
-            return
+        numbers.update(self._rank_fields(rank.rank))  # (an SDK life's; a guard-only one decides in _guard_sample)
         if decision.action is Do.CLEAR_CACHE:
             if rank.hello and now - rank.last_cache_clear >= self.settings.clear_cache_every:
                 rank.last_cache_clear = now
@@ -630,15 +712,12 @@ class Lifecycle(PeerRole):
         ceiling = decision.action is Do.KILL
         if decision.action is Do.CLEAR_CACHE or (life.term_sent and not ceiling) or life.killed:
             return
-        if self.stats.first_breach_step is None:
-            self.stats.first_breach_step = rank.last_step
-        self._out.append(ev.Decided(decision, numbers))
+        self._out.append(ev.Decided(decision, numbers))  # (no first_breach_step: a guard-only life has no steps)
         life.pending = decision
         self.stats.last_decision_at = now
         if ceiling and life.term_sent:
             life.killed = True
-            self._note("kill", signal="SIGKILL", reason=decision.reason, pid=life.pid, level="warning")
-            self._out.append(ev.Signal(life.id, signal.SIGKILL))
+            self._kill(life, signal.SIGKILL, decision.reason)
             return
         life.killed = ceiling
         self._terminate(now, decision.reason, signal.SIGKILL if ceiling else signal.SIGTERM)
@@ -665,14 +744,20 @@ class Lifecycle(PeerRole):
         life = self.life
         if life is None or life.term_sent:
             return
-        self._note("kill", signal=signal.Signals(signum).name, reason=reason, pid=life.pid,
-                   grace=self.settings.kill_grace, step=life.last_step, level="warning")
         life.term_sent = True
         life.deadline = now + self.settings.kill_grace
-        self._out.append(ev.Signal(life.id, signum))
+        self._kill(life, signum, reason, grace=self.settings.kill_grace)
         self.restart_reason = reason
         if self.state != S.STOPPING:
             self._change(S.STOPPING, reason)
+
+    def _kill(self, life: Life, signum: int, reason: str, **fields: Any) -> None:
+        """Signal every live rank of ``life``: one ``kill`` record per process, naming the pid it went to."""
+        for rank in life.alive:
+            rank.signalled = rank.signalled or f"{signal.Signals(signum).name} from the supervisor: {reason}"
+            self._note("kill", signal=signal.Signals(signum).name, reason=reason, pid=rank.pid, level="warning",
+                       **fields, **self._sdk_fields(life, step=rank.last_step), **self._rank_fields(rank.rank))
+        self._out.append(ev.Signal(life.id, signum))
 
     # -- bookkeeping --------------------------------------------------------------------------------
 
@@ -715,10 +800,19 @@ _HANDLERS: dict[type[Any], Callable[[Lifecycle, Any], None]] = {
     ev.Shutdown: Lifecycle._shutdown, ev.CheckpointNow: Lifecycle._checkpoint_now,
     ev.SetLimits: Lifecycle._set_limits, ev.Spawned: Lifecycle._spawned, ev.SpawnFailed: Lifecycle._spawn_failed,
     ev.HelloIn: Lifecycle._hello, ev.StepIn: Lifecycle._step, ev.StepsIn: Lifecycle._steps, ev.Heard: Lifecycle._heard,
+    ev.Waiting: Lifecycle._waiting,
     ev.GoodbyeIn: Lifecycle._goodbye, ev.Sample: Lifecycle._sample, ev.Exited: Lifecycle._exited,
     ev.DepartedExited: Lifecycle._departed, ev.Tick: Lifecycle._tick,
     ev.PeerSync: Lifecycle._peer_sync, ev.LeaderSays: Lifecycle._leader_says,
 }
+
+
+def crash_fields(failure: Crash | None) -> dict[str, Any]:
+    """A crash's signature, hint and last stderr lines for its records (nothing without a crash)."""
+    if failure is None:
+        return {}
+    return {"signature": failure.signature, "stderr_tail": list(failure.tail),
+            **({"hint": failure.hint} if failure.hint else {})}
 
 
 def describe_exit(code: int) -> str:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core import events as ev
 from supervisor.core.gang import Outcome, Peer, combine, smallest
-from supervisor.core.life import Life, Settings
+from supervisor.core.life import INF, Life, Settings
 from supervisor.core.policy import Decision
 from supervisor.core.states import TERMINAL_STATES, JobState
 
@@ -129,7 +129,27 @@ class PeerRole:
                 self._on_exit(life, life.code(), e.now, e.newest)
         elif self.deferred and self._peers_ready(e.now):
             self._spawn(e.now)
+        if e.leaving:
+            self._peer_leaving(peer, e)
         self._emit(ev.Reply(e.host, self._leader_view(peer)))
+
+    def _peer_leaving(self, peer: Peer, e: ev.PeerSync) -> None:
+        """A follower's daemon shuts down and said so: it is not ready again until it syncs anew, and a
+        generation it still owes a report of ends for it now (its ranks never ran it, or are gone unreported),
+        instead of the leader waiting for a host that is not coming back."""
+        peer.heard, peer.want = -INF, False
+        life = self.life
+        self._note("gang_host_shutdown", host=e.host, gen=e.gen,
+                   reason=f"the daemon of host {e.host} shut down" + (f" (its ranks ended {e.outcome.code})"
+                                                                       if e.outcome is not None else ""))
+        if life is None or not peer.owes(life.id):
+            return
+        peer.outcome = Outcome(life.id, None)
+        if life.alive and not life.left:
+            life.left = True
+            self._rank_left(life, f"host {e.host} shut down during generation {life.id}", None, e.now)
+        elif not life.alive and not any(p.owes(life.id) for p in self.peers.values()):
+            self._on_exit(life, life.code(), e.now, e.newest)
 
     def _leader_view(self, peer: Peer) -> dict[str, Any]:
         """The reply to a follower: the generation, whether it is open (join it), the batch, the final state."""

@@ -33,6 +33,7 @@ class PolicyConfig:
     """Tunables of the policy (see the config reference for each)."""
 
     leak_threshold: float = 1.0 * MiB  # bytes/step above which growth is a leak
+    leak_rate: float = 1.0 * MiB  # bytes/second above which a guard-only life's growth is a leak
     warmup_steps: int = 3  # steps ignored at the start of a life (compile, allocator warm-up)
     window: int = 24  # steps in the slope window
     checkpoint_steps: int = 2  # steps of headroom a checkpoint-and-exit needs (at least 2)
@@ -53,6 +54,7 @@ class Action(enum.Enum):
     CLEAR_CACHE = "clear_cache"
     CHECKPOINT_EXIT = "checkpoint_exit"
     KILL = "kill"
+    TERMINATE = "terminate"  # SIGTERM to a guard-only life's group (it cannot checkpoint)
 
 
 class Diagnosis(enum.Enum):
@@ -62,6 +64,7 @@ class Diagnosis(enum.Enum):
     REGROW = "regrow"
     KILL_CEILING = "kill_ceiling"
     SYSTEM_FLOOR = "system_floor"
+    SPIKE = "spike"  # a guard-only life over its budget without a leak's growth
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,26 @@ class GangLink:
         if self.sent_at is None and now >= self.next_at:
             self._send(now)
 
-    def _send(self, now: float) -> None:
+    def farewell(self, now: float, timeout: float = 2.0) -> bool:
+        """The daemon shuts down: send the leader this host's last report (how its ranks ended, nothing alive,
+        not wanting to run) marked ``leaving``, and wait up to ``timeout`` seconds for the answer, so the leader
+        learns it at once instead of timing the host out. True when the leader answered."""
+        if self.socket is None:
+            self.socket = self._connect()
+        deadline = time.monotonic() + timeout
+        self.sent_at = None
+        while self.sent_at is None and time.monotonic() < deadline:  # IMMEDIATE: sendable once connected
+            self._send(now, leaving=True)
+            if self.sent_at is None:
+                time.sleep(0.05)
+        while self.sent_at is not None and time.monotonic() < deadline:
+            if self.socket.poll(50):
+                self._read(now)
+        told = self.sent_at is None and not self.failing
+        log.info("gang_farewell", job=self.job.name, leader=self.endpoint, answered=told)
+        return told
+
+    def _send(self, now: float, leaving: bool = False) -> None:
         assert self.socket is not None
         job = self.job
         layout = job.layout
@@ -87,6 +107,8 @@ class GangLink:
                 "gen": view["gen"], "alive": view["alive"], "want": view["want"], "ranks": job.rank_rows()}
         if view["outcome"] is not None:
             args["outcome"] = view["outcome"]
+        if leaving:
+            args["leaving"] = True
         self.request_id = f"gang-{os.getpid()}-{next(self._ids)}"
         try:
             self.socket.send(encode_request(Request(self.request_id, "gang-sync", args)), zmq.NOBLOCK)

@@ -26,7 +26,7 @@ import structlog
 
 from protocol import CheckpointSaved, Command, Goodbye, Heartbeat, Hello, Message, Step, encode
 from protocol.checkpoints import latest_step
-from protocol.messages import MAX_STEPS_ROWS, Steps
+from protocol.messages import EXIT_CHECKPOINTED, MAX_STEPS_ROWS, Steps
 from supervisor.config import JobConfig, worker_argv
 from supervisor.core import events as ev
 from supervisor.core.events import Action, Event, Refused
@@ -40,6 +40,7 @@ from supervisor.daemon.history import History
 from supervisor.daemon.ranks import rank_env, rank_rows, write_ring
 from supervisor.daemon.recorder import Recorder, expand_steps
 from supervisor.daemon.system import System, WorkerProcess
+from supervisor.daemon.tails import log_size, stderr_tail
 from supervisor.hostfile import Layout
 
 Publish = Callable[[str, str, dict[str, Any]], None]  # (job, kind, data)
@@ -56,7 +57,8 @@ ProcKey = tuple[int, int]  # (life, rank)
 def settings_of(job: JobConfig, layout: Layout | None = None) -> Settings:
     """The lifecycle settings of a job's config."""
     policy = PolicyConfig(
-        leak_threshold=float(parse_bytes(job.leak_threshold)), shrink_factor=job.shrink_factor,
+        leak_threshold=float(parse_bytes(job.leak_threshold)), leak_rate=float(parse_bytes(job.leak_rate)),
+        shrink_factor=job.shrink_factor,
         min_batch=job.min_batch, max_batch=job.batch, keep_effective_batch=job.keep_effective_batch,
         min_steps_per_life=job.min_steps_per_life, regrow_after_steps=job.regrow_after_steps,
         adaptive=job.policy == "adaptive",
@@ -108,6 +110,7 @@ class Job:
         self.procs: dict[ProcKey, WorkerProcess] = {}  # (life, rank) -> process, current and departing
         self.tokens: dict[int, str] = {}  # rank -> spawn token of the current life
         self.identities: dict[int, bytes] = {}  # rank -> worker socket identity, once it said hello
+        self.stderr_start: dict[int, int] = {}  # rank -> size of its stderr.log when the current life began
         self.next_config: JobConfig | None = None
         self.next_layout: Layout | None = layout
         self.replies: dict[str, dict[str, Any]] = {}  # gang leader: the last answer to each follower
@@ -222,9 +225,10 @@ class Job:
         self.history_record("config_changed", applies="next start")
 
     def on_peer_sync(self, now: float, host: str, gen: int, alive: int, want: bool, outcome: Outcome | None,
-                     ranks: tuple[dict[str, Any], ...]) -> dict[str, Any]:
-        """Gang leader: a follower's state arrived; returns the answer for it."""
-        self.feed(ev.PeerSync(now, host, gen, alive, want, outcome, self._newest(), ranks))
+                     ranks: tuple[dict[str, Any], ...], leaving: bool = False) -> dict[str, Any]:
+        """Gang leader: a follower's state arrived (``leaving``: its last, its daemon shuts down); returns the
+        answer for it."""
+        self.feed(ev.PeerSync(now, host, gen, alive, want, outcome, self._newest(), ranks, leaving))
         return self.replies.pop(host, {"error": "no answer"})
 
     # -- inputs from the daemon ----------------------------------------------------------------------
@@ -261,6 +265,8 @@ class Job:
             self.feed(ev.StepsIn(now, message, rank))
         elif isinstance(message, Goodbye):
             self.feed(ev.GoodbyeIn(now, message.reason, message.step, self._newest(), rank))
+        elif isinstance(message, Heartbeat) and message.waiting and self.layout is not None:
+            self.feed(ev.Waiting(now, rank, message.waiting[:64], max(0.0, message.waiting_seconds or 0.0)))
         else:
             if isinstance(message, CheckpointSaved):
                 fields = {"rank": rank} if self.layout is not None else {}
@@ -275,8 +281,8 @@ class Job:
         ``steps`` frames: see ``worker.hold``."""
         life = self.lifecycle.life
         hold = min(hold, self.lifecycle.settings.hang_timeout / 4)
-        if self.layout is not None:
-            return Heartbeat(sent_at)  # a gang's ranks meet at every step: nothing is held
+        if self.layout is not None:  # a gang's ranks meet at every step: nothing is held
+            return Heartbeat(sent_at, report_waiting=1)  # a rank blocked in a collective may say so
         if hold <= 0 or life is None or not life.estimator.levels:
             return Heartbeat(sent_at)  # nothing to compare the group's footprint with yet: no holding
         below = hold_threshold(self.limits, self.last_sampled, life.estimator.level)
@@ -332,7 +338,9 @@ class Job:
             current = self.lifecycle.life
             if current is not None and life == current.id:
                 self.identities.pop(rank, None)
-                self.feed(ev.Exited(now, code, self._newest(), rank))
+                tail = () if code in (0, EXIT_CHECKPOINTED) else stderr_tail(self._stderr(rank),
+                                                                             self.stderr_start.get(rank, 0))
+                self.feed(ev.Exited(now, code, self._newest(), rank, tail))
             elif life in self.lifecycle.departing:
                 self.feed(ev.DepartedExited(now, life, code))
         self.feed(ev.Tick(now, available, resume_above))
@@ -406,6 +414,7 @@ class Job:
             spawned = []
             for rank in self.lifecycle.settings.ranks:
                 env = self._worker_env(self.tokens[rank], action.batch, action.accum, rank)
+                self.stderr_start[rank] = log_size(self._stderr(rank))
                 proc = self.system.spawn(worker_argv(self.config), env, self._cwd(), self._log_dir(rank))
                 self.procs[(action.life, rank)] = proc
                 spawned.append((rank, proc))
@@ -438,6 +447,9 @@ class Job:
 
     def _log_dir(self, rank: int) -> Path:
         return self.paths.logs / f"rank-{rank}" if self.layout is not None else self.paths.logs
+
+    def _stderr(self, rank: int) -> Path:
+        return self._log_dir(rank) / "stderr.log"
 
     def _write_ring(self, generation: int) -> None:
         if self.layout is not None and self.paths.ring is not None:

@@ -25,11 +25,13 @@ def summarize(job: Job, wall_seconds: float) -> dict[str, Any]:
     entries, with ``batch_changes`` and ``gang_stops`` counting all; the recovery median is over the most recent
     recoveries, its maximum and ``recoveries`` over all of them."""
     stats = job.stats
+    guard = job.lifecycle.guard_only  # no steps to count: null, never 0 posing as data
     return {
         "job": job.name,
         "outcome": OUTCOMES.get(job.state, "stopped"),
-        "target_steps": stats.target_steps,
-        "steps_completed": stats.steps_completed,
+        "guard_only": guard,
+        "target_steps": None if guard else stats.target_steps,
+        "steps_completed": None if guard else stats.steps_completed,
         "restarts": stats.restarts,
         "restart_reasons": dict(stats.restart_reasons),
         "first_breach_step": stats.first_breach_step,
@@ -55,6 +57,8 @@ def summarize(job: Job, wall_seconds: float) -> dict[str, Any]:
                   for rank in job.lifecycle.settings.ranks],
         "stop_steps": list(stats.stop_steps),
         "gang_stops": stats.stop_steps.total,
+        # The last crash (exit_code or signal, stderr_tail, signature); null when nothing crashed.
+        "last_error": stats.last_error,
     }
 
 
@@ -83,6 +87,9 @@ class ProgressLine(NoHooks):
 def render(job: Job) -> str:
     stats = job.stats
     sampled = stats.max_sampled
+    if job.lifecycle.guard_only:
+        return (f"{job.name} {job.state.name:<9} guard-only  max {format_bytes(sampled)} / budget "
+                f"{format_bytes(job.limits.budget)}  restarts {stats.restarts}")
     return (
         f"{job.name} {job.state.name:<9} step {stats.steps_completed}/{stats.target_steps or '?'}"
         f"  max {format_bytes(sampled)} / budget {format_bytes(job.limits.budget)}"

@@ -186,6 +186,7 @@ class DaemonService:
     def close(self) -> None:
         for _, link in self.links.values():
             if link is not None:
+                link.farewell(self.daemon.system.now())  # bounded: the leader hears of it instead of timing out
                 link.close()
         self.control.close()
         self.daemon.close()

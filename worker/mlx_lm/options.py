@@ -76,7 +76,8 @@ OPTIONS: tuple[Option, ...] = (
     _o("grad_checkpoint", "flag", False, "gradient checkpointing (less memory, more compute)"),
     _o("clear_cache_threshold", "size", 0, "clear MLX's cache after a micro-batch when it exceeds this "
        "(bytes, or 500M / 2GB); the job's cache_clear overrides it when supervised"),
-    _o("report_to", "str", None, "not supported: telemetry goes to mlxsupd (mlxsupctl tail JOB telemetry)"),
+    _o("report_to", "str", None, "not supported: the same curves come from mlxsupd "
+       "(mlxsupctl tail -f JOB telemetry, or the dashboard)"),
     _o("project_name", "str", None, "accepted for compatibility (used with report_to only)"),
     _o("seed", "int", 0, "seed of LoRA initialisation, data order and dropout"),
     _o("trust_remote_code", "flag", False, "let the tokenizer/model run code from the model repo"),
@@ -178,8 +179,10 @@ def _check(values: dict[str, Any]) -> None:
         raise OptionError(f"iters = {values['iters']} is less than grad_accumulation_steps = "
                           f"{values['grad_accumulation_steps']}: no optimizer step would be taken")
     if values["report_to"]:
-        raise OptionError(f"report_to = {values['report_to']!r}: not supported by {PROG}; the daemon records "
-                          "telemetry (mlxsupctl tail JOB telemetry)")
+        raise OptionError(f"report_to = {values['report_to']!r}: not supported by {PROG}; the same curves (loss, "
+                          "validation loss, tokens/s, memory per step) come from the daemon: `mlxsupctl tail -f JOB "
+                          "telemetry` streams them as JSON lines (also in the job's telemetry.jsonl), and "
+                          "`mlxsupctl dashboard` shows them live where it is installed")
     schedule = values["lr_schedule"]
     if schedule is not None and not (isinstance(schedule, dict) and isinstance(schedule.get("name"), str)
                                      and isinstance(schedule.get("arguments"), list)):

@@ -68,7 +68,8 @@ def adapter_dir(args: types.SimpleNamespace) -> Path:
 
 def write_adapter_config(args: types.SimpleNamespace) -> None:
     """``adapter_config.json`` with the options, which ``mlx_lm.generate``/``fuse`` read to rebuild the layers."""
-    config = {k: v for k, v in vars(args).items() if k not in ("train", "checkpoint_dir")}
+    config = {k: v for k, v in vars(args).items() if k != "checkpoint_dir"}
+    config["train"] = True  # as mlx_lm.lora writes it when training (this worker always trains)
     config["lora_parameters"] = None if args.fine_tune_type == "full" else args.lora_parameters
     target = adapter_dir(args) / ADAPTER_CONFIG
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")

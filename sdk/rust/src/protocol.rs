@@ -166,6 +166,11 @@ pub struct Heartbeat {
     pub hold_below: Option<u64>,
     pub hold_horizon: Option<u64>,
     pub hold_rows: Option<u64>,
+    /// Daemon only: 1 lets a rank blocked inside a collective say so (`waiting`); this crate decodes it.
+    pub report_waiting: Option<u64>,
+    /// Worker only: the collective it is blocked in (no sign of life); this crate does not send it.
+    pub waiting: Option<String>,
+    pub waiting_seconds: Option<f64>,
 }
 
 /// What the daemon asks for at the next step boundary.
@@ -247,6 +252,9 @@ impl Message {
                 map.insert("hold_below".into(), serde_json::json!(m.hold_below));
                 map.insert("hold_horizon".into(), serde_json::json!(m.hold_horizon));
                 map.insert("hold_rows".into(), serde_json::json!(m.hold_rows));
+                map.insert("report_waiting".into(), serde_json::json!(m.report_waiting));
+                map.insert("waiting".into(), serde_json::json!(m.waiting));
+                map.insert("waiting_seconds".into(), serde_json::json!(m.waiting_seconds));
             }
             _ => {}
         }
@@ -317,6 +325,15 @@ impl Message {
                 }
                 if let Some(rows) = m.hold_rows {
                     f.push(("hold_rows", Int(rows.into())));
+                }
+                if let Some(report) = m.report_waiting {
+                    f.push(("report_waiting", Int(report.into())));
+                }
+                if let Some(waiting) = &m.waiting {
+                    f.push(("waiting", Str(waiting.clone())));
+                }
+                if let Some(seconds) = m.waiting_seconds {
+                    f.push(("waiting_seconds", Float(seconds)));
                 }
                 f
             }
@@ -716,7 +733,8 @@ impl Fields<'_> {
             "heartbeat" => Message::Heartbeat(Heartbeat {
                 sent_at: self.float("sent_at")?, token: self.string_opt("token")?, hold: self.float_opt("hold")?,
                 hold_below: self.int_opt("hold_below")?, hold_horizon: self.int_opt("hold_horizon")?,
-                hold_rows: self.int_opt("hold_rows")?,
+                hold_rows: self.int_opt("hold_rows")?, report_waiting: self.int_opt("report_waiting")?,
+                waiting: self.string_opt("waiting")?, waiting_seconds: self.float_opt("waiting_seconds")?,
             }),
             "command" => {
                 let name = self.string("action")?;

@@ -28,6 +28,7 @@ class GangSync(ControlCommand):
     wire: ClassVar[dict[str, tuple[type, bool]]] = {
         "job": (str, True), "host": (str, True), "layout": (str, True), "epoch": (str, True), "gen": (int, True),
         "alive": (int, True), "want": (bool, True), "outcome": (dict, False), "ranks": (list, False),
+        "leaving": (bool, False),
     }
 
     def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
@@ -44,7 +45,7 @@ class GangSync(ControlCommand):
             raise ControlError(ControlError.BAD_VALUE, str(exc)) from None
         ranks = tuple(r for r in args.get("ranks", []) if isinstance(r, dict))[:64]
         reply = job.on_peer_sync(daemon.daemon.system.now(), args["host"], args["gen"] if same else 0,
-                                 max(0, args["alive"]), args["want"], outcome, ranks)
+                                 max(0, args["alive"]), args["want"], outcome, ranks, bool(args.get("leaving")))
         if "error" in reply:
             raise ControlError(ControlError.BAD_VALUE, str(reply["error"]))
         return {**reply, "epoch": daemon.epoch}

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from protocol.control import ControlError
 from supervisor.control.access import Role
 from supervisor.control.commands.base import ControlCommand, job_of
+from supervisor.core.guard import guard_numbers
 from supervisor.core.sizes import format_bytes
 from supervisor.hostfile import describe as describe_layout
 
@@ -33,8 +34,25 @@ def describe(job: Job) -> dict[str, Any]:
         "transient_bytes": estimator.transient if estimator else 0,
         "baseline_bytes": estimator.baseline if estimator else None,
         "samples_over_budget": stats.samples_over_budget, "final_loss": stats.final_loss,
-        "io_errors": dict(job.io_errors), **gang_status(job),
+        "io_errors": dict(job.io_errors), "last_decision": job.last_decision.get(0, ""),
+        "last_error": stats.last_error, **gang_status(job),
+        **guard_status(job),
     }
+
+
+def guard_status(job: Job) -> dict[str, Any]:
+    """A guard-only job has no steps, batch or per-step slope: those are null, and its growth per second with
+    the predicted time to the budget (``budget_in_seconds``, null when not growing) take their place."""
+    if not job.lifecycle.guard_only:
+        return {"guard_only": False}
+    life = job.life
+    growth = guard_numbers(life.lead.growth, job.limits, job.last_sampled, job.system.now()) if life else {
+        "growth_bytes_per_second": None, "sampled_seconds": None, "budget_in_seconds": None}
+    return {"guard_only": True, "guard": growth, **dict.fromkeys(GUARD_NULLS)}
+
+
+GUARD_NULLS = ("step", "target_steps", "steps_per_second", "batch", "accum", "leak_bytes_per_step", "transient_bytes",
+               "baseline_bytes", "final_loss")
 
 
 def gang_status(job: Job) -> dict[str, Any]:
@@ -59,9 +77,20 @@ def gang_status(job: Job) -> dict[str, Any]:
 
 def status_line(row: dict[str, Any]) -> str:
     mem = f"{format_bytes(row['sampled_bytes'])}/{format_bytes(row['budget_bytes'])}"
-    line = (f"{row['name']:<16} {row['state']:<18} pid {row['pid'] or '-'!s:<7} "
-            f"step {row['step']}/{row['target_steps'] or '?':<8} mem {mem:<22} "
-            f"batch {row['batch']}x{row['accum']}  restarts {row['restarts']}")
+    if row.get("guard_only"):
+        growth = row["guard"]["growth_bytes_per_second"]
+        grows = f"growth {format_bytes(growth)}/s" if growth is not None else "not sampled yet"
+        line = (f"{row['name']:<16} {row['state']:<18} pid {row['pid'] or '-'!s:<7} guard-only    mem {mem:<22} "
+                f"{grows}  restarts {row['restarts']}")
+    else:
+        line = (f"{row['name']:<16} {row['state']:<18} pid {row['pid'] or '-'!s:<7} "
+                f"step {row['step']}/{row['target_steps'] or '?':<8} mem {mem:<22} "
+                f"batch {row['batch']}x{row['accum']}  restarts {row['restarts']}")
+    error = row.get("last_error")
+    if error and row["state"] in ("BACKOFF", "FATAL", "STARTING", "STOPPED"):
+        said = next((line.strip() for line in reversed(error["stderr_tail"]) if line.strip()), "")
+        how = f"exit {error['exit_code']}" if error["exit_code"] is not None else error["signal"]
+        line += f"\n  last error ({how}{', ' + error['signature'] if error['signature'] else ''}): {said[:160]}"
     if "gang" in row:
         gang = row["gang"]
         line += f"\n  gang: {gang['world']} ranks, generation {gang['generation']}, this host {gang['host']}"
