@@ -27,7 +27,8 @@ GROWTH_PER_RESTART = 1536  # bytes of daemon RSS per restart allowed from WARM t
 
 @pytest.mark.timeout(600)  # about 80 s alone; several times that on a loaded 2-core machine
 def test_the_daemon_keeps_nothing_per_restart(tmp_path: Path, run_dir: Path) -> None:
-    """From restart 300 to 1000 the daemon's RSS grows by under 1.5 KiB per restart; fds and threads stay equal;
+    """From restart 300 to 1000 the daemon's RSS grows by under 1.5 KiB per restart; threads stay equal, fds within
+    one per job (a live worker's);
     the state dir stays within its rotation bound.
 
     Why 1.5 KiB per restart (about 1 MiB over the 700 restarts measured): before issue 29 the daemon kept about
@@ -68,7 +69,10 @@ def test_the_daemon_keeps_nothing_per_restart(tmp_path: Path, run_dir: Path) -> 
         grown = last["rss_bytes"] - first["rss_bytes"]
         per_restart = grown / (last["restarts"] - first["restarts"])
         assert per_restart < GROWTH_PER_RESTART, f"RSS grew {grown} bytes, {per_restart:.0f} per restart: {figures}"
-        assert (first["fds"], first["threads"]) == (last["fds"], last["threads"]), figures
+        # The daemon holds one fd per live worker (its /proc statm reader), and how many of the 4 jobs' workers are
+        # alive at a look depends on the moment: fds may differ by that much, never by one per restart.
+        assert abs(last["fds"] - first["fds"]) <= shape.sdk_jobs + shape.guard_jobs, figures
+        assert first["threads"] == last["threads"], figures
         assert disk_used(area.state_dir) <= disk_bound(shape)
     finally:
         if tail is not None:
