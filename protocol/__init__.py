@@ -20,6 +20,7 @@ from protocol.messages import (
     Steps,
     Welcome,
     decode,
+    decode_parts,
     encode,
     negotiate,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "Steps",
     "Welcome",
     "decode",
+    "decode_parts",
     "encode",
     "negotiate",
 ]

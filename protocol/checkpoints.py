@@ -12,7 +12,6 @@ its ``meta.json``.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +22,8 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
+
+from protocol.durable import full_fsync
 
 FORMAT: Final = 1
 META_FILE: Final = "meta.json"
@@ -67,23 +68,6 @@ def latest_step(directory: Path) -> int | None:
     """Step of the newest checkpoint by name (cheap, unverified); None when there is none."""
     paths = list_checkpoints(directory)
     return step_of(paths[-1]) if paths else None
-
-
-def full_fsync(fd: int) -> None:
-    """Make what was written to ``fd`` (a file, or a directory's entries) survive a power loss.
-
-    On macOS ``fsync`` only hands the data to the drive, whose cache may still lose it (xnu fsync(2)); only
-    ``fcntl(F_FULLFSYNC)`` asks the drive to flush. Where that fcntl does not exist or fails (a file system that
-    does not support it), ``fsync`` is what there is.
-    """
-    command = getattr(fcntl, "F_FULLFSYNC", None)
-    if command is not None:
-        try:
-            fcntl.fcntl(fd, command)
-            return
-        except OSError:
-            pass
-    os.fsync(fd)
 
 
 @dataclasses.dataclass(frozen=True)

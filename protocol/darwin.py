@@ -31,7 +31,12 @@ SI_PID_OFFSET: Final = 12
 # bsd/sys/resource.h
 RUSAGE_INFO_V2: Final = 2
 # <unistd.h>: confstr's per-user temporary directory (/var/folders/…/T/). CPython's os.confstr_names has no
-# entry for it (Modules/posixmodule.c), but os.confstr takes the number.
+# entry for it (Modules/posixmodule.c), but os.confstr takes the number. Checked against Apple's header:
+# "#define _CS_DARWIN_USER_TEMP_DIR 65537" (beside _CS_DARWIN_USER_DIR 65536 and _CS_DARWIN_USER_CACHE_DIR 65538,
+# under __DARWIN_C_LEVEL >= __DARWIN_C_FULL) in the macOS 13 SDK's usr/include/unistd.h, as vendored by Zig
+# (github.com/ziglang/zig, lib/libc/include/any-macos.13-any/unistd.h, commit f2892775990a). The 10.4u SDK's
+# unistd.h (github.com/phracker/MacOSX-SDKs) has no _CS_DARWIN_* names: the number is newer than 10.4.
+# tests/test_darwin_real.py asks the real confstr on a Mac and compares with $TMPDIR.
 CS_DARWIN_USER_TEMP_DIR: Final = 65537
 # The dylibs live in the dyld shared cache on recent macOS: dlopen finds them though no file exists.
 LIBSYSTEM: Final = "/usr/lib/libSystem.B.dylib"

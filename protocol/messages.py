@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Final, Union, get_args, get_origin, get_type_h
 
 import msgpack
 
-PROTOCOL_VERSION: Final = 1  # the newest version this side speaks
+PROTOCOL_VERSION: Final = 2  # the newest version this side speaks (docs/PROTOCOL.md 1.1: see section 4)
 MIN_PROTOCOL_VERSION: Final = 1  # the oldest version this side still reads
 MAX_MESSAGE_BYTES: Final = 64 * 1024
 MAX_STRING_CHARS: Final = 4096
@@ -37,7 +37,8 @@ class ProtocolError(ValueError):
     """A frame that is not a valid message; the text names what is wrong, ``kind`` classifies it.
 
     Kinds (shared with other SDKs through the test vectors): ``too_large``, ``not_msgpack``, ``not_a_map``,
-    ``version``, ``unknown_type``, ``missing_field``, ``field_type``, ``field_value``; ``invalid`` otherwise.
+    ``version``, ``unknown_type``, ``missing_field``, ``field_type``, ``field_value``, ``multipart``;
+    ``invalid`` otherwise.
     """
 
     def __init__(self, message: str, kind: str = "invalid") -> None:
@@ -78,8 +79,8 @@ class Step:
     accum: int
     loss: float
     step_seconds: float
-    mlx_active: int
-    mlx_cache: int
+    mlx_active: int | None  # None (nil, version 2 frames): not measured, which is not 0
+    mlx_cache: int | None  # None: not measured
     mlx_peak: int
     footprint: int
     tokens_per_second: float | None = None  # absent: not measured
@@ -103,8 +104,8 @@ class Steps:
     accum: tuple[int, ...]
     loss: tuple[float, ...]
     step_seconds: tuple[float, ...]
-    mlx_active: tuple[int, ...]
-    mlx_cache: tuple[int, ...]
+    mlx_active: tuple[int | None, ...]
+    mlx_cache: tuple[int | None, ...]
     mlx_peak: tuple[int, ...]
     footprint: tuple[int, ...]
     tokens_per_second: tuple[float | None, ...] | None = None
@@ -203,7 +204,7 @@ class _Field:
     kind: type[Any]  # int, float or str
     required: bool
     default: Any
-    nullable: bool  # nil on the wire means "absent"
+    nullable: bool  # nil on the wire: "absent" for an optional field, "not measured" (None) for a required one
 
 
 def _fields_of(cls: type[Any]) -> tuple[_Field, ...]:
@@ -234,14 +235,23 @@ def negotiate(worker_max: int) -> int:
     return min(worker_max, PROTOCOL_VERSION)
 
 
-def encode(message: Message, version: int = PROTOCOL_VERSION) -> bytes:
-    """Serialize one message to a frame; optional fields holding their default are left out."""
+def encode(message: Message, version: int = MIN_PROTOCOL_VERSION) -> bytes:
+    """Serialize one message to a frame written in ``version`` (by default 1, which every peer reads: a sender
+    passes the version its welcome agreed); optional fields holding their default are left out."""
     body: dict[str, Any] = {"v": version, "t": message.TAG}
     for field in _FIELDS[message.TAG]:
         value = getattr(message, field.name)
         if field.required or value != field.default:
             body[field.name] = value
     return _PACKER.pack(body)  # type: ignore[no-any-return]
+
+
+def decode_parts(parts: Sequence[bytes]) -> Message:
+    """Decode one ZeroMQ message as received (``recv_multipart``): a message of more than one part is refused
+    whole (``multipart``), even when its first part is a valid frame (docs/PROTOCOL.md section 2)."""
+    if len(parts) != 1:
+        raise ProtocolError(f"a message of {len(parts)} parts: a frame is one single-part message", "multipart")
+    return decode(parts[0])
 
 
 def decode(frame: bytes) -> Message:
@@ -274,6 +284,7 @@ def decode(frame: bytes) -> Message:
 
 
 _INTS: Final = frozenset({int})
+_OPTIONAL_INTS: Final = frozenset({int, type(None)})
 _NUMBERS: Final = frozenset({int, float})
 _OPTIONAL_NUMBERS: Final = frozenset({int, float, type(None)})
 
@@ -301,16 +312,19 @@ def _steps(body: dict[str, Any]) -> Steps:
         elif len(column) != count:
             raise ProtocolError(f"steps.{name}: {len(column)} rows, 'step' has {count}", "field_value")
         kinds = set(map(type, column))
-        allowed = _INTS if field.kind is int else _NUMBERS if field.required else _OPTIONAL_NUMBERS
+        nil_ok = field.nullable
+        allowed = (_OPTIONAL_INTS if nil_ok else _INTS) if field.kind is int else (
+            _OPTIONAL_NUMBERS if nil_ok else _NUMBERS)
         if not kinds <= allowed:
             bad = next(k for k in kinds if k not in allowed)
             expected = "integers" if field.kind is int else "numbers"
             raise ProtocolError(f"steps.{name}: expected {expected}, got {bad.__name__}", "field_type")
         if field.kind is int:
-            if min(column) < 0 or max(column) > MAX_INT:
+            values = [v for v in column if v is not None] if nil_ok and type(None) in kinds else column
+            if values and (min(values) < 0 or max(values) > MAX_INT):
                 raise ProtocolError(f"steps.{name}: a value is outside 0..2**63-1", "field_value")
         else:
-            if any(map(math.isinf, column if field.required else [v for v in column if v is not None])):
+            if any(map(math.isinf, [v for v in column if v is not None] if nil_ok else column)):
                 raise ProtocolError(f"steps.{name}: infinite value", "field_value")
             if int in kinds:
                 column = [None if v is None else float(v) for v in column]
@@ -322,13 +336,20 @@ def _steps(body: dict[str, Any]) -> Steps:
     return Steps(**columns)  # type: ignore[arg-type]
 
 
+_KIND_NAMES: Final = {int: "an integer", float: "a number", str: "a string"}
+
+
 def _check(tag: str, field: _Field, body: dict[str, Any]) -> Any:
     name, kind = field.name, field.kind
     value = body.get(name)
-    if value is None and (name not in body or not field.required):  # nil in an optional field: absent
-        if field.required:
+    if value is None:
+        if field.required and name not in body:
             raise ProtocolError(f"{tag}: missing field {name!r}", "missing_field")
-        return field.default
+        if not field.required:
+            return field.default  # nil in an optional field: absent
+        if field.nullable:
+            return None  # nil in a required field that allows it: not measured
+        raise ProtocolError(f"{tag}.{name}: expected {_KIND_NAMES[kind]}, got nil", "field_type")
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ProtocolError(f"{tag}.{name}: expected an integer, got {type(value).__name__}", "field_type")

@@ -2,7 +2,7 @@
 
 ``python tests/_ref_worker.py --steps N [--step-ms MS] [--break MODE] [--future]``. With no ``--break`` it
 follows the spec, so the conformance kit must pass it; each MODE breaks the rule one check is about, so that
-check must FAIL. ``--future`` plays a newer worker: hello offers protocol 2 and every frame carries extra fields.
+check must FAIL. ``--future`` plays a newer worker: hello offers protocol 3 and every frame carries extra fields.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from protocol.checkpoints import CheckpointDamaged, checkpoint_name, hash_file, 
 from protocol.messages import CheckpointSaved, Command, Goodbye, Heartbeat, Hello, ProtocolError, Step, Welcome, decode
 
 MODES = ("wrong_token", "ms_seconds", "mid_step_checkpoint", "bad_hash", "acts_on_invalid", "crash_on_garbage",
-         "strict_fields", "exit_zero", "fresh_start", "deaf", "no_sigterm", "keep_all", "no_finish_goodbye")
+         "strict_fields", "exit_zero", "fresh_start", "deaf", "no_sigterm", "keep_all", "no_finish_goodbye",
+         "reads_parts", "steps_past_target")
 
 
 class Worker:
@@ -47,7 +48,7 @@ class Worker:
     def send(self, message: Any) -> None:
         body = {"v": 1, "t": message.TAG, **{k: v for k, v in dataclasses.asdict(message).items() if v is not None}}
         if self.args.future:
-            body.update({"protocol": 2} if body["t"] == "hello" else {}, gpu_watts=12.5, notes=["from v2"])
+            body.update({"protocol": 3} if body["t"] == "hello" else {}, gpu_watts=12.5, notes=["from v3"])
         self.sock.send(msgpack.packb(body, use_bin_type=True))
 
     def resume(self) -> int:
@@ -62,7 +63,10 @@ class Worker:
     def commands(self) -> list[Command]:
         found = []
         while self.sock.poll(0):
-            frame = self.sock.recv()
+            parts = self.sock.recv_multipart() if self.mode != "reads_parts" else [self.sock.recv()]
+            if len(parts) != 1:
+                continue  # a multi-part message is refused whole (PROTOCOL.md 2)
+            frame = parts[0]
             if self.mode == "acts_on_invalid":  # a lenient reader: anything with an action is a command
                 try:
                     body = msgpack.unpackb(frame)
@@ -70,6 +74,9 @@ class Worker:
                     continue
                 if isinstance(body, dict) and "action" in body:
                     found.append(Command(str(body["action"]), str(body.get("reason", ""))))
+                continue
+            if self.args.v1_only and msgpack.unpackb(frame).get("v") != 1:
+                print("refused a frame that is not version 1", flush=True)  # a 1.0 worker reads nothing newer
                 continue
             try:
                 message = decode(frame)
@@ -129,7 +136,9 @@ class Worker:
         token = "not-the-token" if self.mode == "wrong_token" else os.environ["MLXSUP_TOKEN"]
         self.send(Hello(token, os.getpid(), os.environ["MLXSUP_JOB"], step, self.args.steps, self.batch, self.accum))
         last = time.perf_counter()
-        while step < self.args.steps:
+        first = self.mode == "steps_past_target"  # broken: always trains a step, even resumed at the target
+        while step < self.args.steps or first:
+            first = False
             time.sleep(self.args.step_ms / 1000)
             step += 1
             if self.mode == "mid_step_checkpoint":
@@ -153,6 +162,7 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=5.0)
     parser.add_argument("--break", dest="mode", choices=MODES, default="")
     parser.add_argument("--future", action="store_true")
+    parser.add_argument("--v1-only", action="store_true", help="play a 1.0 worker: read version 1 frames only")
     Worker(parser.parse_args()).run()
 
 

@@ -24,6 +24,26 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"dim": 32, "layers": 1, "heads": 2, "context": 32}
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The platform marks (registered in pyproject.toml): ``linux_only(reason)`` skips a test off Linux (it reads
+    /proc, uses pidfd, epoll or systemd, or needs Linux namespaces), ``darwin_only(call)`` skips a real macOS call
+    off macOS. Either way the reason names the platform, so a skip says why it did not run here."""
+    for item in items:
+        for mark in item.iter_markers("linux_only"):
+            if not sys.platform.startswith("linux"):
+                item.add_marker(pytest.mark.skip(reason=f"Linux only ({_mark_text(mark)}); this is {sys.platform}"))
+        for mark in item.iter_markers("darwin_only"):
+            if sys.platform != "darwin":
+                item.add_marker(pytest.mark.skip(
+                    reason=f"macOS only (the real call: {_mark_text(mark)}); this is {sys.platform}"))
+
+
+def _mark_text(mark: pytest.Mark) -> str:
+    if len(mark.args) != 1 or not isinstance(mark.args[0], str) or not mark.args[0]:
+        raise pytest.UsageError(f"@pytest.mark.{mark.name} takes one string, what it needs: got {mark.args!r}")
+    return mark.args[0]
+
+
 @pytest.fixture
 def run_dir() -> Iterator[Path]:
     """A short private directory for ipc sockets (pytest's tmp_path can exceed the ipc path limit)."""

@@ -3,7 +3,7 @@
 # where the machine lets us, and otherwise reported with what to run. Never fatal: a group that cannot be had
 # makes its tests skip with the reason (for the Rust SDK: tests/rust_toolchain.py), never a red suite.
 #
-#   bash tests/sysdeps.sh [GROUP...]      groups: rust systemd (default: all)
+#   bash tests/sysdeps.sh [GROUP...]      groups: rust systemd browser prometheus (default: all)
 #
 # Debian or Ubuntu as root: apt-get (one `apt-get update`, only when something is missing).
 # macOS with Homebrew: brew (rust, zeromq, pkg-config); crates then come from crates.io.
@@ -15,6 +15,8 @@ RUST_DEBS="cargo rustc pkg-config libzmq3-dev librust-zmq-dev librust-rmp-serde-
   librust-serde-json-dev librust-sha2-dev librust-libc-dev"
 RUST_BREWS="rust zeromq pkg-config"
 SYSTEMD_DEBS="systemd"
+BROWSER_DEBS="chromium chromium-driver"  # the dashboard's page, loaded headless
+PROMETHEUS_DEBS="prometheus"  # promtool and a real server scraping /metrics
 
 log() { echo "sysdeps: $*"; }
 
@@ -22,6 +24,8 @@ debs_of() {
   case "$1" in
     rust) echo "$RUST_DEBS" ;;
     systemd) echo "$SYSTEMD_DEBS" ;;
+    browser) echo "$BROWSER_DEBS" ;;
+    prometheus) echo "$PROMETHEUS_DEBS" ;;
   esac
 }
 
@@ -74,13 +78,14 @@ on_mac() {
             || log "rust: NOT installed (brew install $RUST_BREWS failed); the Rust SDK tests will skip"
         fi ;;
       systemd) log "systemd: not on macOS (launchd is tested instead)" ;;
+      *) log "$group: not installed on macOS by make test; its tests skip and say why" ;;
     esac
   done
 }
 
 main() {
   local groups=("$@")
-  [ ${#groups[@]} -gt 0 ] || groups=(rust systemd)
+  [ ${#groups[@]} -gt 0 ] || groups=(rust systemd browser prometheus)
   case "$(uname -s)" in
     Darwin)
       if command -v brew >/dev/null 2>&1; then

@@ -222,10 +222,13 @@ class TestRetention:
         assert scratch_entries(tmp_path) == []
 
     def test_just_saved_older_step_survives_pruning(self, tmp_path: Path) -> None:
-        for step in (10, 20, 30):
+        """PROTOCOL.md 6.3: newer checkpoints (damaged ones the load passed over) are neither counted nor
+        removed; the K newest up to the one just written are kept."""
+        for step in (5, 10, 20, 30):
             save_step(tmp_path, step)
         save_step(tmp_path, 15, keep=2)  # e.g. resumed from 10 after 20 and 30 were found damaged
-        assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-0000000015", "ckpt-0000000030"]
+        assert [p.name for p in list_checkpoints(tmp_path)] == [
+            "ckpt-0000000010", "ckpt-0000000015", "ckpt-0000000020", "ckpt-0000000030"]
 
 
 def truncate_model(path: Path) -> None:
@@ -430,6 +433,7 @@ def mount_tmpfs(mountpoint: Path, size: str) -> str | None:
 class TestWriteErrors:
     """A failed write raises CheckpointError, removes its temp dir and leaves older checkpoints intact."""
 
+    @pytest.mark.linux_only("mounts a size-limited tmpfs (macOS has none)")
     def test_disk_full(self, tmp_path: Path) -> None:
         disk = tmp_path / "disk"
         reason = mount_tmpfs(disk, "2m")

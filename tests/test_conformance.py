@@ -39,6 +39,8 @@ BROKEN = {
     "no_sigterm": "sigterm",
     "keep_all": "keep_checkpoints",
     "no_finish_goodbye": "finish",
+    "reads_parts": "multipart_refused",  # reads each part of a message as a frame of its own
+    "steps_past_target": "resume_at_target",  # trains a step past its target after resuming there
 }
 
 
@@ -116,7 +118,8 @@ class TestCommandLine:
 
 
 class TestForwardCompatibility:
-    """A newer worker (hello offers protocol 2, unknown fields everywhere) is supervised by this daemon."""
+    """A newer worker (hello offers protocol 3, unknown fields everywhere) is supervised by this daemon, and an
+    older one (a version 1 hello, no protocol field) too: the daemon speaks version 1 to it."""
 
     def test_newer_worker_runs_to_the_end_under_mlxsupd(self, config_file: Any, tmp_path: Path) -> None:
         path = config_file({"j": {"command": [*REF[:2], "--steps", "60", "--future"], "checkpoint_every": 0,
@@ -126,4 +129,15 @@ class TestForwardCompatibility:
         assert summary["outcome"] == "finished" and summary["steps_completed"] == 60
         assert "worker_frame_rejected" not in done.stderr
         stdout = (tmp_path / "state" / "logs" / "jobs" / "j" / "stdout.log").read_text()
-        assert "welcome protocol=1" in stdout  # negotiated down to what this daemon speaks
+        assert "welcome protocol=2" in stdout  # negotiated down to what this daemon speaks
+
+    def test_version_one_worker_runs_to_the_end_under_mlxsupd(self, config_file: Any, tmp_path: Path) -> None:
+        """The reference worker sends a hello without ``protocol`` (a 1.0 worker) and reads only v 1 frames."""
+        path = config_file({"j": {"command": [*REF[:2], "--steps", "60", "--v1-only"], "checkpoint_every": 0,
+                                  "env": {"PYTHONPATH": str(ROOT)}}})
+        done, summary = run_to_end(path, "j", tmp_path / "s.json", timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert summary["outcome"] == "finished" and summary["steps_completed"] == 60
+        assert "worker_frame_rejected" not in done.stderr
+        stdout = (tmp_path / "state" / "logs" / "jobs" / "j" / "stdout.log").read_text()
+        assert "welcome protocol=1" in stdout and "refused" not in stdout

@@ -17,15 +17,19 @@ from typing import Any
 import pytest
 
 from protocol import darwin
+from protocol.durable import write_durably
 from supervisor import paths
 from supervisor.config import ConfigError, write_config
+from supervisor.daemon.ranks import write_ring
 from supervisor.daemon.rundir import RunDirError, ipc_socket, prepare_run_dir
+from supervisor.hostfile import build_layout
 from tests.conftest import SMALL, mlxsupd
 from worker import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 LANE = {"MLXSUP_FAKE_MACOS": "1", "PYTHONPATH": str(ROOT / "tests" / "fake_macos")}
 IN_LANE = os.environ.get("MLXSUP_FAKE_MACOS") == "1"
+LANE_ONLY = "the macOS-shaped lane fakes macOS on Linux: its libSystem fake reads /proc and calls os.waitid"
 SHAPE = """
 import fcntl, json, os, select
 from protocol.darwin import is_macos
@@ -50,6 +54,8 @@ def fake_darwin_paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
 
 
+@pytest.mark.linux_only(LANE_ONLY)
+@pytest.mark.darwin_real("TestLibSystemWaitid::test_this_pythons_exit_probe_supervises_a_straggler")
 class TestLaneShape:
     """MLXSUP_FAKE_MACOS=1 plus the sitecustomize on PYTHONPATH makes any Python process look like macOS 3.11."""
 
@@ -72,6 +78,7 @@ class TestLaneShape:
         assert not hasattr(os, "waitid") and darwin.is_macos() and darwin.darwin() is not None
 
 
+@pytest.mark.darwin_real("TestRunDir::test_sun_path_is_104_bytes_with_its_nul")
 class TestSocketPathLimit:
     """104 bytes on macOS, 108 on Linux, the terminating NUL included; an error names the path and the limit."""
 
@@ -104,6 +111,7 @@ class TestSocketPathLimit:
             ipc_socket(tmp_path, "other.sock")
 
 
+@pytest.mark.darwin_real("TestRunDir::test_default_run_dir_is_under_tmpdir_and_its_sockets_bind")
 class TestDefaultRunDirWithFakeDarwin:
     """macOS: under the per-user $TMPDIR (macOS deletes /tmp entries untouched for 3 days); without it, confstr's
     per-user temp dir, asked by number; failing that ~/Library/Caches/mlxsup/run, or /var/run/mlxsup for root."""
@@ -133,6 +141,7 @@ class TestDefaultRunDirWithFakeDarwin:
         monkeypatch.setattr(os, "confstr_names", {k: v for k, v in os.confstr_names.items() if "DARWIN" not in k})
         return fake
 
+    @pytest.mark.darwin_real("TestRunDir::test_confstr_65537_is_the_per_user_tmpdir")
     def test_fake_confstr_is_asked_by_number_without_tmpdir(self, fake_confstr: dict[str, Any]) -> None:
         fake_confstr["answer"] = "/var/folders/x1/abc/T/"
         assert paths.default_run_dir() == Path("/var/folders/x1/abc/T/mlxsup")
@@ -164,6 +173,7 @@ class TestDefaultRunDirWithFakeDarwin:
         assert paths.default_run_dir() == Path("/var/run/mlxsup")
 
     @pytest.mark.skipif(IN_LANE, reason="Linux's defaults are checked outside the lane")
+    @pytest.mark.linux_only("Linux's default run dir ($XDG_RUNTIME_DIR)")
     def test_linux_default_unchanged(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
         assert paths.default_run_dir() == Path("/run/user/1000/mlxsup")
@@ -172,6 +182,7 @@ class TestDefaultRunDirWithFakeDarwin:
         assert paths.default_run_dir() == Path(f"/tmp/mlxsup-{os.getuid()}")
 
 
+@pytest.mark.darwin_real("TestFullFsync::test_durable_write_never_falls_back_to_fsync")
 class TestFullFsyncWithFakeFcntl:
     """Checkpoint files and directories go through F_FULLFSYNC, with fsync where it is missing or fails."""
 
@@ -211,6 +222,23 @@ class TestFullFsyncWithFakeFcntl:
             checkpoint.full_fsync(fh.fileno())
         assert calls["fullfsync"] == [] and len(calls["fsync"]) == 1
 
+    def test_fake_fcntl_fullfsync_for_the_daemons_summary_and_ring_file(self, calls: dict[str, list[int]],
+                                                                        tmp_path: Path) -> None:
+        layout = build_layout(2, [], None, "", 29000, [])
+        assert layout is not None
+        write_ring(layout, tmp_path / "gang" / "ring.json", 3)
+        write_durably(tmp_path / "summary.json", "{}\n")  # what run_one writes its --summary with
+        # each: the file, then its directory after the rename; fsync only where F_FULLFSYNC fails
+        assert len(calls["fullfsync"]) == 4 and calls["fsync"] == []
+        assert json.loads((tmp_path / "gang" / "ring.json").read_text()) and (tmp_path / "summary.json").read_text()
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["gang", "ring.json", "summary.json"]  # no temp left
+
+    def test_fake_fcntl_failure_in_a_durable_write_falls_back_to_fsync(
+            self, calls: dict[str, list[int]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("FAKE_FULLFSYNC_FAILS", "1")
+        write_durably(tmp_path / "summary.json", b"{}")
+        assert calls["fullfsync"] == [] and len(calls["fsync"]) == 2
+
     def test_without_the_constant_fsync_is_used(self, calls: dict[str, list[int]], tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delattr(fcntl, "F_FULLFSYNC")
@@ -220,6 +248,8 @@ class TestFullFsyncWithFakeFcntl:
 
 
 @pytest.mark.slow
+@pytest.mark.linux_only(LANE_ONLY)
+@pytest.mark.darwin_real("TestLibSystemWaitid::test_this_pythons_exit_probe_supervises_a_straggler")
 class TestLeakJobWithoutWaitid:
     """`mlxsupd run` on a leaking job, daemon and workers all shaped like macOS CPython 3.11 (fake libSystem)."""
 
@@ -247,5 +277,6 @@ class TestLeakJobWithoutWaitid:
         for line in log.read_text().splitlines():
             pid, name = line.split()
             used.setdefault(pid, set()).add(name)
-        assert {"waitid", "proc_listpgrppids", "proc_pid_rusage"} <= used.pop(str(daemon.pid))
+        # the daemon's own: the exit probe, the group walk, the footprints, and F_FULLFSYNC for its --summary
+        assert {"waitid", "proc_listpgrppids", "proc_pid_rusage", "F_FULLFSYNC"} <= used.pop(str(daemon.pid))
         assert len(used) >= 2 and all("F_FULLFSYNC" in names for names in used.values())  # every worker life

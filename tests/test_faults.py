@@ -86,6 +86,7 @@ def test_symlinked_run_dir_is_refused(tmp_path: Path) -> None:
     assert target.stat().st_mode & 0o777 == 0o755
 
 
+@pytest.mark.linux_only("forces a pid through /proc/sys/kernel/ns_last_pid")
 @pytest.mark.skipif(not os.access(NS_LAST_PID, os.W_OK), reason="needs a writable /proc/sys/kernel/ns_last_pid")
 def test_group_sweep_never_reaches_a_recycled_pid() -> None:
     """Reproduction: a pid recycled between reaping the leader and sweeping its group must not be killed."""

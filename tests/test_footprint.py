@@ -194,6 +194,7 @@ class TestGroupSampler:
             samples.append(sampler.sample(2.0 + len(samples)))
         assert not any(s.complete for s in samples) and samples[-1].bytes == 0
 
+    @pytest.mark.linux_only("reads /proc/PID/statm")
     def test_statm_reads_agree_with_psutil_and_stop_at_the_reaped_process(self, spawn: Spawn) -> None:
         """On Linux a member's RSS is one pread of its statm, kept open: what psutil reads, and never a recycled
         pid's once the process is reaped. Without procfs the sampler reads through psutil."""
@@ -272,6 +273,7 @@ class TestSelfFootprint:
 class TestMacosApisWithFakes:
     """The macOS ctypes paths, driven by Python fakes of the C functions (runs on every platform)."""
 
+    @pytest.mark.darwin_real("TestProcPidRusage::test_child_footprint_sees_its_200_mib")
     def test_rusage_info_v2_layout_matches_sys_resource_h(self) -> None:
         struct = protocol_footprint._rusage_info_v2_type()
         assert ctypes.sizeof(struct) == 16 + 18 * 8
@@ -280,6 +282,7 @@ class TestMacosApisWithFakes:
         assert struct.ri_diskio_byteswritten.offset == 152
         assert RUSAGE_INFO_V2 == 2
 
+    @pytest.mark.darwin_real("TestProcPidRusage::test_child_footprint_sees_its_200_mib")
     def test_macos_phys_footprint_read_from_fake_libproc(self) -> None:
         calls: list[tuple[int, int]] = []
 
@@ -295,10 +298,12 @@ class TestMacosApisWithFakes:
         assert protocol_footprint._macos_phys_footprint(4242, fake_proc_pid_rusage) == 3 * 1024**3 + 5
         assert calls == [(4242, 2)]
 
+    @pytest.mark.darwin_real("TestProcPidRusage::test_gone_pid_is_esrch")
     def test_macos_phys_footprint_raises_when_fake_libproc_fails(self) -> None:
         with pytest.raises(protocol_footprint.FootprintUnreadable):
             protocol_footprint._macos_phys_footprint(4242, lambda pid, flavor, buffer: -1)
 
+    @pytest.mark.darwin_real("TestPressureLevel::test_pressure_level_reads_and_matches_sysctl")
     def test_macos_pressure_level_read_from_fake_sysctlbyname(self) -> None:
         def fake_sysctlbyname(name: bytes, old: Any, old_size: Any, new: Any, new_size: int) -> int:
             assert name == b"kern.memorystatus_vm_pressure_level"
@@ -310,10 +315,12 @@ class TestMacosApisWithFakes:
 
         assert footprint._macos_pressure_level(fake_sysctlbyname) == 4
 
+    @pytest.mark.darwin_real("TestPressureLevel::test_pressure_level_reads_and_matches_sysctl")
     def test_macos_pressure_level_is_none_when_fake_sysctlbyname_fails(self) -> None:
         assert footprint._macos_pressure_level(lambda *args: -1) is None
 
 
+@pytest.mark.darwin_real("TestProcListpgrppids::test_orphaned_grandchild_stays_in_the_group_listing")
 class TestMacosGroupListingWithFakes:
     """``_macos_group_pids`` with a plain Python fake of ``proc_listpgrppids(pgid, buffer, bytes)``: it answers how
     many pids it wrote, at most what fits, and 0 on error or for no such group (libproc.h)."""
@@ -355,6 +362,8 @@ class TestMacosGroupListingWithFakes:
         assert capacities == [64, 256, 1024, 4096, 16384, footprint._MAX_GROUP]  # then it stops asking
 
 
+@pytest.mark.linux_only("the fake libSystem reads /proc and calls Linux os.waitid")
+@pytest.mark.darwin_real("TestProcPidRusage::test_another_users_process_is_eperm")
 class TestPermissionDeniedWithFakeLibproc:
     """EPERM from ``proc_pid_rusage`` (another user's process, and we are not root), through FakeLibSystem."""
 
@@ -383,6 +392,8 @@ class TestPermissionDeniedWithFakeLibproc:
         assert sample.complete and sample.pids == 1 and sample.bytes >= MiB
 
 
+@pytest.mark.linux_only("the fake libSystem reads /proc and calls Linux os.waitid")
+@pytest.mark.darwin_real("TestProcListpgrppids::test_group_sampler_sums_every_member")
 class TestGroupSamplerOnFakeDarwin:
     """On darwin the sampler reads every member's physical footprint through libproc, never procfs (``_Statm`` and
     its /proc/<pid>/statm are Linux's), with a fake libproc whose footprints no other measure could give."""

@@ -21,7 +21,7 @@ from supervisor.config import write_config
 from supervisor.daemon.history import read_history
 from tests.gangs import TRAIN, same_weights, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.linux_only("needs Linux network namespaces (ip netns)")]
 ADDRESSES = ("10.213.0.1", "10.213.0.2")
 CONTROL_PORT = 7791
 FINAL = f"ckpt-{TRAIN['steps']:010d}"

@@ -13,6 +13,7 @@ import pytest
 from supervisor.core.states import JobState
 from tests.test_lifecycle import Service, no_orphans  # noqa: F401 - the fixture: nothing real is spawned here
 
+pytestmark = pytest.mark.darwin_real("TestPressureLevel::test_pressure_level_reads_and_matches_sysctl")
 GiB = 2**30
 FLOOR = {"system_floor": "4GiB", "floor_hysteresis": "1GiB"}  # FakeSystem: 16 GiB total, 8 GiB available
 

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from protocol import darwin
@@ -53,9 +54,8 @@ def wait_for_exit(proc: RealProcess, timeout: float = 20) -> int:
 
 def alive(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
         return False
 
 
@@ -91,6 +91,8 @@ class TestRealProcess:
         assert exit_probe().name == expected
 
 
+@pytest.mark.linux_only("the fake libSystem reads /proc and calls Linux os.waitid")
+@pytest.mark.darwin_real("TestLibSystemWaitid::test_exit_seen_twice_then_reaped")
 class TestDarwinExitProbeWithFakeWaitid:
     """Without os.waitid the darwin path calls libSystem's waitid with xnu's constants (fake: real waitid)."""
 

@@ -67,7 +67,7 @@ class TestRejection:
         [
             (b"\xc1garbage", "not valid msgpack"),
             (msgpack.packb([1, 2]), "must be a map"),
-            (frame(v=2, t="heartbeat", sent_at=1.0), "version 2"),
+            (frame(v=3, t="heartbeat", sent_at=1.0), "version 3"),
             (frame(t="heartbeat", sent_at=1.0), "version None"),
             (frame(v=1, t="nope"), "unknown message type 'nope'"),
             (frame(v=1, t="heartbeat"), "missing field 'sent_at'"),
@@ -129,8 +129,22 @@ class TestForwardCompatibility:
 
     def test_newer_version_is_refused_with_its_kind(self) -> None:
         with pytest.raises(ProtocolError) as info:
-            decode(frame(v=2, t="heartbeat", sent_at=1.0))
+            decode(frame(v=3, t="heartbeat", sent_at=1.0))
         assert info.value.kind == "version"
+
+    def test_version_two_frames_may_say_not_measured(self) -> None:
+        """Version 2 (PROTOCOL.md 1.1): nil in mlx_active or mlx_cache is None, "not measured", not 0."""
+        body = {"t": "step", "step": 1, "batch": 2, "accum": 1, "loss": 0.5, "step_seconds": 0.1,
+                "mlx_active": None, "mlx_cache": None, "mlx_peak": 0, "footprint": 4096}
+        step = decode(frame(v=2, **body))
+        assert isinstance(step, Step) and step.mlx_active is None and step.mlx_cache is None
+        assert decode(encode(step, 2)) == step
+        with pytest.raises(ProtocolError) as info:
+            decode(frame(v=2, **{**body, "mlx_active": 5, "footprint": None}))
+        assert info.value.kind == "field_type"
+        with pytest.raises(ProtocolError) as missing:
+            decode(frame(v=2, **{k: v for k, v in body.items() if k != "mlx_cache"}))
+        assert missing.value.kind == "missing_field"
 
     def test_optional_fields_default_when_absent_or_nil(self) -> None:
         base = {"v": 1, "t": "step", "step": 1, "batch": 2, "accum": 1, "loss": 0.5, "step_seconds": 0.1,
@@ -153,8 +167,9 @@ class TestForwardCompatibility:
         hello = decode(frame(v=1, t="hello", token="t", pid=9, job="j", start_step=0, target_steps=5, batch=1,
                              accum=1, protocol=7, gpu="m4", topology={"ranks": 2}))
         assert isinstance(hello, Hello) and hello.protocol == 7
-        assert negotiate(hello.protocol) == 1
-        assert negotiate(1) == 1
+        assert negotiate(hello.protocol) == 2
+        assert negotiate(2) == 2
+        assert negotiate(1) == 1  # a version 1 worker keeps version 1
 
     def test_a_worker_below_the_oldest_version_is_refused(self) -> None:
         with pytest.raises(ProtocolError, match="oldest supported"):

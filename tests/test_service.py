@@ -38,7 +38,9 @@ PLIST_KEYS = {"Label", "ProgramArguments", "WorkingDirectory", "EnvironmentVaria
 UNIT_DIRECTIVES = ["Type=simple", "Restart=on-failure", "KillMode=mixed", "KillSignal=SIGTERM",
                    "ExecReload=/bin/kill -HUP $MAINPID", "Environment=PYTHONUNBUFFERED=1"]
 OTHER_PLATFORM = "linux" if current_platform() == "macos" else "macos"
-linux_only = pytest.mark.skipif(current_platform() != "linux", reason="installs a unit for real")
+linux_only = pytest.mark.linux_only("installs a systemd user unit for real")
+systemd_here = pytest.mark.skipif(current_platform() != "linux", reason="the service code takes this machine for "
+                                  f"{current_platform()} (the macOS-shaped lane): no systemd unit to install")
 
 
 def example_files() -> dict[str, bytes]:
@@ -209,6 +211,7 @@ class TestUnit:
         assert f"WorkingDirectory={str(config.parent).replace('%', '%%')}" in directives(unit)
 
     @pytest.mark.parametrize("system", [False, True], ids=["user", "system"])
+    @pytest.mark.linux_only("runs systemd-analyze verify")
     def test_systemd_analyze_verify(self, tmp_path: Path, system: bool) -> None:
         config = tmp_path / "my 100% config" / "mlxsup.toml"
         unit = tmp_path / UNIT
@@ -217,6 +220,7 @@ class TestUnit:
         complaints = [line for line in (proc.stdout + proc.stderr).splitlines() if UNIT in line]
         assert proc.returncode == 0 and not complaints, proc.stdout + proc.stderr
 
+    @pytest.mark.linux_only("runs systemd-analyze verify")
     def test_verify_catches_a_broken_unit(self, tmp_path: Path) -> None:
         unit = tmp_path / UNIT
         unit.write_text(render_unit(daemon_program(), tmp_path / "c.toml", tmp_path).replace(
@@ -315,6 +319,7 @@ class TestDryRun:
 
 
 @linux_only
+@systemd_here
 class TestRealLinux:
     """For real on Linux: the unit is written or removed; the unreachable user manager is exit status 3."""
 

@@ -95,6 +95,7 @@ def agent_plist(home: Path) -> Path:
     return home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
 
 
+@pytest.mark.darwin_real("TestLaunchctl::test_bootstrap_print_bootout_of_a_throwaway_agent")
 class TestFakeLaunchctlReproducesLaunchd:
     """The fake itself: bootout returns at once, the job lingers, an immediate bootstrap fails with 5."""
 
@@ -108,6 +109,7 @@ class TestFakeLaunchctlReproducesLaunchd:
         assert "5: Input/output error" in run[2].stderr
 
 
+@pytest.mark.darwin_real("TestLaunchctl::test_bootstrap_print_bootout_of_a_throwaway_agent")
 class TestLaunchdWithFakeLaunchctl:
     """install/uninstall wait for the job to leave, bootstrap is retried, status/restart/reload do what they say."""
 
@@ -199,6 +201,7 @@ class TestLaunchdWithFakeLaunchctl:
         assert done.returncode == 113  # gone from the domain by the time uninstall returned
 
 
+@pytest.mark.darwin_real("TestLaunchctl::test_bootstrap_print_bootout_of_a_throwaway_agent")
 class TestParseLaunchctlPrint:
     """Only the service's own lines count: a `pid` inside a nested block is not the job's pid."""
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from protocol import ProtocolError, decode, encode
-from protocol.vectors import ROOT_NOTE, build, frame_of, load
+from protocol import ProtocolError, decode, decode_parts, encode
+from protocol.vectors import ROOT_NOTE, build, frame_of, load, parts_of
 
 VECTORS = load()
 
@@ -39,7 +39,7 @@ class TestVectorFile:
         assert {v["type"] for v in VECTORS["valid"]} == set(_TYPES)
         assert {v["error"] for v in VECTORS["invalid"]} == {
             "too_large", "not_msgpack", "not_a_map", "version", "unknown_type", "missing_field", "field_type",
-            "field_value"}
+            "field_value", "multipart"}
 
 
 class TestValidFrames:
@@ -54,13 +54,23 @@ class TestValidFrames:
 
     @pytest.mark.parametrize("vector", by_name("valid"))
     def test_canonical_frames_re_encode_exactly(self, vector: dict[str, Any]) -> None:
-        again = encode(decode(frame_of(vector)))
+        again = encode(decode(frame_of(vector)), vector["v"])
         assert (again == frame_of(vector)) is vector["canonical"]
 
     def test_floats_decode_as_floats(self) -> None:
         step = next(v for v in VECTORS["valid"] if v["name"] == "step_integer_loss")
         loss = decode(frame_of(step)).loss  # type: ignore[union-attr]
         assert isinstance(loss, float) and not math.isnan(loss)
+
+    def test_not_measured_is_none_not_zero(self) -> None:
+        step = next(v for v in VECTORS["valid"] if v["name"] == "step_not_measured")
+        message = decode(frame_of(step))
+        assert message.mlx_active is None and message.mlx_cache is None  # type: ignore[union-attr]
+        assert message.mlx_peak == 0  # type: ignore[union-attr]
+
+    def test_single_part_messages_decode_through_decode_parts(self) -> None:
+        for vector in VECTORS["valid"]:
+            assert vector["type"] == decode_parts([frame_of(vector)]).TAG
 
 
 class TestInvalidFrames:
@@ -69,5 +79,5 @@ class TestInvalidFrames:
     @pytest.mark.parametrize("vector", by_name("invalid"))
     def test_is_refused_with_its_kind(self, vector: dict[str, Any]) -> None:
         with pytest.raises(ProtocolError) as info:
-            decode(frame_of(vector))
+            decode_parts(parts_of(vector))
         assert info.value.kind == vector["error"], str(info.value)

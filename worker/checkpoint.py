@@ -30,12 +30,12 @@ from protocol.checkpoints import (
     CheckpointDamaged,
     checkpoint_name,
     checksums,
-    full_fsync,
     latest_step,
     list_checkpoints,
     read_meta,
     step_of,
 )
+from protocol.durable import fsync_dir, full_fsync
 from worker.safetensors_load import load_file
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def _write_contents(tmp: Path, step: int, model: dict[str, mx.array], optimizer:
         json.dump(record, fh, indent=1, sort_keys=True)
         fh.flush()
         full_fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def _install(tmp: Path, final: Path) -> None:
@@ -153,17 +153,18 @@ def _install(tmp: Path, final: Path) -> None:
         if trash is not None:
             os.rename(trash, final)  # put the previous copy back; tmp is removed by the caller
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if trash is not None:
         _remove(trash)
 
 
 def _prune(directory: Path, saved: Path, keep: int) -> None:
-    """Delete all but the newest ``keep - 1`` other checkpoints; ``saved`` stays even if it is not the newest.
+    """Delete all but the newest ``keep - 1`` checkpoints older than ``saved``. Newer ones (which can only be
+    damaged ones the load passed over) are neither counted nor touched: they stay for the operator.
 
     Best effort: the new checkpoint is already durable, and whatever is left is retried on the next save.
     """
-    others = [path for path in list_checkpoints(directory) if path != saved]
+    others = [path for path in list_checkpoints(directory) if step_of(path) < step_of(saved)]
     for path in others[: max(0, len(others) - (keep - 1))]:
         doomed = directory / f".prune-ckpt-{step_of(path)}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
@@ -224,16 +225,7 @@ def _ensure_dir(directory: Path) -> None:
     """Create ``directory`` if needed, making its new entry durable too."""
     if not directory.is_dir():
         directory.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(directory.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Sync a directory so renames and new entries inside it survive a power loss."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        full_fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(directory.parent)
 
 
 def _remove(path: Path) -> None:

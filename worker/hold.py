@@ -27,20 +27,21 @@ from protocol.messages import MAX_STEPS_ROWS, Step, Steps, encode
 MAX_HELD = 1000  # steps held at most (about 100 kB as frames): a very fast loop sends a burst before the timer
 
 
-def batch_frames(messages: Sequence[Any], rows: int) -> list[bytes]:
-    """The frames for ``messages`` in order: each run of ``Step`` messages as ``steps`` frames of at most
-    ``rows`` rows when ``rows`` > 1 (a run of one stays a ``step`` frame), every other message as its frame."""
+def batch_frames(messages: Sequence[Any], rows: int, version: int = 1) -> list[bytes]:
+    """The frames for ``messages`` in order, written in protocol ``version``: each run of ``Step`` messages as
+    ``steps`` frames of at most ``rows`` rows when ``rows`` > 1 (a run of one stays a ``step`` frame), every other
+    message as its frame."""
     if rows < 2 or len(messages) < 2:  # the common case on the per-step path: nothing to batch
-        return [encode(message) for message in messages]
+        return [encode(message, version) for message in messages]
     frames: list[bytes] = []
     for is_step, group in itertools.groupby(messages, lambda message: isinstance(message, Step)):
         run = list(group)
         if not is_step:
-            frames += [encode(message) for message in run]
+            frames += [encode(message, version) for message in run]
             continue
         for start in range(0, len(run), rows):
             chunk = run[start:start + rows]
-            frames.append(encode(chunk[0] if len(chunk) == 1 else Steps.of(chunk)))
+            frames.append(encode(chunk[0] if len(chunk) == 1 else Steps.of(chunk), version))
     return frames
 
 

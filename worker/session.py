@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -24,6 +24,7 @@ import zmq
 from mlx.utils import tree_flatten, tree_unflatten
 
 from protocol import (
+    PROTOCOL_VERSION,
     CheckpointSaved,
     Command,
     Goodbye,
@@ -32,7 +33,7 @@ from protocol import (
     ProtocolError,
     Step,
     Welcome,
-    decode,
+    decode_parts,
 )
 from protocol.footprint import self_footprint
 from protocol.messages import EXIT_CHECKPOINTED
@@ -44,6 +45,27 @@ from worker.pulse import Pulse
 
 ENV_PREFIX = "MLXSUP_"
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+NOT_MEASURED_SINCE = 2  # protocol version from which a step may say "not measured" (nil) for MLX memory
+
+
+def _counter(name: str) -> Callable[[], int] | None:
+    """MLX's memory counter ``name`` (older MLX has it under ``mx.metal`` only); None when this MLX has none."""
+    for owner in (mx, getattr(mx, "metal", None)):
+        function = getattr(owner, name, None)
+        if callable(function):
+            return function  # type: ignore[no-any-return]
+    return None
+
+
+_ACTIVE, _CACHE = _counter("get_active_memory"), _counter("get_cache_memory")
+
+
+def _measured(counter: Callable[[], int] | None, version: int) -> int | None:
+    """A counter's bytes; None when it cannot be measured (0 to a version 1 daemon, which has no "not measured")."""
+    if counter is not None:
+        with contextlib.suppress(RuntimeError, ValueError):
+            return int(counter())
+    return None if version >= NOT_MEASURED_SINCE else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +128,8 @@ class Session:
         self._exit_reason = ""  # a pending wish to checkpoint and exit, until acted on
         self._want_checkpoint = False  # a pending wish to checkpoint, until acted on
         self._hello_sent = False
+        self._stepped = False  # a step boundary was reached (before it, SIGTERM ends the process at once)
+        self._version = 1  # the protocol version of our frames: 1 until the daemon's welcome says more
         self.fast_exit = False
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._socket: zmq.Socket[bytes] | None = None
@@ -208,10 +232,12 @@ class Session:
         if self._socket is not None:
             if not self._hello_sent:
                 self._say_hello(step - 1)
+            version = self._version
             self._send(Step(step, self.batch, self.accum, float(loss), round(now - self._last_end, 6),  # µs
-                            mx.get_active_memory(), mx.get_cache_memory(), mx.get_peak_memory(),
+                            _measured(_ACTIVE, version), _measured(_CACHE, version), mx.get_peak_memory(),
                             self_footprint(), tokens_per_second, val_loss))
             mx.reset_peak_memory()
+        self._stepped = True
         self._last_end = now
         settings = self.settings
         if settings.cache_clear_bytes and mx.get_cache_memory() > settings.cache_clear_bytes:
@@ -320,7 +346,7 @@ class Session:
             return
         self._hello_sent = True
         self._send(Hello(self.settings.token, os.getpid(), self.settings.job, start_step,
-                         self.target_steps, self.batch, self.accum))
+                         self.target_steps, self.batch, self.accum, PROTOCOL_VERSION))  # written as v 1: any daemon
 
     def _send(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat) -> None:
         with self._lock:
@@ -330,7 +356,7 @@ class Session:
         if self._socket is None:
             return
         if isinstance(message, Step):  # held as a message: held steps go out as one ``steps`` frame
-            transient = max(0, message.mlx_peak - message.mlx_active)
+            transient = max(0, message.mlx_peak - (message.mlx_active or 0))
             self._send_all(self._hold.step(message, message.step, message.footprint, transient))
         elif isinstance(message, Heartbeat):
             self._send_all([message])  # a sign of life; held steps keep waiting
@@ -340,7 +366,7 @@ class Session:
     def _send_all(self, messages: list[Any]) -> None:
         """Send ``messages`` in order; runs of steps as ``steps`` frames when the daemon allows them."""
         assert self._socket is not None
-        for frame in batch_frames(messages, self._hold.rows):
+        for frame in batch_frames(messages, self._hold.rows, self._version):
             try:
                 self._socket.send(frame, zmq.NOBLOCK)
             except zmq.Again:
@@ -371,9 +397,9 @@ class Session:
         # EVENTS is a cheap getsockopt; poll() would build a Poller per call on the per-step path. Plain ints:
         # masking with the zmq.POLLIN enum member builds a flag object every step.
         while int(sock.getsockopt(_EVENTS)) & _POLLIN:
-            frame = sock.recv(zmq.NOBLOCK)
+            parts = sock.recv_multipart(zmq.NOBLOCK)
             try:
-                message = decode(frame)
+                message = decode_parts(parts)  # a multi-part message is refused whole, its first part unread
             except ProtocolError as exc:
                 self._log("bad_frame_from_daemon", {"problem": str(exc)})
                 continue
@@ -386,8 +412,9 @@ class Session:
                 self._last_heard = time.time()
                 self._inbox.append(message)
                 self._hold.stop_holding()
-            elif isinstance(message, Welcome):  # version 1 is the only one yet: nothing to switch
+            elif isinstance(message, Welcome):  # our frames are written in the agreed version from now on
                 self._last_heard = time.time()
+                self._version = max(1, min(message.protocol, PROTOCOL_VERSION))
         if self._hold.due():  # the loop is slow to reach its next step: the pulse thread sends them
             self._send_all(self._hold.release())
 
@@ -404,7 +431,12 @@ class Session:
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self._stop_reason = "sigterm"
+        if not self._stepped:  # no step since the checkpoint it loaded: nothing to save, leave at once
+            self._log("worker_exit", {"reason": "sigterm before the first step", "step": "-"})
+            sys.stderr.flush()
+            os._exit(EXIT_CHECKPOINTED)
 
     def _log(self, event: str, fields: dict[str, Any]) -> None:
         details = " ".join(f"{k}={v}" for k, v in fields.items())
         print(f"[worker {self.settings.job}] {event} {details}", file=sys.stderr, flush=True)
+

@@ -1,8 +1,9 @@
 """The conformance checks, as four scripted worker lives sharing one checkpoint directory.
 
-Life 1 (fresh): hello, telemetry, commands, checkpoint, malformed frames, unknown fields, checkpoint_exit.
+Life 1 (fresh): hello, telemetry, commands, checkpoint, malformed frames, unknown fields, a multi-part message,
+checkpoint_exit.
 Life 2: resume from life 1's checkpoint with another batch, then silence (lost daemon).
-Life 3: SIGTERM, then the number of checkpoints kept. Life 4: run to the end.
+Life 3: SIGTERM, then the number of checkpoints kept. Life 4: run to the end. Life 5: resume at the target.
 """
 
 from __future__ import annotations
@@ -17,7 +18,19 @@ import msgpack
 
 from protocol.checkpoints import list_checkpoints, step_of
 from protocol.conformance.harness import JOB, Abort, Harness, Life, Options
-from protocol.messages import EXIT_CHECKPOINTED, FINISHED, CheckpointSaved, Command, Goodbye, Hello, Message, Step
+from protocol.messages import (
+    EXIT_CHECKPOINTED,
+    FINISHED,
+    CheckpointSaved,
+    Command,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Message,
+    Step,
+    Steps,
+    encode,
+)
 
 CHECKS: dict[str, str] = {
     "hello": "first frame is hello with the spawn token, its pid, the job, batch and accum of the environment",
@@ -29,15 +42,18 @@ CHECKS: dict[str, str] = {
     "malformed_frames_survived": "garbage, wrong versions, unknown types and actions, bad field types are dropped "
                                  "without acting on them",
     "unknown_fields_ignored": "frames with unknown extra fields are honoured",
+    "multipart_refused": "a two-part message whose first part is a valid checkpoint_exit is dropped whole",
     "checkpoint_exit": "checkpoint_exit: checkpoint_saved, goodbye with the command's reason, exit 75",
     "resume": "the next life resumes at the checkpoint's step with the environment's batch and accum",
     "lost_daemon": "without heartbeats: checkpoint, goodbye daemon_silent/daemon_lost, exit 75",
     "sigterm": "SIGTERM to the group: checkpoint, goodbye, exit 75 within kill_grace",
     "keep_checkpoints": "at most MLXSUP_KEEP_CHECKPOINTS checkpoints are kept, the newest among them",
     "finish": "running to target_steps: final checkpoint, goodbye finished, exit 0",
+    "resume_at_target": "resuming at target_steps: no step frame, goodbye finished at that step, exit 0",
 }
 TIMING_WINDOW = 1.0  # seconds of steps over which step_seconds must add up to the wall time
-NEEDS = {"resume": {"checkpoint_exit"}, "keep_checkpoints": {"checkpoint_exit", "lost_daemon", "sigterm"}}
+NEEDS = {"resume": {"checkpoint_exit"}, "keep_checkpoints": {"checkpoint_exit", "lost_daemon", "sigterm"},
+         "resume_at_target": {"finish"}}
 _BAD_FRAMES: list[tuple[bytes, ...]] = [
     (b"\xc1",), (b"",), (b"not msgpack at all",), (msgpack.packb([1, "command", "checkpoint_exit"]),),
     (msgpack.packb({"v": 99, "t": "command", "action": "checkpoint_exit", "reason": "v99"}),),
@@ -161,7 +177,7 @@ def _check_telemetry(life: Life, report: Report, options: Options, hello: Hello)
     ratios = [s.footprint / r for s, r in zip(sampled, rss, strict=True) if r]
     if not ratios or not all(0.25 <= x <= 4 for x in ratios):
         problems.append(f"footprint {sampled[-1].footprint} vs resident set {rss[-1]}: bytes of the worker expected")
-    if any(s.mlx_peak and s.mlx_active > s.mlx_peak for s in steps):
+    if any(s.mlx_peak and (s.mlx_active or 0) > s.mlx_peak for s in steps):
         problems.append("mlx_peak below mlx_active: the peak since the previous step cannot be below it")
     mean_ms = 1000 * sum(s.step_seconds for s in steps) / len(steps)
     report.record("step_telemetry", problems, f"steps {numbers[0]}..{numbers[-1]}, {mean_ms:.1f} ms/step, "
@@ -211,6 +227,15 @@ def _check_robustness(life: Life, report: Report, options: Options) -> None:
     saved = life.expect_a(CheckpointSaved, "checkpoint_saved for a command with unknown fields",
                           options.timeout, refuse=_not_done)
     report.record("unknown_fields_ignored", [], f"command with unknown fields honoured (step {saved.step})")
+    report.begin("multipart_refused")
+    before = life.last_step() or 0
+    life.send_raw(encode(Command(Command.CHECKPOINT_EXIT, "multipart")), encode(Heartbeat(time.time())))
+    life.send(Command(Command.CHECKPOINT, "fence"))  # its checkpoint must be the only effect
+    fenced = life.expect_a(CheckpointSaved, "checkpoint_saved for a valid command after a multi-part message",
+                           options.timeout, refuse=_not_done)
+    life.steps(3, options.timeout)  # refuses the goodbye of a worker that acted on the first part
+    report.record("multipart_refused", [], f"2-part message (valid checkpoint_exit first) sent after step {before}: "
+                                           f"dropped; the next command's checkpoint at {fenced.step}, training went on")
 
 
 def _leaves(life: Life, timeout: float, why: str) -> tuple[CheckpointSaved, Goodbye, int | None, float]:
@@ -320,12 +345,35 @@ def life_four(harness: Harness, report: Report, state: State) -> None:
     report.record("finish", problems, f"finished at step {target} with a verified checkpoint, exit 0")
 
 
+def life_five(harness: Harness, report: Report, state: State) -> None:
+    options = harness.options
+    life, hello = _start(harness, report, "resume_at_target", batch=4, accum=1)
+    bye = life.expect_a(Goodbye, "goodbye after resuming at the target", options.timeout,
+                        refuse=lambda m: f"{m.TAG} {getattr(m, 'step', '')} after resuming at the target"
+                        if isinstance(m, Step | Steps) else "")
+    code = life.wait_exit(options.timeout)
+    problems = []
+    if hello.start_step < hello.target_steps:
+        problems.append(f"resumed at {hello.start_step}, not at the finished run's target {hello.target_steps}")
+    if bye.reason != FINISHED or bye.step != hello.start_step:
+        problems.append(f"goodbye {bye.reason!r} at step {bye.step}, expected 'finished' at {hello.start_step}")
+    rewritten = life.verified.get(hello.start_step)
+    if rewritten is not None and not rewritten.ok:
+        problems.append(rewritten.detail)
+    if code != 0:
+        problems.append(f"exit status {code}, expected 0" if code is not None else "did not exit")
+    rewrite = "checkpoint rewritten" if rewritten else "no checkpoint"
+    report.record("resume_at_target", problems, f"resumed at {hello.start_step} = target: no step, goodbye finished "
+                                                f"at {bye.step} ({rewrite}), exit {code}")
+
+
 LIVES: list[tuple[Callable[[Harness, Report, State], None], list[str]]] = [
     (life_one, ["hello", "step_telemetry", "commands_at_step_boundaries", "checkpoint_valid",
-                "malformed_frames_survived", "unknown_fields_ignored", "checkpoint_exit"]),
+                "malformed_frames_survived", "unknown_fields_ignored", "multipart_refused", "checkpoint_exit"]),
     (life_two, ["resume", "lost_daemon"]),
     (life_three, ["sigterm", "keep_checkpoints"]),
     (life_four, ["finish"]),
+    (life_five, ["resume_at_target"]),
 ]
 
 

@@ -25,6 +25,7 @@ import zmq
 from protocol.checkpoints import CheckpointDamaged, checkpoint_name, unlisted_files, verify
 from protocol.messages import (
     MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
     CheckpointSaved,
     Goodbye,
     Heartbeat,
@@ -82,6 +83,7 @@ class Life:
         self.token = token
         self.env = env
         self.identity: bytes | None = None
+        self.version = 1  # the protocol version agreed in the welcome
         self.received: list[Received] = []
         self.bad_frames: list[str] = []
         self.verified: dict[int, Verified] = {}
@@ -160,7 +162,7 @@ class Life:
         return self.popen.poll()
 
     def send(self, message: Message) -> None:
-        self.send_raw(encode(message))
+        self.send_raw(encode(message, self.version))
 
     def send_raw(self, *parts: bytes) -> None:
         if self.identity is not None:
@@ -245,7 +247,9 @@ class Harness:
             return None
         if life.identity is None and isinstance(message, Hello):
             life.identity = identity  # answered whatever its token: the hello check judges the token
-            life.send(Welcome(1))
+            version = min(max(message.protocol, 1), PROTOCOL_VERSION)
+            life.send(Welcome(version))
+            life.version = version
         elif identity != life.identity:
             return None
         if isinstance(message, CheckpointSaved):

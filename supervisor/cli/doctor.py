@@ -305,14 +305,27 @@ def run_checks(config_path: Path) -> list[Check]:
     return results
 
 
-def doctor(config_path: Path | None, as_json: bool) -> int:
-    """Print the report; 0 when nothing failed, 1 otherwise."""
+def doctor(config_path: Path | None, as_json: bool, deep: bool = False, out: Path | None = None) -> int:
+    """Print the report; 0 when nothing failed, 1 otherwise. ``deep`` adds the acceptance kit after it
+    (supervisor.tools.acceptance), whose JSON goes to ``out`` too."""
     results = run_checks(config_path or paths.default_config_path())
+    if deep:
+        from supervisor.tools.acceptance import run_and_report
+
+        if not as_json:
+            _print(results)
+            print()
+        failed = any(r.status == FAIL for r in results)
+        return max(int(failed), run_and_report(as_json, out))
     if as_json:
         print(json.dumps([asdict(r) for r in results], indent=2))
     else:
-        for r in results:
-            print(f"{r.status}  {r.name:<16} {r.detail}")
-            if r.fix and r.status != PASS:
-                print(f"{'':22}fix: {r.fix}")
+        _print(results)
     return 1 if any(r.status == FAIL for r in results) else 0
+
+
+def _print(results: list[Check]) -> None:
+    for r in results:
+        print(f"{r.status}  {r.name:<16} {r.detail}")
+        if r.fix and r.status != PASS:
+            print(f"{'':22}fix: {r.fix}")

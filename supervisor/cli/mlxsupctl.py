@@ -55,10 +55,17 @@ def _local_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     plot = sub.add_parser("plot", help="memory vs step and time for a job, from its recorded telemetry")
     plot.add_argument("job")
     plot.add_argument("-o", "--output", type=Path, default=None, help="PNG or SVG file (default JOB-memory.png)")
+    from supervisor.cli.dashboard import add_arguments as add_dashboard_arguments
+
+    add_dashboard_arguments(sub)
     doctor = sub.add_parser("doctor", help="check this machine before a first run (PASS/WARN/FAIL with the fix)",
                             description="Check Python, MLX, the footprint readers, memory, the run dir, the "
                             "config, the service manager and the daemon. Exit status 0 when nothing fails.")
     doctor.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the checks as JSON")
+    doctor.add_argument("--deep", action="store_true", help="also run the acceptance kit (real allocations, "
+                        "supervised leaking jobs, a SIGKILL mid-checkpoint, launchd on macOS: about a minute) and "
+                        "print its table for a bug report")
+    doctor.add_argument("--out", type=Path, default=None, help="with --deep: also write the kit's JSON report here")
     try:
         from supervisor.install.service import add_service_parser
     except ImportError:  # pragma: no cover - the module ships with the package
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from supervisor.cli.doctor import doctor
 
-        return doctor(args.config, args.json)
+        return doctor(args.config, args.json, deep=args.deep, out=args.out)
     try:
         if args.command == "plot":
             from supervisor.cli.live import plot
@@ -134,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             from supervisor.cli.live import top
 
             return top(client, events, args.once, args.seconds)
+        if args.command in ("dashboard", "metrics"):
+            from supervisor.cli import dashboard
+
+            return int(getattr(dashboard, args.command)(args, client, events))
         return run_command(args, client, events)
     except UsageError as exc:
         print(f"mlxsupctl: {exc}", file=sys.stderr)

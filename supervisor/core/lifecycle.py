@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import operator
 import signal
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -275,7 +274,7 @@ class Lifecycle(PeerRole):
         life, rank, m = self.life, self._rank(e.rank), e.msg
         if life is None or rank is None:
             return
-        rank.estimator.observe_step(m.step, m.footprint, m.mlx_peak - m.mlx_active, m.step_seconds)
+        rank.estimator.observe_step(m.step, m.footprint, _transient(m.mlx_peak, m.mlx_active), m.step_seconds)
         fields = {name: value for name in STEP_FIELDS if (value := getattr(m, name)) is not None}
         self._stepped(e, life, rank, "step", fields, (m.step_seconds,), m)
 
@@ -286,7 +285,7 @@ class Lifecycle(PeerRole):
         life, rank, m = self.life, self._rank(e.rank), e.msg
         if life is None or rank is None:
             return
-        rank.estimator.observe_steps(m.step, m.footprint, list(map(operator.sub, m.mlx_peak, m.mlx_active)),
+        rank.estimator.observe_steps(m.step, m.footprint, list(map(_transient, m.mlx_peak, m.mlx_active)),
                                      m.step_seconds)
         fields = {name: column for name in STEP_FIELDS if (column := getattr(m, name)) is not None}
         self._stepped(e, life, rank, "steps", fields, m.step_seconds, m.row(-1))
@@ -805,6 +804,11 @@ _HANDLERS: dict[type[Any], Callable[[Lifecycle, Any], None]] = {
     ev.DepartedExited: Lifecycle._departed, ev.Tick: Lifecycle._tick,
     ev.PeerSync: Lifecycle._peer_sync, ev.LeaderSays: Lifecycle._leader_says,
 }
+
+
+def _transient(peak: int, active: int | None) -> int:
+    """A step's transient (MLX's peak over its active memory); 0 when active memory was not measured."""
+    return 0 if active is None else peak - active
 
 
 def crash_fields(failure: Crash | None) -> dict[str, Any]:

@@ -110,6 +110,7 @@ class Job:
         self.procs: dict[ProcKey, WorkerProcess] = {}  # (life, rank) -> process, current and departing
         self.tokens: dict[int, str] = {}  # rank -> spawn token of the current life
         self.identities: dict[int, bytes] = {}  # rank -> worker socket identity, once it said hello
+        self.protocols: dict[int, int] = {}  # rank -> protocol version negotiated in its welcome
         self.stderr_start: dict[int, int] = {}  # rank -> size of its stderr.log when the current life began
         self.next_config: JobConfig | None = None
         self.next_layout: Layout | None = layout
@@ -248,11 +249,12 @@ class Job:
         if rank is not None:
             self.feed(ev.Heard(now, rank))
 
-    def on_hello(self, hello: Hello, identity: bytes, now: float) -> None:
+    def on_hello(self, hello: Hello, identity: bytes, now: float, version: int = 1) -> None:
         rank = self._token_rank(hello.token)
         if rank is None:
             return
         self.identities[rank] = identity
+        self.protocols[rank] = version
         self.feed(ev.HelloIn(now, hello, rank))
 
     def on_message(self, message: Message, now: float, rank: int | None = None) -> None:
@@ -274,6 +276,10 @@ class Job:
                                     bytes=message.nbytes, **fields)
                 self.publish(self.name, "log", {"event": "checkpoint", "step": message.step, **fields})
             self.feed(ev.Heard(now, rank))
+
+    def protocol_of(self, rank: int) -> int:
+        """The protocol version negotiated with the worker of ``rank`` (1 before its hello)."""
+        return self.protocols.get(rank, 1)
 
     def heartbeat(self, sent_at: float, hold: float) -> Heartbeat:
         """The heartbeat for this job's worker, with how long (at most ``hold`` seconds, and a quarter of the
@@ -338,6 +344,7 @@ class Job:
             current = self.lifecycle.life
             if current is not None and life == current.id:
                 self.identities.pop(rank, None)
+                self.protocols.pop(rank, None)
                 tail = () if code in (0, EXIT_CHECKPOINTED) else stderr_tail(self._stderr(rank),
                                                                              self.stderr_start.get(rank, 0))
                 self.feed(ev.Exited(now, code, self._newest(), rank, tail))
@@ -362,10 +369,10 @@ class Job:
             for fields in events:
                 self.publish(self.name, "telemetry", fields)
         elif isinstance(action, ev.Send):
-            frame = encode(Command(action.action, action.reason))
+            command = Command(action.action, action.reason)
             for rank, identity in list(self.identities.items()):
                 if action.rank is None or action.rank == rank:
-                    self.send_frame(identity, frame)
+                    self.send_frame(identity, encode(command, self.protocol_of(rank)))
         elif isinstance(action, ev.Signal):
             for (life, rank), proc in list(self.procs.items()):
                 if life == action.life and action.rank in (None, rank):
@@ -374,6 +381,7 @@ class Job:
             self._spawn(action)
         elif isinstance(action, ev.Depart):
             self.identities.clear()  # its process stays in self.procs until reaped
+            self.protocols.clear()
         elif isinstance(action, ev.StateChanged):
             self.log.info("job_state", old=action.old, new=action.new, reason=action.reason, **action.fields)
             data = {"old": action.old, "new": action.new, "reason": action.reason, **action.fields}
@@ -408,6 +416,7 @@ class Job:
             self.layout = self.next_layout
         self.tokens = {rank: secrets.token_hex(16) for rank in self.lifecycle.settings.ranks}
         self.identities = {}
+        self.protocols = {}
         newest = self._newest()
         try:
             self._write_ring(action.life)

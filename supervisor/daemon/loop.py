@@ -282,8 +282,11 @@ class Daemon:
         sent_at, hold = time.time(), self.config.daemon.telemetry_hold
         for job in self.jobs.values():
             if job.identities:
-                frame = encode(job.heartbeat(sent_at, hold))
-                for identity in job.identities.values():
+                beat = job.heartbeat(sent_at, hold)
+                frames: dict[int, bytes] = {}  # one frame per negotiated version (every rank the same, mostly)
+                for rank, identity in job.identities.items():
+                    version = job.protocol_of(rank)
+                    frame = frames.get(version) or frames.setdefault(version, encode(beat, version))
                     self._send_to_worker(identity, frame)
 
     def _drain_workers(self, now: float) -> None:
@@ -332,7 +335,7 @@ class Daemon:
         known = set(job.identities.values())
         self.by_identity = {k: v for k, v in self.by_identity.items() if v is not job or k in known}
         self.by_identity[identity] = job
-        job.on_hello(hello, identity, now)
+        job.on_hello(hello, identity, now, version)
         self._send_to_worker(identity, encode(Welcome(version), version))
         self._send_to_worker(identity, encode(job.heartbeat(time.time(), self.config.daemon.telemetry_hold), version))
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from protocol.durable import write_durably
 from supervisor.hostfile import Layout, ring_json
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ def rank_rows(job: Job) -> list[dict[str, Any]]:
             "sampled_bytes": current.last_bytes if current is not None else 0,
             "max_sampled_bytes": stats.rank_max_sampled.get(rank, 0), "budget_bytes": job.limits.budget,
             "leak_bytes_per_step": round(current.estimator.slope) if current is not None else 0,
-            "decision": job.last_decision.get(rank, ""),
+            "decision": job.last_decision.get(rank, ""), "protocol": job.protocols.get(rank),
         })
     return rows
 
@@ -39,8 +39,5 @@ def rank_env(layout: Layout, ring: Path, rank: int) -> dict[str, str]:
 
 
 def write_ring(layout: Layout, path: Path, generation: int) -> None:
-    """The MLX_HOSTFILE of a generation (fresh ports), replaced atomically: ranks read it once, at init."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(ring_json(layout, generation))
-    os.replace(tmp, path)
+    """The MLX_HOSTFILE of a generation (fresh ports), replaced atomically and durably: ranks read it once, at init."""
+    write_durably(path, ring_json(layout, generation))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any
 
+from protocol.durable import write_durably
 from supervisor.config import Config
 from supervisor.core.sizes import format_bytes
 from supervisor.core.states import JobState
@@ -113,9 +113,6 @@ def run_one(config: Config, name: str, summary_path: Path | None, max_seconds: f
     summary = summarize(job, time.monotonic() - started)
     text = json.dumps(summary, indent=2)
     if summary_path is not None:
-        summary_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = summary_path.with_name(summary_path.name + f".tmp{os.getpid()}")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, summary_path)
+        write_durably(summary_path, text + "\n")  # F_FULLFSYNC on macOS, as checkpoints are
     print(text)
     return 0 if summary["outcome"] == "finished" else 1

@@ -31,7 +31,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-_REAL_WAITID, _REAL_P_PID = os.waitid, os.P_PID  # captured before the lane removes them from os
+# Captured before the lane removes them from os; absent on a real Mac with Python < 3.13 (then the waitid fake
+# fails with ENOSYS: the lane is for Linux).
+_REAL_WAITID, _REAL_P_PID = getattr(os, "waitid", None), os.P_PID
 _LINUX_OPTIONS = {0x01: os.WNOHANG, 0x04: os.WEXITED, 0x08: os.WSTOPPED, 0x10: os.WCONTINUED, 0x20: os.WNOWAIT}
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _RUSAGE_V2_SIZE, _RESIDENT_AT, _FOOTPRINT_AT = 160, 64, 72
@@ -130,6 +132,8 @@ class FakeLibSystem:
         for bit, value in _LINUX_OPTIONS.items():
             if options & bit:
                 linux |= value
+        if _REAL_WAITID is None:
+            return _fail(errno.ENOSYS)
         try:
             result = _REAL_WAITID(_REAL_P_PID, ident, linux)
         except ChildProcessError:

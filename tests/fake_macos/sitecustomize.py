@@ -12,14 +12,16 @@ process: pytest, the daemons it starts and their workers. With MLXSUP_FAKE_MACOS
   the fsync it is on top of (set MLXSUP_FAKE_FULLFSYNC=fail to make it fail with ENOTSUP, as on some file systems);
 - selects the darwin code paths with fakes of libSystem's functions (fake_libsystem.py).
 
-Without MLXSUP_FAKE_MACOS=1 it does nothing.
+Without MLXSUP_FAKE_MACOS=1 it does nothing; on a real Mac neither (the lane is for Linux: its fakes read /proc,
+and the real calls are there, so the lane's tests run on them and tests/test_darwin_real.py checks them).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-if os.environ.get("MLXSUP_FAKE_MACOS") == "1":
+if os.environ.get("MLXSUP_FAKE_MACOS") == "1" and sys.platform != "darwin":
     import errno
     import fcntl
     import select

@@ -142,7 +142,7 @@ def reuse_after_reap(result: FaultResult) -> None:
     wait_until(lambda: worker.poll() is not None, 10, 0.01)
     stranger = spawn_on_pid(worker.pid)
     if stranger is None:
-        result.note("ns_last_pid unavailable: pid reuse not forced")
+        result.note("/proc/sys/kernel/ns_last_pid unavailable (Linux, root only): pid reuse not forced")
         stranger = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
         reachable = _reachable(worker.pid)

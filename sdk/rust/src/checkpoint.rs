@@ -315,9 +315,12 @@ impl Checkpoints {
         Ok(())
     }
 
-    /// Delete all but the newest `keep - 1` other checkpoints (best effort; retried on the next save).
+    /// Delete all but the newest `keep - 1` checkpoints older than `saved` (best effort; retried on the next
+    /// save). Newer ones (damaged ones the load passed over) are neither counted nor touched (PROTOCOL.md 6).
     fn prune(&self, saved: &Path) {
-        let others: Vec<(u64, PathBuf)> = self.list().into_iter().filter(|(_, p)| p != saved).collect();
+        let saved_step = self.list().into_iter().find(|(_, p)| p == saved).map(|(step, _)| step);
+        let others: Vec<(u64, PathBuf)> = self.list().into_iter()
+            .filter(|(step, p)| p != saved && saved_step.map_or(true, |s| *step < s)).collect();
         let excess = others.len().saturating_sub(self.keep - 1);
         for (step, path) in others.into_iter().take(excess) {
             let doomed = self.dir.join(format!(".prune-ckpt-{step}-{}-{}", std::process::id(), sys::random_hex8()));

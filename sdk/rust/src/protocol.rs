@@ -11,7 +11,7 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
 /// The newest protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u64 = 1;
+pub const PROTOCOL_VERSION: u64 = 2;
 /// The oldest protocol version this crate still reads.
 pub const MIN_PROTOCOL_VERSION: u64 = 1;
 /// Largest frame either side accepts, in bytes.
@@ -40,6 +40,8 @@ pub enum ErrorKind {
     MissingField,
     FieldType,
     FieldValue,
+    /// A ZeroMQ message of more than one part (refused whole, even with a valid first part).
+    Multipart,
 }
 
 impl ErrorKind {
@@ -54,6 +56,7 @@ impl ErrorKind {
             ErrorKind::MissingField => "missing_field",
             ErrorKind::FieldType => "field_type",
             ErrorKind::FieldValue => "field_value",
+            ErrorKind::Multipart => "multipart",
         }
     }
 }
@@ -107,8 +110,10 @@ pub struct Step {
     pub accum: u64,
     pub loss: f64,
     pub step_seconds: f64,
-    pub mlx_active: u64,
-    pub mlx_cache: u64,
+    /// `None`: not measured (sent as nil, which only version 2 frames may carry); not the same as 0.
+    pub mlx_active: Option<u64>,
+    /// `None`: not measured.
+    pub mlx_cache: Option<u64>,
     pub mlx_peak: u64,
     pub footprint: u64,
     /// Training throughput, when measured.
@@ -127,8 +132,8 @@ pub struct Steps {
     pub accum: Vec<u64>,
     pub loss: Vec<f64>,
     pub step_seconds: Vec<f64>,
-    pub mlx_active: Vec<u64>,
-    pub mlx_cache: Vec<u64>,
+    pub mlx_active: Vec<Option<u64>>,
+    pub mlx_cache: Vec<Option<u64>>,
     pub mlx_peak: Vec<u64>,
     pub footprint: Vec<u64>,
     /// Training throughput of each row, `None` in a row that did not measure it; absent: no row did.
@@ -266,6 +271,7 @@ impl Message {
         use Value::{Array, Float, Int, Nil, Str};
         let ints = |column: &[u64]| Array(column.iter().map(|&n| Int(n.into())).collect());
         let floats = |column: &[f64]| Array(column.iter().map(|&x| Float(x)).collect());
+        let maybe_ints = |column: &[Option<u64>]| Array(column.iter().map(|n| n.map_or(Nil, |n| Int(n.into()))).collect());
         let optional = |column: &[Option<f64>]| Array(column.iter().map(|x| x.map_or(Nil, Float)).collect());
         match self {
             Message::Hello(m) => {
@@ -282,8 +288,8 @@ impl Message {
             Message::Step(m) => {
                 let mut f = vec![("step", Int(m.step.into())), ("batch", Int(m.batch.into())),
                                  ("accum", Int(m.accum.into())), ("loss", Float(m.loss)),
-                                 ("step_seconds", Float(m.step_seconds)), ("mlx_active", Int(m.mlx_active.into())),
-                                 ("mlx_cache", Int(m.mlx_cache.into())), ("mlx_peak", Int(m.mlx_peak.into())),
+                                 ("step_seconds", Float(m.step_seconds)), ("mlx_active", m.mlx_active.map_or(Nil, |n| Int(n.into()))),
+                                 ("mlx_cache", m.mlx_cache.map_or(Nil, |n| Int(n.into()))), ("mlx_peak", Int(m.mlx_peak.into())),
                                  ("footprint", Int(m.footprint.into()))];
                 if let Some(tokens_per_second) = m.tokens_per_second {
                     f.push(("tokens_per_second", Float(tokens_per_second)));
@@ -296,7 +302,7 @@ impl Message {
             Message::Steps(m) => {
                 let mut f = vec![("step", ints(&m.step)), ("batch", ints(&m.batch)), ("accum", ints(&m.accum)),
                                  ("loss", floats(&m.loss)), ("step_seconds", floats(&m.step_seconds)),
-                                 ("mlx_active", ints(&m.mlx_active)), ("mlx_cache", ints(&m.mlx_cache)),
+                                 ("mlx_active", maybe_ints(&m.mlx_active)), ("mlx_cache", maybe_ints(&m.mlx_cache)),
                                  ("mlx_peak", ints(&m.mlx_peak)), ("footprint", ints(&m.footprint))];
                 if let Some(tokens_per_second) = &m.tokens_per_second {
                     f.push(("tokens_per_second", optional(tokens_per_second)));
@@ -507,6 +513,15 @@ pub fn negotiate(worker_max: u64) -> Result<u64, ProtocolError> {
     Ok(worker_max.min(PROTOCOL_VERSION))
 }
 
+/// Decode one ZeroMQ message as received (`recv_multipart`): more than one part is refused whole.
+pub fn decode_parts(parts: &[Vec<u8>]) -> Result<Message, ProtocolError> {
+    match parts {
+        [frame] => decode(frame),
+        _ => Err(ProtocolError::new(ErrorKind::Multipart,
+                                    format!("a message of {} parts: a frame is one single-part message", parts.len()))),
+    }
+}
+
 /// Parse and validate one frame. Unknown fields are ignored; anything invalid is a [`ProtocolError`].
 pub fn decode(frame: &[u8]) -> Result<Message, ProtocolError> {
     if frame.len() > MAX_MESSAGE_BYTES {
@@ -588,6 +603,14 @@ impl Fields<'_> {
         }
     }
 
+    /// A required integer that may be nil ("not measured"): missing is an error, nil is `None`.
+    fn int_nil(&self, name: &str) -> Result<Option<u64>, ProtocolError> {
+        match self.get(name) {
+            Some(Value::Nil) => Ok(None),
+            _ => self.int(name).map(Some),
+        }
+    }
+
     fn int_opt(&self, name: &str) -> Result<Option<u64>, ProtocolError> {
         match self.get(name) {
             None | Some(Value::Nil) => Ok(None),
@@ -662,6 +685,15 @@ impl Fields<'_> {
         column.iter().map(|value| self.int_of(name, value)).collect()
     }
 
+    fn ints_nil(&self, name: &str, rows: usize) -> Result<Vec<Option<u64>>, ProtocolError> {
+        let column = self.column(name, rows, false)?.unwrap_or_default();
+        self.column_types(name, column, "integers or nil", |value| matches!(value, Value::Int(_) | Value::Nil))?;
+        column.iter().map(|value| match value {
+            Value::Nil => Ok(None),
+            value => self.int_of(name, value).map(Some),
+        }).collect()
+    }
+
     fn floats(&self, name: &str, rows: usize) -> Result<Vec<f64>, ProtocolError> {
         let column = self.column(name, rows, false)?.unwrap_or_default();
         self.column_types(name, column, "numbers", |value| matches!(value, Value::Int(_) | Value::Float(_)))?;
@@ -696,7 +728,7 @@ impl Fields<'_> {
         let steps = Steps {
             step: self.ints("step", rows)?, batch: self.ints("batch", rows)?, accum: self.ints("accum", rows)?,
             loss: self.floats("loss", rows)?, step_seconds: self.floats("step_seconds", rows)?,
-            mlx_active: self.ints("mlx_active", rows)?, mlx_cache: self.ints("mlx_cache", rows)?,
+            mlx_active: self.ints_nil("mlx_active", rows)?, mlx_cache: self.ints_nil("mlx_cache", rows)?,
             mlx_peak: self.ints("mlx_peak", rows)?, footprint: self.ints("footprint", rows)?,
             tokens_per_second: self.floats_opt("tokens_per_second", rows)?,
             val_loss: self.floats_opt("val_loss", rows)?,
@@ -719,7 +751,7 @@ impl Fields<'_> {
             "step" => Message::Step(Step {
                 step: self.int("step")?, batch: self.int("batch")?, accum: self.int("accum")?,
                 loss: self.float("loss")?, step_seconds: self.float("step_seconds")?,
-                mlx_active: self.int("mlx_active")?, mlx_cache: self.int("mlx_cache")?,
+                mlx_active: self.int_nil("mlx_active")?, mlx_cache: self.int_nil("mlx_cache")?,
                 mlx_peak: self.int("mlx_peak")?, footprint: self.int("footprint")?,
                 tokens_per_second: self.float_opt("tokens_per_second")?,
                 val_loss: self.float_opt("val_loss")?,

@@ -8,12 +8,12 @@
 //! checkpoint stands). The socket is shared with the loop under one mutex; the thread also drains it, so
 //! heartbeats are seen mid-step and commands wait in an inbox for the next boundary.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crate::protocol::{self, Command, Heartbeat, Message, EXIT_CHECKPOINTED};
+use crate::protocol::{self, Command, Heartbeat, Message, EXIT_CHECKPOINTED, PROTOCOL_VERSION};
 use crate::sys;
 
 const INTERVAL: Duration = Duration::from_millis(250);
@@ -26,6 +26,8 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     busy: AtomicUsize,
     pub(crate) leaving: AtomicBool,
+    /// The protocol version our frames are written in: 1 until the daemon's welcome agrees on more.
+    pub(crate) version: AtomicU64,
     stop: AtomicBool,
     orphan_timeout: f64,
     parent: u32,
@@ -51,7 +53,7 @@ impl Shared {
         Arc::new(Shared {
             socket: Mutex::new(Some(socket)),
             state: Mutex::new(State { last_heard: now, last_sent: now, ..State::default() }),
-            busy: AtomicUsize::new(0), leaving: AtomicBool::new(false), stop: AtomicBool::new(false),
+            busy: AtomicUsize::new(0), leaving: AtomicBool::new(false), version: AtomicU64::new(1), stop: AtomicBool::new(false),
             orphan_timeout, parent: std::os::unix::process::parent_id(), job, token,
         })
     }
@@ -59,7 +61,11 @@ impl Shared {
     /// Send one frame without blocking (telemetry is best effort: a full queue drops it).
     pub(crate) fn send(&self, message: &Message) {
         if let Some(socket) = lock(&self.socket).as_ref() {
-            let _ = socket.send(protocol::encode(message), zmq::DONTWAIT);
+            let version = match message {
+                Message::Hello(_) => 1, // every daemon reads a version 1 hello
+                _ => self.version.load(Ordering::SeqCst),
+            };
+            let _ = socket.send(protocol::encode_version(message, version), zmq::DONTWAIT);
             lock(&self.state).last_sent = sys::now_unix();
         }
     }
@@ -81,18 +87,21 @@ impl Shared {
             None => return,
         };
         for _ in 0..MAX_DRAIN {
-            let frame = match socket.recv_bytes(zmq::DONTWAIT) {
-                Ok(frame) => frame,
+            let parts = match socket.recv_multipart(zmq::DONTWAIT) {
+                Ok(parts) => parts,
                 Err(_) => break,
             };
             let mut state = lock(&self.state);
-            match protocol::decode(&frame) {
+            match protocol::decode_parts(&parts) { // a multi-part message is refused whole
                 Ok(Message::Heartbeat(beat)) => state.last_heard = state.last_heard.max(beat.sent_at),
                 Ok(Message::Command(command)) => {
                     state.last_heard = sys::now_unix();
                     state.inbox.push(command);
                 }
-                Ok(Message::Welcome(_)) => state.last_heard = sys::now_unix(), // version 1 is the only one yet
+                Ok(Message::Welcome(welcome)) => {
+                    state.last_heard = sys::now_unix();
+                    self.version.store(welcome.protocol.clamp(1, PROTOCOL_VERSION), Ordering::SeqCst);
+                }
                 Ok(_) => {} // a worker-to-daemon type: valid, not for us
                 Err(error) => eprintln!("[worker {}] bad_frame_from_daemon problem={error}", self.job),
             }

@@ -141,8 +141,11 @@ pub struct Resumed {
 /// Telemetry of one step beyond its number and loss (memory in bytes).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepStats {
-    pub mlx_active: u64,
-    pub mlx_cache: u64,
+    /// MLX active memory (mlx-rs `memory::active_memory()`); `None`: not measured (the default), which the
+    /// daemon never reads as 0.
+    pub mlx_active: Option<u64>,
+    /// MLX buffer cache (mlx-rs `memory::cache_memory()`); `None`: not measured.
+    pub mlx_cache: Option<u64>,
     pub mlx_peak: u64,
     pub tokens_per_second: Option<f64>,
     pub val_loss: Option<f64>,
@@ -261,22 +264,25 @@ impl Session {
                 self.say_hello(step.saturating_sub(1));
             }
             let seconds = now.duration_since(self.last_boundary).as_secs_f64();
+            // A version 1 daemon has no "not measured": it gets 0, as before.
+            let v1 = self.link.as_ref().map_or(true, |l| l.shared.version.load(Ordering::SeqCst) < 2);
+            let known = |n: Option<u64>| if v1 { Some(n.unwrap_or(0)) } else { n };
             self.send(Message::Step(protocol::Step {
-                step, batch: self.batch, accum: self.accum, loss, step_seconds: seconds, mlx_active: stats.mlx_active,
-                mlx_cache: stats.mlx_cache, mlx_peak: stats.mlx_peak, footprint: sys::footprint(),
+                step, batch: self.batch, accum: self.accum, loss, step_seconds: seconds, mlx_active: known(stats.mlx_active),
+                mlx_cache: known(stats.mlx_cache), mlx_peak: stats.mlx_peak, footprint: sys::footprint(),
                 tokens_per_second: stats.tokens_per_second, val_loss: stats.val_loss,
             }));
         }
         self.last_boundary = now;
         let mut commands = Vec::new();
+        if sys::sigterm_received() && self.stop_reason.is_empty() {
+            self.stop_reason = "sigterm".into(); // PROTOCOL.md 8: a command's reason, then sigterm, then an orphan's
+        }
         if let Some(link) = &self.link {
             commands = link.shared.take_commands();
             if self.stop_reason.is_empty() {
                 self.stop_reason = link.shared.orphan_reason().unwrap_or_default().to_string();
             }
-        }
-        if sys::sigterm_received() && self.stop_reason.is_empty() {
-            self.stop_reason = "sigterm".into();
         }
         if !self.stop_reason.is_empty() {
             commands.push(Command { action: Action::CheckpointExit, reason: self.stop_reason.clone() });

@@ -35,8 +35,11 @@ def describe(job: Job) -> dict[str, Any]:
         "baseline_bytes": estimator.baseline if estimator else None,
         "samples_over_budget": stats.samples_over_budget, "final_loss": stats.final_loss,
         "io_errors": dict(job.io_errors), "last_decision": job.last_decision.get(0, ""),
-        "last_error": stats.last_error, **gang_status(job),
+        "last_error": stats.last_error,
+        # The worker protocol version negotiated with the current worker (its lowest rank); None before its hello.
+        "protocol": job.protocols[min(job.protocols)] if job.protocols else None, **gang_status(job),
         **guard_status(job),
+        "restart_reasons": dict(stats.restart_reasons),
     }
 
 
@@ -86,6 +89,8 @@ def status_line(row: dict[str, Any]) -> str:
         line = (f"{row['name']:<16} {row['state']:<18} pid {row['pid'] or '-'!s:<7} "
                 f"step {row['step']}/{row['target_steps'] or '?':<8} mem {mem:<22} "
                 f"batch {row['batch']}x{row['accum']}  restarts {row['restarts']}")
+        if row.get("protocol"):
+            line += f"  protocol {row['protocol']}"
     error = row.get("last_error")
     if error and row["state"] in ("BACKOFF", "FATAL", "STARTING", "STOPPED"):
         said = next((line.strip() for line in reversed(error["stderr_tail"]) if line.strip()), "")
@@ -129,8 +134,10 @@ class Status(ControlCommand):
         parser.add_argument("job", nargs="?", help="one job (default: all)")
 
     def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
+        from supervisor.daemon.overview import overview
+
         jobs = [job_of(daemon, args["job"])] if "job" in args else list(daemon.daemon.jobs.values())
-        return {"jobs": [describe(j) for j in jobs]}
+        return {"jobs": [describe(j) for j in jobs], **overview(daemon, client)}
 
     def render(self, result: Any) -> str:
         return "\n".join(status_line(r) for r in result["jobs"]) or "no jobs configured"
