@@ -65,8 +65,8 @@ class DaemonConfig:
     floor_hysteresis: str = _f("512MiB", "memory above the floor needed before waiting jobs resume")
     log_format: str = _f("auto", "daemon log lines: auto (console on a terminal, else json), console, json")
     log_file: str = _f("", "daemon log file (default: stderr, which launchd/systemd capture); SIGUSR1 reopens it")
-    log_max_bytes: str = _f("50MiB", "rotate the daemon log file, audit.jsonl (and worker logs, at spawn) past "
-                                      "this size")
+    log_max_bytes: str = _f("50MiB", "rotate the daemon log file, audit.jsonl, each job's history.jsonl and "
+                                      "telemetry.jsonl (and worker logs, at spawn) past this size")
     log_keep: int = _f(3, "rotated log files kept")
     control: ControlConfig = dataclasses.field(default_factory=ControlConfig, metadata={"help": "", "unit": ""})
 

@@ -16,6 +16,7 @@ from typing import Any
 from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core.guard import SampleTrend
 from supervisor.core.policy import Decision, Estimator, PolicyConfig
+from supervisor.core.recent import LAST_BATCHES, LAST_STOPS, Recent, Series
 
 INF = math.inf
 
@@ -154,7 +155,7 @@ class Departing:
 
 @dataclasses.dataclass
 class JobStats:
-    """Counters for status, summaries and benchmarks."""
+    """Counters for status, summaries and benchmarks; each list is bounded (``supervisor.core.recent``)."""
 
     target_steps: int = 0
     steps_completed: int = 0
@@ -165,13 +166,15 @@ class JobStats:
     samples: int = 0
     samples_over_budget: int = 0
     samples_over_kill: int = 0
-    batch_history: list[list[int]] = dataclasses.field(default_factory=list)
+    # [step, batch, accum] at the start and at each change since: the last LAST_BATCHES (total: all of them).
+    batch_history: Recent[list[int]] = dataclasses.field(default_factory=lambda: Recent(LAST_BATCHES))
     final_loss: float | None = None
-    recoveries: list[float] = dataclasses.field(default_factory=list)
+    # Seconds from a breach decision to the next life's first step: the recent ones, and their count and max.
+    recoveries: Series = dataclasses.field(default_factory=Series)
     last_decision_at: float | None = None
     steps_per_second: float = 0.0
     rank_max_sampled: dict[int, int] = dataclasses.field(default_factory=dict)  # rank -> its largest sample
     # For each checkpoint-and-exit of a gang: the step each rank checkpointed at.
-    stop_steps: list[list[int]] = dataclasses.field(default_factory=list)
+    stop_steps: Recent[list[int]] = dataclasses.field(default_factory=lambda: Recent(LAST_STOPS))
     # The last crash: {"exit_code", "signal", "stderr_tail", "signature"} (supervisor.core.crashes.Crash.record)
     last_error: dict[str, Any] | None = None

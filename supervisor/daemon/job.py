@@ -124,7 +124,7 @@ class Job:
         self.io_errors: dict[str, int] = {}
         self._io_logged: dict[str, float] = {}
         self.log = log.bind(job=name)
-        self.history = History(paths.history, on_error=self.io_error)
+        self.history = History(paths.history, on_error=self.io_error, max_bytes=telemetry_max, keep=telemetry_keep)
         self.recorder = Recorder(paths.telemetry, on_error=self.io_error, max_bytes=telemetry_max,
                                  keep=telemetry_keep)
         self.sampled_at = 0.0  # when its workers were last sampled (0: never; finite, for the poll timeout)

@@ -20,9 +20,12 @@ OUTCOMES = {JobState.FINISHED: "finished", JobState.FATAL: "fatal"}
 
 
 def summarize(job: Job, wall_seconds: float) -> dict[str, Any]:
-    """The JSON summary of a one-shot run (field names are a contract: extend, never rename)."""
+    """The JSON summary of a one-shot run (field names are a contract: extend, never rename).
+
+    Its lists are bounded (``supervisor.core.recent``): ``batch_history`` and ``stop_steps`` keep their last
+    entries, with ``batch_changes`` and ``gang_stops`` counting all; the recovery median is over the most recent
+    recoveries, its maximum and ``recoveries`` over all of them."""
     stats = job.stats
-    recoveries = sorted(stats.recoveries)
     guard = job.lifecycle.guard_only  # no steps to count: null, never 0 posing as data
     return {
         "job": job.name,
@@ -40,18 +43,21 @@ def summarize(job: Job, wall_seconds: float) -> dict[str, Any]:
         "samples": stats.samples,
         "samples_over_budget": stats.samples_over_budget,
         "samples_over_kill": stats.samples_over_kill,
-        "batch_history": stats.batch_history,
+        "batch_history": list(stats.batch_history),
+        "batch_changes": max(0, stats.batch_history.total - 1),
         "wall_seconds": round(wall_seconds, 3),
         "final_loss": stats.final_loss,
-        "recovery_seconds_median": recoveries[len(recoveries) // 2] if recoveries else None,
-        "recovery_seconds_max": recoveries[-1] if recoveries else None,
+        "recovery_seconds_median": stats.recoveries.median(),
+        "recovery_seconds_max": stats.recoveries.max,
+        "recoveries": stats.recoveries.total,
         "checkpoint_dir": str(job.paths.checkpoints),
         "history_path": str(job.paths.history),
         # Per rank (a plain job is rank 0): a gang's budget applies to each rank, and its ranks restart together.
         "ranks": [{"rank": rank, "max_sampled_bytes": stats.rank_max_sampled.get(rank, 0),
                    "budget_bytes": job.limits.budget, "restarts": stats.restarts}
                   for rank in job.lifecycle.settings.ranks],
-        "stop_steps": stats.stop_steps,
+        "stop_steps": list(stats.stop_steps),
+        "gang_stops": stats.stop_steps.total,
         # What leaks (overall and per life, the last lives), each cache-clear test, and the censuses taken.
         "leak": job.diagnosis.summary(),
         "cache_clears": job.diagnosis.clears.summary(),

@@ -14,8 +14,9 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.faults import access, daemon_kills, disk_faults, fuzz, process_faults, report, security, worker_kills
+from tests.faults import access, daemon_kills, disk_faults, fuzz, process_faults, report, security, soak, worker_kills
 from tests.faults.common import FaultResult, Workspace, reap_all, set_subreaper
+from tests.faults.soak import SoakPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +31,14 @@ class Plan:
     damage_rounds: int
     fuzz_frames: int  # raw frames per socket
     hypothesis_examples: int
+    soak: SoakPlan
 
 
 FULL = Plan(worker_kills=200, worker_budget=480, daemon_kills=20, daemon_budget=180, stops=3, damage_rounds=2,
-            fuzz_frames=100_000, hypothesis_examples=1000)
+            fuzz_frames=100_000, hypothesis_examples=1000, soak=SoakPlan())
 QUICK = Plan(worker_kills=15, worker_budget=40, daemon_kills=3, daemon_budget=30, stops=1, damage_rounds=1,
-             fuzz_frames=2_500, hypothesis_examples=100)
+             fuzz_frames=2_500, hypothesis_examples=100,
+             soak=SoakPlan(restarts=0))
 
 
 def steps(plan: Plan, seed: int) -> list[tuple[str, Callable[[Workspace], FaultResult | list[FaultResult]]]]:
@@ -51,6 +54,7 @@ def steps(plan: Plan, seed: int) -> list[tuple[str, Callable[[Workspace], FaultR
         ("security", security.run),
         ("access", access.run),
         ("second-daemon", security.second_daemon),
+        ("soak", lambda ws: soak.run(ws, plan.soak)),
     ]
 
 
@@ -89,10 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(".faults/summary.json"), help="JSON summary path")
     parser.add_argument("--only", action="append", default=[], help="run only this fault (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the workspace under /tmp for inspection")
+    parser.add_argument("--soak-restarts", type=int, default=0,
+                        help="restarts the soak runs to (default: 20000; --quick skips the soak unless given)")
     args = parser.parse_args(argv)
     if not set_subreaper():
         print("[faults] not a subreaper: orphaned workers' exit codes are not observed", file=sys.stderr)
     plan = QUICK if args.quick else FULL
+    if args.soak_restarts < 0:
+        parser.error("--soak-restarts must be >= 0")
+    if args.soak_restarts:
+        plan = dataclasses.replace(plan, soak=dataclasses.replace(plan.soak, restarts=args.soak_restarts))
     started = time.monotonic()
     results = run_campaign(plan, args.seed, set(args.only), args.keep)
     document = report.summary(results, time.monotonic() - started, "quick" if args.quick else "full")

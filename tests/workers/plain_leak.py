@@ -1,6 +1,6 @@
 """A program that knows nothing of mlx-supervisor: it allocates and touches memory step after step.
 
-usage: plain_leak.py STEPS MIB_PER_STEP [--seconds S] [--ignore-term]
+usage: plain_leak.py STEPS MIB_PER_STEP [--seconds S] [--ignore-term] [--hold S]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ parser.add_argument("steps", type=int)
 parser.add_argument("mib", type=float)
 parser.add_argument("--seconds", type=float, default=0.1, help="per step")
 parser.add_argument("--ignore-term", action="store_true")
+parser.add_argument("--hold", type=float, default=0.0, help="seconds to sleep after the last step")
 args = parser.parse_args()
 if args.ignore_term:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -24,3 +25,4 @@ for step in range(1, args.steps + 1):
     kept.append(block)
     print(f"step {step}", flush=True)
     time.sleep(args.seconds)
+time.sleep(args.hold)

@@ -232,12 +232,13 @@ class History(ControlCommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("job")
-        parser.add_argument("-n", "--limit", type=int, default=50, help="last N events (default 50)")
+        parser.add_argument("-n", "--limit", type=int, default=50,
+                            help="last N events (default 50, at most 10000; past the 200 the daemon keeps in memory, "
+                                 "read back across the rotated history files)")
 
     def handle(self, daemon: DaemonService, args: dict[str, Any], client: str = "local") -> Any:
         job = job_of(daemon, args["job"])
-        limit = max(1, min(int(args.get("limit", 50)), 10_000))
-        return {"job": job.name, "events": job.history.events[-limit:]}
+        return {"job": job.name, "events": job.history.recent(int(args.get("limit", 50)))}
 
     def render(self, result: Any) -> str:
         import datetime
