@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -99,7 +98,7 @@ class TestHistoryFiles:
             history.record("big", n=index, pad="y" * 150_000)
         assert [e["n"] for e in read_recent(path, 3)] == [2, 3, 4]
 
-    @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/io")
+    @pytest.mark.linux_only("reads /proc/self/io (macOS has no /proc)")
     def test_start_reads_the_tail_only_however_long_the_history(self, tmp_path: Path) -> None:
         path = tmp_path / "history.jsonl"
         with open(path, "w") as handle:
