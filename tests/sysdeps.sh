@@ -8,7 +8,7 @@
 # Debian or Ubuntu as root: apt-get (one `apt-get update`, only when something is missing).
 # macOS with Homebrew: brew (rust, zeromq, pkg-config); crates then come from crates.io.
 # Anything else: one line per missing group, saying how to get it.
-# Every command comes from PATH (tests/test_sysdeps.py runs this script against fake apt-get, dpkg and brew).
+# Every command comes from PATH (tests/test_sysdeps.py runs this script against fake apt-get, dpkg-query and brew).
 set -u
 
 RUST_DEBS="cargo rustc pkg-config libzmq3-dev librust-zmq-dev librust-rmp-serde-dev librust-serde-dev
@@ -29,8 +29,17 @@ debs_of() {
   esac
 }
 
-# shellcheck disable=SC2086  # package lists are meant to split into words
-debs_missing() { ! dpkg -s $1 >/dev/null 2>&1; }
+# Installed means dpkg's "ii": `dpkg -s` also succeeds for a removed package whose config files remain ("rc").
+debs_missing() {
+  local deb
+  for deb in $1; do
+    case "$(dpkg-query -W -f='${db:Status-Abbrev}' "$deb" 2>/dev/null)" in
+      ii*) ;;
+      *) return 0 ;;
+    esac
+  done
+  return 1
+}
 
 APT_UPDATED=0
 apt_install() {  # GROUP PACKAGES...
@@ -94,7 +103,7 @@ main() {
         log "no Homebrew: for the Rust SDK tests, install rust and zeromq (https://brew.sh: brew install $RUST_BREWS)"
       fi ;;
     Linux)
-      if command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
+      if command -v apt-get >/dev/null 2>&1 && command -v dpkg-query >/dev/null 2>&1; then
         on_debian "${groups[@]}"
       else
         log "no apt-get here: install cargo and libzmq with your package manager, and set MLXSUP_RUST_CRATES_IO=1" \

@@ -1,7 +1,7 @@
 """A fresh machine's `make test`: tests/sysdeps.sh installs the Rust toolchain where it can, and where it cannot
 the Rust tests skip with the reason and the run says so (tests/rust_toolchain.py).
 
-The install script runs for real, against fake apt-get, dpkg, id, uname and brew on its PATH (named fake_*: the
+The install script runs for real, against fake apt-get, dpkg-query, id, uname and brew on its PATH (named fake_*: the
 real ones would change this machine); they record how they were called.
 """
 
@@ -36,7 +36,9 @@ def fake_bin(tmp_path: Path, system: str, uid: int, installed: bool, apt: bool =
     tool("id", f"echo {uid}")
     os.symlink(shutil.which("timeout") or "/usr/bin/timeout", bindir / "timeout")
     if apt:
-        tool("dpkg", "exit 0" if installed else "exit 1")
+        # dpkg's state of every package: "ii" installed, "rc" removed with its config files left (which
+        # `dpkg -s` would still call installed).
+        tool("dpkg-query", "echo ii" if installed else "echo rc")
         tool("apt-get", "exit 0" if install_ok else "exit 100")
     if brew:
         tool("brew", 'case "$1" in list) exit ' + ("0" if installed else "1") + ";; *) exit 0;; esac")
