@@ -22,6 +22,7 @@ from bench import (
     ckpt_io,
     control,
     daemon_cost,
+    dashboard,
     forensics,
     gang,
     goodput,
@@ -60,6 +61,8 @@ class Plan:
     census_repeats: int = 50
     attribution_messages: int = 5000
     attribution_blocks: int = 21
+    dashboard_seconds: float = 15.0  # per arm and round: one tail -f, then a dashboard with a page open
+    dashboard_rounds: int = 2
 
 
 FULL = Plan(overhead_steps=600, overhead_pairs=3, lockstep_seconds=300.0, sdk_calls=5000, reaction_steps=40,
@@ -70,7 +73,7 @@ QUICK = Plan(overhead_steps=60, overhead_pairs=1, lockstep_seconds=3.0, sdk_call
              goodput_steps=100, ckpt_mb=10, ckpt_rounds=1, idle_seconds=2.0, control_requests=50,
              flood_messages=2000, flood_linger=1.0, mlx_lm_iters=20, mlx_lm_pairs=1, mlx_lm_restart_iters=20,
              gang_steps=40, gang_pairs=1, gang_recovery_steps=40, daemon_window=2.0, census_repeats=5,
-             attribution_messages=500, attribution_blocks=3)
+             attribution_messages=500, attribution_blocks=3, dashboard_seconds=2.0, dashboard_rounds=1)
 RUN_TIMEOUT = 600.0  # seconds any one child may take before its group is killed
 SECTION_ERRORS = (BenchError, OSError, subprocess.SubprocessError, KeyError, ValueError, TypeError)
 
@@ -121,6 +124,10 @@ def _forensics(work: Path, plan: Plan) -> dict[str, Any]:
                              RUN_TIMEOUT)
 
 
+def _dashboard(work: Path, plan: Plan) -> dict[str, Any]:
+    return dashboard.run(plan.dashboard_seconds, plan.dashboard_rounds)
+
+
 def _gang(work: Path, plan: Plan) -> dict[str, Any]:
     return gang.measure(work, {**SMALL, "steps": plan.gang_steps}, plan.gang_pairs, plan.gang_recovery_steps,
                         RUN_TIMEOUT)
@@ -129,6 +136,7 @@ def _gang(work: Path, plan: Plan) -> dict[str, Any]:
 SECTIONS: list[tuple[str, Callable[[Path, Plan], dict[str, Any]]]] = [
     ("overhead", _overhead), ("reaction", _reaction), ("goodput", _goodput), ("checkpoint", _checkpoint),
     ("control", _control), ("daemon", _daemon), ("mlx_lm", _mlx_lm), ("gang", _gang), ("forensics", _forensics),
+    ("dashboard", _dashboard),
 ]
 
 

@@ -135,6 +135,11 @@ ROWS: list[tuple[str, tuple[str, ...], Target, Callable[[Any], str]]] = [
     ("  daemon CPU per step msg without / with attribution",
      ("details", "forensics", "cpu_us_pair"), Target(), lambda v: f"{v[0]:.1f} / {v[1]:.1f} µs"
      if isinstance(v, list) else "null"),
+    ("dashboard: event to page (median / max, s)", ("details", "dashboard", "latency_s"), Target(),
+     lambda v: f"{v['median']:.3f} / {v['max']:.3f} s" if isinstance(v, dict) else "null"),
+    ("  daemon CPU per 1000 telemetry msgs: dashboard / tail -f",
+     ("details", "dashboard", "daemon_cpu_s_per_1000_telemetry", "ratio_dashboard_to_tail"), Target("<=", 1.05),
+     _ratio),
     ("gang_step_rate_ratio (2 ranks, supervised/unsupervised)", ("gang_step_rate_ratio",), Target(">=", 0.95),
      _ratio),
     ("  spread of the pairs' ratios: min", ("details", "gang", "ratio_min"), Target(), _ratio),
