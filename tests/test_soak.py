@@ -85,8 +85,9 @@ def test_the_daemon_keeps_nothing_per_restart(tmp_path: Path, run_dir: Path) -> 
 @pytest.mark.timeout(300)  # about 7 s alone
 def test_a_worker_life_of_200k_steps_keeps_the_sdk_flat(config_file: Any, tmp_path: Path) -> None:
     """200,000 trivial steps of one supervised SDK worker (no training, nothing of its own allocated per step):
-    its RSS from step 50,000 to the end grows by under 256 KiB (1.7 bytes a step: anything the SDK kept per
-    step, a held row of about 100 bytes or a frame queued on its socket, would pass it a hundred times over), and
+    its RSS from step 50,000 to the end grows by under 1 MiB (7 bytes a step: anything the SDK kept per step, a
+    held row of about 100 bytes or a frame queued on its socket, would pass it fourteen times over; a loaded
+    machine's allocator moved it by 344 KiB once, so 256 KiB was too tight), and
     its fds and threads (the pulse thread) stay the same."""
     stats = tmp_path / "stats.json"
     config = config_file({"w": {"command": [sys.executable, str(STEPS_WORKER), "200000", str(stats)],
@@ -95,5 +96,5 @@ def test_a_worker_life_of_200k_steps_keeps_the_sdk_flat(config_file: Any, tmp_pa
     assert summary["outcome"] == "finished" and summary["steps_completed"] == 200_000, done.stderr[-2000:]
     notes = {note["step"]: note for note in json.loads(stats.read_text())}
     warm, end = notes[50_000], notes[200_000]  # the first tens of thousands of steps fill caches and arenas
-    assert end["rss_bytes"] - warm["rss_bytes"] < 256 * 1024, notes
+    assert end["rss_bytes"] - warm["rss_bytes"] < 1024 * 1024, notes
     assert {(n["fds"], n["threads"]) for step, n in notes.items() if step >= 50_000} == {(warm["fds"], warm["threads"])}

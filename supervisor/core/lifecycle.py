@@ -134,6 +134,10 @@ class Lifecycle(PeerRole):
             own = min([life.straggle_at, *(self._silent_at(r) for r in life.alive)])
         return min(own, departing)
 
+    def sdk_life(self, life: Life | None) -> bool:
+        """Whether ``life`` speaks the SDK (public: the daemon's diagnosis asks it of the current life)."""
+        return self._sdk(life)
+
     def _sdk(self, life: Life | None) -> bool:
         """Whether ``life`` is an SDK life: always (sdk = true), never (false), or once it said hello ("auto":
         a hello may come at any time in the life; until then the life is guarded by samples alone)."""

@@ -64,7 +64,7 @@ def _cleared(job: Job, record: dict[str, Any] | None) -> None:
 def sample(job: Job, now: float, sampled: int) -> None:
     """A complete footprint sample of a guard-only job's worker (its growth per second)."""
     life = job.lifecycle.life
-    if life is not None and not job.lifecycle.settings.sdk:
+    if life is not None and not job.lifecycle.sdk_life(life):  # sdk = false, or "auto" before its hello
         job.diagnosis.sample(life.id, now, sampled)
 
 
@@ -84,7 +84,7 @@ def ask_census(job: Job, steps: int, reason: str, now: float) -> dict[str, Any]:
     """Ask the lead worker for a census over ``steps`` steps; CensusRefused when it cannot take one."""
     if not 1 <= steps <= MAX_CENSUS_STEPS:
         raise CensusRefused(f"steps must be 1..{MAX_CENSUS_STEPS}, got {steps}")
-    if not job.lifecycle.settings.sdk:
+    if job.lifecycle.settings.sdk is False:
         raise CensusRefused("a guard-only job's command does not speak the SDK, so it does not take censuses")
     rank = min(job.lifecycle.settings.ranks)
     identity = job.identities.get(rank)

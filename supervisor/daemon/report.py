@@ -67,13 +67,27 @@ def _diagnosis(summary: dict[str, Any]) -> str | None:
     overall = leak.get("overall") if isinstance(leak, dict) else None
     if isinstance(overall, dict) and overall.get("verdict"):
         meaning = f": {overall['meaning']}" if overall.get("meaning") else ""
-        return f"  leak: {overall['verdict']}{meaning}"
+        return f"  leak: {overall['verdict']}{_footprint_rate(overall)}{meaning}"
     slope = summary.get("footprint_bytes_per_second")
     if not isinstance(slope, int | float):
         return None
     direction = "grew" if slope > 0 else "shrank" if slope < 0 else "stayed flat,"
     rate = f" {format_bytes(round(abs(slope)))}/s" if slope else ""
     return f"  footprint: {direction}{rate} over the last worker's life (Theil-Sen over its samples)"
+
+
+def _footprint_rate(overall: dict[str, Any]) -> str:
+    """' (footprint +40.0 MiB/step, 95% 38.1 MiB to 41.9 MiB)', or '' when the footprint was not fitted."""
+    slope = (overall.get("slopes") or {}).get("footprint")
+    if not isinstance(slope, int | float):
+        return ""
+    per = overall.get("per") or "step"
+    sign = "+" if slope >= 0 else "-"
+    text = f" (footprint {sign}{format_bytes(round(abs(slope)))}/{per}"
+    low_high = (overall.get("interval") or {}).get("footprint")
+    if isinstance(low_high, list | tuple) and len(low_high) == 2 and all(isinstance(v, int | float) for v in low_high):
+        text += f", 95% {format_bytes(round(low_high[0]))} to {format_bytes(round(low_high[1]))}"
+    return text + ")"
 
 
 def _exit(summary: dict[str, Any]) -> str | None:
