@@ -227,9 +227,15 @@ class TestMetrics:
 
         _, config = leaking
         dash = Dashboard(spawn, config, tmp_path)
-        text = wait_for_metric(dash, 'mlxsup_job_restarts_total{job="leaky",reason="leak_predicted"}')
-        families = {f.name: f for f in text_string_to_metric_families(text)}
-        footprint = families["mlxsup_job_footprint_bytes"].samples[0]
+        restarted = 'mlxsup_job_restarts_total{job="leaky",reason="leak_predicted"}'
+        deadline = time.monotonic() + 30
+        while True:  # just after a recycle the next worker may not be sampled yet (footprint 0): read again
+            text = wait_for_metric(dash, restarted)
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            footprint = families["mlxsup_job_footprint_bytes"].samples[0]
+            if footprint.value > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert footprint.labels == {"job": "leaky", "rank": "0"} and footprint.value > 0
         assert families["mlxsup_job_restarts"].type == "counter"  # the parser names a counter without _total
         states = {s.labels["state"]: s.value for s in families["mlxsup_job_state"].samples}
