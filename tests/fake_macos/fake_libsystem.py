@@ -33,7 +33,7 @@ from typing import Any
 
 # Captured before the lane removes them from os; absent on a real Mac with Python < 3.13 (then the waitid fake
 # fails with ENOSYS: the lane is for Linux).
-_REAL_WAITID, _REAL_P_PID = getattr(os, "waitid", None), os.P_PID
+_REAL_WAITID, _REAL_P_PID = getattr(os, "waitid", None), getattr(os, "P_PID", None)  # both absent on macOS before 3.13
 _LINUX_OPTIONS = {0x01: os.WNOHANG, 0x04: os.WEXITED, 0x08: os.WSTOPPED, 0x10: os.WCONTINUED, 0x20: os.WNOWAIT}
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _RUSAGE_V2_SIZE, _RESIDENT_AT, _FOOTPRINT_AT = 160, 64, 72

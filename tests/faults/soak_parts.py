@@ -23,7 +23,7 @@ import psutil
 from tests.faults.common import ROOT, Area, Group, mlxsupd, wait_until
 from tests.faults.wire import Control, answers
 
-SDK_WORKER = ROOT / "tests" / "workers" / "sdk_fast_leak.py"
+SDK_WORKER = ROOT / "tests" / "workers" / "sdk_leak.py"
 PLAIN_WORKER = ROOT / "tests" / "workers" / "plain_leak.py"
 ROTATING_PER_JOB = 4  # history.jsonl, telemetry.jsonl, stdout.log, stderr.log
 ROTATING_DAEMON = 2  # mlxsupd.log, audit.jsonl
