@@ -65,8 +65,10 @@ _ACTIVE, _CACHE = _counter("get_active_memory"), _counter("get_cache_memory")
 def _measured(counter: Callable[[], int] | None, version: int) -> int | None:
     """A counter's bytes; None when it cannot be measured (0 to a version 1 daemon, which has no "not measured")."""
     if counter is not None:
-        with contextlib.suppress(RuntimeError, ValueError):
+        try:  # per step: a plain try costs nothing, contextlib.suppress builds an object each call
             return int(counter())
+        except (RuntimeError, ValueError):
+            pass
     return None if version >= NOT_MEASURED_SINCE else 0
 
 
