@@ -19,6 +19,7 @@ from supervisor.daemon.job import Job
 from supervisor.daemon.loop import Daemon, NoHooks
 from supervisor.daemon.recorder import read_records
 from supervisor.daemon.server import DaemonService
+from supervisor.daemon.tails import stderr_tail
 
 MAX_SLOPE_POINTS = 200  # Theil-Sen is quadratic in its points: the last life's samples, evenly thinned
 
@@ -85,7 +86,7 @@ def details(job: Job, kind: str, endpoint: str) -> dict[str, Any]:
         "telemetry_path": str(job.paths.telemetry) if job.paths.telemetry else None,
         "control_endpoint": endpoint,
         "last_exit_code": code,
-        "last_stderr": stderr_tail(job.paths.logs / "stderr.log") if _error_exit(code) else [],
+        "last_stderr": _last_lines(job.paths.logs / "stderr.log") if _error_exit(code) else [],
         "footprint_bytes_per_second": _rounded(slope_per_second(job.paths.telemetry,
                                                                 spawns[-1]["time"] if spawns else None)),
     }
@@ -96,16 +97,9 @@ def _error_exit(code: int | None) -> bool:
     return code is not None and code > 0 and code != EXIT_CHECKPOINTED
 
 
-def stderr_tail(path: Path, lines: int = 8, chunk: int = 16384) -> list[str]:
-    """The last non-blank lines of a worker's stderr log (its own error), read from the end of the file."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - chunk))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return []
-    return [line.rstrip()[:300] for line in text.splitlines() if line.strip()][-lines:]
+def _last_lines(path: Path, lines: int = 8) -> list[str]:
+    """The last non-blank lines of a worker's stderr log (its own error), through the job's bounded tail read."""
+    return [line.rstrip()[:300] for line in stderr_tail(path) if line.strip()][-lines:]
 
 
 def _rounded(value: float | None) -> float | None:
