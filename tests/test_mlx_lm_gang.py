@@ -77,11 +77,13 @@ def lora_job(tiny: Tiny, adapters: Path, **job: Any) -> dict[str, Any]:
                        "save_every": 10, "adapter_path": str(adapters)}}
 
 
-def check_stops(history: list[dict[str, Any]]) -> list[list[int]]:
-    """Every gang stop had both ranks at one step, and the leaking rank's policy decided each; the stops."""
+def check_stops(history: list[dict[str, Any]], deciding: list[dict[str, Any]] | None = None) -> list[list[int]]:
+    """Every gang stop in ``history`` (the leader's) had both ranks at one step, and the leaking rank's policy
+    decided each (in ``deciding``, the history of rank 1's daemon; by default the same); the stops."""
     stops = [e["steps"] for e in history if e["event"] == "gang_stop"]
     assert stops and all(len(steps) == 2 and len(set(steps)) == 1 for steps in stops), stops
-    decisions = [e for e in history if e["event"] == "decision" and e["action"] == "checkpoint_exit"]
+    decisions = [e for e in (history if deciding is None else deciding)
+                 if e["event"] == "decision" and e["action"] == "checkpoint_exit"]
     assert decisions and all(d["rank"] == 1 for d in decisions)
     return [list(s) for s in stops]
 
@@ -193,7 +195,7 @@ class TestTwoNamespaces:
         hosts = LoraHosts(net, tmp_path, spawn, tiny)
         hosts.wait_finished(timeout=300)
         hosts.stop()
-        check_stops(hosts.history("b") + [e for e in hosts.history("a") if e["event"] == "gang_stop"])
+        stops = check_stops(hosts.history("a"), hosts.history("b"))
         assert any(e["event"] == "restart" for e in hosts.history("a"))
         for side in "ab":  # each host's writer wrote the gang's checkpoint and adapters on its own disk
             rank = "ab".index(side)
@@ -201,7 +203,6 @@ class TestTwoNamespaces:
             assert same_weights(hosts.final(side), reference)
         assert (tmp_path / "a" / "adapters" / "adapters.safetensors").exists()
         assert (tmp_path / "b" / "adapters" / "adapters.safetensors").exists()
-        stops = [e["steps"] for e in hosts.history("a") if e["event"] == "gang_stop"]
         print(f"two namespaces: stops {stops}, rank 0 median step seconds "
               f"{step_seconds(tmp_path / 'a' / 'jobs' / 'j' / 'telemetry.jsonl')}, rank 1 "
               f"{step_seconds(tmp_path / 'b' / 'jobs' / 'j' / 'telemetry.jsonl')}, {time.monotonic() - started:.1f} s")
