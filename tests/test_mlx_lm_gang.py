@@ -22,7 +22,7 @@ import pytest
 from supervisor.config import write_config
 from supervisor.daemon.history import read_history
 from supervisor.daemon.recorder import read_records
-from tests._mlx_lm import BASE_OPTIONS, bitwise_equal, build_tiny
+from tests._mlx_lm import BASE_OPTIONS, arrays, bitwise_equal, build_tiny, max_abs_difference, train_in_process
 from tests.conftest import mlxsupd
 from tests.gangs import free_port_base, same_weights
 from tests.test_gang_hosts import ADDRESSES, CONTROL_PORT, Hosts, Net, keys
@@ -109,6 +109,21 @@ def step_seconds(telemetry: Path) -> dict[int, float]:
         if record.get("k") == "step":
             times.setdefault(record.get("rank", 0), []).append(record["step_seconds"])
     return {rank: sorted(values)[len(values) // 2] for rank, values in sorted(times.items())}
+
+
+class TestSameMath:
+    """The gang's step is the single process's step: each rank's micro-batches are weighted by their share of
+    the gang's tokens, so averaging over the ranks gives the per-token mean of the whole batch."""
+
+    def test_two_ranks_end_within_1e_5_of_one_process(self, tiny: Tiny, reference: Path, tmp_path: Path) -> None:
+        from worker.checkpoint import load_latest
+
+        alone = arrays(train_in_process(*tiny, tmp_path, ITERS, "--batch-size", str(BATCH)))
+        gang = load_latest(reference.parent)
+        assert gang is not None and gang.step == ITERS
+        difference = max_abs_difference(arrays(gang), alone)
+        print(f"2 ranks vs 1 process after {ITERS} steps: max abs difference {difference:.3g}")  # for the record
+        assert difference <= 1e-5
 
 
 class TestLoopback:
