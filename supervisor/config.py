@@ -91,7 +91,8 @@ class JobConfig:
     command: list[str] = _f([], "argv of a custom training script using worker.Session; empty: the built-in LM")
     train: dict[str, Any] = _f({}, "options of the built-in LM (`python -m worker --help`), e.g. steps = 1000")
     mlx_lm: dict[str, Any] = _f({}, "an mlx-lm fine-tune: mlx_lm.lora's options (see [jobs.NAME.mlx_lm]); "
-                                "sets batch and accum")
+                                "sets batch and accum (in a gang batch is batch_size / ranks: mlx-lm's batch "
+                                "is the gang's)")
     env: dict[str, str] = _f({}, "extra environment variables for the worker")
     working_dir: str = _f("", "working directory of the worker (default: the daemon's)")
     autostart: bool = _f(True, "start with the daemon")
