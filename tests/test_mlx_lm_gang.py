@@ -151,6 +151,25 @@ class TestLoopback:
               f"{step_seconds(job_dir / 'telemetry.jsonl')}, {time.monotonic() - started:.1f} s")
 
 
+class TestOneLine:
+    """``mlxsupd run --ranks 2 -- mlx_lm.lora ...``: the command mlx.launch would run, as a supervised gang."""
+
+    def test_the_one_line_gang_ends_bitwise_equal_to_the_hand_started_ranks(
+            self, tiny: Tiny, reference: Path, tmp_path: Path, spawn: Any) -> None:
+        defaults = write_config(tmp_path / "port.toml", {}, {"lora": {"gang": {"port": free_port_base()}}})
+        argv = mlxsupd("run", "--ranks", "2", "--budget", "1GiB", "--state-dir", str(tmp_path / "s"), "-c",
+                       str(defaults), "--summary", str(tmp_path / "summary.json"), "--",
+                       "mlx_lm.lora", "--model", str(tiny[0]), "--data", str(tiny[1]), "--train", "--iters",
+                       str(ITERS), "--batch-size", str(BATCH), "--save-every", "10", "--adapter-path",
+                       str(tmp_path / "adapters"), *BASE_OPTIONS)
+        daemon = spawn(argv, env={"HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, stderr = daemon.communicate(timeout=300)
+        assert daemon.returncode == 0, stderr.decode()[-3000:]
+        result = json.loads((tmp_path / "summary.json").read_text())
+        assert result["outcome"] == "finished" and [r["rank"] for r in result["ranks"]] == [0, 1]
+        check_files(tmp_path / "s" / "jobs" / "lora" / "checkpoints", tmp_path / "adapters", reference)
+
+
 def lora_configs(tmp_path: Path, tiny: Tiny) -> tuple[Path, Path]:
     """The leader's (namespace A, rank 0) and the follower's (B, rank 1) config: one job, each host its own
     state and adapter directory."""
