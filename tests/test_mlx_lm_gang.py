@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from supervisor.daemon.history import read_history
 from supervisor.daemon.recorder import read_records
 from tests._mlx_lm import BASE_OPTIONS, arrays, bitwise_equal, build_tiny, max_abs_difference, train_in_process
 from tests.conftest import mlxsupd
-from tests.gangs import free_port_base, same_weights
+from tests.gangs import free_port_base, rank_pid, same_weights
 from tests.test_gang_hosts import ADDRESSES, CONTROL_PORT, Hosts, Net, keys
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -168,6 +169,26 @@ class TestOneLine:
         result = json.loads((tmp_path / "summary.json").read_text())
         assert result["outcome"] == "finished" and [r["rank"] for r in result["ranks"]] == [0, 1]
         check_files(tmp_path / "s" / "jobs" / "lora" / "checkpoints", tmp_path / "adapters", reference)
+
+
+class TestKilledRank:
+    """A rank SIGKILLed mid-run: the survivor loses its peer, the gang restarts from the last checkpoint."""
+
+    def test_sigkill_of_one_rank_resumes_bitwise(self, tiny: Tiny, reference: Path, config_file: Any,
+                                                 tmp_path: Path, spawn: Any) -> None:
+        job = lora_job(tiny, tmp_path / "adapters", gang={"port": free_port_base()}, checkpoint_every=5,
+                       env={"HF_HUB_OFFLINE": "1"})
+        summary = tmp_path / "summary.json"
+        daemon = spawn(mlxsupd("run", "-c", str(config_file({"j": job})), "j", "--summary", str(summary),
+                               "--log-format", "json"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        victim = rank_pid(tmp_path, 1, 5)
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = daemon.communicate(timeout=300)
+        assert summary.exists(), stderr.decode()[-3000:]
+        result = json.loads(summary.read_text())
+        assert result["outcome"] == "finished" and result["restarts"] == 1, result
+        assert result["restart_reasons"] == {f"rank 1 killed by signal {signal.SIGKILL.value}": 1}
+        check_files(tmp_path / "state" / "jobs" / "j" / "checkpoints", tmp_path / "adapters", reference)
 
 
 def lora_configs(tmp_path: Path, tiny: Tiny) -> tuple[Path, Path]:

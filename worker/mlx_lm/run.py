@@ -112,7 +112,8 @@ def _train(session: Session, args: types.SimpleNamespace, schedule: Schedule) ->
     if gang.writes_files(session):
         with session.busy("saving"):
             trainer.save(None)
-    report.write_stats()
+    if rank == 0:  # the benchmark's figures: one file, not one write per rank
+        report.write_stats()
     if args.test and len(test_set) >= args.batch_size:
         with session.busy("test"):
             tests = StepBatches(test_set, args.batch_size, args.max_seq_length, args.seed, rank, ranks)
