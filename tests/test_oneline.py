@@ -243,3 +243,15 @@ class TestRanks:
         with pytest.raises(SystemExit):
             args_of("--ranks", "two", "--", "true")
         assert "argument --ranks: invalid int value: 'two'" in capsys.readouterr().err
+
+    @pytest.mark.parametrize("argv, shown", [
+        (["mlx.launch", "-n", "2", "--backend", "ring", "mlx_lm.lora", "--model", "m"],
+         "mlxsupd run --ranks N -- mlx_lm.lora --model m"),
+        (["python", "-m", "mlx.launch", "--hosts=a,b", "--verbose", "train.py", "--x"],
+         "mlxsupd run --ranks N -- python train.py --x"),
+    ])
+    def test_mlx_launch_is_refused_with_the_one_line_form_that_runs_it(self, tmp_path: Path, argv: list[str],
+                                                                         shown: str) -> None:
+        with pytest.raises(UsageError, match=r"mlx\.launch reports success when a rank dies") as info:
+            classify(argv, tmp_path)
+        assert str(info.value).endswith(shown)

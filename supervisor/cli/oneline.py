@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import paths
-from supervisor.config import Config, ConfigError, parse_config
+from supervisor.config import Config, ConfigError, parse_config, runs_mlx_launch
 from supervisor.core.sizes import SizeError, format_bytes, parse_budget, parse_fraction_of
 
 GiB = 1 << 30
@@ -92,6 +92,11 @@ def classify(argv: list[str], cwd: Path) -> Command:
     if not argv:
         raise UsageError("no command after '--': mlxsupd run [OPTIONS] -- CMD [ARGS...]")
     program = argv[0]
+    if runs_mlx_launch(argv):
+        launched = _after_launch_options(argv)
+        raise UsageError("mlx.launch reports success when a rank dies and cuts off ranks still writing a checkpoint: "
+                         "give what it launches and the number of ranks, and mlxsupd starts them: mlxsupd run "
+                         f"--ranks N -- {' '.join(launched) or 'CMD'}")
     mlx_lm = mlx_lm_arguments(argv)
     if mlx_lm is not None:  # runs as python -m worker.mlx_lm under this interpreter, not as the program itself
         return Command(list(argv), mlx_lm, True)
@@ -128,6 +133,19 @@ def mlx_lm_arguments(argv: list[str]) -> list[str] | None:
         if argv[2:4] == ["mlx_lm", "lora"]:
             return argv[4:]
     return None
+
+
+def _after_launch_options(argv: list[str]) -> list[str]:
+    """What ``mlx.launch [its options] CMD ...`` launches (its words after the first that is not one of its
+    options), to show the one-line form that runs it; [] when that cannot be told."""
+    words = argv[argv.index("mlx.launch") + 1:] if "mlx.launch" in argv else argv[1:]
+    with_value = {"-n", "--repeat-hosts", "--hosts", "--hostfile", "--backend", "--env", "--mpi-arg",
+                  "--connections-per-ip", "-p", "--starting-port", "--cwd", "--nccl-port", "--python"}
+    index = 0
+    while index < len(words) and words[index].startswith("-"):
+        index += 1 if "=" in words[index] or words[index] not in with_value else 2
+    launched = words[index:index + 12]
+    return ["python", *launched] if launched and launched[0].endswith(".py") else launched  # as mlx.launch runs it
 
 
 def job_name(command: Command, given: str | None) -> str:
