@@ -64,8 +64,8 @@ def default_run_dir() -> Path:
     boot), but its cleaner skips sockets and files held under flock, and the run dir holds only the sockets, the
     flock-held lock and a gang's MLX_HOSTFILE (rewritten before every generation, read once at the ranks' start);
     the daemon recreates the directory when it starts. Without a per-user temp dir (neither $TMPDIR nor
-    confstr's), /var/run/mlxsup for root and
-    ~/Library/Caches/mlxsup/run for others; never /tmp. Linux: $XDG_RUNTIME_DIR, else /tmp/mlxsup-UID.
+    confstr's), /var/run/mlxsup for root and ~/Library/Caches/mlxsup/run for others; never /tmp.
+    Linux: $XDG_RUNTIME_DIR, else /tmp/mlxsup-UID.
     """
     if not is_macos():
         runtime = os.environ.get("XDG_RUNTIME_DIR")
