@@ -97,7 +97,7 @@ def _train(session: Session, args: types.SimpleNamespace, schedule: Schedule) ->
     _check_resume(resumed.extra, args, effective)
     if gang.writes_files(session):
         setup.write_adapter_config(args)
-    maybe_set_recommended_wired_limit()  # what mlx_lm's train() does (Metal only; see README)
+    maybe_set_recommended_wired_limit()  # what mlx_lm's train() does (Metal only; see docs/mlx-lm.md)
     threshold = session.settings.cache_clear_bytes or args.clear_cache_threshold
     reducer = gang.GangReducer(session) if session.gang is not None else None
     batches = StepBatches(train_set, effective, args.max_seq_length, args.seed, rank, ranks)
