@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -191,14 +192,23 @@ class TestKilledRank:
         check_files(tmp_path / "state" / "jobs" / "j" / "checkpoints", tmp_path / "adapters", reference)
 
 
-def lora_configs(tmp_path: Path, tiny: Tiny) -> tuple[Path, Path]:
+@pytest.fixture
+def run_dirs() -> Iterator[tuple[Path, Path]]:
+    """The two daemons' run dirs (short: their ipc socket paths must fit), removed afterwards."""
+    dirs = (Path(f"/tmp/mlxsup-la{os.getpid() % 100000}"), Path(f"/tmp/mlxsup-lb{os.getpid() % 100000}"))
+    for directory in dirs:
+        shutil.rmtree(directory, ignore_errors=True)
+    yield dirs
+    for directory in dirs:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def lora_configs(tmp_path: Path, tiny: Tiny, run_dirs: tuple[Path, Path]) -> tuple[Path, Path]:
     """The leader's (namespace A, rank 0) and the follower's (B, rank 1) config: one job, each host its own
     state and adapter directory."""
     keys(tmp_path / "keys")
     paths = []
-    for side in ("a", "b"):
-        run_dir = Path(f"/tmp/mlxsup-l{side}{os.getpid() % 100000}")
-        shutil.rmtree(run_dir, ignore_errors=True)
+    for side, run_dir in zip("ab", run_dirs, strict=True):
         daemon: dict[str, Any] = {"run_dir": str(run_dir), "state_dir": str(tmp_path / side)}
         gang: dict[str, Any] = {"port": 33000}
         if side == "a":
@@ -216,10 +226,10 @@ def lora_configs(tmp_path: Path, tiny: Tiny) -> tuple[Path, Path]:
 class LoraHosts(Hosts):
     """Two daemons in two namespaces running the mlx-lm gang."""
 
-    def __init__(self, net: Net, tmp_path: Path, spawn: Any, tiny: Tiny) -> None:
+    def __init__(self, net: Net, tmp_path: Path, spawn: Any, tiny: Tiny, run_dirs: tuple[Path, Path]) -> None:
         self.tmp_path = tmp_path
         self.net, self.spawn = net, spawn
-        self.configs = lora_configs(tmp_path, tiny)
+        self.configs = lora_configs(tmp_path, tiny, run_dirs)
         self.daemons = [self._start(i) for i in (0, 1)]
 
     def final(self, side: str) -> Path:
@@ -230,7 +240,7 @@ class LoraHosts(Hosts):
 
 
 @pytest.fixture
-def net() -> Any:
+def net() -> Iterator[Net]:
     made = Net()
     problem = made.create()
     if problem:
@@ -245,9 +255,10 @@ class TestTwoNamespaces:
     """One daemon per namespace, one rank each, the ring over the veth pair; the follower's rank leaks."""
 
     def test_leak_on_the_followers_rank_stops_both_hosts_at_one_step_and_resumes_bitwise(
-            self, tiny: Tiny, reference: Path, net: Net, tmp_path: Path, spawn: Any) -> None:
+            self, tiny: Tiny, reference: Path, net: Net, tmp_path: Path, spawn: Any,
+            run_dirs: tuple[Path, Path]) -> None:
         started = time.monotonic()
-        hosts = LoraHosts(net, tmp_path, spawn, tiny)
+        hosts = LoraHosts(net, tmp_path, spawn, tiny, run_dirs)
         hosts.wait_finished(timeout=300)
         hosts.stop()
         stops = check_stops(hosts.history("a"), hosts.history("b"))
