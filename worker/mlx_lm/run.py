@@ -247,8 +247,10 @@ def _header(model: Any, args: types.SimpleNamespace, schedule: Schedule, session
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
     where = f"resuming at step {step}" if step else "from the start"
+    rank, ranks = gang.rank_of(session)
+    share = f" (rank {rank} of {ranks}: its share of each batch of {args.batch_size})" if ranks > 1 else ""
     _log(f"{args.fine_tune_type} fine-tune of {args.model}: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters "
-         f"trainable; {schedule.target} optimizer steps of {session.batch}x{session.accum}, {where}")
+         f"trainable; {schedule.target} optimizer steps of {session.batch}x{session.accum}{share}, {where}")
 
 
 def _log(line: str) -> None:
