@@ -147,7 +147,7 @@ def checkpoints(where: Path) -> str:
     from worker.session import Session
 
     worker = SimpleNamespace(settings=SimpleNamespace(job="train"))
-    damage: list[Callable[[Path], None]] = [
+    damage: list[Callable[[Path], object]] = [
         lambda p: (p / "model.safetensors").write_bytes(_flip((p / "model.safetensors").read_bytes())),
         lambda p: (p / "meta.json").write_text("{"),
         lambda p: (p / "meta.json").write_text(json.dumps({**json.loads((p / "meta.json").read_text()), "step": 11})),
@@ -159,6 +159,55 @@ def checkpoints(where: Path) -> str:
         with contextlib.redirect_stderr(err):
             assert load_latest(path.parent, log=lambda event, fields: Session._log(worker, event, fields)) is None  # type: ignore[arg-type]
     return err.getvalue()
+
+
+def other_checkpoints(where: Path) -> str:
+    """A checkpoint that lists another SDK's files, and one that cannot be written (its directory is a file)."""
+    import mlx.core as mx
+
+    from worker.checkpoint import CheckpointError, load_latest, save_checkpoint
+    from worker.session import Session
+
+    worker = SimpleNamespace(settings=SimpleNamespace(job="train"))
+    path = save_checkpoint(where / "rust", 10, {"w": mx.ones((64,))}, {"m": mx.zeros((64,))}, {})
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"] = {"weights.safetensors": meta["files"]["model.safetensors"]}
+    (path / "meta.json").write_text(json.dumps(meta))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert load_latest(path.parent, log=lambda event, fields: Session._log(worker, event, fields)) is None  # type: ignore[arg-type]
+    (where / "full").write_text("a file where the directory should be")
+    try:
+        save_checkpoint(where / "full" / "ckpts", 10, {"w": mx.ones((4,))}, {"m": mx.zeros((4,))}, {})
+    except CheckpointError as exc:
+        err.write(f"{exc}\n")
+    return err.getvalue()
+
+
+def refusals(where: Path) -> str:
+    """A real daemon service (sockets bound, its loop not running) refusing a command for the key's role, and
+    a job it does not have; and an allow-list holding a secret key."""
+    from protocol.control import ControlError
+    from supervisor.config import ConfigError, load_config
+    from supervisor.control.access import LOCAL, Principal, Role, read_authorized_keys
+    from supervisor.daemon.server import DaemonService
+
+    said = []
+    service = DaemonService(load_config(config(where, JOB + "autostart = false\n")))
+    try:
+        for command, principal in (("stop", Principal("grafana", Role.READ)), ("start", LOCAL)):
+            try:
+                service.control.dispatch(command, {"job": "nojob"}, principal)
+            except ControlError as exc:
+                said.append(exc.message)
+    finally:
+        service.close()
+    (where / "authorized_keys").write_text('secret-key = "' + "x" * 40 + '"\n')
+    try:
+        read_authorized_keys(where / "authorized_keys")
+    except ConfigError as exc:
+        said.append(str(exc))
+    return "\n".join(said)
 
 
 def _flip(data: bytes) -> bytes:
@@ -184,6 +233,18 @@ def protocol_errors(where: Path) -> str:
     return "\n".join(said)
 
 
+def decisions(where: Path) -> str:
+    """The pure policy's reasons for a breach: a peak at a steady footprint, and a steady leak."""
+    from supervisor.core.policy import Estimator, MiB, PolicyConfig, diagnose_breach
+
+    settings = PolicyConfig()
+    peak, leak = Estimator(settings), Estimator(settings)
+    for step in range(1, 40):
+        peak.observe_step(step, 1000 * MiB, reported_transient=300 * MiB)
+        leak.observe_step(step, 1000 * MiB + step * 2 * MiB)
+    return "\n".join(diagnose_breach(estimator, 8, 1, settings).reason for estimator in (peak, leak))
+
+
 def fatal_report(where: Path) -> str:
     """``mlxsupd run`` of a command that refuses its arguments, to its end: the report, then the history."""
     bindir = Path(sys.executable).parent
@@ -199,7 +260,8 @@ def fatal_report(where: Path) -> str:
 
 SCENARIOS: dict[str, Callable[[Path], str]] = {
     "starting": starting, "another_daemon": another_daemon, "config": config_errors, "no_reply": no_reply,
-    "doctor": doctor_config, "checkpoints": checkpoints, "protocol": protocol_errors, "report": fatal_report}
+    "doctor": doctor_config, "checkpoints": checkpoints, "protocol": protocol_errors, "report": fatal_report,
+    "other_checkpoints": other_checkpoints, "refusals": refusals, "decisions": decisions}
 
 # Quote on the page -> the scenario that produces it.
 PRODUCED = {
@@ -250,6 +312,14 @@ PRODUCED = {
     "unknown message type …": "protocol",
     "worker speaks protocol …, the oldest supported is …": "protocol",
     "MLXSUP_BATCH='x' is not a valid int": "protocol",
+    "leak 2.0 MiB/step over 39 steps; recycling at batch 8": "decisions",
+    "peak (transient 314572800 B/step); batch 8x1 -> 4x2": "decisions",
+    "stop needs role operate (or higher); key 'grafana' has role read": "refusals",
+    "no job 'nojob' in the config (jobs: train)": "refusals",
+    "…/authorized_keys:1: a secret key; list public keys only (the .key file, never .key_secret)": "refusals",
+    "[worker train] checkpoint_damaged path=…/ckpt-0000000010 problem=meta.json: lists ['weights.safetensors'], "
+    "expected the Python SDK's model.safetensors and optimizer.safetensors": "other_checkpoints",
+    "cannot write checkpoint …/ckpts/ckpt-0000000010: …": "other_checkpoints",
     "mlxsupd: train fatal in …: no steps reported (guard-only), 0 restarts\n"
     "  command: last exit code 1\n"
     "  error: usage_error\n"
@@ -258,30 +328,24 @@ PRODUCED = {
 }
 
 # Quote on the page -> the prefix another literal prints before it (matched without it). These cannot be had
-# cheaply here: a daemon's decision after minutes of training, a remote key's role, a service manager, Rust.
+# cheaply here: a daemon's decision after minutes of training, a service manager, a toolchain missing.
 IN_SOURCE = {
     "not retried: the worker's own error before its hello (…)": "",
     "… attempts without progress (last …)": "",
     "… attempts without progress: …": "",
     "… breaches in a row (last: …)": "",
     "… (restart = never)": "",
-    "leak … MiB/step over … steps; recycling at batch …": "",
     "leak … MiB/step reaches budget in … steps": "",
     "sample … >= kill ceiling …": "",
     "available … < floor …": "",
     "available … < system floor …": "",
     "budget … is below the job's measured baseline … (its footprint between steps): no batch size fits under it": "",
-    "… needs role … (or higher); key … has role …": "",
-    "mlxsupctl: no_such_job: no job 'nojob' in the config (jobs: none)": "mlxsupctl: no_such_job: ",
     "no daemon answers on … (…)": "",
-    "…: a secret key; list public keys only (the .key file, never .key_secret)": "",
     "mlxsupctl service: … is written but the service manager did not load it": "",
     "… is not installed here: run mlxsupd in the foreground instead": "",
     "hung: no telemetry for …s (timeout …s)": "",
     "hung: no hello for …s (timeout …s)": "",
     "checkpoint took longer than …s": "",
-    "meta.json: lists …, expected the Python SDK's model.safetensors and optimizer.safetensors": "",
-    "cannot write checkpoint …: …": "",
     "hung: rank … silent …s; rank … waiting in … for …s (timeout …s)": "",
     "no reply from … within …s": "",
     "NOT RUN: the Rust SDK tests (sdk/rust): no cargo on PATH: …": "",
@@ -309,7 +373,7 @@ def _literal(node: ast.AST) -> str | None:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
     if isinstance(node, ast.JoinedStr):
-        return "".join(part.value if isinstance(part, ast.Constant) else HOLE for part in node.values)
+        return "".join(str(part.value) if isinstance(part, ast.Constant) else HOLE for part in node.values)
     return None
 
 
