@@ -245,6 +245,53 @@ def decisions(where: Path) -> str:
     return "\n".join(diagnose_breach(estimator, 8, 1, settings).reason for estimator in (peak, leak))
 
 
+GUARD = {"sdk": False, "command": ["python", "t.py"], "autostart": False}
+
+
+def lifecycle_fake(where: Path) -> str:
+    """The daemon's own reasons, from its real lifecycle and daemon service over a fake OS (a fake clock, fake
+    processes, fake memory), so timeouts and attempts take no time: what ``mlxsupctl history`` and the log show."""
+    from tests.test_lifecycle import Service
+
+    mib = 2**20
+    (where / "floor").mkdir()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        jobs = Service(where, where / "run", {
+            "boot": {"startup_timeout": 1.0, "max_attempts_without_progress": 2, "autostart": False},
+            "hang": {"hang_timeout": 1.0, "autostart": False},
+            "crash": {"max_attempts_without_progress": 2, "backoff_initial": 0.1, "autostart": False},
+            "usage": {"autostart": False}, "slow": {"checkpoint_timeout": 1.0, "autostart": False},
+            "ceiling": {"autostart": False}, "guard": {**GUARD, "max_attempts_without_progress": 2},
+            "never": {**GUARD, "restart": "never"}})
+        floor = Service(where / "floor", where / "floor" / "run", {"sdk": {"autostart": False}, "guarded": GUARD},
+                        system_floor="4GiB")
+        try:
+            for service in (jobs, floor):
+                for name in service.daemon.jobs:
+                    service.job(name).start(service.system.clock)
+            for name in ("hang", "crash", "slow", "ceiling"):
+                jobs.hello(name)
+            floor.hello("sdk")
+            jobs.proc("usage").code = 2  # an argparse error before its hello
+            jobs.call("stop", job="slow")  # it never checkpoints
+            floor.system.available = 1 << 30
+            for _ in range(80):  # 16 s of the fake clock
+                for name, sampled in (("guard", 1050 * mib), ("never", 1050 * mib), ("ceiling", 1200 * mib)):
+                    if jobs.job(name).life is not None and jobs.proc(name).code is None:
+                        jobs.proc(name).sampled = sampled
+                if jobs.job("crash").life is not None:
+                    jobs.proc("crash").code = 1
+                jobs.turn(0.2)
+                floor.turn(0.2)
+            reasons = [str(e["reason"]) for service in (jobs, floor) for job in service.daemon.jobs.values()
+                       for e in job.history.events if e.get("reason")]
+        finally:
+            jobs.close()
+            floor.close()
+    return "\n".join(reasons) + "\n" + out.getvalue()
+
+
 def fatal_report(where: Path) -> str:
     """``mlxsupd run`` of a command that refuses its arguments, to its end: the report, then the history."""
     bindir = Path(sys.executable).parent
@@ -261,7 +308,8 @@ def fatal_report(where: Path) -> str:
 SCENARIOS: dict[str, Callable[[Path], str]] = {
     "starting": starting, "another_daemon": another_daemon, "config": config_errors, "no_reply": no_reply,
     "doctor": doctor_config, "checkpoints": checkpoints, "protocol": protocol_errors, "report": fatal_report,
-    "other_checkpoints": other_checkpoints, "refusals": refusals, "decisions": decisions}
+    "other_checkpoints": other_checkpoints, "refusals": refusals, "decisions": decisions,
+    "lifecycle_fake": lifecycle_fake}
 
 # Quote on the page -> the scenario that produces it.
 PRODUCED = {
@@ -314,6 +362,18 @@ PRODUCED = {
     "MLXSUP_BATCH='x' is not a valid int": "protocol",
     "leak 2.0 MiB/step over 39 steps; recycling at batch 8": "decisions",
     "peak (transient 314572800 B/step); batch 8x1 -> 4x2": "decisions",
+    "not retried: the worker's own error before its hello (exit 2 [usage_error])": "lifecycle_fake",
+    "2 attempts without progress (last exit 1)": "lifecycle_fake",
+    "2 breaches in a row (last: spike: sample 1.03 GiB >= budget 1000.0 MiB with growth of 0 B/s (leak threshold "
+    "1.00 MiB/s))": "lifecycle_fake",
+    "spike: sample 1.03 GiB >= budget 1000.0 MiB with growth of 0 B/s (leak threshold 1.00 MiB/s) (restart = never)":
+        "lifecycle_fake",
+    "sample 1258291200 >= kill ceiling 1153433600": "lifecycle_fake",
+    "available 1073741824 < floor 4294967296": "lifecycle_fake",
+    "available 1.00 GiB < system floor 4.00 GiB": "lifecycle_fake",
+    "hung: no telemetry for …s (timeout …s)": "lifecycle_fake",
+    "hung: no hello for …s (timeout …s)": "lifecycle_fake",
+    "checkpoint took longer than …s": "lifecycle_fake",
     "stop needs role operate (or higher); key 'grafana' has role read": "refusals",
     "no job 'nojob' in the config (jobs: train)": "refusals",
     "…/authorized_keys:1: a secret key; list public keys only (the .key file, never .key_secret)": "refusals",
@@ -328,24 +388,14 @@ PRODUCED = {
 }
 
 # Quote on the page -> the prefix another literal prints before it (matched without it). These cannot be had
-# cheaply here: a daemon's decision after minutes of training, a service manager, a toolchain missing.
+# cheaply here: a slow leak's projection, a service manager, a gang on several hosts, a toolchain missing.
 IN_SOURCE = {
-    "not retried: the worker's own error before its hello (…)": "",
-    "… attempts without progress (last …)": "",
     "… attempts without progress: …": "",
-    "… breaches in a row (last: …)": "",
-    "… (restart = never)": "",
     "leak … MiB/step reaches budget in … steps": "",
-    "sample … >= kill ceiling …": "",
-    "available … < floor …": "",
-    "available … < system floor …": "",
     "budget … is below the job's measured baseline … (its footprint between steps): no batch size fits under it": "",
     "no daemon answers on … (…)": "",
     "mlxsupctl service: … is written but the service manager did not load it": "",
     "… is not installed here: run mlxsupd in the foreground instead": "",
-    "hung: no telemetry for …s (timeout …s)": "",
-    "hung: no hello for …s (timeout …s)": "",
-    "checkpoint took longer than …s": "",
     "hung: rank … silent …s; rank … waiting in … for …s (timeout …s)": "",
     "no reply from … within …s": "",
     "NOT RUN: the Rust SDK tests (sdk/rust): no cargo on PATH: …": "",
