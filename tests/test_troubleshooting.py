@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import msgpack
 import pytest
+import structlog
 
 from tests.test_docs import ROOT, blocks
 
@@ -407,12 +408,16 @@ IN_SOURCE = {
 def produced() -> Iterator[dict[str, str]]:
     """Each scenario's output, run once; in short temp dirs (a socket path must fit in sun_path)."""
     outputs: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="mlxts-") as top:
-        for name, scenario in SCENARIOS.items():
-            where = Path(top) / name
-            where.mkdir()
-            outputs[name] = scenario(where)
-        yield outputs
+    logging = structlog.get_config()  # mlxsupd's main configures the log to the stderr it was given: ours
+    try:
+        with tempfile.TemporaryDirectory(prefix="mlxts-") as top:
+            for name, scenario in SCENARIOS.items():
+                where = Path(top) / name
+                where.mkdir()
+                outputs[name] = scenario(where)
+            yield outputs
+    finally:
+        structlog.configure(**logging)
 
 
 # -- the messages matched against the source -------------------------------------------------------------------
