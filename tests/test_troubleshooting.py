@@ -410,7 +410,8 @@ def produced() -> Iterator[dict[str, str]]:
     outputs: dict[str, str] = {}
     logging = structlog.get_config()  # mlxsupd's main configures the log to the stderr it was given: ours
     try:
-        with tempfile.TemporaryDirectory(prefix="mlxts-") as top:
+        # /tmp, not macOS' long per-user TMPDIR: the daemon's socket paths must fit in sun_path (104 bytes there).
+        with tempfile.TemporaryDirectory(prefix="mlxts-", dir="/tmp" if Path("/tmp").is_dir() else None) as top:
             for name, scenario in SCENARIOS.items():
                 where = Path(top) / name
                 where.mkdir()
@@ -490,6 +491,13 @@ class TestThePageQuotesWhatUsersSee:
         said = quote[len(prefix):]
         texts = [path.read_text() for path in TEXT_SOURCES]
         assert in_source(said, candidates(said, literals), texts), "no string in the source says this"
+
+    def test_the_log_events_and_fields_it_names_exist(self) -> None:
+        """The prose around the blocks names log events and their fields: each is a string of the source."""
+        text = set(source_literals())
+        for name in ("worker_frame_rejected", "worker_hello_rejected", "control_refused", "unauthenticated",
+                     "checkpoint_damaged", "bad spawn token"):
+            assert name in PAGE.read_text() and name in text, name
 
     def test_the_crash_table_names_every_signature(self) -> None:
         from supervisor.core.crashes import SIGNATURES, USAGE
