@@ -86,6 +86,7 @@ PRODUCED = {
     "worker speaks protocol …, the oldest supported is …": "protocol",
     "MLXSUP_BATCH='x' is not a valid int": "protocol",
     "leak 2.0 MiB/step over 39 steps; recycling at batch 8": "decisions",
+    "leak 2.0 MiB/step reaches budget in 2.0 steps": "decisions",
     "peak (transient 314572800 B/step); batch 8x1 -> 4x2": "decisions",
     "not retried: the worker's own error before its hello (exit 2 [usage_error])": "lifecycle_fake",
     "2 attempts without progress (last exit 1)": "lifecycle_fake",
@@ -113,10 +114,9 @@ PRODUCED = {
 }
 
 # Quote on the page -> the prefix another literal prints before it (matched without it). These cannot be had
-# cheaply here: a slow leak's projection, a service manager, a gang on several hosts, a toolchain missing.
+# cheaply here: a job's measured baseline, a service manager, a gang on several hosts, a toolchain missing.
 IN_SOURCE = {
     "… attempts without progress: …": "",
-    "leak … MiB/step reaches budget in … steps": "",
     "budget … is below the job's measured baseline … (its footprint between steps): no batch size fits under it": "",
     "no daemon answers on … (…)": "",
     "mlxsupctl service: … is written but the service manager did not load it": "",

@@ -205,15 +205,18 @@ def protocol_errors(where: Path) -> str:
 
 
 def decisions(where: Path) -> str:
-    """The pure policy's reasons for a breach: a peak at a steady footprint, and a steady leak."""
-    from supervisor.core.policy import Estimator, MiB, PolicyConfig, diagnose_breach
+    """The pure policy's reasons: a breach at a steady footprint (a peak) and with a steady leak, and a leak
+    about to reach the budget."""
+    from supervisor.core.policy import Estimator, Limits, MiB, PolicyConfig, diagnose_breach, on_step
 
     settings = PolicyConfig()
     peak, leak = Estimator(settings), Estimator(settings)
     for step in range(1, 40):
         peak.observe_step(step, 1000 * MiB, reported_transient=300 * MiB)
         leak.observe_step(step, 1000 * MiB + step * 2 * MiB)
-    return "\n".join(diagnose_breach(estimator, 8, 1, settings).reason for estimator in (peak, leak))
+    said = [diagnose_breach(estimator, 8, 1, settings).reason for estimator in (peak, leak)]
+    near = Limits(warn=1000 * MiB, budget=1082 * MiB, kill=1200 * MiB)  # the leak reaches it in 2 steps
+    return "\n".join([*said, on_step(leak, near, 8, 1, 0, settings).reason])
 
 
 GUARD = {"sdk": False, "command": ["python", "t.py"], "autostart": False}
