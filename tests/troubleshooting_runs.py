@@ -266,6 +266,24 @@ def lifecycle_fake(where: Path) -> str:
     return "\n".join(reasons) + "\n" + out.getvalue()
 
 
+def gang_hangs(where: Path) -> str:
+    """A gang's hang reason, named by its shape: a rank silent while its peer waits in a collective, then every
+    rank waiting inside one."""
+    from supervisor.core.hangs import gang_hang
+    from supervisor.core.life import Life, Rank
+    from supervisor.core.policy import Estimator, PolicyConfig
+
+    now = 100.0
+
+    def rank(number: int, heard: float, waiting: str = "") -> Rank:
+        return Rank(number, Estimator(PolicyConfig()), now - heard, waiting=waiting,
+                    waiting_since=now - 2.4 if waiting else float("inf"))
+
+    silent = Life(1, 0.0, 8, 1, {0: rank(0, 0.5, "all_sum"), 1: rank(1, 3.1)})
+    blocked = Life(1, 0.0, 8, 1, {0: rank(0, 2.5, "all_sum"), 1: rank(1, 2.5, "all_sum")})
+    return "\n".join(gang_hang(life, now, 60.0) for life in (silent, blocked))
+
+
 def fatal_report(where: Path) -> str:
     """``mlxsupd run`` of a command that refuses its arguments, to its end: the report, then the history."""
     bindir = Path(sys.executable).parent
@@ -283,6 +301,6 @@ SCENARIOS: dict[str, Callable[[Path], str]] = {
     "starting": starting, "another_daemon": another_daemon, "config": config_errors, "no_reply": no_reply,
     "doctor": doctor_config, "checkpoints": checkpoints, "protocol": protocol_errors, "report": fatal_report,
     "other_checkpoints": other_checkpoints, "refusals": refusals, "decisions": decisions,
-    "lifecycle_fake": lifecycle_fake}
+    "lifecycle_fake": lifecycle_fake, "gang_hangs": gang_hangs}
 
 # Quote on the page -> the scenario that produces it.
