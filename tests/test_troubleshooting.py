@@ -227,9 +227,9 @@ class TestThePageQuotesWhatUsersSee:
         texts = [path.read_text() for path in TEXT_SOURCES]
         assert in_source(said, candidates(said, literals), texts), "no string in the source says this"
 
-    def test_the_log_events_and_fields_it_names_exist(self) -> None:
+    def test_the_log_events_and_fields_it_names_exist(self, literals: list[str]) -> None:
         """The prose around the blocks names log events and their fields: each is a string of the source."""
-        text = set(source_literals())
+        text = set(literals)
         for name in ("worker_frame_rejected", "worker_hello_rejected", "control_refused", "unauthenticated",
                      "checkpoint_damaged", "bad spawn token"):
             assert name in PAGE.read_text() and name in text, name
