@@ -168,3 +168,29 @@ class TestForwardCompatibility:
         assert "worker_frame_rejected" not in done.stderr
         stdout = (tmp_path / "state" / "logs" / "jobs" / "j" / "stdout.log").read_text()
         assert "welcome protocol=1" in stdout and "refused" not in stdout
+
+
+class TestNegotiatedVersionInStatus:
+    """`mlxsupctl status` shows per worker the protocol version its welcome agreed: 1 for a 1.0 worker (a hello
+    without ``protocol``), 2 for the Python SDK (a 1.1 worker), side by side under one daemon."""
+
+    def test_status_shows_each_workers_version(self, spawn: Any, config_file: Any, tmp_path: Path) -> None:
+        from tests.test_daemon import Daemon
+
+        env = {"PYTHONPATH": str(ROOT)}
+        path = config_file({
+            "old": {"command": [*REF[:2], "--steps", "100000", "--step-ms", "20", "--v1-only"], "env": env},
+            "new": {"command": [*SDK_EXAMPLE[:2], "100000"], "env": env},
+        })
+        d = Daemon(spawn, path, tmp_path)
+        try:
+            d.wait(lambda: all(j["protocol"] for j in d.json("status")["jobs"]), 90, "both workers said hello")
+            jobs = {j["name"]: j for j in d.json("status")["jobs"]}
+            assert (jobs["old"]["protocol"], jobs["new"]["protocol"]) == (1, 2), jobs
+            text = subprocess.run(
+                [sys.executable, "-m", "supervisor.cli.mlxsupctl", "-c", str(path), "status"],
+                capture_output=True, text=True, timeout=30).stdout
+            lines = {line.split()[0]: line for line in text.splitlines() if line.split()[:1] in (["old"], ["new"])}
+            assert lines["old"].endswith("protocol 1") and lines["new"].endswith("protocol 2"), text
+        finally:
+            d.stop()
