@@ -268,7 +268,8 @@ def life_damaged(harness: Harness, report: Report, state: State) -> None:
         problems.append(f"{trash.name} (its writer dead, {restored.name} missing) not renamed back")
     if hello.start_step not in (step, step + 1):
         problems.append(f"resumed at {hello.start_step}, not at the restored {restored.name}")
-    report.record("trash_restored", problems, f"{trash.name} renamed back to {restored.name} and resumed from")
+    report.record("trash_restored", problems, f"{trash.name} renamed back to {restored.name}; resumed at "
+                                              f"{hello.start_step}")
     report.begin("parent_died")
     life.steps(3, options.timeout)
     assert isinstance(life.popen, Adopted)
