@@ -196,7 +196,9 @@ class Session:
         self._trainable_only = trainable_only
         loaded: ckpt.Checkpoint | None = None
         extra: dict[str, Any] = {}
-        with self.busy("load"):  # heartbeats with the token while a large checkpoint loads (before the hello)
+        # Heartbeats with the token while a large checkpoint loads (before the hello); not in a gang, whose ranks
+        # wait for each other here: a rank blocked on a lost peer must not look alive.
+        with self.busy("load") if self.gang is None else contextlib.nullcontext():
             time.sleep(self.steering.load_seconds)
             if self.checkpoint_dir is not None and self.gang is not None:
                 loaded, extra = gang_mod.resume(self.gang, self.checkpoint_dir, log=self._log)
