@@ -75,7 +75,7 @@ def kit(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[int, dict[str, Any]]]]:
-    """Every kit run of this module, eight at a time: name -> (exit status, JSON report)."""
+    """Every kit run of this module, ten at a time: name -> (exit status, JSON report)."""
     jobs: dict[str, list[str]] = {
         "python-sdk": ["--json", "--", *SDK_EXAMPLE],
         "reference": ["--json", "--", *REF],
@@ -108,6 +108,9 @@ class TestConformingWorkers:
 
 class TestBrokenWorkers:
     """A worker that breaks one rule fails the check about that rule, and the kit exits 1."""
+
+    def test_every_check_has_a_broken_worker(self) -> None:
+        assert set(BROKEN.values()) == set(CHECKS)
 
     @pytest.mark.parametrize("mode", sorted(BROKEN))
     def test_the_right_check_fails(self, runs: dict[str, tuple[int, dict[str, Any]]], mode: str) -> None:
