@@ -76,7 +76,7 @@ class Worker:
         self.parent, self.stop_reason = os.getppid(), ""
         self.last_heard = float("inf")  # the orphan timer starts at the hello
         if self.mode == "timer_from_start":
-            self.last_heard = time.time()  # broken: a long load counts as the daemon's silence
+            self.last_heard = psutil.Process().create_time()  # broken: from its start, a long load is silence
         self.stepped = self.welcomed = False
         self.grant: Heartbeat | None = None  # the newest heartbeat that allows holding
         self.held: list[Step] = []

@@ -26,6 +26,7 @@ from protocol.conformance.script import (
     State,
     exit_problems,
     leaves,
+    leaves_orphaned,
     not_done,
     read_hello,
     start,
@@ -242,13 +243,14 @@ def life_two(harness: Harness, report: Report, state: State) -> None:
     report.begin("lost_daemon")
     life.steps(2, options.timeout)
     life.heartbeats = False
-    saved, bye, code, took = leaves(life, options.orphan_timeout + options.timeout, "without heartbeats")
-    problems = exit_problems(life, saved, bye, code, EXIT_CHECKPOINTED)
-    if bye.reason not in ("daemon_silent", "daemon_lost"):
-        problems.append(f"goodbye reason {bye.reason!r}, expected daemon_silent or daemon_lost")
-    report.record("lost_daemon", problems, f"left {took:.1f} s after the last heartbeat (orphan timeout "
-                                           f"{options.orphan_timeout:g} s): checkpoint {saved.step}, exit {code}")
-    state.newest = saved.step
+    left = leaves_orphaned(life, harness, options.orphan_timeout + options.timeout, "without heartbeats")
+    problems = left.problems
+    if left.reason not in ("daemon_silent", "daemon_lost", None):
+        problems.append(f"goodbye reason {left.reason!r}, expected daemon_silent or daemon_lost")
+    report.record("lost_daemon", problems, f"left {left.took:.1f} s after the last heartbeat (orphan timeout "
+                                           f"{options.orphan_timeout:g} s): checkpoint {left.step}, goodbye "
+                                           f"{left.reason}, exit {left.code}{left.note()}")
+    state.newest = left.step
 
 
 def life_three(harness: Harness, report: Report, state: State) -> None:

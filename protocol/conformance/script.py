@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
+from protocol.checkpoints import CheckpointDamaged, list_checkpoints, step_of, verify
 from protocol.conformance.harness import Abort, Harness, Life, Options
-from protocol.messages import FINISHED, CheckpointSaved, Goodbye, Heartbeat, Hello, Message
+from protocol.messages import (
+    EXIT_CHECKPOINTED,
+    FINISHED,
+    CheckpointSaved,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Message,
+    Step,
+    Steps,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,3 +99,66 @@ def exit_problems(life: Life, saved: CheckpointSaved, bye: Goodbye, code: int | 
     if not life.verified[saved.step].ok:
         problems.append(life.verified[saved.step].detail)
     return problems
+
+
+@dataclasses.dataclass(frozen=True)
+class Orphaned:
+    """How an orphan left: the checkpoint it left with, its goodbye's reason (None: its last frames were lost)."""
+
+    step: int | None
+    reason: str | None
+    code: int | None
+    took: float  # seconds from the start of the wait to the goodbye (or the exit)
+    left_at: float  # time.monotonic() of the goodbye (or of noticing the exit)
+    problems: list[str]
+
+    def note(self) -> str:
+        return "" if self.reason is not None else " (its checkpoint_saved and goodbye were lost: it lingers 0 s)"
+
+
+def _newest_good(directory: Path) -> int | None:
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            verify(path)
+        except CheckpointDamaged:
+            continue
+        return step_of(path)
+    return None
+
+
+def leaves_orphaned(life: Life, harness: Harness, timeout: float, why: str) -> Orphaned:
+    """An orphan's way out (checkpoint, goodbye, exit 75). It lingers 0 s (PROTOCOL.md 8), so its last frames may
+    be lost on the way: then a verified checkpoint on disk of at least its last reported step stands for them."""
+    started, mark = time.monotonic(), len(life.received)
+    code = life.wait_exit(timeout)
+    ended = time.monotonic()
+    if code is None:
+        raise Abort(f"still running {timeout:g} s {why}: no checkpoint, goodbye and exit 75")
+    frames = life.received[mark:]
+    saved = [i for i, item in enumerate(frames) if isinstance(item.message, CheckpointSaved)]
+    byes = [i for i, item in enumerate(frames) if isinstance(item.message, Goodbye)]
+    problems = [] if code == EXIT_CHECKPOINTED else [f"exit status {code}, expected {EXIT_CHECKPOINTED}"]
+    step: int | None = None
+    if saved:
+        message = frames[saved[-1]].message
+        assert isinstance(message, CheckpointSaved)
+        step = message.step
+        if not life.verified[step].ok:
+            problems.append(life.verified[step].detail)
+        if any(isinstance(item.message, Step | Steps) for item in frames[saved[-1]:]):
+            problems.append("steps after its checkpoint_saved")
+    else:
+        step, last = _newest_good(harness.checkpoints), life.last_step() or 0
+        if step is None or step < last:
+            problems.append(f"no checkpoint_saved {why}, and no checkpoint of step {last} or later on disk")
+    reason = None
+    if byes:
+        bye = frames[byes[-1]].message
+        assert isinstance(bye, Goodbye)
+        reason = bye.reason
+        if not saved or byes[-1] < saved[-1]:
+            problems.append("goodbye before checkpoint_saved")
+        elif bye.step != step:
+            problems.append(f"goodbye step {bye.step} is not the checkpoint's {step}")
+    left_at = frames[byes[-1]].at if byes else ended
+    return Orphaned(step, reason, code, left_at - started, left_at, problems)
