@@ -249,7 +249,7 @@ def life_two(harness: Harness, report: Report, state: State) -> None:
         problems.append(f"goodbye reason {left.reason!r}, expected daemon_silent or daemon_lost")
     report.record("lost_daemon", problems, f"left {left.took:.1f} s after the last heartbeat (orphan timeout "
                                            f"{options.orphan_timeout:g} s): checkpoint {left.step}, goodbye "
-                                           f"{left.reason}, exit {left.code}{left.note()}")
+                                           f"{left.reason or 'lost'}, exit {left.code}{left.note()}")
     state.newest = left.step
 
 

@@ -209,11 +209,11 @@ def life_no_welcome(harness: Harness, report: Report, state: State) -> None:
         problems.append(f"frames of version {versions} without a welcome: version 1 until one agrees otherwise")
     if bye_at - hello_at > options.orphan_timeout + 2.0:
         problems.append(f"left {bye_at - hello_at:.1f} s after its hello, orphan timeout {options.orphan_timeout:g} s"
-                        " (the timer runs from the worker's start)")
+                        " (the timer runs from the hello)")
     report.record("no_welcome", problems, f"no welcome: {len(steps)} steps in version 1 frames, goodbye "
-                                          f"{left.reason} {bye_at - hello_at:.1f} s after the hello (orphan timeout "
-                                          f"{options.orphan_timeout:g} s), checkpoint {left.step}, exit {left.code}"
-                                          f"{left.note()}")
+                                          f"{left.reason or 'lost'} {bye_at - hello_at:.1f} s after the hello "
+                                          f"(orphan timeout {options.orphan_timeout:g} s), checkpoint {left.step}, "
+                                          f"exit {left.code}{left.note()}")
 
 
 def _dead_pid() -> int:
@@ -281,7 +281,7 @@ def life_damaged(harness: Harness, report: Report, state: State) -> None:
     if left.reason not in ("daemon_lost", None):
         problems.append(f"goodbye reason {left.reason!r} with heartbeats still coming, expected daemon_lost")
     status = "exit status not observable here (no subreaper)" if unknown else f"exit {left.code}"
-    report.record("parent_died", problems, f"parent killed: checkpoint {left.step}, goodbye {left.reason} "
+    report.record("parent_died", problems, f"parent killed: checkpoint {left.step}, goodbye {left.reason or 'lost'} "
                                            f"{left.took:.2f} s later, {status}{left.note()}")
 
 
