@@ -31,11 +31,12 @@
 //! ```
 
 pub mod checkpoint;
+pub mod hold;
 pub mod protocol;
 mod pulse;
 pub mod session;
 pub mod sys;
 
 pub use checkpoint::{CheckpointError, Checkpoints, Found, Saved};
-pub use pulse::BusyGuard;
+pub use pulse::{BusyGuard, Sent};
 pub use session::{Error, Next, Resumed, Session, Settings, StepStats, TrainState};

@@ -6,14 +6,17 @@
 //! (re-parented) or went silent it gives the loop half the orphan timeout to reach a boundary and checkpoint
 //! there, then ends the process with status 75 (nobody enforces an orphan's budget; the last durable
 //! checkpoint stands). The socket is shared with the loop under one mutex; the thread also drains it, so
-//! heartbeats are seen mid-step and commands wait in an inbox for the next boundary.
+//! heartbeats are seen mid-step and commands wait in an inbox for the next boundary. Step telemetry goes
+//! through the [`StepHold`] the daemon's heartbeats configure: the thread sends held steps whose time is up
+//! when the loop is slow to reach its next step, and held steps go out before any other frame but a heartbeat.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::protocol::{self, Command, Heartbeat, Message, EXIT_CHECKPOINTED, PROTOCOL_VERSION};
+use crate::hold::StepHold;
+use crate::protocol::{self, Command, Heartbeat, Message, Step, EXIT_CHECKPOINTED, PROTOCOL_VERSION};
 use crate::sys;
 
 const INTERVAL: Duration = Duration::from_millis(250);
@@ -33,6 +36,7 @@ pub(crate) struct Shared {
     parent: u32,
     job: String,
     token: String,
+    started: Instant, // the clock of holding (monotonic)
 }
 
 #[derive(Default)]
@@ -41,6 +45,17 @@ struct State {
     last_sent: f64,
     inbox: Vec<Command>,
     orphaned_at: Option<f64>,
+    hold: StepHold,
+    /// Frames sent by kind, for the tests and the README's numbers: (`step`, `steps`, rows in `steps`).
+    sent: Sent,
+}
+
+/// How many step-telemetry frames went out, and how many rows the `steps` frames among them carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub step_frames: u64,
+    pub steps_frames: u64,
+    pub steps_rows: u64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -54,20 +69,65 @@ impl Shared {
             socket: Mutex::new(Some(socket)),
             state: Mutex::new(State { last_heard: now, last_sent: now, ..State::default() }),
             busy: AtomicUsize::new(0), leaving: AtomicBool::new(false), version: AtomicU64::new(1), stop: AtomicBool::new(false),
-            orphan_timeout, parent: std::os::unix::process::parent_id(), job, token,
+            orphan_timeout, parent: std::os::unix::process::parent_id(), job, token, started: Instant::now(),
         })
     }
 
-    /// Send one frame without blocking (telemetry is best effort: a full queue drops it).
-    pub(crate) fn send(&self, message: &Message) {
-        if let Some(socket) = lock(&self.socket).as_ref() {
+    fn clock(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Send `messages` in order, each as one frame, without blocking (telemetry is best effort: a full queue
+    /// drops it). The caller holds the socket's lock and the state's.
+    fn send_locked(&self, socket: &zmq::Socket, state: &mut State, messages: &[Message]) {
+        for message in messages {
             let version = match message {
                 Message::Hello(_) => 1, // every daemon reads a version 1 hello
                 _ => self.version.load(Ordering::SeqCst),
             };
-            let _ = socket.send(protocol::encode_version(message, version), zmq::DONTWAIT);
-            lock(&self.state).last_sent = sys::now_unix();
+            let frame = protocol::encode_version(message, version);
+            if frame.len() > protocol::MAX_MESSAGE_BYTES {
+                continue; // PROTOCOL.md 2: the daemon would drop the connection; drop the frame instead
+            }
+            let _ = socket.send(frame, zmq::DONTWAIT);
+            match message {
+                Message::Step(_) => state.sent.step_frames += 1,
+                Message::Steps(steps) => {
+                    state.sent.steps_frames += 1;
+                    state.sent.steps_rows += steps.len() as u64;
+                }
+                _ => {}
+            }
         }
+        if !messages.is_empty() {
+            state.last_sent = sys::now_unix();
+        }
+    }
+
+    /// Send one message; held steps go before it, except before a heartbeat (a sign of life only).
+    pub(crate) fn send(&self, message: &Message) {
+        if let Some(socket) = lock(&self.socket).as_ref() {
+            let mut state = lock(&self.state);
+            let messages = match message {
+                Message::Heartbeat(_) => vec![message.clone()],
+                _ => state.hold.before(message.clone()),
+            };
+            self.send_locked(socket, &mut state, &messages);
+        }
+    }
+
+    /// Report a step: held while the daemon allows it and memory is calm, else sent with the held ones.
+    pub(crate) fn send_step(&self, step: Step) {
+        if let Some(socket) = lock(&self.socket).as_ref() {
+            let mut state = lock(&self.state);
+            let messages = state.hold.step(step, self.clock());
+            self.send_locked(socket, &mut state, &messages);
+        }
+    }
+
+    /// The step-telemetry frames sent so far.
+    pub(crate) fn sent(&self) -> Sent {
+        lock(&self.state).sent
     }
 
     pub(crate) fn keepalive(&self) {
@@ -93,10 +153,16 @@ impl Shared {
             };
             let mut state = lock(&self.state);
             match protocol::decode_parts(&parts) { // a multi-part message is refused whole
-                Ok(Message::Heartbeat(beat)) => state.last_heard = state.last_heard.max(beat.sent_at),
+                Ok(Message::Heartbeat(beat)) => {
+                    state.last_heard = state.last_heard.max(beat.sent_at);
+                    let flushed = state.hold.configure(&beat); // withdrawn or narrowed: held steps go now
+                    self.send_locked(socket, &mut state, &flushed);
+                }
                 Ok(Message::Command(command)) => {
                     state.last_heard = sys::now_unix();
                     state.inbox.push(command);
+                    let flushed = state.hold.command(); // held steps go now; no holding until a heartbeat
+                    self.send_locked(socket, &mut state, &flushed);
                 }
                 Ok(Message::Welcome(welcome)) => {
                     state.last_heard = sys::now_unix();
@@ -105,6 +171,11 @@ impl Shared {
                 Ok(_) => {} // a worker-to-daemon type: valid, not for us
                 Err(error) => eprintln!("[worker {}] bad_frame_from_daemon problem={error}", self.job),
             }
+        }
+        let mut state = lock(&self.state);
+        if state.hold.due(self.clock()) { // the loop is slow to reach its next step: send them from here
+            let due = state.hold.release();
+            self.send_locked(socket, &mut state, &due);
         }
     }
 
@@ -151,6 +222,9 @@ impl Shared {
     pub(crate) fn close(&self, linger_ms: i32) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(socket) = lock(&self.socket).take() {
+            let mut state = lock(&self.state);
+            let held = state.hold.release(); // pending telemetry goes out first
+            self.send_locked(&socket, &mut state, &held);
             let _ = socket.set_linger(linger_ms);
         }
     }

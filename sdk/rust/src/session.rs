@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 
 use crate::checkpoint::{CheckpointError, Checkpoints, Saved};
 use crate::protocol::{self, Action, Command, Message, EXIT_CHECKPOINTED, FINISHED, PROTOCOL_VERSION};
-use crate::pulse::{BusyGuard, Pulse, Shared};
+use crate::pulse::{BusyGuard, Pulse, Sent, Shared};
 use crate::sys;
 
 const KEEPALIVE_EVERY: f64 = 1.0;
@@ -44,8 +44,23 @@ impl Default for Settings {
     }
 }
 
-fn parsed<T: std::str::FromStr>(name: &str, raw: &str) -> Result<T, Error> {
-    raw.parse().map_err(|_| Error::Env(format!("MLXSUP_{name}={raw:?} is not a valid number")))
+/// An integer variable: decimal digits only (`"8"`, never `"8.0"` or `"+8"`; PROTOCOL.md 5).
+fn integer<T: std::str::FromStr>(name: &str, raw: &str) -> Result<T, Error> {
+    let problem = || Error::Env(format!("MLXSUP_{name}={raw:?} is not a valid integer (decimal digits only)"));
+    if !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(problem());
+    }
+    raw.parse().map_err(|_| problem())
+}
+
+/// A seconds variable: a decimal number that may have a fraction (`"5"`, `"5.0"`, `"1.5"`; PROTOCOL.md 5).
+fn seconds(name: &str, raw: &str) -> Result<f64, Error> {
+    let (whole, fraction) = raw.split_once('.').unwrap_or((raw, ""));
+    let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
+    if whole.len() + fraction.len() == 0 || !digits(whole) || !digits(fraction) {
+        return Err(Error::Env(format!("MLXSUP_{name}={raw:?} is not a valid number of seconds (e.g. 5 or 1.5)")));
+    }
+    raw.parse().map_err(|_| Error::Env(format!("MLXSUP_{name}={raw:?} is not a valid number of seconds")))
 }
 
 impl Settings {
@@ -62,13 +77,13 @@ impl Settings {
         if let Some(v) = get("TOKEN") { s.token = v; }
         if let Some(v) = get("JOB") { s.job = v; }
         if let Some(v) = get("CHECKPOINT_DIR") { s.checkpoint_dir = Some(PathBuf::from(v)); }
-        if let Some(v) = get("BATCH") { s.batch = parsed("BATCH", &v)?; }
-        if let Some(v) = get("ACCUM") { s.accum = parsed("ACCUM", &v)?; }
-        if let Some(v) = get("CHECKPOINT_EVERY") { s.checkpoint_every = parsed("CHECKPOINT_EVERY", &v)?; }
-        if let Some(v) = get("KEEP_CHECKPOINTS") { s.keep_checkpoints = parsed("KEEP_CHECKPOINTS", &v)?; }
-        if let Some(v) = get("ORPHAN_TIMEOUT") { s.orphan_timeout = parsed("ORPHAN_TIMEOUT", &v)?; }
-        if let Some(v) = get("CACHE_LIMIT") { s.cache_limit = parsed("CACHE_LIMIT", &v)?; }
-        if let Some(v) = get("CACHE_CLEAR_BYTES") { s.cache_clear_bytes = parsed("CACHE_CLEAR_BYTES", &v)?; }
+        if let Some(v) = get("BATCH") { s.batch = integer("BATCH", &v)?; }
+        if let Some(v) = get("ACCUM") { s.accum = integer("ACCUM", &v)?; }
+        if let Some(v) = get("CHECKPOINT_EVERY") { s.checkpoint_every = integer("CHECKPOINT_EVERY", &v)?; }
+        if let Some(v) = get("KEEP_CHECKPOINTS") { s.keep_checkpoints = integer("KEEP_CHECKPOINTS", &v)?; }
+        if let Some(v) = get("ORPHAN_TIMEOUT") { s.orphan_timeout = seconds("ORPHAN_TIMEOUT", &v)?; }
+        if let Some(v) = get("CACHE_LIMIT") { s.cache_limit = integer("CACHE_LIMIT", &v)?; }
+        if let Some(v) = get("CACHE_CLEAR_BYTES") { s.cache_clear_bytes = integer("CACHE_CLEAR_BYTES", &v)?; }
         Ok(s)
     }
 }
@@ -267,12 +282,16 @@ impl Session {
             // A version 1 daemon has no "not measured": it gets 0, as before.
             let v1 = self.link.as_ref().map_or(true, |l| l.shared.version.load(Ordering::SeqCst) < 2);
             let known = |n: Option<u64>| if v1 { Some(n.unwrap_or(0)) } else { n };
-            self.send(Message::Step(protocol::Step {
+            let report = protocol::Step {
                 step, batch: self.batch, accum: self.accum, loss, step_seconds: seconds, mlx_active: known(stats.mlx_active),
                 mlx_cache: known(stats.mlx_cache), mlx_peak: stats.mlx_peak, footprint: sys::footprint(),
                 tokens_per_second: stats.tokens_per_second, val_loss: stats.val_loss,
-            }));
+            };
+            if let Some(link) = &self.link {
+                link.shared.send_step(report); // held while the daemon allows it and memory is calm
+            }
         }
+        sys::mark_stepped(); // a step boundary: from now on SIGTERM waits for the next one
         self.last_boundary = now;
         let mut commands = Vec::new();
         if sys::sigterm_received() && self.stop_reason.is_empty() {
@@ -309,6 +328,12 @@ impl Session {
             }
             None => Ok(Next::Continue),
         }
+    }
+
+    /// The step-telemetry frames sent so far: `step` frames, `steps` frames and the rows these carried (all
+    /// zero standalone). With holding granted, many steps go as one `steps` frame.
+    pub fn sent(&self) -> Sent {
+        self.link.as_ref().map_or_else(Sent::default, |link| link.shared.sent())
     }
 
     /// Tell the daemon this worker is alive while it is busy between step boundaries (loading data,
