@@ -22,8 +22,10 @@ import pytest
 from protocol.conformance import CHECKS
 from protocol.conformance.harness import Harness, Options
 from protocol.messages import CheckpointSaved, Heartbeat, Hello, Step
+from supervisor.daemon.recorder import read_records
 from tests.conftest import ROOT, run_to_end
 from tests.rust_toolchain import CRATE, plan
+from tests.test_daemon import Daemon
 
 pytestmark = pytest.mark.slow  # real processes for seconds each (and a cargo build)
 
@@ -58,6 +60,8 @@ class TestCrate:
         assert "valid_frames_decode_to_the_expected_fields ... ok" in done.stdout
         assert "invalid_frames_are_refused_with_their_kind ... ok" in done.stdout
         assert "canonical_frames_re_encode_byte_for_byte ... ok" in done.stdout
+        assert "held_rows_go_as_the_vectors_steps_frames_byte_for_byte ... ok" in done.stdout
+        assert "a_command_flushes_within_the_old_rows_and_withdraws_holding_and_rows ... ok" in done.stdout
 
 
 class TestConformance:
@@ -134,3 +138,45 @@ class TestPulse:
             assert not [r for r in life.received if isinstance(r.message, Step | CheckpointSaved)]
         finally:
             harness.close()
+
+
+class TestHolding:
+    """Under the real mlxsupd, which grants holding (hold, hold_below, hold_horizon, hold_rows 256) once it has a
+    level for the job: the fast Rust loop's calm steps come batched in ``steps`` frames of at most 256 rows, the
+    held ones are flushed when a ``checkpoint_exit`` (a restart) arrives, and no step is lost or duplicated."""
+
+    STEPS = 3000
+
+    def telemetry(self, tmp_path: Path) -> list[dict[str, Any]]:
+        path = tmp_path / "state" / "jobs" / "leaky" / "telemetry.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def test_steps_frames_within_hold_rows_flushed_at_checkpoint_exit(self, leaky: Path, spawn: Any,
+                                                                       config_file: Any, tmp_path: Path) -> None:
+        path = config_file({"leaky": {"command": [str(leaky), "--steps", str(self.STEPS), "--step-ms", "2"],
+                                      "budget": "1GiB", "checkpoint_every": 0}}, heartbeat_interval=0.2)
+        daemon = Daemon(spawn, path, tmp_path)
+        try:
+            daemon.wait(lambda: any(r["k"] == "steps" for r in self.telemetry(tmp_path)), 60, "a steps frame")
+            restarted = daemon.json("restart", "leaky")  # checkpoint_exit to the worker, then a new life
+            assert restarted["job"] == "leaky", restarted
+            daemon.wait(lambda: daemon.states()["leaky"] == "FINISHED", 120, "leaky finished")
+        finally:
+            assert daemon.stop() == 0
+        exits = [e for e in daemon.history("leaky") if e["event"] == "exit"]
+        assert [e["code"] for e in exits] == [75, 0], exits
+        # The daemon had every step up to the checkpoint when the worker left: held steps went before the goodbye.
+        assert exits[0]["checkpoint"] == exits[0]["step"] > 0, exits[0]
+        records = self.telemetry(tmp_path)
+        frames = [r for r in records if r["k"] in ("step", "steps")]
+        batched = [len(r["step"]) for r in frames if r["k"] == "steps"]
+        assert batched and max(batched) <= 256, batched  # hold_rows of the daemon's heartbeats
+        assert sum(batched) > self.STEPS // 2, f"only {sum(batched)} of {self.STEPS} steps in steps frames"
+        assert len(frames) < self.STEPS // 4, f"{len(frames)} frames for {self.STEPS} steps"
+        steps = [r["step"] for r in read_records(tmp_path / "state" / "jobs" / "leaky" / "telemetry.jsonl")
+                 if r["k"] == "step"]
+        missing = sorted(set(range(1, self.STEPS + 1)) - set(steps))
+        assert steps == list(range(1, self.STEPS + 1)), (missing[:5], len(missing), len(steps), exits)
+        # The second life resumed at the first one's checkpoint: no step was trained (or reported) twice.
+        starts = [e["from_checkpoint"] for e in daemon.history("leaky") if e["event"] == "spawn"]
+        assert starts == [0, exits[0]["checkpoint"]], starts

@@ -125,6 +125,53 @@ pub fn hash_file(path: &Path, sync: bool) -> io::Result<(String, u64)> {
     Ok((hex(&hasher.finalize()), size))
 }
 
+/// zlib's CRC-32 (polynomial 0xEDB88320), one table byte at a time: what a `"crc32"` of `meta.json` records.
+struct Crc32 {
+    table: [u32; 256],
+    value: u32,
+}
+
+impl Crc32 {
+    fn new() -> Crc32 {
+        let mut table = [0u32; 256];
+        for (n, entry) in table.iter_mut().enumerate() {
+            let mut c = n as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+            *entry = c;
+        }
+        Crc32 { table, value: 0xFFFF_FFFF }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.value = self.table[((self.value ^ u32::from(b)) & 0xFF) as usize] ^ (self.value >> 8);
+        }
+    }
+
+    fn finish(&self) -> u32 {
+        self.value ^ 0xFFFF_FFFF
+    }
+}
+
+/// CRC-32 (zlib's) and size of a file.
+pub fn crc32_file(path: &Path) -> io::Result<(u32, u64)> {
+    let mut file = File::open(path)?;
+    let mut crc = Crc32::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        crc.update(&buffer[..n]);
+        size += n as u64;
+    }
+    Ok((crc.finish(), size))
+}
+
 /// Files under `root`, as sorted '/'-separated relative names; subdirectories are made durable on the way.
 fn files_under(root: &Path, sync: bool) -> io::Result<Vec<String>> {
     let mut found = Vec::new();
@@ -153,7 +200,8 @@ fn safe_name(name: &str) -> bool {
         && name.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
-/// Check `meta.json` and every file it lists (size, then SHA-256); the record when all is well.
+/// Check `meta.json` and every file it lists (size, then the CRC-32 when one is recorded, else the SHA-256, as
+/// PROTOCOL.md 6 says); the record when all is well.
 pub fn verify(path: &Path) -> Result<Map<String, Value>, String> {
     let text = fs::read(path.join(META_FILE)).map_err(|e| format!("{META_FILE}: {e}"))?;
     let meta: Value = serde_json::from_slice(&text).map_err(|e| format!("{META_FILE}: not valid JSON ({e})"))?;
@@ -172,11 +220,26 @@ pub fn verify(path: &Path) -> Result<Map<String, Value>, String> {
     for (name, record) in files {
         let sha = record.get("sha256").and_then(Value::as_str).filter(|s| s.len() == 64
             && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
-        let (sha, bytes) = match (sha, record.get("bytes").and_then(Value::as_u64)) {
-            (Some(sha), Some(bytes)) if safe_name(name) => (sha, bytes),
+        let crc = match record.get("crc32") {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => value.as_u64().and_then(|n| u32::try_from(n).ok()).map(Some).ok_or(()),
+        };
+        let (sha, bytes, crc) = match (sha, record.get("bytes").and_then(Value::as_u64), crc) {
+            (Some(sha), Some(bytes), Ok(crc)) if safe_name(name) => (sha, bytes, crc),
             _ => return Err(format!("{META_FILE}: missing or malformed 'files' checksums")),
         };
-        let (digest, size) = hash_file(&path.join(name), false).map_err(|e| format!("{name}: {e}"))?;
+        let file = path.join(name);
+        if let Some(crc) = crc {
+            let (found, size) = crc32_file(&file).map_err(|e| format!("{name}: {e}"))?;
+            if size != bytes {
+                return Err(format!("{name}: {size} bytes, expected {bytes}"));
+            }
+            if found != crc {
+                return Err(format!("{name}: crc32 mismatch"));
+            }
+            continue;
+        }
+        let (digest, size) = hash_file(&file, false).map_err(|e| format!("{name}: {e}"))?;
         if size != bytes {
             return Err(format!("{name}: {size} bytes, expected {bytes}"));
         }
@@ -374,5 +437,13 @@ mod tests {
         assert_eq!(parse_scratch(".tmp-ckpt-7-123-9f3c1a2b"), Some(("tmp", 7, 123)));
         assert_eq!(parse_scratch(".junk-ckpt-7-123-9f"), None);
         assert!(safe_name("model/weights.safetensors") && !safe_name("../x") && !safe_name(META_FILE));
+    }
+
+    #[test]
+    fn crc32_is_zlibs() {
+        let mut crc = Crc32::new();
+        crc.update(b"123456789");
+        assert_eq!(crc.finish(), 0xCBF4_3926); // the check value of CRC-32/ISO-HDLC, zlib.crc32(b"123456789")
+        assert_eq!(Crc32::new().finish(), 0);
     }
 }
