@@ -58,6 +58,13 @@ pub struct Sent {
     pub steps_rows: u64,
 }
 
+impl std::fmt::Display for Sent {
+    /// `step_frames=N steps_frames=M steps_rows=R`, as the worker's exit line logs it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "step_frames={} steps_frames={} steps_rows={}", self.step_frames, self.steps_frames, self.steps_rows)
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) // a panicked holder left plain data behind
 }

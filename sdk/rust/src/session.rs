@@ -374,6 +374,9 @@ impl Session {
     pub fn finish(&mut self, step: u64, state: &mut impl TrainState) -> Result<(), Error> {
         self.save(step, state)?;
         self.send(Message::Goodbye(protocol::Goodbye { reason: FINISHED.into(), step }));
+        if self.supervised() {
+            self.log("worker_exit", &format!("reason={FINISHED} step={step} {}", self.sent()));
+        }
         self.close(1000);
         Ok(())
     }
@@ -406,8 +409,8 @@ impl Session {
     }
 
     fn leave(&mut self, reason: &str, step: u64, code: i32) -> Next {
-        self.log("worker_exit", &format!("reason={reason} step={step}"));
         self.send(Message::Goodbye(protocol::Goodbye { reason: reason.into(), step }));
+        self.log("worker_exit", &format!("reason={reason} step={step} {}", self.sent()));
         let orphaned = reason == "daemon_lost" || reason == "daemon_silent";
         self.close(if orphaned { 0 } else { 1000 }); // lingers until the goodbye is delivered, unless alone
         if self.fast_exit {
