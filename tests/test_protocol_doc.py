@@ -88,3 +88,21 @@ class TestGang:
         set_by_daemon = set(re.findall(pattern, (ROOT / "supervisor" / "daemon" / "ranks.py").read_text()))
         read_by_sdk = set(re.findall(pattern, (ROOT / "worker" / "gang.py").read_text())) | {"MLX_HOSTFILE"}
         assert documented == set_by_daemon == read_by_sdk  # MLX_HOSTFILE is read by MLX itself
+
+
+class TestConformance:
+    """Section 9 lists the kit's checks in its order, and the steering variables the kit sets and the SDK reads."""
+
+    def test_check_table_lists_every_check_in_order(self) -> None:
+        from protocol.conformance import CHECKS
+
+        rows = re.findall(r"^\| `(\w+)` \| (?!variable)", section("9. Conformance"), flags=re.M)
+        assert [name for name in rows if not name.startswith("MLXSUP_")] == list(CHECKS)
+
+    def test_steering_table_matches_kit_and_sdk(self) -> None:
+        from protocol.conformance import duties
+        from worker.steering import PREFIX, Steering
+
+        documented = set(re.findall(r"^\| `(MLXSUP_CONFORMANCE_\w+)` \|", section("9. Conformance"), flags=re.M))
+        read = {PREFIX + f.name.upper() for f in dataclasses.fields(Steering)}
+        assert documented == read == {duties.LOAD_ENV, duties.SLOW_EVERY_ENV, duties.SLOW_SECONDS_ENV}

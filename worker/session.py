@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -44,6 +45,7 @@ from worker.census import Taker
 from worker.gang import Gang
 from worker.hold import StepHold, batch_frames
 from worker.pulse import Pulse
+from worker.steering import Steering
 
 ENV_PREFIX = "MLXSUP_"
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
@@ -126,7 +128,7 @@ class Session:
         self._model: Any = None
         self._optimizer: Any = None
         self._trainable_only = False
-        self._last_heard = time.time()
+        self._last_heard = math.inf  # the daemon says nothing before our hello: its silence counts from then
         self._last_end = time.perf_counter()
         self._stop_reason = ""  # set by SIGTERM or the watchdog
         self._exit_reason = ""  # a pending wish to checkpoint and exit, until acted on
@@ -135,6 +137,7 @@ class Session:
         self._stepped = False  # a step boundary was reached (before it, SIGTERM ends the process at once)
         self._version = 1  # the protocol version of our frames: 1 until the daemon's welcome says more
         self.fast_exit = False
+        self.steering = Steering()  # what the conformance kit asks of this worker (from_env reads it)
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._socket: zmq.Socket[bytes] | None = None
         self._lock = threading.Lock()  # the socket, shared with the pulse thread
@@ -158,6 +161,7 @@ class Session:
         """
         session = cls(SessionSettings.from_env(os.environ), target_steps, batch, accum, Gang.from_env(os.environ))
         session.fast_exit = fast_exit
+        session.steering = Steering.from_env(os.environ)
         if handle_sigterm and session.supervised:
             signal.signal(signal.SIGTERM, session._on_sigterm)
         return session
@@ -192,10 +196,11 @@ class Session:
         self._trainable_only = trainable_only
         loaded: ckpt.Checkpoint | None = None
         extra: dict[str, Any] = {}
-        if self.checkpoint_dir is not None:
-            if self.gang is not None:
+        with self.busy("load"):  # heartbeats with the token while a large checkpoint loads (before the hello)
+            time.sleep(self.steering.load_seconds)
+            if self.checkpoint_dir is not None and self.gang is not None:
                 loaded, extra = gang_mod.resume(self.gang, self.checkpoint_dir, log=self._log)
-            else:
+            elif self.checkpoint_dir is not None:
                 loaded = ckpt.load_latest(self.checkpoint_dir, log=self._log)
                 extra = dict(loaded.meta.get("extra", {})) if loaded is not None else {}
         if loaded is None:
@@ -233,6 +238,9 @@ class Session:
         May not return: on checkpoint-and-exit it saves, says goodbye and exits with status 75. In a gang every
         rank calls it at every step, and the ranks act on the same decision (see ``worker.gang``).
         """
+        if self.steering.slow_every and self.steering.slow(step):
+            with self.busy("long step"):  # the kit's long step: keepalives, and the watchdog, meanwhile
+                time.sleep(self.steering.slow_seconds)
         now = time.perf_counter()
         if self._socket is not None:
             if not self._hello_sent:
@@ -356,6 +364,7 @@ class Session:
         if self._socket is None or self._hello_sent:
             return
         self._hello_sent = True
+        self._last_heard = time.time()  # the orphan timer starts (PROTOCOL.md 8): a long load is not silence
         self._send(Hello(self.settings.token, os.getpid(), self.settings.job, start_step,
                          self.target_steps, self.batch, self.accum, PROTOCOL_VERSION,  # written as v 1: any daemon
                          features="census"))

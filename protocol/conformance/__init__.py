@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from protocol.conformance.checks import CHECKS, Result, run_checks
+from protocol.conformance.checks import CHECKS, run_checks
 from protocol.conformance.harness import Harness, Options
+from protocol.conformance.script import Result
 
 __all__ = ["CHECKS", "Options", "Result", "run"]
 

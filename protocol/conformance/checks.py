@@ -1,14 +1,15 @@
-"""The conformance checks, as four scripted worker lives sharing one checkpoint directory.
+"""The conformance checks, as nine scripted worker lives sharing one checkpoint directory.
 
 Life 1 (fresh): hello, telemetry, commands, checkpoint, malformed frames, unknown fields, a multi-part message,
-checkpoint_exit.
+holding, checkpoint_exit.
 Life 2: resume from life 1's checkpoint with another batch, then silence (lost daemon).
-Life 3: SIGTERM, then the number of checkpoints kept. Life 4: run to the end. Life 5: resume at the target.
+Life 3: SIGTERM, then the number of checkpoints kept. Lives 4-7 (``duties``): a slow load and SIGTERM before the
+hello; no welcome; a damaged newest checkpoint, a ``.trash`` to restore and a dying parent; a long step, keepalives
+and the orphan watchdog. Life 8: run to the end. Life 9: resume at the target.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import time
@@ -17,7 +18,18 @@ from collections.abc import Callable
 import msgpack
 
 from protocol.checkpoints import list_checkpoints, step_of
+from protocol.conformance import duties
 from protocol.conformance.harness import JOB, Abort, Harness, Life, Options
+from protocol.conformance.script import (
+    Report,
+    Result,
+    State,
+    exit_problems,
+    leaves,
+    not_done,
+    read_hello,
+    start,
+)
 from protocol.messages import (
     EXIT_CHECKPOINTED,
     FINISHED,
@@ -26,7 +38,6 @@ from protocol.messages import (
     Goodbye,
     Heartbeat,
     Hello,
-    Message,
     Step,
     Steps,
     encode,
@@ -43,17 +54,32 @@ CHECKS: dict[str, str] = {
                                  "without acting on them",
     "unknown_fields_ignored": "frames with unknown extra fields are honoured",
     "multipart_refused": "a two-part message whose first part is a valid checkpoint_exit is dropped whole",
+    "holding": "with holding granted: steps frames of at most hold_rows rows, none held past hold; at a command "
+               "the held steps come before checkpoint_saved, then one step frame per step until the next heartbeat",
     "checkpoint_exit": "checkpoint_exit: checkpoint_saved, goodbye with the command's reason, exit 75",
     "resume": "the next life resumes at the checkpoint's step with the environment's batch and accum",
     "lost_daemon": "without heartbeats: checkpoint, goodbye daemon_silent/daemon_lost, exit 75",
     "sigterm": "SIGTERM to the group: checkpoint, goodbye, exit 75 within kill_grace",
     "keep_checkpoints": "at most MLXSUP_KEEP_CHECKPOINTS checkpoints are kept, the newest among them",
+    "heartbeats_before_hello": f"during a slow load ({duties.LOAD_ENV}): heartbeats with the token at most "
+                               f"{duties.BEAT_GAP:g} s apart, and no other frame",
+    "sigterm_before_hello": "SIGTERM during that load: exit 75 within kill_grace, nothing sent, no checkpoint",
+    "no_welcome": "a hello that gets no answer (a wrong token): the worker trains anyway, in version 1 frames, and "
+                  "leaves as daemon_silent after MLXSUP_ORPHAN_TIMEOUT: checkpoint, goodbye, exit 75",
+    "damaged_newest_skipped": "a damaged newest checkpoint is passed over on load and left on disk",
+    "trash_restored": "a .trash-ckpt of a dead writer whose ckpt is missing is renamed back and resumed from",
+    "parent_died": "the parent process dies while heartbeats go on: checkpoint, goodbye daemon_lost, exit 75",
+    "keepalive_long_step": f"during a long step ({duties.SLOW_EVERY_ENV}, {duties.SLOW_SECONDS_ENV}): heartbeats "
+                           f"at most {duties.BEAT_GAP:g} s apart",
+    "orphan_watchdog": "silence during that long step: the worker ends itself mid-step (exit 75, no goodbye) "
+                       "within 2 × MLXSUP_ORPHAN_TIMEOUT + 1 s of the last heartbeat",
     "finish": "running to target_steps: final checkpoint, goodbye finished, exit 0",
     "resume_at_target": "resuming at target_steps: no step frame, goodbye finished at that step, exit 0",
 }
 TIMING_WINDOW = 1.0  # seconds of steps over which step_seconds must add up to the wall time
 NEEDS = {"resume": {"checkpoint_exit"}, "keep_checkpoints": {"checkpoint_exit", "lost_daemon", "sigterm"},
-         "resume_at_target": {"finish"}}
+         "resume_at_target": {"finish"}, "damaged_newest_skipped": {"checkpoint_exit"},
+         "trash_restored": {"checkpoint_exit"}, "parent_died": {"checkpoint_exit"}}
 _BAD_FRAMES: list[tuple[bytes, ...]] = [
     (b"\xc1",), (b"",), (b"not msgpack at all",), (msgpack.packb([1, "command", "checkpoint_exit"]),),
     (msgpack.packb({"v": 99, "t": "command", "action": "checkpoint_exit", "reason": "v99"}),),
@@ -67,66 +93,9 @@ _BAD_FRAMES: list[tuple[bytes, ...]] = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class Result:
-    check: str
-    ok: bool
-    detail: str
-
-
-class Report:
-    """Results in check order; ``begin`` marks the check an Abort is charged to."""
-
-    def __init__(self) -> None:
-        self.results: dict[str, Result] = {}
-        self.current = ""
-
-    def begin(self, name: str) -> None:
-        self.current = name
-
-    def record(self, name: str, problems: list[str], ok_detail: str) -> None:
-        self.results[name] = Result(name, not problems, "; ".join(problems) if problems else ok_detail)
-
-    def fail_rest(self, names: list[str], reason: str) -> None:
-        for name in names:
-            if name not in self.results:
-                self.results[name] = Result(name, False, reason)
-
-
-@dataclasses.dataclass
-class State:
-    """What one life leaves for the next."""
-
-    exit_step: int | None = None  # checkpoint written on checkpoint_exit (life 1)
-    newest: int | None = None  # newest checkpoint after life 2
-
-
-def _not_done(message: Message) -> str:
-    """Refuse a goodbye or a checkpoint where the script expects training to go on."""
-    if isinstance(message, Goodbye) and message.reason == FINISHED:
-        return f"the worker finished its training (step {message.step}) before the check: give it more steps"
-    if isinstance(message, Goodbye | CheckpointSaved):
-        return f"unexpected {message.TAG} (step {message.step}) while training should go on"
-    return ""
-
-
-def _hello(life: Life, options: Options) -> Hello:
-    first = life.expect(lambda m: True, "frame (hello)", options.timeout).message
-    if not isinstance(first, Hello):
-        raise Abort(f"first frame is {first.TAG}, not hello")
-    return first
-
-
-def _start(harness: Harness, report: Report, check: str, batch: int, accum: int) -> tuple[Life, Hello]:
-    """Spawn a life whose first check is ``check`` and read its hello."""
-    life = harness.spawn(batch=batch, accum=accum)
-    report.begin(check)
-    return life, _hello(life, harness.options)
-
-
 def _check_hello(life: Life, report: Report, options: Options) -> Hello:
     report.begin("hello")
-    hello = _hello(life, options)
+    hello = read_hello(life, options)
     problems = []
     if hello.token != life.token:
         problems.append("token does not match MLXSUP_TOKEN")
@@ -190,7 +159,7 @@ def _check_commands(life: Life, report: Report, options: Options) -> CheckpointS
     seen = life.last_step() or 0
     life.send(Command(Command.CHECKPOINT, "conformance"))
     saved = life.expect_a(CheckpointSaved, "checkpoint_saved after a checkpoint command", options.timeout,
-                          refuse=_not_done)
+                          refuse=not_done)
     boundary = life.last_step()
     after = life.steps(1, options.timeout)[0][1]
     problems = []
@@ -216,7 +185,7 @@ def _check_robustness(life: Life, report: Report, options: Options) -> None:
     # invalid frame (most of them ask for checkpoint_exit) shows a second checkpoint or a goodbye here.
     life.send(Command(Command.CHECKPOINT, "fence"))
     life.expect_a(CheckpointSaved, "checkpoint_saved for a valid command after the malformed frames",
-                  options.timeout, refuse=_not_done)
+                  options.timeout, refuse=not_done)
     life.steps(3, options.timeout)  # refuses a checkpoint or goodbye caused by an invalid frame
     report.record("malformed_frames_survived", [],
                   f"{len(_BAD_FRAMES)} malformed frames dropped, next valid command honoured")
@@ -225,39 +194,17 @@ def _check_robustness(life: Life, report: Report, options: Options) -> None:
     life.send_raw(msgpack.packb({"v": 1, "t": "command", "action": "checkpoint", "reason": "conformance",
                                  "deadline": 30.0, "x-extra": {"nested": True}}))
     saved = life.expect_a(CheckpointSaved, "checkpoint_saved for a command with unknown fields",
-                          options.timeout, refuse=_not_done)
+                          options.timeout, refuse=not_done)
     report.record("unknown_fields_ignored", [], f"command with unknown fields honoured (step {saved.step})")
     report.begin("multipart_refused")
     before = life.last_step() or 0
     life.send_raw(encode(Command(Command.CHECKPOINT_EXIT, "multipart")), encode(Heartbeat(time.time())))
     life.send(Command(Command.CHECKPOINT, "fence"))  # its checkpoint must be the only effect
     fenced = life.expect_a(CheckpointSaved, "checkpoint_saved for a valid command after a multi-part message",
-                           options.timeout, refuse=_not_done)
+                           options.timeout, refuse=not_done)
     life.steps(3, options.timeout)  # refuses the goodbye of a worker that acted on the first part
     report.record("multipart_refused", [], f"2-part message (valid checkpoint_exit first) sent after step {before}: "
                                            f"dropped; the next command's checkpoint at {fenced.step}, training went on")
-
-
-def _leaves(life: Life, timeout: float, why: str) -> tuple[CheckpointSaved, Goodbye, int | None, float]:
-    """Expect checkpoint_saved, then goodbye, then the exit; returns them and the seconds it all took."""
-    started = time.monotonic()
-    saved = life.expect_a(CheckpointSaved, f"checkpoint_saved {why}", timeout,
-                          refuse=lambda m: "goodbye before checkpoint_saved" if isinstance(m, Goodbye) else "")
-    bye = life.expect_a(Goodbye, f"goodbye {why}", timeout,
-                        refuse=lambda m: f"{m.TAG} after checkpoint_saved, before goodbye")
-    code = life.wait_exit(timeout)
-    return saved, bye, code, time.monotonic() - started
-
-
-def _exit_problems(life: Life, saved: CheckpointSaved, bye: Goodbye, code: int | None, expected: int) -> list[str]:
-    problems = []
-    if bye.step != saved.step:
-        problems.append(f"goodbye step {bye.step} is not the checkpoint's {saved.step}")
-    if code != expected:
-        problems.append(f"exit status {code}, expected {expected}" if code is not None else "did not exit")
-    if not life.verified[saved.step].ok:
-        problems.append(life.verified[saved.step].detail)
-    return problems
 
 
 def life_one(harness: Harness, report: Report, state: State) -> None:
@@ -267,10 +214,11 @@ def life_one(harness: Harness, report: Report, state: State) -> None:
     _check_telemetry(life, report, options, hello)
     _check_commands(life, report, options)
     _check_robustness(life, report, options)
+    duties.check_holding(life, report, options)
     report.begin("checkpoint_exit")
     life.send(Command(Command.CHECKPOINT_EXIT, "conformance"))
-    saved, bye, code, _ = _leaves(life, options.timeout, "after checkpoint_exit")
-    problems = _exit_problems(life, saved, bye, code, EXIT_CHECKPOINTED)
+    saved, bye, code, _ = leaves(life, options.timeout, "after checkpoint_exit")
+    problems = exit_problems(life, saved, bye, code, EXIT_CHECKPOINTED)
     if bye.reason != "conformance":
         problems.append(f"goodbye reason {bye.reason!r}, expected the command's 'conformance'")
     report.record("checkpoint_exit", problems, f"checkpoint {saved.step}, goodbye {bye.reason!r}, exit {code}")
@@ -279,7 +227,7 @@ def life_one(harness: Harness, report: Report, state: State) -> None:
 
 def life_two(harness: Harness, report: Report, state: State) -> None:
     options = harness.options
-    life, hello = _start(harness, report, "resume", batch=2, accum=2)
+    life, hello = start(harness, report, "resume", batch=2, accum=2)
     first = life.steps(1, options.timeout)[0][1]
     problems = []
     if state.exit_step is None:
@@ -294,8 +242,8 @@ def life_two(harness: Harness, report: Report, state: State) -> None:
     report.begin("lost_daemon")
     life.steps(2, options.timeout)
     life.heartbeats = False
-    saved, bye, code, took = _leaves(life, options.orphan_timeout + options.timeout, "without heartbeats")
-    problems = _exit_problems(life, saved, bye, code, EXIT_CHECKPOINTED)
+    saved, bye, code, took = leaves(life, options.orphan_timeout + options.timeout, "without heartbeats")
+    problems = exit_problems(life, saved, bye, code, EXIT_CHECKPOINTED)
     if bye.reason not in ("daemon_silent", "daemon_lost"):
         problems.append(f"goodbye reason {bye.reason!r}, expected daemon_silent or daemon_lost")
     report.record("lost_daemon", problems, f"left {took:.1f} s after the last heartbeat (orphan timeout "
@@ -305,11 +253,11 @@ def life_two(harness: Harness, report: Report, state: State) -> None:
 
 def life_three(harness: Harness, report: Report, state: State) -> None:
     options = harness.options
-    life, hello = _start(harness, report, "sigterm", batch=4, accum=1)
+    life, hello = start(harness, report, "sigterm", batch=4, accum=1)
     life.steps(2, options.timeout)
     life.signal_group(signal.SIGTERM)
-    saved, bye, code, took = _leaves(life, options.kill_grace, "after SIGTERM")
-    problems = _exit_problems(life, saved, bye, code, EXIT_CHECKPOINTED)
+    saved, bye, code, took = leaves(life, options.kill_grace, "after SIGTERM")
+    problems = exit_problems(life, saved, bye, code, EXIT_CHECKPOINTED)
     if bye.reason == FINISHED:
         problems.append("goodbye 'finished' after SIGTERM")
     if took > options.kill_grace:
@@ -328,7 +276,7 @@ def life_three(harness: Harness, report: Report, state: State) -> None:
 
 def life_four(harness: Harness, report: Report, state: State) -> None:
     options = harness.options
-    life, hello = _start(harness, report, "finish", batch=4, accum=1)
+    life, hello = start(harness, report, "finish", batch=4, accum=1)
     bye = life.expect_a(Goodbye, "goodbye at the end of training", options.finish_timeout)
     code = life.wait_exit(options.timeout)
     target = hello.target_steps
@@ -347,7 +295,7 @@ def life_four(harness: Harness, report: Report, state: State) -> None:
 
 def life_five(harness: Harness, report: Report, state: State) -> None:
     options = harness.options
-    life, hello = _start(harness, report, "resume_at_target", batch=4, accum=1)
+    life, hello = start(harness, report, "resume_at_target", batch=4, accum=1)
     bye = life.expect_a(Goodbye, "goodbye after resuming at the target", options.timeout,
                         refuse=lambda m: f"{m.TAG} {getattr(m, 'step', '')} after resuming at the target"
                         if isinstance(m, Step | Steps) else "")
@@ -369,9 +317,14 @@ def life_five(harness: Harness, report: Report, state: State) -> None:
 
 LIVES: list[tuple[Callable[[Harness, Report, State], None], list[str]]] = [
     (life_one, ["hello", "step_telemetry", "commands_at_step_boundaries", "checkpoint_valid",
-                "malformed_frames_survived", "unknown_fields_ignored", "multipart_refused", "checkpoint_exit"]),
+                "malformed_frames_survived", "unknown_fields_ignored", "multipart_refused", "holding",
+                "checkpoint_exit"]),
     (life_two, ["resume", "lost_daemon"]),
     (life_three, ["sigterm", "keep_checkpoints"]),
+    (duties.life_slow_load, ["heartbeats_before_hello", "sigterm_before_hello"]),
+    (duties.life_no_welcome, ["no_welcome"]),
+    (duties.life_damaged, ["damaged_newest_skipped", "trash_restored", "parent_died"]),
+    (duties.life_long_step, ["keepalive_long_step", "orphan_watchdog"]),
     (life_four, ["finish"]),
     (life_five, ["resume_at_target"]),
 ]

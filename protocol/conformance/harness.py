@@ -7,18 +7,21 @@ worker is always killed by process group when its life ends.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
+import msgpack
 import psutil
 import zmq
 
@@ -33,6 +36,7 @@ from protocol.messages import (
     Message,
     ProtocolError,
     Step,
+    Steps,
     Welcome,
     decode,
     encode,
@@ -41,6 +45,14 @@ from protocol.messages import (
 JOB = "conformance"
 M = TypeVar("M", Hello, Step, CheckpointSaved, Goodbye)
 EXIT_GRACE = 0.3  # seconds to keep reading frames a worker sent just before it exited
+EXIT_UNKNOWN = 256  # the exit status of an adopted worker that another process reaped (no subreaper here)
+# A parent between the kit and the worker, which the kit kills to orphan the worker (the parent_died check):
+# it starts the worker in a session of its own, as the daemon does, writes its pid to argv[1], and waits (bounded).
+PARENT = ("import subprocess, sys, time\n"
+          "p = subprocess.Popen(sys.argv[2:], start_new_session=True, close_fds=True)\n"
+          "open(sys.argv[1] + '.tmp', 'w').write(str(p.pid))\n"
+          "import os; os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n"
+          "time.sleep(600)\n")
 
 
 class Abort(Exception):
@@ -64,6 +76,67 @@ class Options:
 class Received:
     at: float  # time.monotonic() of arrival
     message: Message
+    version: int = 1  # the frame's ``v``
+
+
+class Process(Protocol):
+    """The worker process of a life: a child of the kit, or a grandchild it adopts (``Adopted``)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+
+class Adopted:
+    """A worker started by an intermediate parent: the kit reaps it once that parent died and the worker was
+    re-parented to the kit (a subreaper on Linux); elsewhere it only sees it vanish (status EXIT_UNKNOWN)."""
+
+    def __init__(self, pid: int, parent: subprocess.Popen[bytes]) -> None:
+        self.pid = pid
+        self.parent = parent
+        self.code: int | None = None
+
+    def poll(self) -> int | None:
+        if self.code is not None:
+            return self.code
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # not (yet) the kit's child: see whether it still runs
+            try:
+                alive = psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                alive = False
+            if not alive:
+                self.code = EXIT_UNKNOWN
+            return self.code
+        if pid == 0:
+            return None
+        self.code = os.waitstatus_to_exitcode(status)
+        return self.code
+
+    def kill_parent(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.parent.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.parent.wait(timeout=10)
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants of this process its children (Linux prctl PR_SET_CHILD_SUBREAPER)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(36, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def frame_version(frame: bytes) -> int:
+    """The ``v`` of a frame that decoded (so it is a map with an integer ``v``)."""
+    version = msgpack.unpackb(frame, raw=False).get("v", 0)
+    return version if isinstance(version, int) else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +150,7 @@ class Verified:
 class Life:
     """One spawned worker: its frames, its process group, the heartbeats it gets."""
 
-    def __init__(self, harness: Harness, popen: subprocess.Popen[bytes], token: str, env: dict[str, str]) -> None:
+    def __init__(self, harness: Harness, popen: Process, token: str, env: dict[str, str]) -> None:
         self.harness = harness
         self.popen = popen
         self.token = token
@@ -88,6 +161,9 @@ class Life:
         self.bad_frames: list[str] = []
         self.verified: dict[int, Verified] = {}
         self.heartbeats = True
+        self.answer = True  # answer the hello with a welcome (False: as for a wrong token, never a word)
+        self.grant: dict[str, Any] = {}  # extra heartbeat fields: the permission to hold (hold, hold_below, ...)
+        self.last_beat = 0.0  # time.monotonic() of the newest heartbeat sent
         self._next_beat = 0.0
 
     @property
@@ -95,10 +171,12 @@ class Life:
         return self.popen.pid
 
     def last_step(self) -> int | None:
-        """Step of the newest step frame so far."""
+        """Step of the newest step frame (or newest row of a ``steps`` frame) so far."""
         for item in reversed(self.received):
             if isinstance(item.message, Step):
                 return item.message.step
+            if isinstance(item.message, Steps):
+                return item.message.step[-1]
         return None
 
     def next(self, deadline: float) -> Received | None:
@@ -107,7 +185,8 @@ class Life:
         while True:
             now = time.monotonic()
             if self.heartbeats and self.identity is not None and now >= self._next_beat:
-                self.send(Heartbeat(time.time()))
+                self.send(Heartbeat(time.time(), **self.grant))
+                self.last_beat = now
                 self._next_beat = now + self.harness.options.heartbeat_interval
             if now >= deadline:
                 return None
@@ -145,13 +224,14 @@ class Life:
         return message
 
     def steps(self, count: int, timeout: float) -> list[tuple[float, Step]]:
-        """The next ``count`` step frames with their arrival times; Abort when another message type comes."""
-        got = []
-        for _ in range(count):
-            item = self.expect(lambda m: isinstance(m, Step), "step frame", timeout,
+        """The next ``count`` steps (a ``steps`` frame counts for its rows) with their arrival times; Abort when
+        another message type comes."""
+        got: list[tuple[float, Step]] = []
+        while len(got) < count:
+            item = self.expect(lambda m: isinstance(m, Step | Steps), "step frame", timeout,
                                refuse=lambda m: f"unexpected {m.TAG} while waiting for steps")
-            assert isinstance(item.message, Step)
-            got.append((item.at, item.message))
+            rows = item.message.rows() if isinstance(item.message, Steps) else [item.message]
+            got.extend((item.at, row) for row in rows if isinstance(row, Step))
         return got
 
     def wait_exit(self, timeout: float) -> int | None:
@@ -174,10 +254,13 @@ class Life:
             os.killpg(self.popen.pid, signum)
 
     def kill(self) -> None:
-        """SIGKILL the whole process group and reap the leader."""
+        """SIGKILL the whole process group (and an intermediate parent) and reap the leader (bounded)."""
+        if isinstance(self.popen, Adopted):
+            self.popen.kill_parent()  # first: the worker then becomes the kit's child, which it reaps
         self.signal_group(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while self.popen.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def rss(self) -> int:
         """Resident set of the worker process now (0 when it cannot be read)."""
@@ -212,23 +295,46 @@ class Harness:
         os.chmod(path, 0o600)
         self.endpoint = f"ipc://{path}"
         self.lives: list[Life] = []
+        self.subreaper = False  # orphaned workers become the kit's children (set for the parent_died check)
 
-    def spawn(self, batch: int, accum: int) -> Life:
-        """Start the worker in its own process group with a fresh token and the MLXSUP_* environment."""
+    def spawn(self, batch: int, accum: int, extra_env: Mapping[str, str] | None = None,
+              orphanable: bool = False) -> Life:
+        """Start the worker in its own process group with a fresh token and the MLXSUP_* environment (plus
+        ``extra_env``: the kit's steering variables). ``orphanable``: through an intermediate parent that the
+        kit can kill (``Adopted``)."""
         token = secrets.token_hex(16)
         env = {**os.environ, "MLXSUP_ENDPOINT": self.endpoint, "MLXSUP_TOKEN": token, "MLXSUP_JOB": JOB,
                "MLXSUP_CHECKPOINT_DIR": str(self.checkpoints), "MLXSUP_BATCH": str(batch),
                "MLXSUP_ACCUM": str(accum), "MLXSUP_CHECKPOINT_EVERY": "0",
                "MLXSUP_KEEP_CHECKPOINTS": str(self.options.keep_checkpoints),
                "MLXSUP_ORPHAN_TIMEOUT": str(self.options.orphan_timeout), "MLXSUP_CACHE_LIMIT": "0",
-               "MLXSUP_CACHE_CLEAR_BYTES": "0", "PYTHONUNBUFFERED": "1"}
+               "MLXSUP_CACHE_CLEAR_BYTES": "0", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         index = len(self.lives) + 1
+        argv = self.argv
+        pid_file = self.dir / f"life{index}.pid"
+        if orphanable:
+            self.subreaper = self.subreaper or become_subreaper()
+            argv = [sys.executable, "-c", PARENT, str(pid_file), *self.argv]
         with open(self.dir / f"life{index}.out", "wb") as out, open(self.dir / f"life{index}.err", "wb") as err:
-            popen = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                      start_new_session=True, close_fds=True)
-        life = Life(self, popen, token, env)
+        process: Process = popen
+        if orphanable:
+            process = Adopted(self._pid_of(pid_file, popen), popen)
+        life = Life(self, process, token, env)
         self.lives.append(life)
         return life
+
+    def _pid_of(self, pid_file: Path, parent: subprocess.Popen[bytes]) -> int:
+        """The worker's pid as the intermediate parent wrote it (bounded wait)."""
+        deadline = time.monotonic() + self.options.timeout
+        while time.monotonic() < deadline and parent.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                return int(pid_file.read_text())
+            time.sleep(0.01)
+        parent.kill()
+        parent.wait(timeout=10)
+        raise OSError(f"the intermediate parent gave no worker pid within {self.options.timeout:g} s")
 
     def receive(self, life: Life, timeout: float) -> Received | None:
         """One frame for ``life`` within ``timeout`` seconds (frames of earlier lives are dropped)."""
@@ -247,14 +353,17 @@ class Harness:
             return None
         if life.identity is None and isinstance(message, Hello):
             life.identity = identity  # answered whatever its token: the hello check judges the token
-            version = min(max(message.protocol, 1), PROTOCOL_VERSION)
-            life.send(Welcome(version))
-            life.version = version
+            if life.answer:
+                version = min(max(message.protocol, 1), PROTOCOL_VERSION)
+                life.send(Welcome(version))
+                life.version = version
+        elif life.identity is None and isinstance(message, Heartbeat) and message.token == life.token:
+            pass  # a sign of life before the hello (a long load): this life's, by its token
         elif identity != life.identity:
             return None
         if isinstance(message, CheckpointSaved):
             life.verified[message.step] = self.inspect(message)
-        item = Received(at, message)
+        item = Received(at, message, frame_version(frame))
         life.received.append(item)
         return item
 
