@@ -35,8 +35,10 @@ pub mod hold;
 pub mod protocol;
 mod pulse;
 pub mod session;
+pub mod steering;
 pub mod sys;
 
 pub use checkpoint::{CheckpointError, Checkpoints, Found, Saved};
 pub use pulse::{BusyGuard, Sent};
 pub use session::{Error, Next, Resumed, Session, Settings, StepStats, TrainState};
+pub use steering::Steering;

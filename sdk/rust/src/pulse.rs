@@ -74,7 +74,8 @@ impl Shared {
         let now = sys::now_unix();
         Arc::new(Shared {
             socket: Mutex::new(Some(socket)),
-            state: Mutex::new(State { last_heard: now, last_sent: now, ..State::default() }),
+            // The daemon says nothing before our hello: its silence counts from then (heard_from_now).
+            state: Mutex::new(State { last_heard: f64::INFINITY, last_sent: now, ..State::default() }),
             busy: AtomicUsize::new(0), leaving: AtomicBool::new(false), version: AtomicU64::new(1), stop: AtomicBool::new(false),
             orphan_timeout, parent: std::os::unix::process::parent_id(), job, token, started: Instant::now(),
         })
@@ -140,6 +141,11 @@ impl Shared {
     pub(crate) fn keepalive(&self) {
         // The token makes it a sign of life even before the hello (a long model load inside busy()).
         self.send(&Message::Heartbeat(Heartbeat { sent_at: sys::now_unix(), token: Some(self.token.clone()), ..Default::default() }));
+    }
+
+    /// Start the orphan timer now (at the hello): before it only a parent change makes an orphan.
+    pub(crate) fn heard_from_now(&self) {
+        lock(&self.state).last_heard = sys::now_unix();
     }
 
     pub(crate) fn seconds_since_sent(&self) -> f64 {

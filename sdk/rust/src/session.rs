@@ -9,13 +9,14 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
 use crate::checkpoint::{CheckpointError, Checkpoints, Saved};
 use crate::protocol::{self, Action, Command, Message, EXIT_CHECKPOINTED, FINISHED, PROTOCOL_VERSION};
 use crate::pulse::{BusyGuard, Pulse, Sent, Shared};
+use crate::steering::Steering;
 use crate::sys;
 
 const KEEPALIVE_EVERY: f64 = 1.0;
@@ -45,7 +46,7 @@ impl Default for Settings {
 }
 
 /// An integer variable: decimal digits only (`"8"`, never `"8.0"` or `"+8"`; PROTOCOL.md 5).
-fn integer<T: std::str::FromStr>(name: &str, raw: &str) -> Result<T, Error> {
+pub(crate) fn integer<T: std::str::FromStr>(name: &str, raw: &str) -> Result<T, Error> {
     let problem = || Error::Env(format!("MLXSUP_{name}={raw:?} is not a valid integer (decimal digits only)"));
     if !raw.bytes().all(|b| b.is_ascii_digit()) {
         return Err(problem());
@@ -54,7 +55,7 @@ fn integer<T: std::str::FromStr>(name: &str, raw: &str) -> Result<T, Error> {
 }
 
 /// A seconds variable: a decimal number that may have a fraction (`"5"`, `"5.0"`, `"1.5"`; PROTOCOL.md 5).
-fn seconds(name: &str, raw: &str) -> Result<f64, Error> {
+pub(crate) fn seconds(name: &str, raw: &str) -> Result<f64, Error> {
     let (whole, fraction) = raw.split_once('.').unwrap_or((raw, ""));
     let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
     if whole.len() + fraction.len() == 0 || !digits(whole) || !digits(fraction) {
@@ -193,13 +194,16 @@ pub struct Session {
     hello_sent: bool,
     last_boundary: Instant,
     fast_exit: bool,
+    /// What the conformance kit asks of this worker (`MLXSUP_CONFORMANCE_*`; [`Session::from_env`] reads it).
+    pub steering: Steering,
 }
 
 impl Session {
     /// A session from the `MLXSUP_*` environment; standalone when there is no endpoint. SIGTERM is caught
     /// when supervised (it leads to a checkpoint and exit 75 at the next step boundary).
     pub fn from_env(target_steps: u64, batch: u64, accum: u64) -> Result<Session, Error> {
-        let session = Session::new(Settings::from_env()?, target_steps, batch, accum)?;
+        let mut session = Session::new(Settings::from_env()?, target_steps, batch, accum)?;
+        session.steering = Steering::from_env()?;
         if session.supervised() {
             sys::install_sigterm_handler();
         }
@@ -214,7 +218,7 @@ impl Session {
             batch: if settings.batch > 0 { settings.batch } else { batch.max(1) },
             accum: if settings.accum > 0 { settings.accum } else { accum.max(1) },
             settings, target_steps, checkpoints, link, stop_reason: String::new(), hello_sent: false,
-            last_boundary: Instant::now(), fast_exit: true,
+            last_boundary: Instant::now(), fast_exit: true, steering: Steering::default(),
         })
     }
 
@@ -249,6 +253,8 @@ impl Session {
         L: FnMut(&Path) -> io::Result<()>,
     {
         let mut resumed = Resumed { step: 0, checkpoint: None, meta: Map::new(), batch: self.batch, accum: self.accum };
+        let busy = self.busy(); // heartbeats with the token while a large checkpoint loads (before the hello)
+        std::thread::sleep(Duration::from_secs_f64(self.steering.load_seconds));
         if let Some(checkpoints) = &self.checkpoints {
             for found in checkpoints.verified() {
                 match load(&found.path) {
@@ -260,6 +266,7 @@ impl Session {
                 }
             }
         }
+        drop(busy);
         self.say_hello(resumed.step);
         self.last_boundary = Instant::now();
         resumed
@@ -273,6 +280,10 @@ impl Session {
     /// [`Session::end_step`] with MLX memory counters, throughput and a validation loss.
     pub fn end_step_with(&mut self, step: u64, loss: f64, stats: StepStats, state: &mut impl TrainState)
         -> Result<Next, Error> {
+        if self.steering.slow(step) {
+            let _busy = self.busy(); // the kit's long step: keepalives, and the watchdog, meanwhile
+            std::thread::sleep(Duration::from_secs_f64(self.steering.slow_seconds));
+        }
         let now = Instant::now();
         if self.supervised() {
             if !self.hello_sent {
@@ -395,6 +406,9 @@ impl Session {
             return;
         }
         self.hello_sent = true;
+        if let Some(link) = &self.link {
+            link.shared.heard_from_now(); // the orphan timer starts (PROTOCOL.md 8): a long load is not silence
+        }
         self.send(Message::Hello(protocol::Hello {
             token: self.settings.token.clone(), pid: u64::from(std::process::id()), job: self.settings.job.clone(),
             start_step, target_steps: self.target_steps, batch: self.batch, accum: self.accum,

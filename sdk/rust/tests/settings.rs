@@ -40,3 +40,18 @@ fn integers_are_decimal_digits_only() {
         assert!(problem.contains("MLXSUP_BATCH") && problem.contains("integer"), "{raw}: {problem}");
     }
 }
+
+#[test]
+fn the_conformance_kits_steering_variables_parse_and_default_to_nothing_slow() {
+    use mlxsup_worker::Steering;
+    let lookup = |pairs: &'static [(&'static str, &'static str)]| {
+        move |name: &str| pairs.iter().find(|(k, _)| format!("MLXSUP_CONFORMANCE_{k}") == name).map(|(_, v)| v.to_string())
+    };
+    assert_eq!(Steering::from_lookup(lookup(&[])).unwrap(), Steering::default());
+    let steering = Steering::from_lookup(lookup(&[("LOAD_SECONDS", "30"), ("SLOW_EVERY", "20"), ("SLOW_SECONDS", "1.5")]));
+    let steering = steering.unwrap();
+    assert_eq!((steering.load_seconds, steering.slow_every, steering.slow_seconds), (30.0, 20, 1.5));
+    assert!(steering.slow(40) && !steering.slow(41) && !Steering::default().slow(40));
+    let problem = Steering::from_lookup(lookup(&[("SLOW_EVERY", "2.5")])).unwrap_err().to_string();
+    assert!(problem.contains("MLXSUP_CONFORMANCE_SLOW_EVERY"), "{problem}");
+}
