@@ -14,6 +14,7 @@ use std::time::Instant;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::checksum::crc32_file;
 use crate::sys;
 
 /// Format number written to `meta.json`.
@@ -123,53 +124,6 @@ pub fn hash_file(path: &Path, sync: bool) -> io::Result<(String, u64)> {
         size += n as u64;
     }
     Ok((hex(&hasher.finalize()), size))
-}
-
-/// zlib's CRC-32 (polynomial 0xEDB88320), one table byte at a time: what a `"crc32"` of `meta.json` records.
-struct Crc32 {
-    table: [u32; 256],
-    value: u32,
-}
-
-impl Crc32 {
-    fn new() -> Crc32 {
-        let mut table = [0u32; 256];
-        for (n, entry) in table.iter_mut().enumerate() {
-            let mut c = n as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-            }
-            *entry = c;
-        }
-        Crc32 { table, value: 0xFFFF_FFFF }
-    }
-
-    fn update(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.value = self.table[((self.value ^ u32::from(b)) & 0xFF) as usize] ^ (self.value >> 8);
-        }
-    }
-
-    fn finish(&self) -> u32 {
-        self.value ^ 0xFFFF_FFFF
-    }
-}
-
-/// CRC-32 (zlib's) and size of a file.
-pub fn crc32_file(path: &Path) -> io::Result<(u32, u64)> {
-    let mut file = File::open(path)?;
-    let mut crc = Crc32::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        crc.update(&buffer[..n]);
-        size += n as u64;
-    }
-    Ok((crc.finish(), size))
 }
 
 /// Files under `root`, as sorted '/'-separated relative names; subdirectories are made durable on the way.
@@ -437,13 +391,5 @@ mod tests {
         assert_eq!(parse_scratch(".tmp-ckpt-7-123-9f3c1a2b"), Some(("tmp", 7, 123)));
         assert_eq!(parse_scratch(".junk-ckpt-7-123-9f"), None);
         assert!(safe_name("model/weights.safetensors") && !safe_name("../x") && !safe_name(META_FILE));
-    }
-
-    #[test]
-    fn crc32_is_zlibs() {
-        let mut crc = Crc32::new();
-        crc.update(b"123456789");
-        assert_eq!(crc.finish(), 0xCBF4_3926); // the check value of CRC-32/ISO-HDLC, zlib.crc32(b"123456789")
-        assert_eq!(Crc32::new().finish(), 0);
     }
 }

@@ -34,10 +34,12 @@
 //! ```
 
 pub mod checkpoint;
+pub mod checksum;
 pub mod hold;
 pub mod protocol;
 mod pulse;
 pub mod session;
+pub mod settings;
 pub mod steering;
 pub mod sys;
 

@@ -16,78 +16,11 @@ use serde_json::{json, Map, Value};
 use crate::checkpoint::{CheckpointError, Checkpoints, Saved};
 use crate::protocol::{self, Action, Command, Message, EXIT_CHECKPOINTED, FINISHED, PROTOCOL_VERSION};
 use crate::pulse::{BusyGuard, Pulse, Sent, Shared};
+pub use crate::settings::Settings;
 use crate::steering::Steering;
 use crate::sys;
 
 const KEEPALIVE_EVERY: f64 = 1.0;
-
-/// Per-spawn settings the daemon passes in the `MLXSUP_*` environment (all optional).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
-    pub endpoint: String,
-    pub token: String,
-    pub job: String,
-    pub checkpoint_dir: Option<PathBuf>,
-    pub batch: u64,
-    pub accum: u64,
-    pub checkpoint_every: u64,
-    pub keep_checkpoints: usize,
-    pub orphan_timeout: f64,
-    pub cache_limit: u64,
-    pub cache_clear_bytes: u64,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings { endpoint: String::new(), token: String::new(), job: "standalone".into(), checkpoint_dir: None,
-                   batch: 0, accum: 0, checkpoint_every: 0, keep_checkpoints: 3, orphan_timeout: 5.0,
-                   cache_limit: 0, cache_clear_bytes: 0 }
-    }
-}
-
-/// An integer variable: decimal digits only (`"8"`, never `"8.0"` or `"+8"`; PROTOCOL.md 5).
-pub(crate) fn integer<T: std::str::FromStr>(name: &str, raw: &str) -> Result<T, Error> {
-    let problem = || Error::Env(format!("MLXSUP_{name}={raw:?} is not a valid integer (decimal digits only)"));
-    if !raw.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(problem());
-    }
-    raw.parse().map_err(|_| problem())
-}
-
-/// A seconds variable: a decimal number that may have a fraction (`"5"`, `"5.0"`, `"1.5"`; PROTOCOL.md 5).
-pub(crate) fn seconds(name: &str, raw: &str) -> Result<f64, Error> {
-    let (whole, fraction) = raw.split_once('.').unwrap_or((raw, ""));
-    let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
-    if whole.len() + fraction.len() == 0 || !digits(whole) || !digits(fraction) {
-        return Err(Error::Env(format!("MLXSUP_{name}={raw:?} is not a valid number of seconds (e.g. 5 or 1.5)")));
-    }
-    raw.parse().map_err(|_| Error::Env(format!("MLXSUP_{name}={raw:?} is not a valid number of seconds")))
-}
-
-impl Settings {
-    /// Read the `MLXSUP_*` variables from the process environment.
-    pub fn from_env() -> Result<Settings, Error> {
-        Settings::from_lookup(|name| std::env::var(name).ok())
-    }
-
-    /// Read the settings through `lookup` (a variable's value by full name; empty counts as unset).
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings, Error> {
-        let mut s = Settings::default();
-        let get = |name: &str| lookup(&format!("MLXSUP_{name}")).filter(|v| !v.is_empty());
-        if let Some(v) = get("ENDPOINT") { s.endpoint = v; }
-        if let Some(v) = get("TOKEN") { s.token = v; }
-        if let Some(v) = get("JOB") { s.job = v; }
-        if let Some(v) = get("CHECKPOINT_DIR") { s.checkpoint_dir = Some(PathBuf::from(v)); }
-        if let Some(v) = get("BATCH") { s.batch = integer("BATCH", &v)?; }
-        if let Some(v) = get("ACCUM") { s.accum = integer("ACCUM", &v)?; }
-        if let Some(v) = get("CHECKPOINT_EVERY") { s.checkpoint_every = integer("CHECKPOINT_EVERY", &v)?; }
-        if let Some(v) = get("KEEP_CHECKPOINTS") { s.keep_checkpoints = integer("KEEP_CHECKPOINTS", &v)?; }
-        if let Some(v) = get("ORPHAN_TIMEOUT") { s.orphan_timeout = seconds("ORPHAN_TIMEOUT", &v)?; }
-        if let Some(v) = get("CACHE_LIMIT") { s.cache_limit = integer("CACHE_LIMIT", &v)?; }
-        if let Some(v) = get("CACHE_CLEAR_BYTES") { s.cache_clear_bytes = integer("CACHE_CLEAR_BYTES", &v)?; }
-        Ok(s)
-    }
-}
 
 /// What can go wrong in a session.
 #[derive(Debug)]
@@ -285,38 +218,10 @@ impl Session {
             std::thread::sleep(Duration::from_secs_f64(self.steering.slow_seconds));
         }
         let now = Instant::now();
-        if self.supervised() {
-            if !self.hello_sent {
-                self.say_hello(step.saturating_sub(1));
-            }
-            let seconds = now.duration_since(self.last_boundary).as_secs_f64();
-            // A version 1 daemon has no "not measured": it gets 0, as before.
-            let v1 = self.link.as_ref().map_or(true, |l| l.shared.version.load(Ordering::SeqCst) < 2);
-            let known = |n: Option<u64>| if v1 { Some(n.unwrap_or(0)) } else { n };
-            let report = protocol::Step {
-                step, batch: self.batch, accum: self.accum, loss, step_seconds: seconds, mlx_active: known(stats.mlx_active),
-                mlx_cache: known(stats.mlx_cache), mlx_peak: stats.mlx_peak, footprint: sys::footprint(),
-                tokens_per_second: stats.tokens_per_second, val_loss: stats.val_loss,
-            };
-            if let Some(link) = &self.link {
-                link.shared.send_step(report); // held while the daemon allows it and memory is calm
-            }
-        }
+        self.report(step, loss, stats, now.duration_since(self.last_boundary).as_secs_f64());
         sys::mark_stepped(); // a step boundary: from now on SIGTERM waits for the next one
         self.last_boundary = now;
-        let mut commands = Vec::new();
-        if sys::sigterm_received() && self.stop_reason.is_empty() {
-            self.stop_reason = "sigterm".into(); // PROTOCOL.md 8: a command's reason, then sigterm, then an orphan's
-        }
-        if let Some(link) = &self.link {
-            commands = link.shared.take_commands();
-            if self.stop_reason.is_empty() {
-                self.stop_reason = link.shared.orphan_reason().unwrap_or_default().to_string();
-            }
-        }
-        if !self.stop_reason.is_empty() {
-            commands.push(Command { action: Action::CheckpointExit, reason: self.stop_reason.clone(), steps: None });
-        }
+        let commands = self.boundary_commands();
         if commands.iter().any(|c| c.action == Action::ClearCache) {
             state.clear_cache();
         }
@@ -339,6 +244,46 @@ impl Session {
             }
             None => Ok(Next::Continue),
         }
+    }
+
+    /// Send step `step`'s telemetry (through the hold); says hello first if the loop never called `resume`.
+    fn report(&mut self, step: u64, loss: f64, stats: StepStats, seconds: f64) {
+        if !self.supervised() {
+            return;
+        }
+        if !self.hello_sent {
+            self.say_hello(step.saturating_sub(1));
+        }
+        // A version 1 daemon has no "not measured": it gets 0, as before.
+        let v1 = self.link.as_ref().map_or(true, |l| l.shared.version.load(Ordering::SeqCst) < 2);
+        let known = |n: Option<u64>| if v1 { Some(n.unwrap_or(0)) } else { n };
+        let report = protocol::Step {
+            step, batch: self.batch, accum: self.accum, loss, step_seconds: seconds, mlx_active: known(stats.mlx_active),
+            mlx_cache: known(stats.mlx_cache), mlx_peak: stats.mlx_peak, footprint: sys::footprint(),
+            tokens_per_second: stats.tokens_per_second, val_loss: stats.val_loss,
+        };
+        if let Some(link) = &self.link {
+            link.shared.send_step(report); // held while the daemon allows it and memory is calm
+        }
+    }
+
+    /// The daemon's commands read at this boundary, then a `checkpoint_exit` of this process's own reason (if
+    /// any) last: PROTOCOL.md 8, a command's reason first, then `sigterm`, `daemon_lost`, `daemon_silent`.
+    fn boundary_commands(&mut self) -> Vec<Command> {
+        let mut commands = Vec::new();
+        if sys::sigterm_received() && self.stop_reason.is_empty() {
+            self.stop_reason = "sigterm".into();
+        }
+        if let Some(link) = &self.link {
+            commands = link.shared.take_commands();
+            if self.stop_reason.is_empty() {
+                self.stop_reason = link.shared.orphan_reason().unwrap_or_default().to_string();
+            }
+        }
+        if !self.stop_reason.is_empty() {
+            commands.push(Command { action: Action::CheckpointExit, reason: self.stop_reason.clone(), steps: None });
+        }
+        commands
     }
 
     /// The step-telemetry frames sent so far: `step` frames, `steps` frames and the rows these carried (all

@@ -4,7 +4,8 @@
 //! long load or evaluation would be, inside [`Session::busy`](crate::Session::busy), so the kit sees the
 //! heartbeats, keepalives and watchdog of a real one (the twin of the Python SDK's `worker/steering.py`).
 
-use crate::session::{integer, seconds, Error};
+use crate::session::Error;
+use crate::settings::{integer, seconds};
 
 const PREFIX: &str = "CONFORMANCE_";
 
