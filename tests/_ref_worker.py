@@ -95,6 +95,8 @@ class Worker:
         if not isinstance(message, Step | Steps) and self.mode != "no_flush_at_command":
             self.flush()  # held steps go before any other frame
         body = {"v": 1, "t": message.TAG, **{k: v for k, v in dataclasses.asdict(message).items() if v is not None}}
+        if self.args.v1_only and body["t"] == "hello":
+            body.pop("protocol", None)  # a 1.0 hello has no protocol field
         if self.args.future:
             body.update({"protocol": 3} if body["t"] == "hello" else {}, gpu_watts=12.5, notes=["from v3"])
         self.sock.send(msgpack.packb(body, use_bin_type=True))

@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 
 from protocol.conformance import CHECKS
+from protocol.conformance.checks import LIVES
 from tests.conftest import ROOT, run_to_end
 
 pytestmark = pytest.mark.slow  # real worker processes for seconds each
 
-REF = [sys.executable, str(ROOT / "tests" / "_ref_worker.py"), "--steps", "800"]
-SDK_EXAMPLE = [sys.executable, str(ROOT / "examples" / "sdk_loop.py"), "3000"]
+REF = [sys.executable, str(ROOT / "tests" / "_ref_worker.py"), "--steps", "2000"]
+SDK_EXAMPLE = [sys.executable, str(ROOT / "examples" / "sdk_loop.py"), "8000"]
 # Each broken mode of tests/_ref_worker.py and the one check it must fail.
 BROKEN = {
     "wrong_token": "hello",
@@ -41,7 +42,28 @@ BROKEN = {
     "no_finish_goodbye": "finish",
     "reads_parts": "multipart_refused",  # reads each part of a message as a frame of its own
     "steps_past_target": "resume_at_target",  # trains a step past its target after resuming there
+    # the 1.1 duties
+    "overfull_steps": "holding",  # steps frames of hold_rows + 3 rows
+    "no_flush_at_command": "holding",  # keeps holding through a command: checkpoint_saved before the held steps
+    "silent_load": "heartbeats_before_hello",  # loads without heartbeats
+    "term_at_boundary_only": "sigterm_before_hello",  # SIGTERM during the load waits for a step boundary
+    "waits_for_welcome": "no_welcome",  # trains only once welcomed: a wrong token leaves it waiting forever
+    "trusts_newest": "damaged_newest_skipped",  # loads the newest checkpoint without verifying it
+    "drops_trash": "trash_restored",  # removes a dead writer's .trash instead of renaming it back
+    "ignores_parent": "parent_died",  # notices only silence, never a new parent
+    "no_keepalive": "keepalive_long_step",  # no heartbeats during a long step
+    "no_watchdog": "orphan_watchdog",  # notices an orphaning only at step boundaries
 }
+# A broken worker of the 1.1 duties is run through every check of its check's life, and only the broken one may fail
+# (the others pass, or were not run because it failed first). The earlier modes break a rule whose effect spills
+# over to later checks of their life by nature (a bad hash makes every checkpoint bad): they run their check alone.
+NEW_MODES = set(list(BROKEN)[list(BROKEN).index("overfull_steps"):])
+LIFE_OF = {check: names for _, names in LIVES for check in names}
+
+
+def scope(mode: str) -> list[str]:
+    """The checks a kit run of broken worker ``mode`` selects."""
+    return LIFE_OF[BROKEN[mode]] if mode in NEW_MODES else [BROKEN[mode]]
 
 
 def kit(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -56,8 +78,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[i
     jobs: dict[str, list[str]] = {
         "python-sdk": ["--json", "--", *SDK_EXAMPLE],
         "reference": ["--json", "--", *REF],
-        **{mode: ["--json", "--timeout", "3", "--only", check, "--", *REF, "--break", mode]
-           for mode, check in BROKEN.items()},
+        **{mode: ["--json", "--timeout", "3", "--only", ",".join(scope(mode)), "--", *REF, "--break", mode]
+           for mode in BROKEN},
     }
 
     def one(args: list[str]) -> tuple[int, dict[str, Any]]:
@@ -65,7 +87,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[i
         assert done.stdout, done.stderr[-2000:]
         return done.returncode, json.loads(done.stdout)
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    with ThreadPoolExecutor(max_workers=10) as pool:
         futures = {name: pool.submit(one, args) for name, args in jobs.items()}
         yield {name: future.result() for name, future in futures.items()}
 
@@ -89,8 +111,13 @@ class TestBrokenWorkers:
     @pytest.mark.parametrize("mode", sorted(BROKEN))
     def test_the_right_check_fails(self, runs: dict[str, tuple[int, dict[str, Any]]], mode: str) -> None:
         code, report = runs[mode]
-        assert [(c["check"], c["ok"]) for c in report["checks"]] == [(BROKEN[mode], False)], report
-        assert report["checks"][0]["detail"]
+        broken = BROKEN[mode]
+        results = {c["check"]: c for c in report["checks"]}
+        assert list(results) == [name for name in CHECKS if name in scope(mode)]
+        assert not results[broken]["ok"] and results[broken]["detail"], report
+        others = [c for name, c in results.items() if name != broken
+                  and not c["ok"] and c["detail"] != f"not run: {broken} failed"]
+        assert not others, report
         assert code == 1
 
 
@@ -141,3 +168,29 @@ class TestForwardCompatibility:
         assert "worker_frame_rejected" not in done.stderr
         stdout = (tmp_path / "state" / "logs" / "jobs" / "j" / "stdout.log").read_text()
         assert "welcome protocol=1" in stdout and "refused" not in stdout
+
+
+class TestNegotiatedVersionInStatus:
+    """`mlxsupctl status` shows per worker the protocol version its welcome agreed: 1 for a 1.0 worker (a hello
+    without ``protocol``), 2 for the Python SDK (a 1.1 worker), side by side under one daemon."""
+
+    def test_status_shows_each_workers_version(self, spawn: Any, config_file: Any, tmp_path: Path) -> None:
+        from tests.test_daemon import Daemon
+
+        env = {"PYTHONPATH": str(ROOT)}
+        path = config_file({
+            "old": {"command": [*REF[:2], "--steps", "100000", "--step-ms", "20", "--v1-only"], "env": env},
+            "new": {"command": [*SDK_EXAMPLE[:2], "100000"], "env": env},
+        })
+        d = Daemon(spawn, path, tmp_path)
+        try:
+            d.wait(lambda: all(j["protocol"] for j in d.json("status")["jobs"]), 90, "both workers said hello")
+            jobs = {j["name"]: j for j in d.json("status")["jobs"]}
+            assert (jobs["old"]["protocol"], jobs["new"]["protocol"]) == (1, 2), jobs
+            text = subprocess.run(
+                [sys.executable, "-m", "supervisor.cli.mlxsupctl", "-c", str(path), "status"],
+                capture_output=True, text=True, timeout=30).stdout
+            lines = {line.split()[0]: line for line in text.splitlines() if line.split()[:1] in (["old"], ["new"])}
+            assert lines["old"].endswith("protocol 1") and lines["new"].endswith("protocol 2"), text
+        finally:
+            d.stop()

@@ -150,11 +150,11 @@ def life_slow_load(harness: Harness, report: Report, state: State) -> None:
     spawned = time.monotonic()
     beats, other = _load_heartbeats(life, options)
     now = time.monotonic()
-    gaps = [b - a for a, b in zip(beats, [*beats[1:], now], strict=True)]
+    gaps = [b - a for a, b in zip(beats, [*beats[1:], now], strict=True)] if beats else []
     problems = []
     if not beats:
-        problems.append(f"no heartbeat with the token within {options.timeout:g} s of the spawn"
-                        f"{' (first frame: ' + other.message.TAG + ')' if other else ''}{life.exit_note()}")
+        problems.append(f"no heartbeat with the token before the {other.message.TAG}" if other else
+                        f"no heartbeat with the token within {options.timeout:g} s of the spawn{life.exit_note()}")
     elif max(gaps) > BEAT_GAP:
         problems.append(f"a gap of {max(gaps):.2f} s between heartbeats while loading (at most {BEAT_GAP:g} s)")
     if other is not None:
@@ -281,7 +281,7 @@ def life_damaged(harness: Harness, report: Report, state: State) -> None:
 def _long_step(life: Life, options: Options, hello_at: float, start_step: int) -> tuple[float, int, list[float]]:
     """Wait for a pause of KEEPALIVE_WATCH s without a step: (when the last step came, its number, heartbeats)."""
     last_at, last, beats = hello_at, start_step, list[float]()
-    deadline = time.monotonic() + options.timeout
+    deadline = time.monotonic() + options.timeout + KEEPALIVE_WATCH
     while (now := time.monotonic()) - last_at < KEEPALIVE_WATCH:
         if now >= deadline:
             raise Abort(f"no long step within {options.timeout:g} s (steps up to {last}, never a pause of "
@@ -295,7 +295,7 @@ def _long_step(life: Life, options: Options, hello_at: float, start_step: int) -
         elif isinstance(item.message, Heartbeat):
             beats.append(item.at)
         elif problem := not_done(item.message):
-            raise Abort(problem)
+            raise Abort(f"{problem} ({SLOW_EVERY_ENV}={SLOW_EVERY} not honoured?)")
     return last_at, last, beats
 
 

@@ -192,8 +192,8 @@ class Life:
                 return None
             if exited_at is None and self.popen.poll() is not None:
                 exited_at = now
-            if exited_at is not None and now - exited_at > EXIT_GRACE:
-                return None
+            if exited_at is not None and now - exited_at > EXIT_GRACE and not self.harness.socket.poll(0):
+                return None  # gone, and every frame it sent before is read (a backlog is read to its end)
             beat = self._next_beat if self.heartbeats and self.identity is not None else deadline
             wait = min(deadline, beat, now + 0.05) - now
             item = self.harness.receive(self, max(0.0, wait))
