@@ -22,7 +22,7 @@ import pytest
 
 from protocol.conformance import CHECKS
 from protocol.conformance.harness import Harness, Options
-from protocol.messages import CheckpointSaved, Heartbeat, Hello, Step
+from protocol.messages import CheckpointSaved, Heartbeat, Hello, Step, Steps
 from supervisor.daemon.recorder import read_records
 from tests.conftest import ROOT, run_to_end
 from tests.rust_toolchain import CRATE, plan
@@ -147,6 +147,31 @@ class TestHolding:
     held ones are flushed when a ``checkpoint_exit`` (a restart) arrives, and no step is lost or duplicated."""
 
     STEPS = 6000  # at 2 ms a step: seconds of holding before the restart, and again after it
+
+    def test_the_pulse_thread_sends_held_steps_while_the_loop_is_busy(self, leaky: Path) -> None:
+        """Steps held just before a 2 s evaluation go out from the session's thread once they have waited
+        ``hold``, not at the next step boundary 2 s later."""
+        harness = Harness([str(leaky), "--steps", "30", "--step-ms", "5", "--eval-every", "10", "--eval-ms", "2000"],
+                          Options(orphan_timeout=30))
+        try:
+            life = harness.spawn(batch=4, accum=1)
+            life.grant = {"hold": 0.25, "hold_below": 2**62, "hold_horizon": 6, "hold_rows": 256}
+            life.expect_a(Hello, "hello", 30)
+            arrivals: dict[int, float] = {}
+            deadline = time.monotonic() + 30
+            while 10 not in arrivals and time.monotonic() < deadline:
+                item = life.next(deadline)
+                if item is None:
+                    break
+                if isinstance(item.message, Step | Steps):
+                    rows = item.message.step if isinstance(item.message, Steps) else [item.message.step]
+                    arrivals.update((n, item.at) for n in rows)
+            assert set(range(1, 11)) <= set(arrivals), arrivals
+            # Steps 2-9 take about 40 ms, then the evaluation holds the loop 2 s: held, they go out from the thread.
+            assert arrivals[9] - arrivals[1] < 1.0, arrivals  # held at most about hold (0.25 s), not 2 s
+            assert arrivals[10] - arrivals[9] > 1.0, arrivals  # not with step 10, after the evaluation
+        finally:
+            harness.close()
 
     def telemetry(self, tmp_path: Path) -> list[dict[str, Any]]:
         path = tmp_path / "state" / "jobs" / "leaky" / "telemetry.jsonl"

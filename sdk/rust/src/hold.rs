@@ -159,6 +159,14 @@ impl StepHold {
         !self.held.is_empty() && self.grant.map_or(true, |grant| now - self.held_since >= grant.hold)
     }
 
+    /// Seconds from `now` until the oldest held step falls due (0 when it is due); `None` when nothing is held.
+    pub fn due_in(&self, now: f64) -> Option<f64> {
+        if self.held.is_empty() {
+            return None;
+        }
+        Some(self.grant.map_or(0.0, |grant| (self.held_since + grant.hold - now).max(0.0)))
+    }
+
     /// The held steps, to send now, as the current `hold_rows` allows.
     pub fn release(&mut self) -> Vec<Message> {
         batch(std::mem::take(&mut self.held), self.rows)

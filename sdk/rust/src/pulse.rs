@@ -209,6 +209,13 @@ impl Shared {
         }
     }
 
+    /// How long the thread may sleep: its period, or less when a held step falls due sooner (so a held step
+    /// waits `hold` seconds, not up to a period more, when the loop is slow to reach its next boundary).
+    fn next_look(&self) -> Duration {
+        let due_in = lock(&self.state).hold.due_in(self.clock());
+        due_in.map_or(INTERVAL, |seconds| INTERVAL.min(Duration::from_secs_f64(seconds.max(0.001))))
+    }
+
     /// One look of the thread: drain, keep alive while busy, and end an orphan that did not leave in time.
     fn check(&self) {
         self.drain();
@@ -254,7 +261,7 @@ impl Pulse {
         let inner = Arc::clone(&shared);
         let thread = thread::Builder::new().name("mlxsup-pulse".into()).spawn(move || {
             loop {
-                thread::park_timeout(INTERVAL); // unparked early by Drop, so closing never waits a period
+                thread::park_timeout(inner.next_look()); // unparked early by Drop, so closing never waits a period
                 if inner.stop.load(Ordering::SeqCst) {
                     break;
                 }

@@ -85,7 +85,9 @@ fn the_vectors_heartbeat_with_hold_rows_grants_holding_and_rows() {
         assert!(hold.step(step(n, MIB), 0.125).is_empty(), "calm step {n} is held");
     }
     assert!(!hold.due(0.374) && hold.due(0.375), "due once the oldest has waited hold seconds");
+    assert_eq!((hold.due_in(0.25), hold.due_in(0.5)), (Some(0.125), Some(0.0)));
     assert_eq!(rows(&hold.step(step(6, MIB), 0.375)), vec![vec![2, 3, 4, 5, 6]], "one steps frame");
+    assert_eq!(hold.due_in(0.375), None, "nothing held");
 }
 
 #[test]
