@@ -97,7 +97,9 @@ impl Shared {
             if frame.len() > protocol::MAX_MESSAGE_BYTES {
                 continue; // PROTOCOL.md 2: the daemon would drop the connection; drop the frame instead
             }
-            let _ = socket.send(frame, zmq::DONTWAIT);
+            if socket.send(frame, zmq::DONTWAIT).is_err() {
+                continue; // a full queue: dropped, and not counted as sent
+            }
             match message {
                 Message::Step(_) => state.sent.step_frames += 1,
                 Message::Steps(steps) => {
