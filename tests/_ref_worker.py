@@ -52,7 +52,7 @@ MODES = ("wrong_token", "ms_seconds", "mid_step_checkpoint", "bad_hash", "acts_o
          "reads_parts", "steps_past_target",
          # the 1.1 duties
          "overfull_steps", "no_flush_at_command", "silent_load", "term_at_boundary_only", "waits_for_welcome",
-         "trusts_newest", "drops_trash", "ignores_parent", "no_keepalive", "no_watchdog")
+         "trusts_newest", "drops_trash", "ignores_parent", "no_keepalive", "no_watchdog", "timer_from_start")
 
 
 def _env_number(name: str, kind: type[Any]) -> Any:
@@ -75,6 +75,8 @@ class Worker:
         self.slow_seconds = _env_number("MLXSUP_CONFORMANCE_SLOW_SECONDS", float)
         self.parent, self.stop_reason = os.getppid(), ""
         self.last_heard = float("inf")  # the orphan timer starts at the hello
+        if self.mode == "timer_from_start":
+            self.last_heard = time.time()  # broken: a long load counts as the daemon's silence
         self.stepped = self.welcomed = False
         self.grant: Heartbeat | None = None  # the newest heartbeat that allows holding
         self.held: list[Step] = []

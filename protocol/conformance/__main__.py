@@ -17,8 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m protocol.conformance",
         description="Run a worker under a scripted supervisor and check each rule of the worker protocol "
-                    "(docs/PROTOCOL.md). Exit status 0 only when every check passes. The worker must train "
-                    "long enough for the checks (a few hundred steps), and reach its target within "
+                    "(docs/PROTOCOL.md; its section 9 lists the checks and the MLXSUP_CONFORMANCE_* variables that "
+                    "ask for a slow load or a long step). Exit status 0 only when every check passes. The worker "
+                    "must train long enough for the checks (a few thousand steps), and reach its target within "
                     "--finish-timeout.",
         epilog="checks: " + ", ".join(CHECKS),
     )

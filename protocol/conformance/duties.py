@@ -28,7 +28,8 @@ LOAD_ENV = "MLXSUP_CONFORMANCE_LOAD_SECONDS"
 SLOW_EVERY_ENV = "MLXSUP_CONFORMANCE_SLOW_EVERY"
 SLOW_SECONDS_ENV = "MLXSUP_CONFORMANCE_SLOW_SECONDS"
 LOAD_SECONDS = 30.0  # the slow load asked for: the kit sends SIGTERM long before it ends
-LOAD_WATCH = 2.5  # seconds of the load watched after its first heartbeat
+LOAD_WATCH = 3.0  # seconds of the load watched after its first heartbeat (an orphan timer wrongly running
+# before the hello ends a worker 1.5 × MLXSUP_ORPHAN_TIMEOUT = 2.25 s into it)
 SLOW_EVERY, SLOW_SECONDS = 20, 30.0  # every 20th step is long; the watchdog ends the process long before 30 s
 KEEPALIVE_WATCH = 3.0  # seconds of a long step watched with heartbeats going, before the kit falls silent
 BEAT_GAP = 2.0  # the longest a loading or busy worker may go without a frame ("about once a second")
@@ -160,13 +161,17 @@ def life_slow_load(harness: Harness, report: Report, state: State) -> None:
     if other is not None:
         problems.append(f"{other.message.TAG} {other.at - spawned:.1f} s after the spawn, during the "
                         f"{LOAD_ENV}={LOAD_SECONDS:g} load")
+    elif beats and (code := life.popen.poll()) is not None:
+        problems.append(f"exited ({code}) {now - spawned:.1f} s after the spawn, during the load{life.exit_note()}")
     report.record("heartbeats_before_hello", problems,
                   f"{len(beats)} heartbeats with the token in {now - beats[0] if beats else 0:.1f} s of the load "
                   f"(first {beats[0] - spawned if beats else 0:.1f} s after the spawn), longest gap "
                   f"{max(gaps, default=0):.2f} s, no hello")
     report.begin("sigterm_before_hello")
-    if other is not None:
-        report.record("sigterm_before_hello", [f"not run: a {other.message.TAG} came before the load was over"], "")
+    if other is not None or life.popen.poll() is not None:
+        gone = f"a {other.message.TAG} came" if other is not None else "the worker exited"
+        report.record("sigterm_before_hello", [f"not run: heartbeats_before_hello failed ({gone} before the load "
+                                               "was over)"], "")
         return
     mark, sent = len(life.received), time.monotonic()
     life.signal_group(signal.SIGTERM)
@@ -263,7 +268,8 @@ def life_damaged(harness: Harness, report: Report, state: State) -> None:
         problems.append(f"{trash.name} (its writer dead, {restored.name} missing) not renamed back")
     if hello.start_step not in (step, step + 1):
         problems.append(f"resumed at {hello.start_step}, not at the restored {restored.name}")
-    report.record("trash_restored", problems, f"{trash.name} renamed back to {restored.name} and resumed from")
+    report.record("trash_restored", problems, f"{trash.name} renamed back to {restored.name}; resumed at "
+                                              f"{hello.start_step}")
     report.begin("parent_died")
     life.steps(3, options.timeout)
     assert isinstance(life.popen, Adopted)
