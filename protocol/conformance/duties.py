@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from protocol.checkpoints import CheckpointDamaged, checkpoint_name, list_checkpoints, step_of, verify
-from protocol.conformance.harness import EXIT_UNKNOWN, Abort, Adopted, Harness, Life, Options, Received
+from protocol.conformance.adopt import EXIT_UNKNOWN, Adopted
+from protocol.conformance.harness import Abort, Harness, Life, Options, Received
 from protocol.conformance.script import Report, State, exit_problems, leaves, not_done, read_hello, start
 from protocol.messages import EXIT_CHECKPOINTED, CheckpointSaved, Command, Goodbye, Heartbeat, Step, Steps
 
