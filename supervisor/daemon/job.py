@@ -38,6 +38,7 @@ from supervisor.core.policy import Limits, PolicyConfig, hold_horizon, hold_thre
 from supervisor.core.sizes import parse_bytes, parse_fraction_of
 from supervisor.core.states import JobState
 from supervisor.daemon import leaks
+from supervisor.daemon.exits import PendingExits
 from supervisor.daemon.history import History
 from supervisor.daemon.ranks import rank_env, rank_rows, write_ring
 from supervisor.daemon.recorder import Recorder, expand_steps
@@ -110,6 +111,7 @@ class Job:
         self.orphan_timeout = orphan_timeout
         self.lifecycle = Lifecycle(settings_of(config, layout), limits)
         self.procs: dict[ProcKey, WorkerProcess] = {}  # (life, rank) -> process, current and departing
+        self.exits = PendingExits()  # reaped processes whose exit waits for their last frames
         self.tokens: dict[int, str] = {}  # rank -> spawn token of the current life
         self.identities: dict[int, bytes] = {}  # rank -> worker socket identity, once it said hello
         self.features: dict[int, frozenset[str]] = {}  # rank -> the optional features its hello announced
@@ -164,7 +166,7 @@ class Job:
     @property
     def busy(self) -> bool:
         """A worker process of this job exists (current or departing), or is about to be spawned."""
-        return self.lifecycle.busy or bool(self.procs)
+        return self.lifecycle.busy or bool(self.procs) or bool(self.exits)
 
     @property
     def pid(self) -> int | None:
@@ -185,7 +187,7 @@ class Job:
         return next((rank for rank, known in self.identities.items() if known == identity), None)
 
     def next_deadline(self) -> float:
-        return self.lifecycle.next_deadline()
+        return min(self.lifecycle.next_deadline(), self.exits.deadline())
 
     def rank_rows(self) -> list[dict[str, Any]]:
         """This daemon's ranks as status and top show them (see ``supervisor.daemon.ranks``)."""
@@ -345,23 +347,43 @@ class Job:
             self.feed(ev.Sample(now, sample.bytes, sample.complete, departing, available, floor, rank))
 
     def tick(self, now: float, available: int, resume_above: int) -> None:
-        """Reap what exited, then let the lifecycle check its deadlines."""
+        """Reap what exited (an exit that waits for its worker's last frames: see ``supervisor.daemon.exits``),
+        then let the lifecycle check its deadlines."""
         for key, proc in list(self.procs.items()):
             code = proc.poll()
             if code is None:
                 continue
             del self.procs[key]
-            life, rank = key
-            current = self.lifecycle.life
-            if current is not None and life == current.id:
-                self.identities.pop(rank, None)
-                self.protocols.pop(rank, None)
-                tail = () if code in (0, EXIT_CHECKPOINTED) else stderr_tail(self._stderr(rank),
-                                                                             self.stderr_start.get(rank, 0))
-                self.feed(ev.Exited(now, code, self._newest(), rank, tail))
-            elif life in self.lifecycle.departing:
-                self.feed(ev.DepartedExited(now, life, code))
+            if self._awaits_frames(key, code):
+                self.exits.hold(key, code, now)
+            else:
+                self._exited(key, code, now)
+        for key, code, heard in self.exits.due(now, self._awaits_frames):
+            if not heard:
+                self.log.info("worker_exit_unheard", life=key[0], rank=key[1], code=code, waited=self.exits.grace)
+            self._exited(key, code, now)
         self.feed(ev.Tick(now, available, resume_above))
+
+    def _awaits_frames(self, key: ProcKey, code: int) -> bool:
+        """Whether the exit of ``key`` waits: a current SDK worker (it said hello) that exited cleanly and whose
+        goodbye has not been read yet (it sends it last, after its held steps and its checkpoint)."""
+        life = self.lifecycle.life
+        if code not in (0, EXIT_CHECKPOINTED) or life is None or life.id != key[0] or key[1] not in self.identities:
+            return False
+        rank = life.ranks.get(key[1])
+        return rank is not None and not rank.goodbye
+
+    def _exited(self, key: ProcKey, code: int, now: float) -> None:
+        life, rank = key
+        current = self.lifecycle.life
+        if current is not None and life == current.id:
+            self.identities.pop(rank, None)
+            self.protocols.pop(rank, None)
+            tail = () if code in (0, EXIT_CHECKPOINTED) else stderr_tail(self._stderr(rank),
+                                                                         self.stderr_start.get(rank, 0))
+            self.feed(ev.Exited(now, code, self._newest(), rank, tail))
+        elif life in self.lifecycle.departing:
+            self.feed(ev.DepartedExited(now, life, code))
 
     # -- carrying out the lifecycle's actions --------------------------------------------------------
 

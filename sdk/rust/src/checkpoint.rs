@@ -14,6 +14,7 @@ use std::time::Instant;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::checksum::crc32_file;
 use crate::sys;
 
 /// Format number written to `meta.json`.
@@ -153,7 +154,8 @@ fn safe_name(name: &str) -> bool {
         && name.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
-/// Check `meta.json` and every file it lists (size, then SHA-256); the record when all is well.
+/// Check `meta.json` and every file it lists (size, then the CRC-32 when one is recorded, else the SHA-256, as
+/// PROTOCOL.md 6 says); the record when all is well.
 pub fn verify(path: &Path) -> Result<Map<String, Value>, String> {
     let text = fs::read(path.join(META_FILE)).map_err(|e| format!("{META_FILE}: {e}"))?;
     let meta: Value = serde_json::from_slice(&text).map_err(|e| format!("{META_FILE}: not valid JSON ({e})"))?;
@@ -172,11 +174,26 @@ pub fn verify(path: &Path) -> Result<Map<String, Value>, String> {
     for (name, record) in files {
         let sha = record.get("sha256").and_then(Value::as_str).filter(|s| s.len() == 64
             && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
-        let (sha, bytes) = match (sha, record.get("bytes").and_then(Value::as_u64)) {
-            (Some(sha), Some(bytes)) if safe_name(name) => (sha, bytes),
+        let crc = match record.get("crc32") {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => value.as_u64().and_then(|n| u32::try_from(n).ok()).map(Some).ok_or(()),
+        };
+        let (sha, bytes, crc) = match (sha, record.get("bytes").and_then(Value::as_u64), crc) {
+            (Some(sha), Some(bytes), Ok(crc)) if safe_name(name) => (sha, bytes, crc),
             _ => return Err(format!("{META_FILE}: missing or malformed 'files' checksums")),
         };
-        let (digest, size) = hash_file(&path.join(name), false).map_err(|e| format!("{name}: {e}"))?;
+        let file = path.join(name);
+        if let Some(crc) = crc {
+            let (found, size) = crc32_file(&file).map_err(|e| format!("{name}: {e}"))?;
+            if size != bytes {
+                return Err(format!("{name}: {size} bytes, expected {bytes}"));
+            }
+            if found != crc {
+                return Err(format!("{name}: crc32 mismatch"));
+            }
+            continue;
+        }
+        let (digest, size) = hash_file(&file, false).map_err(|e| format!("{name}: {e}"))?;
         if size != bytes {
             return Err(format!("{name}: {size} bytes, expected {bytes}"));
         }

@@ -12,6 +12,9 @@
 //! - [`Checkpoints`]: durable checkpoint directories; the trainer writes its arrays into the directory it is
 //!   handed, the helper writes `meta.json` with SHA-256 hashes, syncs, renames atomically and keeps the last K.
 //! - [`protocol`]: the messages and their msgpack encoding.
+//! - [`hold`]: which steps' telemetry waits while memory is far from the daemon's bands, and the `steps` frames
+//!   held steps go out as (the session does this by itself when the daemon's heartbeats allow it).
+//! - [`Steering`]: the conformance kit's requests for a slow load or slow steps (`MLXSUP_CONFORMANCE_*`).
 //!
 //! ```no_run
 //! use mlxsup_worker::{Next, Session};
@@ -31,11 +34,16 @@
 //! ```
 
 pub mod checkpoint;
+pub mod checksum;
+pub mod hold;
 pub mod protocol;
 mod pulse;
 pub mod session;
+pub mod settings;
+pub mod steering;
 pub mod sys;
 
 pub use checkpoint::{CheckpointError, Checkpoints, Found, Saved};
-pub use pulse::BusyGuard;
+pub use pulse::{BusyGuard, Sent};
 pub use session::{Error, Next, Resumed, Session, Settings, StepStats, TrainState};
+pub use steering::Steering;

@@ -126,7 +126,7 @@ pub struct Step {
 
 /// The telemetry of several held steps in one frame, one array per [`Step`] field: row *i* of every array is the
 /// *i*-th step, in the order they ran (steps strictly increase), 1 to [`MAX_STEPS_ROWS`] rows. Sent only to a
-/// daemon whose heartbeat carries `hold_rows`; this crate decodes it but does not send it.
+/// daemon whose heartbeat carries `hold_rows` (the session's holding sends them, see [`crate::hold`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Steps {
     pub step: Vec<u64>,
@@ -142,6 +142,47 @@ pub struct Steps {
     pub tokens_per_second: Option<Vec<Option<f64>>>,
     /// Validation loss of each row, `None` in a row without one; absent: no row had one.
     pub val_loss: Option<Vec<Option<f64>>>,
+}
+
+impl Steps {
+    /// The rows of `steps` as one message (in their order); an optional column only when some row has a value.
+    pub fn of(steps: &[Step]) -> Steps {
+        let column = |f: fn(&Step) -> Option<f64>| {
+            let values: Vec<Option<f64>> = steps.iter().map(f).collect();
+            values.iter().any(Option::is_some).then_some(values)
+        };
+        Steps {
+            step: steps.iter().map(|s| s.step).collect(), batch: steps.iter().map(|s| s.batch).collect(),
+            accum: steps.iter().map(|s| s.accum).collect(), loss: steps.iter().map(|s| s.loss).collect(),
+            step_seconds: steps.iter().map(|s| s.step_seconds).collect(),
+            mlx_active: steps.iter().map(|s| s.mlx_active).collect(),
+            mlx_cache: steps.iter().map(|s| s.mlx_cache).collect(),
+            mlx_peak: steps.iter().map(|s| s.mlx_peak).collect(),
+            footprint: steps.iter().map(|s| s.footprint).collect(),
+            tokens_per_second: column(|s| s.tokens_per_second), val_loss: column(|s| s.val_loss),
+        }
+    }
+
+    /// How many rows (steps) it holds.
+    pub fn len(&self) -> usize {
+        self.step.len()
+    }
+
+    /// Whether it holds no row (never true of a valid frame).
+    pub fn is_empty(&self) -> bool {
+        self.step.is_empty()
+    }
+
+    /// Row `index` as a [`Step`].
+    pub fn row(&self, index: usize) -> Step {
+        Step {
+            step: self.step[index], batch: self.batch[index], accum: self.accum[index], loss: self.loss[index],
+            step_seconds: self.step_seconds[index], mlx_active: self.mlx_active[index],
+            mlx_cache: self.mlx_cache[index], mlx_peak: self.mlx_peak[index], footprint: self.footprint[index],
+            tokens_per_second: self.tokens_per_second.as_ref().and_then(|c| c[index]),
+            val_loss: self.val_loss.as_ref().and_then(|c| c[index]),
+        }
+    }
 }
 
 /// A checkpoint became durable (fsynced and renamed into place).

@@ -6,14 +6,17 @@
 //! (re-parented) or went silent it gives the loop half the orphan timeout to reach a boundary and checkpoint
 //! there, then ends the process with status 75 (nobody enforces an orphan's budget; the last durable
 //! checkpoint stands). The socket is shared with the loop under one mutex; the thread also drains it, so
-//! heartbeats are seen mid-step and commands wait in an inbox for the next boundary.
+//! heartbeats are seen mid-step and commands wait in an inbox for the next boundary. Step telemetry goes
+//! through the [`StepHold`] the daemon's heartbeats configure: the thread sends held steps whose time is up
+//! when the loop is slow to reach its next step, and held steps go out before any other frame but a heartbeat.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::protocol::{self, Command, Heartbeat, Message, EXIT_CHECKPOINTED, PROTOCOL_VERSION};
+use crate::hold::StepHold;
+use crate::protocol::{self, Command, Heartbeat, Message, Step, EXIT_CHECKPOINTED, PROTOCOL_VERSION};
 use crate::sys;
 
 const INTERVAL: Duration = Duration::from_millis(250);
@@ -33,6 +36,7 @@ pub(crate) struct Shared {
     parent: u32,
     job: String,
     token: String,
+    started: Instant, // the clock of holding (monotonic)
 }
 
 #[derive(Default)]
@@ -41,6 +45,24 @@ struct State {
     last_sent: f64,
     inbox: Vec<Command>,
     orphaned_at: Option<f64>,
+    hold: StepHold,
+    /// Frames sent by kind, for the tests and the README's numbers: (`step`, `steps`, rows in `steps`).
+    sent: Sent,
+}
+
+/// How many step-telemetry frames went out, and how many rows the `steps` frames among them carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub step_frames: u64,
+    pub steps_frames: u64,
+    pub steps_rows: u64,
+}
+
+impl std::fmt::Display for Sent {
+    /// `step_frames=N steps_frames=M steps_rows=R`, as the worker's exit line logs it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "step_frames={} steps_frames={} steps_rows={}", self.step_frames, self.steps_frames, self.steps_rows)
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -52,27 +74,80 @@ impl Shared {
         let now = sys::now_unix();
         Arc::new(Shared {
             socket: Mutex::new(Some(socket)),
-            state: Mutex::new(State { last_heard: now, last_sent: now, ..State::default() }),
+            // The daemon says nothing before our hello: its silence counts from then (heard_from_now).
+            state: Mutex::new(State { last_heard: f64::INFINITY, last_sent: now, ..State::default() }),
             busy: AtomicUsize::new(0), leaving: AtomicBool::new(false), version: AtomicU64::new(1), stop: AtomicBool::new(false),
-            orphan_timeout, parent: std::os::unix::process::parent_id(), job, token,
+            orphan_timeout, parent: std::os::unix::process::parent_id(), job, token, started: Instant::now(),
         })
     }
 
-    /// Send one frame without blocking (telemetry is best effort: a full queue drops it).
-    pub(crate) fn send(&self, message: &Message) {
-        if let Some(socket) = lock(&self.socket).as_ref() {
+    fn clock(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Send `messages` in order, each as one frame, without blocking (telemetry is best effort: a full queue
+    /// drops it). The caller holds the socket's lock and the state's.
+    fn send_locked(&self, socket: &zmq::Socket, state: &mut State, messages: &[Message]) {
+        for message in messages {
             let version = match message {
                 Message::Hello(_) => 1, // every daemon reads a version 1 hello
                 _ => self.version.load(Ordering::SeqCst),
             };
-            let _ = socket.send(protocol::encode_version(message, version), zmq::DONTWAIT);
-            lock(&self.state).last_sent = sys::now_unix();
+            let frame = protocol::encode_version(message, version);
+            if frame.len() > protocol::MAX_MESSAGE_BYTES {
+                continue; // PROTOCOL.md 2: the daemon would drop the connection; drop the frame instead
+            }
+            if socket.send(frame, zmq::DONTWAIT).is_err() {
+                continue; // a full queue: dropped, and not counted as sent
+            }
+            match message {
+                Message::Step(_) => state.sent.step_frames += 1,
+                Message::Steps(steps) => {
+                    state.sent.steps_frames += 1;
+                    state.sent.steps_rows += steps.len() as u64;
+                }
+                _ => {}
+            }
         }
+        if !messages.is_empty() {
+            state.last_sent = sys::now_unix();
+        }
+    }
+
+    /// Send one message; held steps go before it, except before a heartbeat (a sign of life only).
+    pub(crate) fn send(&self, message: &Message) {
+        if let Some(socket) = lock(&self.socket).as_ref() {
+            let mut state = lock(&self.state);
+            let messages = match message {
+                Message::Heartbeat(_) => vec![message.clone()],
+                _ => state.hold.before(message.clone()),
+            };
+            self.send_locked(socket, &mut state, &messages);
+        }
+    }
+
+    /// Report a step: held while the daemon allows it and memory is calm, else sent with the held ones.
+    pub(crate) fn send_step(&self, step: Step) {
+        if let Some(socket) = lock(&self.socket).as_ref() {
+            let mut state = lock(&self.state);
+            let messages = state.hold.step(step, self.clock());
+            self.send_locked(socket, &mut state, &messages);
+        }
+    }
+
+    /// The step-telemetry frames sent so far.
+    pub(crate) fn sent(&self) -> Sent {
+        lock(&self.state).sent
     }
 
     pub(crate) fn keepalive(&self) {
         // The token makes it a sign of life even before the hello (a long model load inside busy()).
         self.send(&Message::Heartbeat(Heartbeat { sent_at: sys::now_unix(), token: Some(self.token.clone()), ..Default::default() }));
+    }
+
+    /// Start the orphan timer now (at the hello): before it only a parent change makes an orphan.
+    pub(crate) fn heard_from_now(&self) {
+        lock(&self.state).last_heard = sys::now_unix();
     }
 
     pub(crate) fn seconds_since_sent(&self) -> f64 {
@@ -93,10 +168,16 @@ impl Shared {
             };
             let mut state = lock(&self.state);
             match protocol::decode_parts(&parts) { // a multi-part message is refused whole
-                Ok(Message::Heartbeat(beat)) => state.last_heard = state.last_heard.max(beat.sent_at),
+                Ok(Message::Heartbeat(beat)) => {
+                    state.last_heard = state.last_heard.max(beat.sent_at);
+                    let flushed = state.hold.configure(&beat); // withdrawn or narrowed: held steps go now
+                    self.send_locked(socket, &mut state, &flushed);
+                }
                 Ok(Message::Command(command)) => {
                     state.last_heard = sys::now_unix();
                     state.inbox.push(command);
+                    let flushed = state.hold.command(); // held steps go now; no holding until a heartbeat
+                    self.send_locked(socket, &mut state, &flushed);
                 }
                 Ok(Message::Welcome(welcome)) => {
                     state.last_heard = sys::now_unix();
@@ -105,6 +186,11 @@ impl Shared {
                 Ok(_) => {} // a worker-to-daemon type: valid, not for us
                 Err(error) => eprintln!("[worker {}] bad_frame_from_daemon problem={error}", self.job),
             }
+        }
+        let mut state = lock(&self.state);
+        if state.hold.due(self.clock()) { // the loop is slow to reach its next step: send them from here
+            let due = state.hold.release();
+            self.send_locked(socket, &mut state, &due);
         }
     }
 
@@ -123,6 +209,13 @@ impl Shared {
         } else {
             None
         }
+    }
+
+    /// How long the thread may sleep: its period, or less when a held step falls due sooner (so a held step
+    /// waits `hold` seconds, not up to a period more, when the loop is slow to reach its next boundary).
+    fn next_look(&self) -> Duration {
+        let due_in = lock(&self.state).hold.due_in(self.clock());
+        due_in.map_or(INTERVAL, |seconds| INTERVAL.min(Duration::from_secs_f64(seconds.max(0.001))))
     }
 
     /// One look of the thread: drain, keep alive while busy, and end an orphan that did not leave in time.
@@ -151,6 +244,9 @@ impl Shared {
     pub(crate) fn close(&self, linger_ms: i32) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(socket) = lock(&self.socket).take() {
+            let mut state = lock(&self.state);
+            let held = state.hold.release(); // pending telemetry goes out first
+            self.send_locked(&socket, &mut state, &held);
             let _ = socket.set_linger(linger_ms);
         }
     }
@@ -167,7 +263,7 @@ impl Pulse {
         let inner = Arc::clone(&shared);
         let thread = thread::Builder::new().name("mlxsup-pulse".into()).spawn(move || {
             loop {
-                thread::park_timeout(INTERVAL); // unparked early by Drop, so closing never waits a period
+                thread::park_timeout(inner.next_look()); // unparked early by Drop, so closing never waits a period
                 if inner.stop.load(Ordering::SeqCst) {
                     break;
                 }

@@ -9,69 +9,18 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
 use crate::checkpoint::{CheckpointError, Checkpoints, Saved};
 use crate::protocol::{self, Action, Command, Message, EXIT_CHECKPOINTED, FINISHED, PROTOCOL_VERSION};
-use crate::pulse::{BusyGuard, Pulse, Shared};
+use crate::pulse::{BusyGuard, Pulse, Sent, Shared};
+pub use crate::settings::Settings;
+use crate::steering::Steering;
 use crate::sys;
 
 const KEEPALIVE_EVERY: f64 = 1.0;
-
-/// Per-spawn settings the daemon passes in the `MLXSUP_*` environment (all optional).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
-    pub endpoint: String,
-    pub token: String,
-    pub job: String,
-    pub checkpoint_dir: Option<PathBuf>,
-    pub batch: u64,
-    pub accum: u64,
-    pub checkpoint_every: u64,
-    pub keep_checkpoints: usize,
-    pub orphan_timeout: f64,
-    pub cache_limit: u64,
-    pub cache_clear_bytes: u64,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings { endpoint: String::new(), token: String::new(), job: "standalone".into(), checkpoint_dir: None,
-                   batch: 0, accum: 0, checkpoint_every: 0, keep_checkpoints: 3, orphan_timeout: 5.0,
-                   cache_limit: 0, cache_clear_bytes: 0 }
-    }
-}
-
-fn parsed<T: std::str::FromStr>(name: &str, raw: &str) -> Result<T, Error> {
-    raw.parse().map_err(|_| Error::Env(format!("MLXSUP_{name}={raw:?} is not a valid number")))
-}
-
-impl Settings {
-    /// Read the `MLXSUP_*` variables from the process environment.
-    pub fn from_env() -> Result<Settings, Error> {
-        Settings::from_lookup(|name| std::env::var(name).ok())
-    }
-
-    /// Read the settings through `lookup` (a variable's value by full name; empty counts as unset).
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings, Error> {
-        let mut s = Settings::default();
-        let get = |name: &str| lookup(&format!("MLXSUP_{name}")).filter(|v| !v.is_empty());
-        if let Some(v) = get("ENDPOINT") { s.endpoint = v; }
-        if let Some(v) = get("TOKEN") { s.token = v; }
-        if let Some(v) = get("JOB") { s.job = v; }
-        if let Some(v) = get("CHECKPOINT_DIR") { s.checkpoint_dir = Some(PathBuf::from(v)); }
-        if let Some(v) = get("BATCH") { s.batch = parsed("BATCH", &v)?; }
-        if let Some(v) = get("ACCUM") { s.accum = parsed("ACCUM", &v)?; }
-        if let Some(v) = get("CHECKPOINT_EVERY") { s.checkpoint_every = parsed("CHECKPOINT_EVERY", &v)?; }
-        if let Some(v) = get("KEEP_CHECKPOINTS") { s.keep_checkpoints = parsed("KEEP_CHECKPOINTS", &v)?; }
-        if let Some(v) = get("ORPHAN_TIMEOUT") { s.orphan_timeout = parsed("ORPHAN_TIMEOUT", &v)?; }
-        if let Some(v) = get("CACHE_LIMIT") { s.cache_limit = parsed("CACHE_LIMIT", &v)?; }
-        if let Some(v) = get("CACHE_CLEAR_BYTES") { s.cache_clear_bytes = parsed("CACHE_CLEAR_BYTES", &v)?; }
-        Ok(s)
-    }
-}
 
 /// What can go wrong in a session.
 #[derive(Debug)]
@@ -178,13 +127,16 @@ pub struct Session {
     hello_sent: bool,
     last_boundary: Instant,
     fast_exit: bool,
+    /// What the conformance kit asks of this worker (`MLXSUP_CONFORMANCE_*`; [`Session::from_env`] reads it).
+    pub steering: Steering,
 }
 
 impl Session {
     /// A session from the `MLXSUP_*` environment; standalone when there is no endpoint. SIGTERM is caught
     /// when supervised (it leads to a checkpoint and exit 75 at the next step boundary).
     pub fn from_env(target_steps: u64, batch: u64, accum: u64) -> Result<Session, Error> {
-        let session = Session::new(Settings::from_env()?, target_steps, batch, accum)?;
+        let mut session = Session::new(Settings::from_env()?, target_steps, batch, accum)?;
+        session.steering = Steering::from_env()?;
         if session.supervised() {
             sys::install_sigterm_handler();
         }
@@ -199,7 +151,7 @@ impl Session {
             batch: if settings.batch > 0 { settings.batch } else { batch.max(1) },
             accum: if settings.accum > 0 { settings.accum } else { accum.max(1) },
             settings, target_steps, checkpoints, link, stop_reason: String::new(), hello_sent: false,
-            last_boundary: Instant::now(), fast_exit: true,
+            last_boundary: Instant::now(), fast_exit: true, steering: Steering::default(),
         })
     }
 
@@ -234,6 +186,8 @@ impl Session {
         L: FnMut(&Path) -> io::Result<()>,
     {
         let mut resumed = Resumed { step: 0, checkpoint: None, meta: Map::new(), batch: self.batch, accum: self.accum };
+        let busy = self.busy(); // heartbeats with the token while a large checkpoint loads (before the hello)
+        std::thread::sleep(Duration::from_secs_f64(self.steering.load_seconds));
         if let Some(checkpoints) = &self.checkpoints {
             for found in checkpoints.verified() {
                 match load(&found.path) {
@@ -245,6 +199,7 @@ impl Session {
                 }
             }
         }
+        drop(busy);
         self.say_hello(resumed.step);
         self.last_boundary = Instant::now();
         resumed
@@ -258,35 +213,15 @@ impl Session {
     /// [`Session::end_step`] with MLX memory counters, throughput and a validation loss.
     pub fn end_step_with(&mut self, step: u64, loss: f64, stats: StepStats, state: &mut impl TrainState)
         -> Result<Next, Error> {
+        if self.steering.slow(step) {
+            let _busy = self.busy(); // the kit's long step: keepalives, and the watchdog, meanwhile
+            std::thread::sleep(Duration::from_secs_f64(self.steering.slow_seconds));
+        }
         let now = Instant::now();
-        if self.supervised() {
-            if !self.hello_sent {
-                self.say_hello(step.saturating_sub(1));
-            }
-            let seconds = now.duration_since(self.last_boundary).as_secs_f64();
-            // A version 1 daemon has no "not measured": it gets 0, as before.
-            let v1 = self.link.as_ref().map_or(true, |l| l.shared.version.load(Ordering::SeqCst) < 2);
-            let known = |n: Option<u64>| if v1 { Some(n.unwrap_or(0)) } else { n };
-            self.send(Message::Step(protocol::Step {
-                step, batch: self.batch, accum: self.accum, loss, step_seconds: seconds, mlx_active: known(stats.mlx_active),
-                mlx_cache: known(stats.mlx_cache), mlx_peak: stats.mlx_peak, footprint: sys::footprint(),
-                tokens_per_second: stats.tokens_per_second, val_loss: stats.val_loss,
-            }));
-        }
+        self.report(step, loss, stats, now.duration_since(self.last_boundary).as_secs_f64());
+        sys::mark_stepped(); // a step boundary: from now on SIGTERM waits for the next one
         self.last_boundary = now;
-        let mut commands = Vec::new();
-        if sys::sigterm_received() && self.stop_reason.is_empty() {
-            self.stop_reason = "sigterm".into(); // PROTOCOL.md 8: a command's reason, then sigterm, then an orphan's
-        }
-        if let Some(link) = &self.link {
-            commands = link.shared.take_commands();
-            if self.stop_reason.is_empty() {
-                self.stop_reason = link.shared.orphan_reason().unwrap_or_default().to_string();
-            }
-        }
-        if !self.stop_reason.is_empty() {
-            commands.push(Command { action: Action::CheckpointExit, reason: self.stop_reason.clone(), steps: None });
-        }
+        let commands = self.boundary_commands();
         if commands.iter().any(|c| c.action == Action::ClearCache) {
             state.clear_cache();
         }
@@ -309,6 +244,52 @@ impl Session {
             }
             None => Ok(Next::Continue),
         }
+    }
+
+    /// Send step `step`'s telemetry (through the hold); says hello first if the loop never called `resume`.
+    fn report(&mut self, step: u64, loss: f64, stats: StepStats, seconds: f64) {
+        if !self.supervised() {
+            return;
+        }
+        if !self.hello_sent {
+            self.say_hello(step.saturating_sub(1));
+        }
+        // A version 1 daemon has no "not measured": it gets 0, as before.
+        let v1 = self.link.as_ref().map_or(true, |l| l.shared.version.load(Ordering::SeqCst) < 2);
+        let known = |n: Option<u64>| if v1 { Some(n.unwrap_or(0)) } else { n };
+        let report = protocol::Step {
+            step, batch: self.batch, accum: self.accum, loss, step_seconds: seconds, mlx_active: known(stats.mlx_active),
+            mlx_cache: known(stats.mlx_cache), mlx_peak: stats.mlx_peak, footprint: sys::footprint(),
+            tokens_per_second: stats.tokens_per_second, val_loss: stats.val_loss,
+        };
+        if let Some(link) = &self.link {
+            link.shared.send_step(report); // held while the daemon allows it and memory is calm
+        }
+    }
+
+    /// The daemon's commands read at this boundary, then a `checkpoint_exit` of this process's own reason (if
+    /// any) last: PROTOCOL.md 8, a command's reason first, then `sigterm`, `daemon_lost`, `daemon_silent`.
+    fn boundary_commands(&mut self) -> Vec<Command> {
+        let mut commands = Vec::new();
+        if sys::sigterm_received() && self.stop_reason.is_empty() {
+            self.stop_reason = "sigterm".into();
+        }
+        if let Some(link) = &self.link {
+            commands = link.shared.take_commands();
+            if self.stop_reason.is_empty() {
+                self.stop_reason = link.shared.orphan_reason().unwrap_or_default().to_string();
+            }
+        }
+        if !self.stop_reason.is_empty() {
+            commands.push(Command { action: Action::CheckpointExit, reason: self.stop_reason.clone(), steps: None });
+        }
+        commands
+    }
+
+    /// The step-telemetry frames sent so far: `step` frames, `steps` frames and the rows these carried (all
+    /// zero standalone). With holding granted, many steps go as one `steps` frame.
+    pub fn sent(&self) -> Sent {
+        self.link.as_ref().map_or_else(Sent::default, |link| link.shared.sent())
     }
 
     /// Tell the daemon this worker is alive while it is busy between step boundaries (loading data,
@@ -349,6 +330,9 @@ impl Session {
     pub fn finish(&mut self, step: u64, state: &mut impl TrainState) -> Result<(), Error> {
         self.save(step, state)?;
         self.send(Message::Goodbye(protocol::Goodbye { reason: FINISHED.into(), step }));
+        if self.supervised() {
+            self.log("worker_exit", &format!("reason={FINISHED} step={step} {}", self.sent()));
+        }
         self.close(1000);
         Ok(())
     }
@@ -367,6 +351,9 @@ impl Session {
             return;
         }
         self.hello_sent = true;
+        if let Some(link) = &self.link {
+            link.shared.heard_from_now(); // the orphan timer starts (PROTOCOL.md 8): a long load is not silence
+        }
         self.send(Message::Hello(protocol::Hello {
             token: self.settings.token.clone(), pid: u64::from(std::process::id()), job: self.settings.job.clone(),
             start_step, target_steps: self.target_steps, batch: self.batch, accum: self.accum,
@@ -381,8 +368,8 @@ impl Session {
     }
 
     fn leave(&mut self, reason: &str, step: u64, code: i32) -> Next {
-        self.log("worker_exit", &format!("reason={reason} step={step}"));
         self.send(Message::Goodbye(protocol::Goodbye { reason: reason.into(), step }));
+        self.log("worker_exit", &format!("reason={reason} step={step} {}", self.sent()));
         let orphaned = reason == "daemon_lost" || reason == "daemon_silent";
         self.close(if orphaned { 0 } else { 1000 }); // lingers until the goodbye is delivered, unless alone
         if self.fast_exit {

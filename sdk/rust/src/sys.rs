@@ -8,12 +8,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 static SIGTERM: AtomicBool = AtomicBool::new(false);
+static STEPPED: AtomicBool = AtomicBool::new(false);
+const EARLY_EXIT: &[u8] = b"[mlxsup-worker] worker_exit reason=sigterm before the first step: nothing newer than the checkpoint loaded\n";
 
 extern "C" fn on_sigterm(_: libc::c_int) {
     SIGTERM.store(true, Ordering::SeqCst); // only a flag: the step boundary does the work
+    if !STEPPED.load(Ordering::SeqCst) {
+        // PROTOCOL.md 8: no step boundary yet, so nothing to save: leave at once, without a goodbye.
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is a static.
+        unsafe {
+            libc::write(2, EARLY_EXIT.as_ptr().cast(), EARLY_EXIT.len());
+            libc::_exit(crate::protocol::EXIT_CHECKPOINTED);
+        }
+    }
 }
 
-/// Catch SIGTERM from now on; [`sigterm_received`] tells whether it came.
+/// A step boundary was reached: from now on SIGTERM is acted on at the next one (before it, SIGTERM ends the
+/// process at once with status 75: it has nothing newer than the checkpoint it loaded).
+pub fn mark_stepped() {
+    STEPPED.store(true, Ordering::SeqCst);
+}
+
+/// Catch SIGTERM from now on; [`sigterm_received`] tells whether it came. Before the first step boundary
+/// ([`mark_stepped`]) it ends the process at once with status 75.
 pub fn install_sigterm_handler() {
     let handler: extern "C" fn(libc::c_int) = on_sigterm;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
