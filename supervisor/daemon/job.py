@@ -27,6 +27,7 @@ import structlog
 from protocol import Census, CheckpointSaved, Command, Goodbye, Heartbeat, Hello, Message, Step, encode
 from protocol.checkpoints import latest_step
 from protocol.messages import EXIT_CHECKPOINTED, MAX_STEPS_ROWS, Steps
+from supervisor.backends import Backend
 from supervisor.config import JobConfig, worker_argv
 from supervisor.core import events as ev
 from supervisor.core.diagnosis import JobDiagnosis
@@ -37,7 +38,7 @@ from supervisor.core.policy import Action as Do
 from supervisor.core.policy import Limits, PolicyConfig, hold_horizon, hold_threshold, sample_gap
 from supervisor.core.sizes import parse_bytes, parse_fraction_of
 from supervisor.core.states import JobState
-from supervisor.daemon import leaks
+from supervisor.daemon import backends, leaks
 from supervisor.daemon.history import History
 from supervisor.daemon.ranks import rank_env, rank_rows, write_ring
 from supervisor.daemon.recorder import Recorder, expand_steps
@@ -122,6 +123,8 @@ class Job:
         self.leader_heard: float | None = None  # gang follower: when the leader last answered
         self.last_decision: dict[int, str] = {}  # rank -> the reason of its last decision (status shows it)
         self.io_errors: dict[str, int] = {}
+        self.backend: tuple[JobConfig, Backend] | None = None  # a gang's backend, resolved from this config
+        self.rendezvous: dict[int, backends.Rendezvous] = {}  # life -> its MPI rendezvous (backend = "mpi")
         self._io_logged: dict[str, float] = {}
         self.log = log.bind(job=name)
         self.history = History(paths.history, on_error=self.io_error, max_bytes=telemetry_max, keep=telemetry_keep)
@@ -361,6 +364,8 @@ class Job:
                 self.feed(ev.Exited(now, code, self._newest(), rank, tail))
             elif life in self.lifecycle.departing:
                 self.feed(ev.DepartedExited(now, life, code))
+        if self.rendezvous:
+            backends.tidy(self, now)
         self.feed(ev.Tick(now, available, resume_above))
 
     # -- carrying out the lifecycle's actions --------------------------------------------------------
@@ -435,9 +440,10 @@ class Job:
         newest = self._newest()
         try:
             self._write_ring(action.life)
+            extra = backends.prepare(self, action.life)
             spawned = []
             for rank in self.lifecycle.settings.ranks:
-                env = self._worker_env(self.tokens[rank], action.batch, action.accum, rank)
+                env = {**self._worker_env(self.tokens[rank], action.batch, action.accum, rank), **extra.get(rank, {})}
                 self.stderr_start[rank] = log_size(self._stderr(rank))
                 proc = self.system.spawn(worker_argv(self.config), env, self._cwd(), self._log_dir(rank))
                 self.procs[(action.life, rank)] = proc
