@@ -175,5 +175,6 @@ class TestJacclGangFake:
             for life, record in enumerate(lives, start=1):
                 assert record["MLX_RANK"] == str(rank) and record["MLXSUP_BACKEND"] == "jaccl"
                 assert record["devices"] == MESH and record["MLX_METAL_FAST_SYNCH"] == "1"
+                assert record["MLX_HOSTFILE"] is None  # or a script's mx.distributed.init() would take the ring
                 assert record["MLX_JACCL_COORDINATOR"] == f"127.0.0.1:{port + (life - 1) * 2}"
         assert {e["rank"] for e in history(tmp_path) if e["event"] == "spawn"} == {0, 1}

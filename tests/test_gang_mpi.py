@@ -12,6 +12,7 @@ import ctypes
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -112,4 +113,22 @@ class TestMpiGang:
         assert ranks[1]["signal"] == "SIGKILL" and ranks[1]["expected"] is False
         assert ranks[0]["expected"] is True  # the survivor's end is the fall-out, not a second failure
         assert same_weights(tmp_path / "state" / "jobs" / "j" / "checkpoints" / FINAL, reference)
+        assert wait_gone(run_dir) == []
+
+
+class TestMpiScript:
+    """An SDK script that calls mx.distributed.init() itself, before its Session exists, joins the MPI world."""
+
+    def test_the_readme_gang_loop_runs_as_an_mpi_gang(self, config_file: Any, tmp_path: Path, run_dir: Path,
+                                                     spawn: Any) -> None:
+        root = Path(__file__).resolve().parent.parent
+        config = config_file({"j": {"command": [sys.executable, str(root / "examples" / "gang_loop.py")],
+                                    "ranks": 2, "backend": "mpi", "budget": "2GiB", "checkpoint_every": 25,
+                                    "env": {"PYTHONPATH": str(root)}, "gang": {"port": free_port_base()}}})
+        summary = finish(start(spawn, config, tmp_path / "summary.json"), tmp_path / "summary.json")
+        assert summary["outcome"] == "finished" and summary["steps_completed"] == 100
+        assert summary["final_loss"] < 1.0
+        for rank in (0, 1):
+            assert "[mpi]" not in (tmp_path / "state" / "logs" / "jobs" / "j" / f"rank-{rank}" /
+                                   "stderr.log").read_text()
         assert wait_gone(run_dir) == []

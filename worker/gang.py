@@ -20,6 +20,7 @@ environment of its MPI rank from the rendezvous the daemon runs (``MLXSUP_MPI_EN
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -29,7 +30,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from worker import checkpoint as ckpt
-from worker.mpi_env import load_mpi_env
+from worker.mpi_env import join_mpi_world
+
+join_mpi_world(os.environ)  # before any mx.distributed.init() of the process, a script's own included
 
 RANK_DIR = "ranks"  # <checkpoint dir>/ranks/rank-R/ckpt-*: each rank's own small state
 
@@ -46,13 +49,11 @@ def rank_dir(checkpoints: Path, rank: int) -> Path:
 class Gang:
     """This process's place in a data-parallel gang, and the collectives that keep the ranks in step."""
 
-    def __init__(self, rank: int, size: int, writer: bool, group: Any = None, backend: str = "",
-                 mpi_env: str = "") -> None:
+    def __init__(self, rank: int, size: int, writer: bool, group: Any = None, backend: str = "") -> None:
         self.rank = rank
         self.size = size
         self.writer = writer
         self.backend = backend  # "" (mlx.launch or by hand): MLX tries its backends in turn
-        self.mpi_env = mpi_env
         self._group = group
         self._agreed: mx.array | None = None  # the flags reduced with this step's gradients
 
@@ -62,7 +63,9 @@ class Gang:
 
         ``MLX_RANK`` (set by the daemon, ``mlx.launch`` or by hand) makes this a gang; the daemon also sets
         ``MLXSUP_RANKS`` (the size, checked against the group) and ``MLXSUP_WRITER`` (whether this rank writes
-        the replicated model: one rank per host). Without them rank 0 writes.
+        the replicated model: one rank per host). Without them rank 0 writes. With ``MLXSUP_BACKEND=mpi`` this
+        also loads the rank's MPI environment from the daemon's rendezvous (``worker.mpi_env``; done when this
+        module is imported, for ``os.environ``).
         """
         raw = env.get("MLX_RANK", "")
         if not raw:
@@ -73,7 +76,8 @@ class Gang:
             writer = bool(int(env.get("MLXSUP_WRITER", "1" if rank == 0 else "0")))
         except ValueError:
             raise GangError(f"MLX_RANK={raw!r}, MLXSUP_RANKS or MLXSUP_WRITER is not an integer") from None
-        return cls(rank, size, writer, backend=env.get("MLXSUP_BACKEND", ""), mpi_env=env.get("MLXSUP_MPI_ENV", ""))
+        join_mpi_world(env)  # done at import already for os.environ
+        return cls(rank, size, writer, backend=env.get("MLXSUP_BACKEND", ""))
 
     @property
     def group(self) -> Any:
@@ -91,8 +95,6 @@ class Gang:
     def _init(self) -> Any:
         if not self.backend:
             return mx.distributed.init()
-        if self.backend == "mpi":
-            load_mpi_env(self.mpi_env)
         try:
             return mx.distributed.init(strict=True, backend=self.backend)
         except (RuntimeError, ValueError) as exc:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+_loaded: set[str] = set()  # files already in os.environ
 WAIT = 60.0  # seconds for the rendezvous to publish (mpirun starts in well under a second)
 PREFIXES = ("OMPI_", "PMIX_", "OPAL_")
 
@@ -40,3 +42,17 @@ def load_mpi_env(path: str, wait: float = WAIT) -> dict[str, str]:
         raise MpiEnvError(f"{file} holds no PMIX_RANK: not an environment written by mpirun")
     os.environ.update(found)
     return found
+
+
+def join_mpi_world(env: Mapping[str, str]) -> None:
+    """For a rank the daemon started with ``MLXSUP_BACKEND=mpi``: load its MPI environment, once per process.
+
+    Runs when the SDK is imported (``worker.gang``), so that a script's own ``mx.distributed.init()``, even one
+    called before its ``Session`` exists (as in examples/gang_loop.py), joins the MPI world.
+    """
+    if env.get("MLXSUP_BACKEND") != "mpi" or not env.get("MLX_RANK"):
+        return
+    path = env.get("MLXSUP_MPI_ENV", "")
+    if path not in _loaded:
+        load_mpi_env(path)
+        _loaded.add(path)

@@ -57,7 +57,7 @@ class Rendezvous:
         if os.geteuid() == 0:  # Open MPI refuses root unless told twice
             env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
+        with open(log, "wb") as out:  # this generation's output only: bounded, and the one that matters
             self._popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                            start_new_session=True, close_fds=True)
         self.pid = self._popen.pid
@@ -125,6 +125,15 @@ def prepare(job: Job, life: int) -> dict[int, dict[str, str]]:
         for rank, env in envs.items():
             env["MLXSUP_MPI_ENV"] = str(rendezvous.env_file(rank))
     return envs
+
+
+def rank_environment(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """A rank's environment: the job's, with its backend's on top. Only the ring backend gets ``MLX_HOSTFILE``:
+    with it, a script's ``mx.distributed.init()`` (backend "any", which tries ring first) would join a ring."""
+    env = {**base, **extra}
+    if env.get("MLXSUP_BACKEND", "ring") != "ring":
+        env.pop("MLX_HOSTFILE", None)
+    return env
 
 
 def tidy(job: Job, now: float) -> None:

@@ -443,7 +443,8 @@ class Job:
             extra = backends.prepare(self, action.life)
             spawned = []
             for rank in self.lifecycle.settings.ranks:
-                env = {**self._worker_env(self.tokens[rank], action.batch, action.accum, rank), **extra.get(rank, {})}
+                env = backends.rank_environment(self._worker_env(self.tokens[rank], action.batch, action.accum, rank),
+                                                extra.get(rank, {}))
                 self.stderr_start[rank] = log_size(self._stderr(rank))
                 proc = self.system.spawn(worker_argv(self.config), env, self._cwd(), self._log_dir(rank))
                 self.procs[(action.life, rank)] = proc
