@@ -349,11 +349,15 @@ class Job:
 
     def tick(self, now: float, available: int, resume_above: int) -> None:
         """Reap what exited, then let the lifecycle check its deadlines."""
+        exited = []
         for key, proc in list(self.procs.items()):
             code = proc.poll()
-            if code is None:
-                continue
-            del self.procs[key]
+            if code is not None:
+                del self.procs[key]
+                exited.append((key, code))
+        # Ranks reaped in one turn: one killed by a signal goes first, since a peer's "connection to a peer was
+        # lost" exit is its fall-out (the first exit of a life is read as its cause).
+        for key, code in sorted(exited, key=lambda item: item[1] >= 0):
             life, rank = key
             current = self.lifecycle.life
             if current is not None and life == current.id:
