@@ -20,7 +20,18 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.gangs import TRAIN, finish, free_port_base, gang_job, history, rank_pid, reference_run, same_weights, start
+from tests.gangs import (
+    TRAIN,
+    finish,
+    free_port_base,
+    gang_job,
+    history,
+    rank_pid,
+    reference_run,
+    same_weights,
+    start,
+    wait_for,
+)
 
 
 def _mpi_missing() -> str:
@@ -131,4 +142,28 @@ class TestMpiScript:
         for rank in (0, 1):
             assert "[mpi]" not in (tmp_path / "state" / "logs" / "jobs" / "j" / f"rank-{rank}" /
                                    "stderr.log").read_text()
+        assert wait_gone(run_dir) == []
+
+
+class TestMpiOrphans:
+    """With the daemon gone, the MPI ranks checkpoint by themselves (over MPI, so the rendezvous waits for them)."""
+
+    def test_orphaned_mpi_ranks_checkpoint_together_and_the_rendezvous_leaves_after_them(
+            self, config_file: Any, tmp_path: Path, run_dir: Path, spawn: Any) -> None:
+        config = config_file({"j": mpi_job(checkpoint_every=0, train={"steps": 100000, "step_sleep": 1.5})})
+        daemon = start(spawn, config, tmp_path / "summary.json")
+
+        def hellos() -> list[int]:
+            return [e["pid"] for e in history(tmp_path) if e["event"] == "hello"]
+
+        pids = wait_for(lambda: len(hellos()) == 2 and hellos(), "both ranks' hello")
+        time.sleep(3)  # a step or two (the ranks see the daemon gone at a step boundary)
+        daemon.kill()
+        daemon.wait(timeout=10)
+        wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                 for p in pids), "the orphaned ranks to leave", timeout=60)
+        checkpoints = tmp_path / "state" / "jobs" / "j" / "checkpoints"
+        [main] = [p.name for p in checkpoints.glob("ckpt-*")]  # the orphans' collective checkpoint
+        for rank in (0, 1):
+            assert [p.name for p in (checkpoints / "ranks" / f"rank-{rank}").glob("ckpt-*")] == [main]
         assert wait_gone(run_dir) == []

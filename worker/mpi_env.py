@@ -41,6 +41,8 @@ def load_mpi_env(path: str, wait: float = WAIT) -> dict[str, str]:
     if "PMIX_RANK" not in found:
         raise MpiEnvError(f"{file} holds no PMIX_RANK: not an environment written by mpirun")
     os.environ.update(found)
+    # The placeholder outlives a lost daemon only while this rank lives: tell it which process that is.
+    Path(f"{file}.pid").write_text(str(os.getpid()))
     return found
 
 

@@ -1,16 +1,17 @@
 """What a gang's backend needs around its ranks in each generation: JACCL's device file, MPI's rendezvous.
 
 Open MPI forms a world only through a PMIx server: a process that is not started by ``mpirun`` initialises as a
-singleton (a world of one, which MLX refuses: "[mpi] The world has a single process"). Yet the PMIx server does
-not care which process connects as a rank, only that the uid matches. So for each generation the daemon runs
-``mpirun -np N`` over placeholders (a few lines of sh each): placeholder R writes its ``OMPI_*``/``PMIX_*``
-environment to ``env.R`` and waits. The daemon starts rank R itself, as for ring, in its own process group,
-sampled and budgeted; the SDK loads ``env.R`` (``MLXSUP_MPI_ENV``) before ``MPI_Init`` and joins the world as MPI
-rank R. The rendezvous must outlive every rank of its generation (a rank whose PMIx server vanishes aborts, code
-195), so it ends only once they are all reaped: a ``stop`` file ends the placeholders, after which ``mpirun``
-exits by itself, and its group gets SIGKILL if it has not within ``STOP_GRACE``. Placeholders also leave when the
-daemon is gone. The rendezvous is the daemon's helper, not a rank: it is neither sampled nor budgeted (about
-20 MiB for ``mpirun``, 2 MiB per placeholder).
+singleton (a world of one, which MLX refuses: "[mpi] The world has a single process"). Yet the PMIx server does not
+care which process connects as a rank, only that the uid matches. So for each generation the daemon runs ``mpirun
+-np N`` over placeholders (a few lines of sh each): placeholder R writes its ``OMPI_*``/``PMIX_*`` environment to
+``env.R`` and waits. The daemon starts rank R itself, as for ring, in its own process group, sampled and budgeted;
+the SDK loads ``env.R`` (``MLXSUP_MPI_ENV``) before ``MPI_Init`` and joins the world as MPI rank R. The rendezvous
+must outlive every rank of its generation (a rank whose ``mpirun`` is killed, by SIGTERM or SIGKILL, aborts with
+code 195), so it ends only once they are all reaped: a ``stop`` file ends the placeholders, after which ``mpirun``
+exits by itself, and its group gets SIGKILL if it has not within ``STOP_GRACE``. With the daemon gone, each
+placeholder leaves once its rank has (ranks write their pid beside their environment). The rendezvous is the
+daemon's helper, not a rank: it is neither sampled nor budgeted (about 20 MiB for ``mpirun``, 2 MiB per
+placeholder).
 """
 
 from __future__ import annotations
@@ -29,12 +30,19 @@ if TYPE_CHECKING:
     from supervisor.daemon.job import Job
 
 STOP_GRACE = 5.0  # seconds from the stop file to SIGKILL of mpirun's group
-# Placeholder rank: publish this MPI rank's environment for the daemon's rank, then wait for the stop file (or
-# for the daemon to vanish). $1: the generation's directory, $2: the daemon's pid.
+# Placeholder rank: publish this MPI rank's environment for the daemon's rank, then wait for the stop file; with
+# the daemon gone, for as long as its rank lives (an orphaned rank checkpoints by itself, over MPI, and a rank whose
+# mpirun is killed aborts). $1: the generation's directory, $2: the daemon's pid; the rank writes env.R.pid.
 PLACEHOLDER = r"""
 r=$OMPI_COMM_WORLD_RANK
 env | grep -E '^(OMPI_|PMIX_|OPAL_)' > "$1/env.$r.tmp" && mv "$1/env.$r.tmp" "$1/env.$r"
-while [ ! -e "$1/stop" ] && kill -0 "$2" 2>/dev/null; do sleep 0.2; done
+while [ ! -e "$1/stop" ]; do
+  if ! kill -0 "$2" 2>/dev/null; then
+    p=$(cat "$1/env.$r.pid" 2>/dev/null)
+    { [ -n "$p" ] && kill -0 "$p" 2>/dev/null; } || break
+  fi
+  sleep 0.2
+done
 """
 
 
