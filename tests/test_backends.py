@@ -110,6 +110,14 @@ class TestBackendConfig:
         message = refused(tmp_path, run_dir, {"hostfile": hostfile(tmp_path, backend="jaccl")})
         assert "is written for backend 'jaccl', the job says backend = 'ring'" in message
 
+    def test_a_jaccl_hostfile_entry_without_an_ip_says_why_one_is_needed(self, tmp_path: Path,
+                                                                       run_dir: Path) -> None:
+        path = tmp_path / "mesh.json"
+        path.write_text(json.dumps([{"ssh": "mac1", "ips": ["127.0.0.1"], "rdma": [None, "rdma_en2"]},
+                                    {"ssh": "mac2", "ips": [], "rdma": ["rdma_en2", None]}]))
+        message = refused(tmp_path, run_dir, {"hostfile": str(path), "backend": "jaccl"})
+        assert "entry 1 needs \"ssh\" and \"ips\"" in message and "JACCL too needs an IP per host" in message
+
     def test_bad_hostfile_envs_are_refused(self, tmp_path: Path, run_dir: Path) -> None:
         message = refused(tmp_path, run_dir, {"hostfile": hostfile(tmp_path, envs=["NOEQUALS"]), "backend": "jaccl"})
         assert "envs entry 'NOEQUALS' is not NAME=value" in message
