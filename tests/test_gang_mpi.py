@@ -12,6 +12,7 @@ import ctypes
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,9 @@ class TestMpiGang:
             assert "libmpi.so" in Path(f"/proc/{pid}/maps").read_text()  # MLX dlopened Open MPI
         samples = [e for e in history(tmp_path) if e["event"] == "spawn"]
         assert {e["rank"] for e in samples} == {0, 1}
+        status = subprocess.run([sys.executable, "-m", "supervisor.cli.mlxsupctl", "-c", str(config), "status", "j"],
+                                capture_output=True, text=True, timeout=30).stdout
+        assert "gang: 2 ranks, generation 1" in status and "backend mpi" in status
         summary = finish(daemon, tmp_path / "summary.json")
         assert summary["outcome"] == "finished" and summary["steps_completed"] == TRAIN["steps"]
         assert summary["restarts"] == 0
