@@ -186,3 +186,32 @@ class TestJacclGangFake:
                 assert record["MLX_HOSTFILE"] is None  # or a script's mx.distributed.init() would take the ring
                 assert record["MLX_JACCL_COORDINATOR"] == f"127.0.0.1:{port + (life - 1) * 2}"
         assert {e["rank"] for e in history(tmp_path) if e["event"] == "spawn"} == {0, 1}
+
+
+class TestMpiEnvironmentFile:
+    """A rank loads its MPI environment from the rendezvous' file, or says where it looked."""
+
+    def test_the_open_mpi_and_pmix_lines_are_loaded_and_the_pid_is_left_for_the_placeholder(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        from worker.mpi_env import load_mpi_env
+
+        path = tmp_path / "env.1"
+        path.write_text("PMIX_RANK=1\nOMPI_COMM_WORLD_SIZE=2\nPATH=/nowhere\nnot a line\n")
+        for name in ("PMIX_RANK", "OMPI_COMM_WORLD_SIZE"):  # put back as they were after the test
+            monkeypatch.setenv(name, "before")
+        assert load_mpi_env(str(path)) == {"PMIX_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}
+        assert os.environ["PMIX_RANK"] == "1" and os.environ["PATH"] != "/nowhere"
+        assert (tmp_path / "env.1.pid").read_text() == str(os.getpid())
+
+    def test_no_file_in_time_names_the_file_and_mpiruns_log(self, tmp_path: Path) -> None:
+        from worker.mpi_env import MpiEnvError, load_mpi_env
+
+        with pytest.raises(MpiEnvError, match=r"no MPI environment at .*env\.0 after 0 s: did mpirun start\?"):
+            load_mpi_env(str(tmp_path / "env.0"), wait=0.05)
+
+    def test_a_file_without_pmix_rank_is_refused(self, tmp_path: Path) -> None:
+        from worker.mpi_env import MpiEnvError, load_mpi_env
+
+        (tmp_path / "env.0").write_text("OMPI_X=1\n")
+        with pytest.raises(MpiEnvError, match="holds no PMIX_RANK"):
+            load_mpi_env(str(tmp_path / "env.0"))
