@@ -215,3 +215,23 @@ class TestMpiEnvironmentFile:
         (tmp_path / "env.0").write_text("OMPI_X=1\n")
         with pytest.raises(MpiEnvError, match="holds no PMIX_RANK"):
             load_mpi_env(str(tmp_path / "env.0"))
+
+
+class TestRendezvousSweep:
+    """Rendezvous directories of gone daemons are removed once none of their ranks lives; others are kept."""
+
+    def test_only_directories_of_gone_daemons_without_live_ranks_are_swept(self, tmp_path: Path) -> None:
+        import subprocess
+
+        from supervisor.daemon.backends import sweep_stale
+
+        gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()  # a pid that has exited
+        stale, orphans = tmp_path / f"mpi-{gone}-1", tmp_path / f"mpi-{gone}-2"
+        ours = tmp_path / f"mpi-{os.getpid()}-1"
+        for directory in (stale, orphans, ours):
+            directory.mkdir()
+        (stale / "env.0.pid").write_text(gone)
+        (orphans / "env.1.pid").write_text(str(os.getpid()))  # a rank still alive (here: this process)
+        sweep_stale(tmp_path)
+        assert not stale.exists() and orphans.exists() and ours.exists()

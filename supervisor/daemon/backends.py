@@ -128,11 +128,38 @@ def prepare(job: Job, life: int) -> dict[int, dict[str, str]]:
     common = backend_env(backend, job.layout, life, files)
     envs = {rank: dict(common) for rank in job.lifecycle.settings.ranks}
     if backend.name == "mpi":
-        rendezvous = Rendezvous(files / f"mpi-{life}", job.layout.world, job.paths.logs / "mpirun.log")
+        sweep_stale(files)
+        # Named by this daemon's pid too: a restarted daemon never touches the rendezvous its predecessor's
+        # orphaned ranks may still be checkpointing through.
+        rendezvous = Rendezvous(files / f"mpi-{os.getpid()}-{life}", job.layout.world, job.paths.logs / "mpirun.log")
         job.rendezvous[life] = rendezvous
         for rank, env in envs.items():
             env["MLXSUP_MPI_ENV"] = str(rendezvous.env_file(rank))
     return envs
+
+
+def sweep_stale(files: Path) -> None:
+    """Remove the rendezvous directories of daemons that are gone, once none of their ranks lives either (a
+    placeholder waits for its rank by the pid file in that directory)."""
+    for directory in files.glob("mpi-*-*"):
+        pids = [directory.name.split("-")[1]]
+        for pid_file in directory.glob("env.*.pid"):
+            try:
+                pids.append(pid_file.read_text().strip())
+            except OSError:
+                continue
+        if not any(_alive(pid) for pid in pids):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def rank_environment(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
