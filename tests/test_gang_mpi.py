@@ -171,3 +171,19 @@ class TestMpiOrphans:
         for rank in (0, 1):
             assert [p.name for p in (checkpoints / "ranks" / f"rank-{rank}").glob("ckpt-*")] == [main]
         assert wait_gone(run_dir) == []
+
+
+class TestMpiHang:
+    """A stopped MPI rank is a gang hang, named by its shape, and the gang restarts from its checkpoint."""
+
+    def test_sigstop_of_an_mpi_rank_is_a_hang_with_the_other_waiting_in_all_sum(
+            self, config_file: Any, tmp_path: Path, run_dir: Path, spawn: Any, reference: Path) -> None:
+        config = config_file({"j": mpi_job(hang_timeout=3.0, train={"step_sleep": 0.05})})
+        daemon = start(spawn, config, tmp_path / "summary.json")
+        os.kill(rank_pid(tmp_path, 1, after_checkpoint=12), signal.SIGSTOP)
+        summary = finish(daemon, tmp_path / "summary.json")
+        assert summary["outcome"] == "finished" and summary["restarts"] == 1
+        [reason] = summary["restart_reasons"]
+        assert reason.startswith("hung: rank 1 silent ") and "rank 0 waiting in all_sum for " in reason, reason
+        assert same_weights(tmp_path / "state" / "jobs" / "j" / "checkpoints" / FINAL, reference)
+        assert wait_gone(run_dir) == []
