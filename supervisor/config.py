@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from supervisor import paths
+from supervisor.backends import BackendError, resolve_backend
 from supervisor.core.policy import Limits
 from supervisor.core.sizes import SizeError, format_bytes, parse_budget, parse_bytes, parse_fraction_of
 from supervisor.hostfile import Layout, LayoutError, build_layout, local_addresses
@@ -125,11 +126,14 @@ class JobConfig:
     max_attempts_without_progress: int = _f(5, "consecutive starts without a newer checkpoint before FATAL")
     cache_clear: str = _f("0", "worker clears MLX's cache above this many bytes (0: never)")
     cache_limit: str = _f("10%", "MLX cache limit set in the worker: percent of budget or bytes (0: MLX's default)")
-    ranks: int = _f(1, "ranks of a data-parallel gang on each host (ring backend; the daemon sets MLX_RANK and "
-                    "MLX_HOSTFILE); budget, warn and kill then apply to each rank")
+    ranks: int = _f(1, "ranks of a data-parallel gang on each host (the daemon sets MLX_RANK, and "
+                    "MLX_HOSTFILE for ring); budget, warn and kill then apply to each rank")
     hosts: list[str] = _f([], "a gang over several hosts: their IP addresses in rank order, each running "
                           "`ranks` ranks, one mlxsupd each ([jobs.NAME.gang])")
     hostfile: str = _f("", "instead of hosts: mlx.launch's hostfile JSON (one entry per rank)")
+    backend: str = _f("ring", "a gang's MLX backend: ring, mpi (Open MPI, one host; the daemon still starts each "
+                      "rank) or jaccl (RDMA over Thunderbolt: devices from mlx.distributed_config's hostfile or "
+                      "env MLX_IBV_DEVICES; not run on hardware by our tests)")
     gang: GangConfig = dataclasses.field(default_factory=GangConfig, metadata={"help": "", "unit": ""})
     sdk: bool | str = _f(True, "true: the worker uses the SDK (hello, telemetry, checkpoints); false: a guard-only "
                          "job: `command` runs under outside sampling alone (no hello, no telemetry, no checkpoints); "
@@ -209,6 +213,7 @@ def parse_config(raw: dict[str, Any], path: Path, total_memory: int | None = Non
         raise ConfigError(f"{path}: [jobs] must be a table of jobs")
     jobs = {name: _build(JobConfig, table, f"jobs.{name}", path) for name, table in jobs_raw.items()}
     jobs = {name: _mlx_lm_job(name, job, jobs_raw[name], path) for name, job in jobs.items()}
+    jobs = {name: _absolute_gang_files(job, path.parent) for name, job in jobs.items()}
     config = Config(path, daemon, jobs)
     for name in jobs:
         _mlx_lm_rank_batch(config, name)
@@ -229,6 +234,17 @@ def _mlx_lm_job(name: str, job: JobConfig, table: dict[str, Any], path: Path) ->
     except (ValueError, MlxLmUnavailable) as exc:  # OptionError and SizeError are ValueErrors
         raise ConfigError(f"{path}: jobs.{name}: {exc}") from None
     return dataclasses.replace(job, mlx_lm=kind.table, batch=kind.batch, accum=kind.accum)
+
+
+def _absolute_gang_files(job: JobConfig, base: Path) -> JobConfig:
+    """The hostfile and a JACCL device file as absolute paths: the daemon reads them again at every spawn."""
+    def absolute(value: str) -> str:
+        return str(value and (Path(value).expanduser() if Path(value).expanduser().is_absolute()
+                              else (base / value).resolve()))
+
+    env = {**job.env, "MLX_IBV_DEVICES": absolute(job.env["MLX_IBV_DEVICES"])} if job.env.get("MLX_IBV_DEVICES") \
+        else job.env
+    return dataclasses.replace(job, hostfile=absolute(job.hostfile), env=env)
 
 
 def _mlx_lm_rank_batch(config: Config, name: str) -> None:
@@ -424,7 +440,14 @@ def _validate_gang(config: Config, name: str, total: int) -> None:
     except LayoutError as exc:
         raise ConfigError(f"{prefix}: {exc}") from None
     if layout is None:
+        if job.backend != "ring":
+            raise ConfigError(f"{prefix}.backend = {job.backend!r}: a backend applies to a gang (ranks > 1, hosts "
+                              "or hostfile)")
         return
+    try:
+        resolve_backend(job.backend, layout, job.hostfile, job.env)
+    except BackendError as exc:
+        raise ConfigError(f"{prefix}: {exc}") from None
     if job.sdk is not True:
         raise ConfigError(f"{prefix}: a gang needs the SDK (sdk = true): its ranks stop and checkpoint together "
                           "through it")

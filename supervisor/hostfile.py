@@ -1,12 +1,12 @@
 """The shape of a gang: its hosts and ranks, this daemon's share, and the ring hostfile of each generation.
 
-A gang is a data-parallel job on MLX's ring backend. On one host, ``ranks = N`` runs N ranks on 127.0.0.1. Over
-several hosts the config lists them in rank order, either as addresses (``hosts``, each running ``ranks``
-ranks) or as mlx.launch's hostfile JSON (``hostfile``: ``[{"ssh": "mac1", "ips": ["10.0.0.1"]}, ...]`` or
-``{"hosts": [...]}``, one entry per rank, entries sharing an ``ssh`` name being one host). The daemon of the host
-holding rank 0 leads; every daemon starts its own ranks with ``MLX_RANK`` and an ``MLX_HOSTFILE`` such as
-``[["10.0.0.1:32339"], ["10.0.0.2:32340"]]``, whose ports move on with every generation so that a rank of an
-earlier generation can never join a later ring.
+A gang is a data-parallel job on one of MLX's backends (ring by default; see ``supervisor.backends``). On one host,
+``ranks = N`` runs N ranks on 127.0.0.1. Over several hosts the config lists them in rank order, either as addresses
+(``hosts``, each running ``ranks`` ranks) or as mlx.launch's hostfile JSON (``hostfile``: ``[{"ssh": "mac1", "ips":
+["10.0.0.1"]}, ...]`` or ``{"hosts": [...]}``, one entry per rank, entries sharing an ``ssh`` name being one host).
+The daemon of the host holding rank 0 leads; every daemon starts its own ranks with ``MLX_RANK`` and an
+``MLX_HOSTFILE`` such as ``[["10.0.0.1:32339"], ["10.0.0.2:32340"]]``, whose ports move on with every generation so
+that a rank of an earlier generation can never join a later ring.
 """
 
 from __future__ import annotations
@@ -95,8 +95,9 @@ def read_hostfile(path: Path) -> list[tuple[str, str]]:
         ips = entry.get("ips") if isinstance(entry, dict) else None
         name = entry.get("ssh") if isinstance(entry, dict) else None
         if not isinstance(name, str) or not isinstance(ips, list) or not ips or not isinstance(ips[0], str):
-            raise LayoutError(f"hostfile {path}: entry {index} needs \"ssh\" and \"ips\" (the ring backend "
-                              "connects to IP addresses)")
+            raise LayoutError(f"hostfile {path}: entry {index} needs \"ssh\" and \"ips\" (each daemon finds its "
+                              "own entry by IP address, and the ring backend connects to them; JACCL too needs an IP "
+                              "per host here, though mlx.launch needs only rank 0's)")
         ranks.append((name, _address(ips[0], f"hostfile {path}: entry {index}")))
     return ranks
 

@@ -3,7 +3,7 @@
 # where the machine lets us, and otherwise reported with what to run. Never fatal: a group that cannot be had
 # makes its tests skip with the reason (for the Rust SDK: tests/rust_toolchain.py), never a red suite.
 #
-#   bash tests/sysdeps.sh [GROUP...]      groups: rust systemd browser prometheus (default: all)
+#   bash tests/sysdeps.sh [GROUP...]      groups: rust systemd browser prometheus mpi (default: all)
 #
 # Debian or Ubuntu as root: apt-get (one `apt-get update`, only when something is missing).
 # macOS with Homebrew: brew (rust, zeromq, pkg-config); crates then come from crates.io.
@@ -17,6 +17,7 @@ RUST_BREWS="rust zeromq pkg-config"
 SYSTEMD_DEBS="systemd"
 BROWSER_DEBS="chromium chromium-driver"  # the dashboard's page, loaded headless
 PROMETHEUS_DEBS="prometheus"  # promtool and a real server scraping /metrics
+MPI_DEBS="openmpi-bin libopenmpi-dev"  # mpirun, and the libmpi.so that MLX dlopens (the -dev package's symlink)
 
 log() { echo "sysdeps: $*"; }
 
@@ -26,6 +27,7 @@ debs_of() {
     systemd) echo "$SYSTEMD_DEBS" ;;
     browser) echo "$BROWSER_DEBS" ;;
     prometheus) echo "$PROMETHEUS_DEBS" ;;
+    mpi) echo "$MPI_DEBS" ;;
   esac
 }
 
@@ -94,7 +96,7 @@ on_mac() {
 
 main() {
   local groups=("$@")
-  [ ${#groups[@]} -gt 0 ] || groups=(rust systemd browser prometheus)
+  [ ${#groups[@]} -gt 0 ] || groups=(rust systemd browser prometheus mpi)
   case "$(uname -s)" in
     Darwin)
       if command -v brew >/dev/null 2>&1; then

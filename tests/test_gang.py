@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,28 @@ class TestGangRestart:
         ranks = {e["rank"]: e for e in history(tmp_path) if e["event"] == "rank_exit" and e["life"] == 1}
         assert ranks[1]["signal"] == "SIGKILL" and ranks[1]["expected"] is False  # the failure
         assert ranks[0]["expected"] is True and "rank 1 killed by signal 9" in ranks[0]["cause"]  # its fall-out
+        assert same_weights(tmp_path / "state" / "jobs" / "j" / "checkpoints" / FINAL, reference)
+
+    def test_a_peer_sigkilled_while_the_other_waits_in_the_all_reduce_leaves_an_expected_traceback(
+            self, config_file: Any, tmp_path: Path, spawn: Any, reference: Path) -> None:
+        config = config_file({"j": gang_job(free_port_base(), hang_timeout=30.0, train={
+            "step_sleep": 0.05, "hang_after_steps": 14, "fault_rank": 1,
+            "fault_once_file": str(tmp_path / "hung-once")})})
+        daemon = start(spawn, config, tmp_path / "summary.json")
+        pid = rank_pid(tmp_path, 1, after_checkpoint=12)
+        time.sleep(3)  # rank 1 stopped stepping at step 14; rank 0 waits inside the gradient all-reduce
+        os.kill(pid, signal.SIGKILL)
+        summary = finish(daemon, tmp_path / "summary.json")
+        assert summary["outcome"] == "finished" and summary["restarts"] == 1
+        assert list(summary["restart_reasons"]) == ["rank 1 killed by signal 9"]
+        events = history(tmp_path)
+        ranks = {e["rank"]: e for e in events if e["event"] == "rank_exit" and e["life"] == 1}
+        assert ranks[1]["signal"] == "SIGKILL" and ranks[1]["expected"] is False
+        survivor = ranks[0]
+        assert survivor["expected"] is True and "rank 1 killed by signal 9" in survivor["cause"]
+        assert "connection to a peer was lost" in "\n".join(survivor["stderr_tail"])  # its traceback, labelled
+        [failure] = [e for e in events if e["event"] == "exit" and e["code"] != 0]
+        assert "connection to a peer was lost" not in "\n".join(failure.get("stderr_tail", []))
         assert same_weights(tmp_path / "state" / "jobs" / "j" / "checkpoints" / FINAL, reference)
 
     def test_sigstop_of_one_rank_is_a_hang_that_restarts_the_gang(

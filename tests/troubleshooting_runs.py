@@ -87,7 +87,8 @@ def config_errors(where: Path) -> str:
               f'[daemon]\nstate_dir = "{where}/state"\nrun_dir = "{long_dir}"\n',
               '[daemon.control]\ntcp = "tcp://127.0.0.1:5999"\n',
               GANG + "sdk = false\nranks = 2\n", '[jobs.a]\nbudget = "4GiB"\ncommand = ["mlx.launch", "t.py"]\n',
-              GANG + 'hosts = ["10.0.0.1", "10.0.0.2"]\n', GANG + 'hostfile = "h.json"\n', GANG + "ranks = 200\n"]
+              GANG + 'hosts = ["10.0.0.1", "10.0.0.2"]\n', GANG + 'hostfile = "h.json"\n', GANG + "ranks = 200\n",
+              GANG + 'ranks = 2\nbackend = "jaccl"\n']
     said = [mlxsupd(where, "-c", "nothere.toml")]
     for number, body in enumerate(bodies):
         said.append(mlxsupd(where, "-c", config(where, body, f"c{number}.toml")))

@@ -13,11 +13,14 @@ checkpoint, and a second barrier. On resume the ranks agree on the newest step a
 (``all_min`` until every rank holds it).
 
 MLX's own distributed backend carries all of this; the ranks are started with ``MLX_RANK`` and
-``MLX_HOSTFILE`` (by the daemon, by ``mlx.launch`` or by hand).
+``MLX_HOSTFILE`` (by the daemon, by ``mlx.launch`` or by hand). The daemon also names the backend
+(``MLXSUP_BACKEND``: ring, mpi or jaccl, see ``supervisor.backends``); for MPI, each rank first loads the
+environment of its MPI rank from the rendezvous the daemon runs (``MLXSUP_MPI_ENV``, ``worker.mpi_env``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -27,6 +30,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from worker import checkpoint as ckpt
+from worker.mpi_env import join_mpi_world
+
+join_mpi_world(os.environ)  # before any mx.distributed.init() of the process, a script's own included
 
 RANK_DIR = "ranks"  # <checkpoint dir>/ranks/rank-R/ckpt-*: each rank's own small state
 
@@ -43,10 +49,11 @@ def rank_dir(checkpoints: Path, rank: int) -> Path:
 class Gang:
     """This process's place in a data-parallel gang, and the collectives that keep the ranks in step."""
 
-    def __init__(self, rank: int, size: int, writer: bool, group: Any = None) -> None:
+    def __init__(self, rank: int, size: int, writer: bool, group: Any = None, backend: str = "") -> None:
         self.rank = rank
         self.size = size
         self.writer = writer
+        self.backend = backend  # "" (mlx.launch or by hand): MLX tries its backends in turn
         self._group = group
         self._agreed: mx.array | None = None  # the flags reduced with this step's gradients
 
@@ -56,7 +63,9 @@ class Gang:
 
         ``MLX_RANK`` (set by the daemon, ``mlx.launch`` or by hand) makes this a gang; the daemon also sets
         ``MLXSUP_RANKS`` (the size, checked against the group) and ``MLXSUP_WRITER`` (whether this rank writes
-        the replicated model: one rank per host). Without them rank 0 writes.
+        the replicated model: one rank per host). Without them rank 0 writes. With ``MLXSUP_BACKEND=mpi`` this
+        also loads the rank's MPI environment from the daemon's rendezvous (``worker.mpi_env``; done when this
+        module is imported, for ``os.environ``).
         """
         raw = env.get("MLX_RANK", "")
         if not raw:
@@ -67,13 +76,14 @@ class Gang:
             writer = bool(int(env.get("MLXSUP_WRITER", "1" if rank == 0 else "0")))
         except ValueError:
             raise GangError(f"MLX_RANK={raw!r}, MLXSUP_RANKS or MLXSUP_WRITER is not an integer") from None
-        return cls(rank, size, writer)
+        join_mpi_world(env)  # done at import already for os.environ
+        return cls(rank, size, writer, backend=env.get("MLXSUP_BACKEND", ""))
 
     @property
     def group(self) -> Any:
         """MLX's global group, initialised on first use (a second ``init`` returns the same group)."""
         if self._group is None:
-            group = mx.distributed.init()
+            group = self._init()
             if self.size and group.size() != self.size:
                 raise GangError(f"the group has {group.size()} ranks, the daemon started {self.size}")
             if group.rank() != self.rank:
@@ -81,6 +91,16 @@ class Gang:
             self.size = group.size()
             self._group = group
         return self._group
+
+    def _init(self) -> Any:
+        if not self.backend:
+            return mx.distributed.init()
+        try:
+            return mx.distributed.init(strict=True, backend=self.backend)
+        except (RuntimeError, ValueError) as exc:
+            hint = (" (MLX dlopens libmpi.so, which Debian ships in libopenmpi-dev; or set MLX_MPI_LIBNAME, e.g. "
+                    "libmpi.so.40)" if self.backend == "mpi" and "Cannot initialize MPI" in str(exc) else "")
+            raise GangError(f"rank {self.rank}: the {self.backend} backend did not start: {exc}{hint}") from None
 
     def fold(self, grads: Any, checkpoint: bool, leave: bool) -> Any:
         """Average ``grads`` over the gang with this rank's wishes riding in the same all-reduce."""

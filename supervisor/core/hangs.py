@@ -15,10 +15,13 @@ from protocol.messages import EXIT_CHECKPOINTED
 from supervisor.core.life import Life, Rank
 
 
-def rank_exit_fields(life: Life, rank: Rank, first: bool, restart_reason: str) -> dict[str, Any]:
+def rank_exit_fields(life: Life, rank: Rank, first: bool, restart_reason: str,
+                     tail: tuple[str, ...] = ()) -> dict[str, Any]:
     """One ``rank_exit`` record: pid, code, signal, last step, goodbye. A failure is ``expected`` (with its
     ``cause``) when the supervisor had signalled the rank, or when a peer failed first (``first`` is False and the
-    life crashed): not a new failure but the fall-out of one; the first rank's own failure is ``expected: false``."""
+    life crashed): not a new failure but the fall-out of one; the first rank's own failure is ``expected: false``.
+    An unclean exit also carries the rank's last stderr lines (``stderr_tail``): a survivor's traceback is read
+    here, under ``expected: true``, and never as the life's failure."""
     code = rank.exit_code if rank.exit_code is not None else 0
     fields: dict[str, Any] = {"rank": rank.rank, "life": life.id, "pid": rank.pid, "code": code,
                               "step": rank.last_step, "goodbye": rank.goodbye}
@@ -30,6 +33,8 @@ def rank_exit_fields(life: Life, rank: Rank, first: bool, restart_reason: str) -
         fields["expected"] = bool(rank.signalled or (not first and life.crashed))
         if fields["expected"]:
             fields["cause"] = rank.signalled or f"peer lost: {restart_reason}"
+        if tail:
+            fields["stderr_tail"] = list(tail)
     return fields
 
 

@@ -429,14 +429,17 @@ class Lifecycle(PeerRole):
         rank = self._rank(e.rank)
         if life is None or rank is None:
             return
-        rank.exit_code = e.code
-        if e.stderr_tail and not life.tail:
+        # The failure's stderr is the first unclean rank's (even when it wrote nothing, as a SIGKILLed rank):
+        # a survivor's "connection to a peer was lost" is fall-out, recorded in its own rank_exit.
+        unclean = e.code not in (0, EXIT_CHECKPOINTED)
+        if unclean and not any(r.exit_code not in (None, 0, EXIT_CHECKPOINTED) for r in life.ranks.values()):
             life.tail = e.stderr_tail
+        rank.exit_code = e.code
         if life.first_exit is None:
             life.first_exit = e.code
         first, life.left = not life.left, True
         if self.settings.gang:
-            self._note_rank_exit(life, rank, first)
+            self._note_rank_exit(life, rank, first, e.stderr_tail)
         if not life.alive:
             if not self._owed(life, e.now):
                 self._on_exit(life, life.code(), e.now, e.newest)
@@ -444,10 +447,10 @@ class Lifecycle(PeerRole):
         if first:
             self._rank_left(life, f"rank {e.rank} {describe_exit(e.code)}", e.code, e.now)
 
-    def _note_rank_exit(self, life: Life, rank: Rank, first: bool) -> None:
+    def _note_rank_exit(self, life: Life, rank: Rank, first: bool, tail: tuple[str, ...] = ()) -> None:
         """One ``rank_exit`` record per rank per life: how it ended. A rank that failed after a peer had crashed
         (a ring survivor raises "connection to a peer was lost") is labelled expected: the first exit is the cause."""
-        fields = rank_exit_fields(life, rank, first, self.restart_reason)
+        fields = rank_exit_fields(life, rank, first, self.restart_reason, tail)
         self._note("rank_exit", level="warning" if fields.get("expected") is False else "info", **fields)
 
     def _rank_left(self, life: Life, who: str, code: int | None, now: float) -> None:

@@ -27,6 +27,7 @@ import structlog
 from protocol import Census, CheckpointSaved, Command, Goodbye, Heartbeat, Hello, Message, Step, encode
 from protocol.checkpoints import latest_step
 from protocol.messages import EXIT_CHECKPOINTED, MAX_STEPS_ROWS, Steps
+from supervisor.backends import Backend
 from supervisor.config import JobConfig, worker_argv
 from supervisor.core import events as ev
 from supervisor.core.diagnosis import JobDiagnosis
@@ -37,7 +38,7 @@ from supervisor.core.policy import Action as Do
 from supervisor.core.policy import Limits, PolicyConfig, hold_horizon, hold_threshold, sample_gap
 from supervisor.core.sizes import parse_bytes, parse_fraction_of
 from supervisor.core.states import JobState
-from supervisor.daemon import leaks
+from supervisor.daemon import backends, leaks
 from supervisor.daemon.exits import PendingExits
 from supervisor.daemon.history import History
 from supervisor.daemon.ranks import rank_env, rank_rows, write_ring
@@ -124,6 +125,8 @@ class Job:
         self.leader_heard: float | None = None  # gang follower: when the leader last answered
         self.last_decision: dict[int, str] = {}  # rank -> the reason of its last decision (status shows it)
         self.io_errors: dict[str, int] = {}
+        self.backend: tuple[JobConfig, Backend] | None = None  # a gang's backend, resolved from this config
+        self.rendezvous: dict[int, backends.Rendezvous] = {}  # life -> its MPI rendezvous (backend = "mpi")
         self._io_logged: dict[str, float] = {}
         self.log = log.bind(job=name)
         self.history = History(paths.history, on_error=self.io_error, max_bytes=telemetry_max, keep=telemetry_keep)
@@ -349,11 +352,15 @@ class Job:
     def tick(self, now: float, available: int, resume_above: int) -> None:
         """Reap what exited (an exit that waits for its worker's last frames: see ``supervisor.daemon.exits``),
         then let the lifecycle check its deadlines."""
+        exited = []
         for key, proc in list(self.procs.items()):
             code = proc.poll()
-            if code is None:
-                continue
-            del self.procs[key]
+            if code is not None:
+                del self.procs[key]
+                exited.append((key, code))
+        # Ranks reaped in one turn: one killed by a signal goes first, since a peer's "connection to a peer was
+        # lost" exit is its fall-out (the first exit of a life is read as its cause).
+        for key, code in sorted(exited, key=lambda item: item[1] >= 0):
             if self._awaits_frames(key, code):
                 self.exits.hold(key, code, now)
             else:
@@ -362,6 +369,8 @@ class Job:
             if not heard:
                 self.log.info("worker_exit_unheard", life=key[0], rank=key[1], code=code, waited=self.exits.grace)
             self._exited(key, code, now)
+        if self.rendezvous:
+            backends.tidy(self, now)
         self.feed(ev.Tick(now, available, resume_above))
 
     def _awaits_frames(self, key: ProcKey, code: int) -> bool:
@@ -457,9 +466,11 @@ class Job:
         newest = self._newest()
         try:
             self._write_ring(action.life)
+            extra = backends.prepare(self, action.life)
             spawned = []
             for rank in self.lifecycle.settings.ranks:
-                env = self._worker_env(self.tokens[rank], action.batch, action.accum, rank)
+                env = backends.rank_environment(self._worker_env(self.tokens[rank], action.batch, action.accum, rank),
+                                                extra.get(rank, {}))
                 self.stderr_start[rank] = log_size(self._stderr(rank))
                 proc = self.system.spawn(worker_argv(self.config), env, self._cwd(), self._log_dir(rank))
                 self.procs[(action.life, rank)] = proc

@@ -72,7 +72,7 @@ def gang_status(job: Job) -> dict[str, Any]:
         hosts.append({"host": peer.host, "generation": peer.gen, "alive": peer.alive, "want": peer.want,
                       "heard_seconds_ago": round(job.system.now() - peer.heard, 1) if peer.heard > 0 else None})
     gang = {**describe_layout(job.layout), "generation": lifecycle.gen, "stop_steps": lifecycle.stats.stop_steps[-5:],
-            "followers": hosts}
+            "followers": hosts, "backend": job.config.backend}
     if lifecycle.settings.follower:
         heard = job.leader_heard
         gang.update(leader_endpoint=job.config.gang.leader,
@@ -100,7 +100,8 @@ def status_line(row: dict[str, Any]) -> str:
         line += f"\n  last error ({how}{', ' + error['signature'] if error['signature'] else ''}): {said[:160]}"
     if "gang" in row:
         gang = row["gang"]
-        line += f"\n  gang: {gang['world']} ranks, generation {gang['generation']}, this host {gang['host']}"
+        line += (f"\n  gang: {gang['world']} ranks, generation {gang['generation']}, this host {gang['host']}, "
+                 f"backend {gang.get('backend', 'ring')}")
         if "leader_endpoint" in gang:
             heard = gang["leader_heard_seconds_ago"]
             line += f", leader {gang['leader_endpoint']} " + ("never heard" if heard is None else f"heard {heard}s ago")
