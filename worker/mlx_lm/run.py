@@ -55,8 +55,16 @@ class SetupError(Exception):
 
 
 def run(args: types.SimpleNamespace) -> int:
-    """Train under the daemon (or standalone) until the target step; 0 when done, 2 when setup failed."""
+    """Train under the daemon (or standalone) until the target step; 0 when done, 2 when setup failed.
+
+    A life has two halves. Before ``ready``: the interpreter and the imports of mlx, mlx-lm and transformers (this
+    module's), about 80% of a restart, which depend on nothing of the run. From ``ready`` on: the model's
+    weights, the tokenizer and data, the RNG seeds, the checkpoint and the data position it restores. A standby
+    successor pays the first half while the current life still trains, and waits in ``ready``.
+    """
+    setup.import_ahead()
     schedule = Schedule(args)
+    ready(args)
     session = Session.from_env(target_steps=schedule.target, batch=args.batch_size, accum=schedule.accum)
     try:
         _train(session, args, schedule)
@@ -66,6 +74,12 @@ def run(args: types.SimpleNamespace) -> int:
     finally:
         session.close()
     return 0
+
+
+def ready(args: types.SimpleNamespace) -> None:
+    """The one point between the imports and the first read of the run: nothing has been loaded, seeded or
+    advanced yet (no weights, tokenizer, data, RNG seed, checkpoint or Session), so waiting here holds only the
+    imported code and changes nothing a resumed run restores."""
 
 
 def _load(session: Session, args: types.SimpleNamespace) -> tuple[Any, Any, tuple[Any, Any, Any]]:
