@@ -479,7 +479,7 @@ class Job:
         if self.layout is not None and self.paths.ring is not None:
             write_ring(self.layout, self.paths.ring, generation)
 
-    def _worker_env(self, token: str, batch: int, accum: int, rank: int = 0) -> dict[str, str]:
+    def _worker_env(self, token: str, batch: int, accum: int, rank: int = 0, standby: bool = False) -> dict[str, str]:
         config = self.config
         env = {**os.environ, **config.env, "PYTHONUNBUFFERED": "1"}
         env.update({
@@ -490,6 +490,7 @@ class Job:
             "MLXSUP_ORPHAN_TIMEOUT": str(self.orphan_timeout),
             "MLXSUP_CACHE_LIMIT": str(parse_fraction_of(config.cache_limit, self.limits.budget)),
             "MLXSUP_CACHE_CLEAR_BYTES": str(parse_bytes(config.cache_clear)),
+            "MLXSUP_STANDBY": "1" if standby else "0",  # a standby waits for its go (supervisor.daemon.standby)
         })
         if self.layout is not None and self.paths.ring is not None:
             env.update(rank_env(self.layout, self.paths.ring, rank))
