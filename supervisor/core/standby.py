@@ -17,7 +17,7 @@ Rules worth stating once:
   by them, so a leak recycles before the total reaches the budget. It is killed at once (SIGKILL: it holds
   nothing) when a sample puts the job's total at the budget, when available memory is under the floor, on a stop,
   a terminal state or waiting for memory, on a reread config, and at a restart it cannot serve (another batch, or
-  not waiting yet).
+  waiting yet ``YOUNG`` seconds after its spawn).
 - **At most one.** Its record stays until its process is reaped, killed or not, so a replacement waits for the old
   one's exit and its memory is counted until then.
 - **Replaced, never in the way.** A standby that dies, or says nothing within ``startup_timeout`` of its spawn, or
@@ -45,6 +45,8 @@ S = JobState
 FEATURE = "standby"  # in a hello's features (worker.standby.FEATURE)
 MAX_FAILURES = 3  # standbys in a row that died or hung before the job stops starting them
 RETRY_MAX = 30.0  # seconds: the longest wait before the next standby after a failed one
+YOUNG = 10.0  # seconds: a standby not waiting yet at a restart still serves it when younger (its go is sent the
+# moment it says standby); an older one is taken for stuck, and a fresh worker is spawned instead
 
 
 @dataclasses.dataclass
@@ -256,8 +258,8 @@ class StandbyRole:
         sb = self.standby
         if sb is None or sb.killed:
             return False
-        if not sb.ready:
-            self._dismiss("not waiting yet at the restart: a fresh spawn instead")
+        if not sb.ready and now - sb.spawned_at > YOUNG:
+            self._dismiss(f"not waiting yet {now - sb.spawned_at:.1f}s after its spawn: a fresh spawn instead")
             return False
         if sb.settings is not self.settings:
             self._dismiss("config reread: the next life starts from the new config")
@@ -273,7 +275,7 @@ class StandbyRole:
         ranks = {r: Rank(r, Estimator(self.policy), last_heard=now) for r in self.settings.ranks}
         self.life = Life(sb.id, now, self.batch, self.accum, ranks)
         self._note("standby_go", life=sb.id, pid=sb.pid, batch=self.batch, accum=self.accum,
-                   waited=round(now - sb.spawned_at, 3))
+                   waited=round(now - sb.spawned_at, 3), ready=sb.ready)
         self._emit(ev.Go(sb.id, self.batch, self.accum))
         return True
 

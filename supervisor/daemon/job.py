@@ -356,6 +356,7 @@ class Job:
                 continue
             del self.procs[key]
             life, rank = key
+            standby_link.forget(self, life)
             current = self.lifecycle.life
             if current is not None and life == current.id:
                 self.identities.pop(rank, None)

@@ -38,6 +38,7 @@ class Link:
     token: str
     identity: bytes | None = None
     protocol: int = 1
+    go: Go | None = None  # its go, made before it said standby: sent the moment it does
 
 
 def carry_out(job: Job, action: ev.SpawnStandby | ev.Go) -> None:
@@ -64,24 +65,33 @@ def _spawn(job: Job, action: ev.SpawnStandby) -> None:
 def _go(job: Job, action: ev.Go) -> None:
     """The standby becomes the job's worker: go with the newest checkpoint; its token is the current one now."""
     link, now = job.standby_link, job.system.now()
-    assert link is not None and link.life == action.life and link.identity is not None
+    assert link is not None and link.life == action.life
     newest = job._newest()
     path = str(job.paths.checkpoints / checkpoint_name(newest)) if newest else ""
-    job.send_frame(link.identity, encode(Go(action.batch, action.accum, path, newest), link.protocol))
-    job.standby_link = None
+    go = Go(action.batch, action.accum, path, newest)
+    if link.identity is None:
+        link.go = go  # still importing: its standby frame gets the go (the startup timer runs meanwhile)
+    else:
+        job.send_frame(link.identity, encode(go, link.protocol))
+        job.standby_link = None
     job.tokens = {0: link.token}
     job.identities, job.protocols = {}, {}
     job.stderr_start[0] = log_size(job._stderr(0))
     job.feed(ev.Spawned(action.life, now, job.procs[(action.life, 0)].pid, newest))
 
 
+def forget(job: Job, life: int) -> None:
+    """The process of life ``life`` was reaped: its link, if it had one, goes with it."""
+    if job.standby_link is not None and job.standby_link.life == life:
+        job.standby_link = None
+
+
 def exited(job: Job, life: int, code: int, now: float) -> bool:
-    """A reaped process of ``job``: True when it was its standby (the event is fed)."""
+    """A reaped process of ``job`` that is neither current nor departing: True when it was its standby (the event
+    is fed)."""
     sb = job.lifecycle.standby
     if sb is None or sb.id != life:
         return False
-    if job.standby_link is not None and job.standby_link.life == life:
-        job.standby_link = None
     job.feed(ev.StandbyExited(life, now, code))
     return True
 
@@ -118,7 +128,9 @@ def route(jobs: Iterable[Job], message: Message, identity: bytes, now: float, se
 
 def _standby_frame(job: Job, link: Link, message: Standby | Heartbeat | Hello, identity: bytes, now: float,
                    send: Send) -> None:
-    if isinstance(message, Heartbeat):
+    if link.go is not None:
+        _promoted_frame(job, link, message, identity, now, send)
+    elif isinstance(message, Heartbeat):
         job.feed(ev.StandbyHeard(link.life, now))
     elif isinstance(message, Hello):
         job.log.warning("standby_hello_refused", life=link.life, pid=message.pid, reason="hello before its go")
@@ -133,3 +145,22 @@ def _standby_frame(job: Job, link: Link, message: Standby | Heartbeat | Hello, i
         job.feed(ev.StandbyIn(link.life, now))
         send(identity, encode(Welcome(version), version))
         send(identity, encode(Heartbeat(time.time()), version))
+
+
+def _promoted_frame(job: Job, link: Link, message: Standby | Heartbeat | Hello, identity: bytes, now: float,
+                    send: Send) -> None:
+    """A frame of a standby made the job's worker before it said standby: its standby gets the go at once."""
+    if isinstance(message, Heartbeat):
+        job.heard_before_hello(link.token, now)
+    elif isinstance(message, Hello):
+        job.log.warning("standby_hello_refused", life=link.life, pid=message.pid, reason="hello before its go")
+    else:
+        try:
+            version = negotiate(message.protocol)
+        except ProtocolError as exc:
+            job.log.warning("standby_refused", life=link.life, pid=message.pid, reason=str(exc))
+            return
+        assert link.go is not None
+        send(identity, encode(Welcome(version), version))
+        send(identity, encode(link.go, version))
+        job.standby_link = None
