@@ -38,6 +38,7 @@ from supervisor.core.policy import Limits, PolicyConfig, hold_horizon, hold_thre
 from supervisor.core.sizes import parse_bytes, parse_fraction_of
 from supervisor.core.states import JobState
 from supervisor.daemon import leaks
+from supervisor.daemon import standby as standby_link
 from supervisor.daemon.history import History
 from supervisor.daemon.ranks import rank_env, rank_rows, write_ring
 from supervisor.daemon.recorder import Recorder, expand_steps
@@ -69,7 +70,7 @@ def settings_of(job: JobConfig, layout: Layout | None = None) -> Settings:
         policy=policy, mode=job.policy, batch=job.batch, accum=job.accum, checkpoint_timeout=job.checkpoint_timeout,
         kill_grace=job.kill_grace, startup_timeout=job.startup_timeout, hang_timeout=job.hang_timeout,
         backoff_initial=job.backoff_initial, backoff_max=job.backoff_max,
-        max_attempts=job.max_attempts_without_progress, sdk=job.sdk, restart=job.restart,
+        max_attempts=job.max_attempts_without_progress, sdk=job.sdk, restart=job.restart, standby=job.standby,
         ranks=layout.local_ranks if layout else (0,), world=layout.world if layout else 1,
         peers=layout.peers if layout else (), follower=bool(layout and not layout.leader),
     )
@@ -111,6 +112,7 @@ class Job:
         self.lifecycle = Lifecycle(settings_of(config, layout), limits)
         self.procs: dict[ProcKey, WorkerProcess] = {}  # (life, rank) -> process, current and departing
         self.tokens: dict[int, str] = {}  # rank -> spawn token of the current life
+        self.standby_link: standby_link.Link | None = None  # the standby's token and socket, until its go
         self.identities: dict[int, bytes] = {}  # rank -> worker socket identity, once it said hello
         self.features: dict[int, frozenset[str]] = {}  # rank -> the optional features its hello announced
         self.diagnosis = JobDiagnosis(float(parse_bytes(config.leak_threshold)), config.diagnose_on_leak)
@@ -327,11 +329,12 @@ class Job:
         current = self._current()
         departing = {key[0]: proc.sample(now).bytes for key, proc in self.procs.items()
                      if key[0] in self.lifecycle.departing}
+        standby = standby_link.sample(self, now)
         self._sampled_all = False
-        if not current and not departing:
+        if not current and not departing and standby is None:
             return
         if not current:
-            self.feed(ev.Sample(now, None, True, departing, available, floor))
+            self.feed(ev.Sample(now, None, True, departing, available, floor, standby=standby))
             return
         self._sampled_all = True
         for rank, proc in current.items():
@@ -341,8 +344,9 @@ class Job:
                 leaks.sample(self, now, sample.bytes)
                 fields = {"rank": rank} if self.layout is not None else {}
                 self.recorder.record("sample", bytes=sample.bytes, pids=sample.pids, **fields,
-                                     **({"departing": sum(departing.values())} if departing else {}))
-            self.feed(ev.Sample(now, sample.bytes, sample.complete, departing, available, floor, rank))
+                                     **({"departing": sum(departing.values())} if departing else {}),
+                                     **({"standby": standby} if standby is not None else {}))
+            self.feed(ev.Sample(now, sample.bytes, sample.complete, departing, available, floor, rank, standby))
 
     def tick(self, now: float, available: int, resume_above: int) -> None:
         """Reap what exited, then let the lifecycle check its deadlines."""
@@ -352,6 +356,7 @@ class Job:
                 continue
             del self.procs[key]
             life, rank = key
+            standby_link.forget(self, life)
             current = self.lifecycle.life
             if current is not None and life == current.id:
                 self.identities.pop(rank, None)
@@ -361,6 +366,8 @@ class Job:
                 self.feed(ev.Exited(now, code, self._newest(), rank, tail))
             elif life in self.lifecycle.departing:
                 self.feed(ev.DepartedExited(now, life, code))
+            else:
+                standby_link.exited(self, life, code, now)
         self.feed(ev.Tick(now, available, resume_above))
 
     # -- carrying out the lifecycle's actions --------------------------------------------------------
@@ -392,6 +399,8 @@ class Job:
                     proc.signal_group(action.signum)
         elif isinstance(action, ev.Spawn):
             self._spawn(action)
+        elif isinstance(action, ev.SpawnStandby | ev.Go):
+            standby_link.carry_out(self, action)
         elif isinstance(action, ev.Depart):
             self.identities.clear()  # its process stays in self.procs until reaped
             self.protocols.clear()

@@ -1,0 +1,61 @@
+"""End to end with standbys: real `mlxsupd run`, real built-in workers (one of them waiting as the next), real
+MLX training, real checkpoints. The run with standbys is compared with the same run without, bitwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import pytest
+
+from supervisor.daemon.history import read_history
+from tests.conftest import SMALL, run_to_end
+from worker.checkpoint import load_latest
+
+pytestmark = pytest.mark.slow
+MiB = 2**20
+# A waiting standby of the built-in job holds Python, MLX, ZeroMQ and the training text, never the model
+# (tests/test_standby_worker.py: about 35 MiB of RSS here).
+STANDBY_BOUND = 48 * MiB
+LEAKY = {"budget": "600MiB", "checkpoint_every": 10,
+         "train": {**SMALL, "steps": 120, "leak_mb_per_step": 20, "seed": 3}}
+
+
+def run(config_file: Any, tmp_path: Path, standby: str) -> tuple[dict[str, Any], list[dict[str, Any]], Path]:
+    job = {**LEAKY, "standby": standby}
+    path = config_file({"j": job}, state_dir=str(tmp_path / standby))
+    done, summary = run_to_end(path, "j", tmp_path / f"summary-{standby}.json", timeout=400)
+    assert done.returncode == 0 and summary["outcome"] == "finished", done.stderr[-3000:]
+    history = read_history(tmp_path / standby / "jobs" / "j" / "history.jsonl")
+    return summary, history, Path(summary["checkpoint_dir"])
+
+
+def weights(checkpoint_dir: Path) -> dict[str, mx.array]:
+    loaded = load_latest(checkpoint_dir)
+    assert loaded is not None and loaded.step == LEAKY["train"]["steps"]  # type: ignore[index]
+    return {**loaded.model, **{f"opt.{k}": v for k, v in loaded.optimizer.items()}}
+
+
+class TestStandby:
+    """Recycles of a leaking built-in job go to a waiting standby; the result is the one without standbys."""
+
+    @pytest.mark.timeout(900)
+    def test_recycles_use_the_standby_and_resume_stays_bitwise(self, config_file: Any, tmp_path: Path) -> None:
+        on, history, on_dir = run(config_file, tmp_path, "auto")
+        off, off_history, off_dir = run(config_file, tmp_path, "off")
+        assert on["restarts"] >= 2 and off["restarts"] >= 2
+        used = [e for e in history if e["event"] == "standby_go"]
+        assert on["standby"]["used"] == len(used) >= 1, on["standby"]
+        assert off["standby"] == {"started": 0, "used": 0, "max_bytes": 0}
+        assert not any(e["event"].startswith("standby") for e in off_history)
+        # A standby's memory counts in the job's total and never takes it over the budget.
+        assert 0 < on["standby"]["max_bytes"] < STANDBY_BOUND
+        assert on["samples_over_budget"] == 0 and on["max_sampled_bytes"] <= on["budget_bytes"]
+        # Each life that began as a go resumed from the checkpoint its predecessor left.
+        spawns = [e for e in history if e["event"] == "spawn"]
+        assert len(spawns) == on["restarts"] + 1
+        a, b = weights(on_dir), weights(off_dir)
+        assert a.keys() == b.keys()
+        for name in a:
+            assert mx.array_equal(a[name], b[name]).item(), name
