@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 
 from protocol import Go, Heartbeat, Hello, Step
-from tests._mlx_lm import BASE_OPTIONS, build_tiny, offline_env, train_in_process
+from tests._mlx_lm import BASE_OPTIONS, bitwise_equal, build_tiny, offline_env, train_in_process
+from tests.conftest import mlxsupd
+from tests.test_mlx_lm_supervised import ITERS, Run, job
 from tests.test_standby_worker import Daemon, group_rss, wait_standby
 
 pytestmark = pytest.mark.slow
@@ -174,3 +176,34 @@ class TestWaitingStandby:
             assert isinstance(step, Step)
             steps.append((step.step, step.batch, step.accum))
         assert steps == [(1, 2, 2), (2, 2, 2)]
+
+
+class TestRecycleThroughStandby:
+    """A leaking mlx-lm fine-tune with ``standby = "auto"`` recycles into its standby and ends bit for bit where
+    the same run with ``standby = "off"`` ends."""
+
+    @pytest.mark.timeout(900)
+    def test_leak_recycles_through_the_standby_bitwise_equal_to_standby_off(self, tiny: Tiny, config_file: Any,
+                                                                            tmp_path: Path, spawn: Any) -> None:
+        runs: dict[str, Run] = {}
+        for arm in ("auto", "off"):
+            work = tmp_path / arm
+            work.mkdir()
+            spec = {**job(tiny, work, "600MiB", MLXSUP_INJECT_LEAK_MB_PER_STEP="25"), "standby": arm}
+            path = config_file({"j": spec}, state_dir=str(work / "state"))  # each arm its own checkpoints
+            argv = mlxsupd("run", "-c", str(path), "j", "--summary", str(work / "summary.json"), "--log-format",
+                           "json")
+            runs[arm] = Run(work, spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)).wait()
+        on, off = runs["auto"], runs["off"]
+        for run in (on, off):
+            assert run.code == 0 and run.summary["outcome"] == "finished"
+            assert run.summary["steps_completed"] == ITERS and run.summary["restarts"] >= 1
+            assert run.summary["samples_over_budget"] == 0
+        gos = [e for e in on.history if e["event"] == "standby_go"]
+        assert on.summary["standby"]["used"] == len(gos) >= 1, on.summary["standby"]
+        assert off.summary["standby"]["started"] == 0
+        # The standby's footprint (sampled by the daemon, counted in the job's total) stays under the bound.
+        assert 0 < on.summary["standby"]["max_bytes"] < STANDBY_BOUND, on.summary["standby"]
+        print(f"mlx-lm standby: {on.summary['standby']}; recovery median on "
+              f"{on.summary['recovery_seconds_median']} s, off {off.summary['recovery_seconds_median']} s")
+        assert bitwise_equal(on.final(), off.final())
