@@ -66,6 +66,7 @@ class Plan:
     dashboard_rounds: int = 2
     standby_steps: int = 1000  # the built-in leak scenario (the goodput section's), per arm and pair
     standby_mlx_lm_iters: int = 60
+    standby_mlx_lm_leak_mb: float = 20.0
     standby_idle_steps: int = 400
     standby_pairs: int = 3
 
@@ -79,7 +80,8 @@ QUICK = Plan(overhead_steps=60, overhead_pairs=1, lockstep_seconds=3.0, sdk_call
              flood_messages=2000, flood_linger=1.0, mlx_lm_iters=20, mlx_lm_pairs=1, mlx_lm_restart_iters=20,
              gang_steps=40, gang_pairs=1, gang_recovery_steps=40, daemon_window=2.0, census_repeats=5,
              attribution_messages=500, attribution_blocks=3, dashboard_seconds=2.0, dashboard_rounds=1,
-             standby_steps=100, standby_mlx_lm_iters=30, standby_idle_steps=60, standby_pairs=1)
+             standby_steps=100, standby_mlx_lm_iters=20, standby_mlx_lm_leak_mb=40.0, standby_idle_steps=40,
+             standby_pairs=1)
 RUN_TIMEOUT = 600.0  # seconds any one child may take before its group is killed
 SECTION_ERRORS = (BenchError, OSError, subprocess.SubprocessError, KeyError, ValueError, TypeError)
 
@@ -140,8 +142,8 @@ def _gang(work: Path, plan: Plan) -> dict[str, Any]:
 
 
 def _standby(work: Path, plan: Plan) -> dict[str, Any]:
-    return standby.measure(work, plan.standby_steps, plan.standby_mlx_lm_iters, plan.standby_idle_steps,
-                           plan.standby_pairs, RUN_TIMEOUT)
+    return standby.measure(work, plan.standby_steps, plan.standby_mlx_lm_iters, plan.standby_mlx_lm_leak_mb,
+                           plan.standby_idle_steps, plan.standby_pairs, RUN_TIMEOUT)
 
 
 SECTIONS: list[tuple[str, Callable[[Path, Plan], dict[str, Any]]]] = [
