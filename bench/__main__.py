@@ -65,10 +65,10 @@ class Plan:
     dashboard_seconds: float = 15.0  # per arm and round: one tail -f, then a dashboard with a page open
     dashboard_rounds: int = 2
     standby_steps: int = 1000  # the built-in leak scenario (the goodput section's), per arm and pair
-    standby_mlx_lm_iters: int = 60
-    standby_mlx_lm_leak_mb: float = 20.0
+    standby_mlx_lm_iters: int = 250
+    standby_mlx_lm_leak_mb: float = 5.0
     standby_idle_steps: int = 400
-    standby_pairs: int = 3
+    standby_pairs: int = 2
 
 
 FULL = Plan(overhead_steps=600, overhead_pairs=3, lockstep_seconds=300.0, sdk_calls=5000, reaction_steps=40,

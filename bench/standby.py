@@ -5,8 +5,9 @@ Three scenarios, each run with both arms in this invocation, in interleaved pair
 - leak, built-in job: the goodput section's scenario (leak 50 MiB/step, budget 2 GiB, batch 8, the small model);
   recovery per restart, goodput (``bench.analysis.goodput``), samples over the kill ceiling;
 - leak, mlx-lm tiny model: the mlx_lm section's restart scenario (LoRA of the tiny Llama under 700 MiB) with a
-  slower leak (20 MiB/step in the full run: lives of about 25 steps, long enough for a standby to finish importing
-  mlx-lm on a loaded machine; the quick run keeps the section's 40 MiB/step); recovery per restart;
+  slower leak (5 MiB/step in the full run: lives of about 100 steps, so that a standby can finish importing mlx-lm
+  before the restart even on a busy machine, where that takes 5-12 s; at the mlx_lm section's 40 MiB/step, which
+  the quick run keeps, a life lasts a few seconds); recovery per restart;
 - no recycle, built-in job: a slow leak (4 MiB/step) that is over the leak threshold, so a standby is started and
   waits, but never reaches the budget within the run: the mean step time (``step_seconds``, the whole loop) after
   a warm-up, against the off arm's 95 % bootstrap interval.
