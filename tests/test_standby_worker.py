@@ -111,11 +111,14 @@ class TestWaiting:
         identity, message = wait_standby(daemon, token)
         assert message.pid == proc.pid and message.protocol >= 2
         deadline = time.monotonic() + 2.5  # it waits: heartbeats with its token, nothing else
+        beats = 0
         while time.monotonic() < deadline:
             daemon.send(identity, Heartbeat(time.time()))
             if daemon.sock.poll(250):
-                assert isinstance(daemon.receive()[1], Heartbeat)
-        assert proc.poll() is None
+                beat = daemon.receive()[1]
+                assert isinstance(beat, Heartbeat) and beat.token == token, beat
+                beats += 1
+        assert beats >= 1 and proc.poll() is None
         held = group_rss(proc.pid)
         assert held < STANDBY_BOUND, f"a waiting standby holds {held / MiB:.1f} MiB"
         assert not (daemon.tmp / "ckpt").exists() or not any((daemon.tmp / "ckpt").iterdir())
