@@ -22,8 +22,8 @@ from worker.checkpoint import load_latest
 pytestmark = pytest.mark.slow
 MiB = 2**20
 # A waiting standby of the built-in job holds Python, MLX, ZeroMQ and the training text, never the model
-# (tests/test_standby_worker.py: about 35 MiB of RSS here).
-STANDBY_BOUND = 48 * MiB
+# (measured here: 35 MiB of RSS in tests/test_standby_worker.py, 40-43 MiB as the daemon samples its group).
+STANDBY_BOUND = 64 * MiB
 LEAKY = {"budget": "600MiB", "checkpoint_every": 10,
          "train": {**SMALL, "steps": 120, "leak_mb_per_step": 20, "seed": 3}}
 
