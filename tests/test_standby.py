@@ -108,3 +108,26 @@ class TestReplaced:
         assert result["outcome"] == "finished" and result["steps_completed"] == 400
         assert not [e for e in history if e["event"] == "exit" and e.get("code") not in (0, 75)]  # no life crashed
         assert result["standby"]["started"] >= 2
+
+    @pytest.mark.timeout(600)
+    def test_a_hung_standby_is_killed_and_replaced(self, config_file: Any, tmp_path: Path, spawn: Any) -> None:
+        job = {**LEAKY, "standby": "auto", "budget": "1500MiB", "hang_timeout": 5.0,
+               "train": {**LEAKY["train"], "steps": 600, "leak_mb_per_step": 1.5}}
+        path = config_file({"j": job})
+        summary = tmp_path / "summary.json"
+        run = spawn(mlxsupd("run", "-c", str(path), "j", "--summary", str(summary), "--log-format", "json"),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 240
+        while not (pids := standby_pids(str(tmp_path))) and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.1)
+        assert pids, "no standby was started"
+        time.sleep(2.0)  # it has imported and waits (it says standby within a second or two)
+        os.killpg(pids[0], signal.SIGSTOP)  # silent from now on: no heartbeat
+        assert run.wait(timeout=500) == 0
+        history = read_history(tmp_path / "state" / "jobs" / "j" / "history.jsonl")
+        hung = [e for e in history if e["event"] == "standby_kill" and e["pid"] == pids[0]]
+        assert hung and hung[0]["reason"].startswith("standby hung"), hung
+        assert [e for e in history if e["event"] == "standby_spawn" and e["time"] > hung[0]["time"]]
+        result = json.loads(summary.read_text())
+        assert result["outcome"] == "finished" and result["steps_completed"] == 600
+        assert not [e for e in history if e["event"] == "exit" and e.get("code") not in (0, 75)]
