@@ -1,6 +1,6 @@
 """Config: TOML into frozen dataclasses, strictly. An unknown key or a bad value names itself.
 
-Each field's help lives in its metadata; README's config reference is generated from these.
+Each field's help lives in its metadata; the config reference (docs/config.md) is generated from these.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ class JobConfig:
     command: list[str] = _f([], "argv of a custom training script using worker.Session; empty: the built-in LM")
     train: dict[str, Any] = _f({}, "options of the built-in LM (`python -m worker --help`), e.g. steps = 1000")
     mlx_lm: dict[str, Any] = _f({}, "an mlx-lm fine-tune: mlx_lm.lora's options (see [jobs.NAME.mlx_lm]); "
-                                "sets batch and accum")
+                                "sets batch and accum (in a gang batch is batch_size / ranks: mlx-lm's batch "
+                                "is the gang's)")
     env: dict[str, str] = _f({}, "extra environment variables for the worker")
     working_dir: str = _f("", "working directory of the worker (default: the daemon's)")
     autostart: bool = _f(True, "start with the daemon")
@@ -213,6 +214,8 @@ def parse_config(raw: dict[str, Any], path: Path, total_memory: int | None = Non
     jobs = {name: _build(JobConfig, table, f"jobs.{name}", path) for name, table in jobs_raw.items()}
     jobs = {name: _mlx_lm_job(name, job, jobs_raw[name], path) for name, job in jobs.items()}
     config = Config(path, daemon, jobs)
+    for name in jobs:
+        _mlx_lm_rank_batch(config, name)
     _validate(config, total_memory if total_memory is not None else _total_memory())
     return config
 
@@ -230,6 +233,23 @@ def _mlx_lm_job(name: str, job: JobConfig, table: dict[str, Any], path: Path) ->
     except (ValueError, MlxLmUnavailable) as exc:  # OptionError and SizeError are ValueErrors
         raise ConfigError(f"{path}: jobs.{name}: {exc}") from None
     return dataclasses.replace(job, mlx_lm=kind.table, batch=kind.batch, accum=kind.accum)
+
+
+def _mlx_lm_rank_batch(config: Config, name: str) -> None:
+    """In a gang an mlx_lm job's batch is per rank, as for other gangs: mlx-lm's batch_size is the gang's, and
+    each rank trains batch_size / ranks examples of every batch (as under mlx.launch)."""
+    job = config.jobs[name]
+    try:
+        layout = config.layout(name) if job.mlx_lm else None
+    except LayoutError:
+        return  # _validate_gang names the problem
+    if layout is None:
+        return
+    if job.batch % layout.world:
+        raise ConfigError(f"{config.path}: jobs.{name}: mlx_lm.batch_size = {job.batch} does not split over the "
+                          f"gang's {layout.world} ranks (each trains batch_size / ranks examples of every batch, "
+                          f"as mlx_lm.lora does under mlx.launch): use a multiple of {layout.world}")
+    config.jobs[name] = dataclasses.replace(job, batch=job.batch // layout.world)
 
 
 def _total_memory() -> int:
@@ -414,9 +434,6 @@ def _validate_gang(config: Config, name: str, total: int) -> None:
     if job.sdk is not True:
         raise ConfigError(f"{prefix}: a gang needs the SDK (sdk = true): its ranks stop and checkpoint together "
                           "through it")
-    if job.mlx_lm:
-        raise ConfigError(f"{prefix}: an mlx-lm fine-tune cannot run as a gang yet (its trainer reduces gradients "
-                          "without the gang's stop flags); use ranks = 1")
     local = len(layout.local_ranks)
     if local * job.limits(total).budget >= total:
         raise ConfigError(f"{prefix}: {local} ranks x budget {job.budget} do not fit in this machine's memory")

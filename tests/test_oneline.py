@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,57 @@ class TestUsage:
         monkeypatch.chdir(tmp_path)
         assert main(argv) == 2
         assert message in capsys.readouterr().err
+
+
+class TestRanks:
+    """--ranks N: a gang of N ranks on this host, its budget per rank; bad N names itself."""
+
+    def test_an_mlx_lm_command_becomes_a_gang_with_a_per_rank_batch(self, tmp_path: Path) -> None:
+        pytest.importorskip("mlx_lm")
+        config, name = one_line(tmp_path, ["mlx_lm.lora", "--model", "org/model", "--batch-size", "4"],
+                                "--ranks", "2")
+        job = config.jobs[name]
+        layout = config.layout(name)
+        assert job.ranks == 2 and layout is not None and layout.world == 2
+        assert job.batch == 2  # mlx-lm's batch_size is the gang's; each rank trains half of it
+        assert job.limits(TOTAL).budget == default_budget(TOTAL) // 2
+
+    def test_an_sdk_script_runs_as_a_gang(self, tmp_path: Path) -> None:
+        config, name = one_line(tmp_path, [sys.executable, SDK_LEAK], "--ranks", "2", "--budget", "2GiB")
+        assert config.jobs[name].ranks == 2 and config.jobs[name].sdk is True
+
+    @pytest.mark.parametrize("argv, options, message", [
+        ([sys.executable, SDK_LEAK], ["--ranks", "0"], "--ranks 0: give 1 or more"),
+        ([sys.executable, SDK_LEAK], ["--ranks", "-3"], "--ranks -3: give 1 or more"),
+        ([sys.executable, SDK_LEAK], ["--ranks", "9999"], "--ranks 9999: this host has"),
+        ([sys.executable, SDK_LEAK], ["--ranks", "2", "--budget", "16GiB"], "--ranks 2 x budget 16GiB do not fit"),
+        ([sys.executable, LEAK], ["--ranks", "2"], "does not import worker.Session; give --sdk yes"),
+        ([sys.executable, SDK_LEAK], ["--ranks", "2", "--sdk", "no"], "(--sdk no)"),
+    ])
+    def test_bad_ranks_name_themselves(self, tmp_path: Path, argv: list[str], options: list[str],
+                                       message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr("os.cpu_count", lambda: 2)
+        with pytest.raises(UsageError, match=re.escape(message)):
+            one_line(tmp_path, argv, *options)
+
+    def test_a_batch_size_that_does_not_split_is_refused(self, tmp_path: Path) -> None:
+        pytest.importorskip("mlx_lm")
+        with pytest.raises(UsageError, match="batch_size = 3 does not split over the gang's 2 ranks"):
+            one_line(tmp_path, ["mlx_lm.lora", "--model", "m", "--batch-size", "3"], "--ranks", "2")
+
+    def test_not_a_number(self, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit):
+            args_of("--ranks", "two", "--", "true")
+        assert "argument --ranks: invalid int value: 'two'" in capsys.readouterr().err
+
+    @pytest.mark.parametrize("argv, shown", [
+        (["mlx.launch", "-n", "2", "--backend", "ring", "mlx_lm.lora", "--model", "m"],
+         "mlxsupd run --ranks N -- mlx_lm.lora --model m"),
+        (["python", "-m", "mlx.launch", "--hosts=a,b", "--verbose", "train.py", "--x"],
+         "mlxsupd run --ranks N -- python train.py --x"),
+    ])
+    def test_mlx_launch_is_refused_with_the_one_line_form_that_runs_it(self, tmp_path: Path, argv: list[str],
+                                                                         shown: str) -> None:
+        with pytest.raises(UsageError, match=r"mlx\.launch reports success when a rank dies") as info:
+            classify(argv, tmp_path)
+        assert str(info.value).endswith(shown)

@@ -45,7 +45,7 @@ from worker import gang as gang_mod
 from worker.census import Taker
 from worker.gang import Gang
 from worker.hold import StepHold, batch_frames
-from worker.pulse import Pulse
+from worker.pulse import KEEPALIVE_EVERY, Pulse
 from worker.standby import FEATURE, POLL_MS, Orders
 
 ENV_PREFIX = "MLXSUP_"
@@ -230,16 +230,19 @@ class Session:
         """Say ``standby``, then poll the socket until go; leave at once (75) when orphaned: nothing to save."""
         assert self._socket is not None and self._pulse is not None
         self._send(Standby(self.settings.token, os.getpid(), self.settings.job, PROTOCOL_VERSION))
-        with self.busy("standby"):  # heartbeats with the token: the daemon sees a waiting standby, not a hung one
-            while self._go is None:
-                with self._lock:
-                    self._socket.poll(POLL_MS, zmq.POLLIN)
-                    self._drain_locked()
-                reason = self._pulse.orphan_reason()
-                if reason and self._go is None:
-                    self._log("standby_exit", {"reason": reason})
-                    sys.stderr.flush()
-                    os._exit(EXIT_CHECKPOINTED)
+        beat = time.monotonic()
+        while self._go is None:
+            with self._lock:
+                if time.monotonic() - beat >= KEEPALIVE_EVERY:  # the daemon sees a waiting standby, not a hung one
+                    beat = time.monotonic()
+                    self._heartbeat_locked()
+                self._socket.poll(POLL_MS, zmq.POLLIN)
+                self._drain_locked()
+            reason = self._pulse.orphan_reason()
+            if reason and self._go is None:
+                self._log("standby_exit", {"reason": reason})
+                sys.stderr.flush()
+                os._exit(EXIT_CHECKPOINTED)
         self._version = 1  # the hello is written in version 1, as always; its welcome sets the version again
 
     def average_gradients(self, grads: Any) -> Any:

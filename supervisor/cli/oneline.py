@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import paths
-from supervisor.config import Config, ConfigError, parse_config
+from supervisor.config import Config, ConfigError, parse_config, runs_mlx_launch
 from supervisor.core.sizes import SizeError, format_bytes, parse_budget, parse_fraction_of
 
 GiB = 1 << 30
@@ -61,6 +61,9 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     add("--floor", help="available system memory under which the job waits (bytes or %%; default 0)")
     add("--batch", type=int, help="SDK workers: configured micro-batch (default 8)")
     add("--accum", type=int, help="SDK workers: configured gradient accumulation (default 1)")
+    add("--ranks", type=int, help="a data-parallel gang of N ranks on this host (the daemon sets MLX_RANK and "
+        "MLX_HOSTFILE; CMD must speak the SDK, as an mlx-lm command does); --budget is then per rank "
+        "(default: the single job's default / N)")
     add("--name", help="job name (default: from the command, e.g. the script's stem)")
     add("--restart", choices=["on-breach", "never"], help="guard-only commands: start over after a budget kill "
         "(on-breach, the default) or stop")
@@ -75,7 +78,7 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
 
 
 ONE_LINE_KEYS = ("budget", "warn", "kill", "floor", "batch", "accum", "name", "restart", "max_attempts",
-                 "state_dir", "plot", "max_steps")
+                 "state_dir", "plot", "max_steps", "ranks")
 
 
 def given_one_line_options(args: argparse.Namespace) -> list[str]:
@@ -89,6 +92,11 @@ def classify(argv: list[str], cwd: Path) -> Command:
     if not argv:
         raise UsageError("no command after '--': mlxsupd run [OPTIONS] -- CMD [ARGS...]")
     program = argv[0]
+    if runs_mlx_launch(argv):
+        launched = _after_launch_options(argv)
+        raise UsageError("mlx.launch reports success when a rank dies and cuts off ranks still writing a checkpoint: "
+                         "give what it launches and the number of ranks, and mlxsupd starts them: mlxsupd run "
+                         f"--ranks N -- {' '.join(launched) or 'CMD'}")
     mlx_lm = mlx_lm_arguments(argv)
     if mlx_lm is not None:  # runs as python -m worker.mlx_lm under this interpreter, not as the program itself
         return Command(list(argv), mlx_lm, True)
@@ -125,6 +133,19 @@ def mlx_lm_arguments(argv: list[str]) -> list[str] | None:
         if argv[2:4] == ["mlx_lm", "lora"]:
             return argv[4:]
     return None
+
+
+def _after_launch_options(argv: list[str]) -> list[str]:
+    """What ``mlx.launch [its options] CMD ...`` launches (its words after the first that is not one of its
+    options), to show the one-line form that runs it; [] when that cannot be told."""
+    words = argv[argv.index("mlx.launch") + 1:] if "mlx.launch" in argv else argv[1:]
+    with_value = {"-n", "--repeat-hosts", "--hosts", "--hostfile", "--backend", "--env", "--mpi-arg",
+                  "--connections-per-ip", "-p", "--starting-port", "--cwd", "--nccl-port", "--python"}
+    index = 0
+    while index < len(words) and words[index].startswith("-"):
+        index += 1 if "=" in words[index] or words[index] not in with_value else 2
+    launched = words[index:index + 12]
+    return ["python", *launched] if launched and launched[0].endswith(".py") else launched  # as mlx.launch runs it
 
 
 def job_name(command: Command, given: str | None) -> str:
@@ -198,7 +219,8 @@ def build(args: argparse.Namespace, argv: list[str], total: int, cwd: Path) -> t
     if args.state_dir is not None:
         _merge(daemon, "state_dir", str(args.state_dir.resolve()), "--state-dir", "daemon")
         daemon.setdefault("run_dir", str(run_dir_of(args.state_dir.resolve())))
-    budget = args.budget if args.budget is not None else job.get("budget") or str(default_budget(total))
+    ranks = _ranks(job, getattr(args, "ranks", None), where)
+    budget = args.budget if args.budget is not None else job.get("budget") or str(default_budget(total) // ranks)
     _merge(job, "budget", budget, "--budget", where)
     _merge(job, "warn", args.warn, "--warn", where)
     _merge(job, "kill", args.kill, "--kill", where)
@@ -209,6 +231,7 @@ def build(args: argparse.Namespace, argv: list[str], total: int, cwd: Path) -> t
     else:
         _command_job(job, command, args, where)
     check_limits_named(job, total)
+    _check_ranks_fit(job, ranks, total)
     raw = {"daemon": daemon, "jobs": {name: job}}
     origin = args.config.resolve() if args.config is not None else cwd / "mlxsupd-run"
     try:
@@ -233,10 +256,35 @@ def _mlx_lm_job(job: dict[str, Any], command: Command, args: argparse.Namespace,
     job.setdefault("startup_timeout", 600.0)  # the model loads before the hello: allow for a download
 
 
+def _ranks(job: dict[str, Any], ranks: int | None, where: str) -> int:
+    """--ranks N merged into the job (N >= 1); the job's ranks."""
+    if ranks is not None and ranks < 1:
+        raise UsageError(f"--ranks {ranks}: give 1 or more (the ranks of a data-parallel gang on this host)")
+    cores = os.cpu_count() or 1
+    if ranks is not None and ranks > cores:
+        raise UsageError(f"--ranks {ranks}: this host has {cores} CPU cores, and ranks waiting in a collective spin "
+                         f"on one each: give at most {cores}")
+    _merge(job, "ranks", ranks, "--ranks", where)
+    value = job.get("ranks", 1)
+    return value if isinstance(value, int) and value >= 1 else 1  # a bad file value: parse_config names it
+
+
+def _check_ranks_fit(job: dict[str, Any], ranks: int, total: int) -> None:
+    if ranks > 1 and ranks * parse_budget(job["budget"], total) >= total:
+        raise UsageError(f"--ranks {ranks} x budget {job['budget']} do not fit in this machine's memory "
+                         f"({format_bytes(total)}): lower --budget or --ranks")
+
+
 def _command_job(job: dict[str, Any], command: Command, args: argparse.Namespace, where: str) -> None:
     sdk: bool | str = {"yes": True, "no": False}.get(args.sdk, "auto")  # auto: learned from the worker's hello
     if args.sdk == "auto" and "sdk" in job:
         sdk = job["sdk"]
+    if job.get("ranks", 1) != 1 and sdk is not True:
+        if sdk is False or not command.sdk_guess:
+            raise UsageError(f"--ranks {job['ranks']}: the ranks of a gang stop and checkpoint together through the "
+                             f"SDK, and {' '.join(command.argv[:2])!r} does not import worker.Session"
+                             + (" (--sdk no)" if sdk is False else "; give --sdk yes if it does"))
+        sdk = True  # a gang is known to speak the SDK before its first hello
     _merge(job, "command", command.argv, "the command after --", where)
     _merge(job, "sdk", sdk, f"--sdk {args.sdk}", where)
     if sdk is False:

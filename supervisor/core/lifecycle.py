@@ -18,6 +18,9 @@ Rules worth stating once:
 - A departing worker (it checkpointed on request and said goodbye; its successor may already run) counts in
   the job's footprint until it is reaped. The successor is spawned only when the departing footprint plus the
   successor's expected baseline fits the budget; otherwise when the old process is gone.
+- A standby (``standby = "auto"``: the next worker, started early, waiting for its go) is the job's at most one,
+  counted in its total and never its current worker; at a restart it becomes the life instead of a spawn
+  (``supervisor.core.standby``).
 - A gang (``Settings.ranks``/``world``: a data-parallel job whose ranks run as one life) moves as one: each rank
   is sampled against the budget on its own, and any rank's decision is the life's (the SDK makes every rank
   checkpoint at the same step). The life ends when its last rank has exited; the first rank to exit tells how
@@ -122,7 +125,8 @@ class Lifecycle(PeerRole, StandbyRole):
         sampled = [rank.last_bytes for rank in life.alive]
         if not sampled or min(sampled) <= 0:
             return 0
-        return max(0, self.limits.budget - max(sampled))
+        held = self.standby.bytes if self.standby is not None else 0  # a standby's memory counts in the job's total
+        return max(0, self.limits.budget - max(sampled) - held)
 
     def next_deadline(self) -> float:
         """The earliest time a Tick could change something (inf when only events can)."""

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("mlxsupd")
 Send = Callable[[bytes, bytes], None]  # (identity, frame)
+_ROUTED = (Standby, Heartbeat, Hello)  # the types a standby sends (a step never concerns one: one look per frame)
 
 
 @dataclasses.dataclass
@@ -113,7 +114,7 @@ def heartbeat(job: Job, sent_at: float, send: Send) -> None:
 def route(jobs: Iterable[Job], message: Message, identity: bytes, now: float, send: Send) -> bool:
     """A frame that concerns a standby: its ``standby``, its heartbeats, or a hello it must not send yet. True when
     handled (the caller skips it); anything else goes the way of any worker's frame. Cheap for a step."""
-    if not isinstance(message, Standby | Heartbeat | Hello):
+    if not isinstance(message, _ROUTED):
         return False
     token = message.token if not isinstance(message, Heartbeat) else (message.token or "")
     for job in jobs:

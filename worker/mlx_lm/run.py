@@ -5,6 +5,7 @@ Steps are optimizer steps. mlx-lm counts micro-batch iterations (``iters``, ``st
 an action due at iteration ``it`` happens at the end of that step and keeps mlx-lm's name (adapter files are
 ``{it:07d}_adapters.safetensors``). The target is ``iters // grad_accumulation_steps`` steps (mlx-lm never
 applies a trailing partial accumulation either) and does not change when the daemon changes batch × accum.
+In a gang (``MLX_RANK``) each rank trains its shard of every step (see ``worker.mlx_lm.gang``).
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from worker.inject import Leak, transient_peak, use_peak
-from worker.mlx_lm import setup
+from worker.mlx_lm import gang, setup
 from worker.mlx_lm.batches import StepBatches
-from worker.mlx_lm.trainer import Trainer
+from worker.mlx_lm.trainer import Reducer, Trainer
 from worker.session import Session
 from worker.standby import wait_for_go
 
@@ -66,7 +67,12 @@ def run(args: types.SimpleNamespace) -> int:
     """
     setup.import_ahead()
     schedule = Schedule(args)
-    session = Session.from_env(target_steps=schedule.target, batch=args.batch_size, accum=schedule.accum)
+    try:
+        batch = gang.per_rank_batch(args.batch_size, gang.world_size(os.environ))
+    except ValueError as exc:
+        print(f"python -m worker.mlx_lm: error: {exc}", file=sys.stderr)
+        return 2
+    session = Session.from_env(target_steps=schedule.target, batch=batch, accum=schedule.accum)
     try:
         ready(session)
         _train(session, args, schedule)
@@ -104,35 +110,42 @@ def _train(session: Session, args: types.SimpleNamespace, schedule: Schedule) ->
     step = resumed.step
     if step == 0 and args.resume_adapter_file:
         model.load_weights(args.resume_adapter_file, strict=False)
-    effective = session.batch * session.accum
+    rank, ranks = gang.rank_of(session)
+    effective = session.batch * session.accum * ranks  # the whole gang's examples per optimizer step
     _check_resume(resumed.extra, args, effective)
-    setup.write_adapter_config(args)
-    maybe_set_recommended_wired_limit()  # what mlx_lm's train() does (Metal only; see README)
+    if gang.writes_files(session):
+        setup.write_adapter_config(args)
+    maybe_set_recommended_wired_limit()  # what mlx_lm's train() does (Metal only; see docs/mlx-lm.md)
     threshold = session.settings.cache_clear_bytes or args.clear_cache_threshold
-    trainer = Trainer(model, optimizer, args, StepBatches(train_set, effective, args.max_seq_length, args.seed),
-                      threshold)
-    validation = _validation_batches(valid_set, args)
+    reducer = gang.GangReducer(session) if session.gang is not None else None
+    batches = StepBatches(train_set, effective, args.max_seq_length, args.seed, rank, ranks)
+    trainer = Trainer(model, optimizer, args, batches, threshold, reducer)
+    validation = _validation_batches(valid_set, args, rank, ranks)
     _header(model, args, schedule, session, step)
-    report = _Report()
+    report = _Report(reducer)
     if step == 0 and validation is not None:
         with session.busy("validation"):
             _log(f"Iter 0: Val loss {trainer.evaluate(validation, args.val_batches, session.batch):.3f}")
     step = _loop(session, trainer, validation, args, schedule, step, report)
-    with session.busy("saving"):
-        trainer.save(None)
-    report.write_stats()
+    if gang.writes_files(session):
+        with session.busy("saving"):
+            trainer.save(None)
+    if rank == 0:  # the benchmark's figures: one file, not one write per rank
+        report.write_stats()
     if args.test and len(test_set) >= args.batch_size:
         with session.busy("test"):
-            tests = StepBatches(test_set, args.batch_size, args.max_seq_length, args.seed)
+            tests = StepBatches(test_set, args.batch_size, args.max_seq_length, args.seed, rank, ranks)
             _log(f"Test loss {trainer.evaluate(tests, args.test_batches, session.batch):.3f}")
     session.finish(step, _extra(args, step, effective, schedule))
 
 
 def _loop(session: Session, trainer: Trainer, validation: StepBatches | None, args: types.SimpleNamespace,
           schedule: Schedule, step: int, report: _Report) -> int:
-    leak = Leak(float(os.environ.get(INJECT_LEAK) or 0))
+    faulty = gang.injects_faults(session)
+    leak = Leak(float(os.environ.get(INJECT_LEAK) or 0) if faulty else 0.0)
     peak_mb, peak_until = float(os.environ.get(INJECT_PEAK) or 0), int(os.environ.get(INJECT_PEAK_UNTIL) or 0)
-    effective = session.batch * session.accum
+    peak_mb = peak_mb if faulty else 0.0
+    effective = session.batch * session.accum * trainer.batches.ranks
     first = True
     while step < schedule.target:
         began = time.perf_counter()
@@ -164,7 +177,7 @@ def _between_steps(session: Session, trainer: Trainer, validation: StepBatches |
     if schedule.due(step, args.steps_per_report) or step == schedule.target:
         report.flush(step * schedule.accum, trainer.optimizer)
     saved = schedule.due(step, args.save_every)
-    if saved is not None:
+    if saved is not None and gang.writes_files(session):
         with session.busy("saving"):
             trainer.save(saved)
     return val_loss, time.perf_counter() - started
@@ -179,7 +192,8 @@ class _Report:
     mlx-lm's ``train()`` spans them), which load on the machine barely moves.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reducer: Reducer | None = None) -> None:
+        self.reducer = reducer  # in a gang: the line reports the whole gang's loss and tokens, as mlx-lm's
         self.losses: list[float] = []
         self.tokens = self.trained_tokens = 0
         self.seconds = 0.0
@@ -197,9 +211,13 @@ class _Report:
     def flush(self, iteration: int, optimizer: Any) -> None:
         if not self.losses:
             return
+        loss = sum(self.losses) / len(self.losses)
+        if self.reducer is not None:  # every rank flushes at the same steps (the schedule is the gang's)
+            summed = cast(list[float], self.reducer.total(mx.array([loss, float(self.tokens)])).tolist())
+            loss, self.tokens = summed[0] / self.reducer.ranks, int(summed[1])
         self.trained_tokens += self.tokens
         rate = optimizer.learning_rate.item()
-        _log(f"Iter {iteration}: Train loss {sum(self.losses) / len(self.losses):.3f}, Learning Rate {rate:.3e}, "
+        _log(f"Iter {iteration}: Train loss {loss:.3f}, Learning Rate {rate:.3e}, "
              f"It/sec {self.iterations / self.seconds:.3f}, Tokens/sec {self.tokens / self.seconds:.3f}, "
              f"Trained Tokens {self.trained_tokens}, Peak mem {mx.get_peak_memory() / 1e9:.3f} GB")
         self.losses, self.tokens, self.seconds, self.iterations = [], 0, 0.0, 0
@@ -221,13 +239,13 @@ class _Report:
                 "cpu_seconds": time.process_time() - self.cpu_started}))
 
 
-def _validation_batches(valid_set: Any, args: types.SimpleNamespace) -> StepBatches | None:
+def _validation_batches(valid_set: Any, args: types.SimpleNamespace, rank: int, ranks: int) -> StepBatches | None:
     if len(valid_set) < args.batch_size or args.val_batches == 0:
         if args.val_batches != 0:
             _log(f"Warning: {len(valid_set)} validation examples, fewer than batch_size {args.batch_size}: "
                  "training proceeds without validation")
         return None
-    return StepBatches(valid_set, args.batch_size, args.max_seq_length, args.seed)
+    return StepBatches(valid_set, args.batch_size, args.max_seq_length, args.seed, rank, ranks)
 
 
 def _extra(args: types.SimpleNamespace, step: int, effective: int, schedule: Schedule) -> dict[str, Any]:
@@ -247,8 +265,10 @@ def _header(model: Any, args: types.SimpleNamespace, schedule: Schedule, session
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
     where = f"resuming at step {step}" if step else "from the start"
+    rank, ranks = gang.rank_of(session)
+    share = f" (rank {rank} of {ranks}: its share of each batch of {args.batch_size})" if ranks > 1 else ""
     _log(f"{args.fine_tune_type} fine-tune of {args.model}: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters "
-         f"trainable; {schedule.target} optimizer steps of {session.batch}x{session.accum}, {where}")
+         f"trainable; {schedule.target} optimizer steps of {session.batch}x{session.accum}{share}, {where}")
 
 
 def _log(line: str) -> None:

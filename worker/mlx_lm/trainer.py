@@ -11,6 +11,11 @@ what exactness needs:
 - micro-batches are weighted by their share of the step's tokens, so a batch × accum change (4×1 → 2×2)
   gives the same update up to float rounding;
 - the checkpoint holds the trainable parameters and the optimizer state (its step drives the schedule).
+
+In a gang (a ``Reducer``) each rank runs its shard of the step's micro-batches, weighted by their share of the
+whole gang's tokens, then averages the gradients over the ranks as mlx-lm's trainer does
+(``mlx.nn.average_gradients``, through the Session so the gang's stop flags ride in the same all-reduce), and
+applies the update in a second compiled function; validation sums loss and tokens over the ranks.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import dataclasses
 import time
 import types
 from functools import partial
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,6 +49,18 @@ def weighted_loss(model: nn.Module, tokens: mx.array, lengths: mx.array, weight:
     return loss * weight, ntokens
 
 
+class Reducer(Protocol):
+    """The gang's collectives as the trainer needs them (``run.GangReducer``)."""
+
+    ranks: int
+
+    def average(self, grads: Any) -> Any:
+        """The gradients averaged over the ranks (the all-reduce that carries the stop flags)."""
+
+    def total(self, values: mx.array) -> mx.array:
+        """``values`` summed over the ranks, evaluated."""
+
+
 @dataclasses.dataclass
 class StepResult:
     """One optimizer step: its loss (per-token mean over the step), tokens and seconds."""
@@ -57,9 +74,10 @@ class Trainer:
     """The compiled step and the validation pass of one worker life (built after the checkpoint is loaded)."""
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, args: types.SimpleNamespace,
-                 batches: StepBatches, clear_threshold: int) -> None:
+                 batches: StepBatches, clear_threshold: int, reducer: Reducer | None = None) -> None:
         self.model, self.optimizer, self.args = model, optimizer, args
         self.batches = batches
+        self.reducer = reducer
         self.clear_threshold = clear_threshold
         if args.grad_checkpoint:
             grad_checkpoint(model.layers[0])
@@ -78,7 +96,12 @@ class Trainer:
                 grad = None
             return loss, ntokens, grad
 
+        @partial(mx.compile, inputs=self.state, outputs=self.state)
+        def apply(grad: Any) -> None:
+            optimizer.update(model, grad)
+
         self._micro_step = micro_step
+        self._apply = apply
 
     def clear_cache(self) -> None:
         """mlx-lm's rule: clear MLX's cache when it holds more than the threshold (0: after every batch)."""
@@ -90,16 +113,23 @@ class Trainer:
         started = time.perf_counter()
         mx.random.seed(step_seed(self.args.seed, step))
         micro = self.batches.micro_batches(step, batch)
-        total = sum(m.ntokens for m in micro)
+        own = sum(m.ntokens for m in micro)
+        reducer = self.reducer
+        # In a gang: weights of the gang's step (ranks x share of its tokens), so the average is its mean.
+        scale, total = (1, own) if reducer is None else (reducer.ranks, self.batches.step_tokens(step, batch))
         loss = mx.array(0.0)
         grad = None
         for index, part in enumerate(micro):
-            weight = mx.array(part.ntokens / total, mx.float32)
-            value, _, grad = self._micro_step(part.tokens, part.lengths, weight, grad, index == len(micro) - 1)
+            weight = mx.array(scale * part.ntokens / total, mx.float32)
+            last = index == len(micro) - 1 and reducer is None
+            value, _, grad = self._micro_step(part.tokens, part.lengths, weight, grad, last)
             loss = loss + value
             mx.eval(self.state, loss, grad)
             self.clear_cache()
-        return StepResult(cast(float, loss.item()), total, time.perf_counter() - started)
+        if reducer is not None:
+            self._apply(reducer.average(grad))
+            mx.eval(self.state)
+        return StepResult(cast(float, loss.item()), own, time.perf_counter() - started)
 
     def evaluate(self, batches: StepBatches, count: int, batch: int) -> float:
         """Per-token mean loss over the first ``count`` chunks of ``batches`` (-1: all), in micro-batches of
@@ -114,6 +144,10 @@ class Trainer:
                 mx.eval(total_loss)
                 self.clear_cache()
         self.model.train()
+        if self.reducer is not None:  # each rank evaluated its shard: sum over the gang, as mlx-lm's evaluate
+            summed = cast(list[float], self.reducer.total(mx.stack([total_loss, mx.array(float(total_tokens))]))
+                          .tolist())
+            return summed[0] / max(summed[1], 1)
         return cast(float, total_loss.item()) / max(total_tokens, 1)
 
     def _loss_sum(self, part: MicroBatch) -> mx.array:
