@@ -31,6 +31,7 @@ from bench import (
     overhead,
     reaction,
     report,
+    standby,
 )
 from bench.common import ROOT, SMALL, BenchError, atomic_write_json
 
@@ -63,6 +64,11 @@ class Plan:
     attribution_blocks: int = 21
     dashboard_seconds: float = 15.0  # per arm and round: one tail -f, then a dashboard with a page open
     dashboard_rounds: int = 2
+    standby_steps: int = 1000  # the built-in leak scenario (the goodput section's), per arm and pair
+    standby_mlx_lm_iters: int = 250
+    standby_mlx_lm_leak_mb: float = 5.0
+    standby_idle_steps: int = 400
+    standby_pairs: int = 2
 
 
 FULL = Plan(overhead_steps=600, overhead_pairs=3, lockstep_seconds=300.0, sdk_calls=5000, reaction_steps=40,
@@ -73,7 +79,9 @@ QUICK = Plan(overhead_steps=60, overhead_pairs=1, lockstep_seconds=3.0, sdk_call
              goodput_steps=100, ckpt_mb=10, ckpt_rounds=1, idle_seconds=2.0, control_requests=50,
              flood_messages=2000, flood_linger=1.0, mlx_lm_iters=20, mlx_lm_pairs=1, mlx_lm_restart_iters=20,
              gang_steps=40, gang_pairs=1, gang_recovery_steps=40, daemon_window=2.0, census_repeats=5,
-             attribution_messages=500, attribution_blocks=3, dashboard_seconds=2.0, dashboard_rounds=1)
+             attribution_messages=500, attribution_blocks=3, dashboard_seconds=2.0, dashboard_rounds=1,
+             standby_steps=100, standby_mlx_lm_iters=20, standby_mlx_lm_leak_mb=40.0, standby_idle_steps=40,
+             standby_pairs=1)
 RUN_TIMEOUT = 600.0  # seconds any one child may take before its group is killed
 SECTION_ERRORS = (BenchError, OSError, subprocess.SubprocessError, KeyError, ValueError, TypeError)
 
@@ -133,10 +141,15 @@ def _gang(work: Path, plan: Plan) -> dict[str, Any]:
                         RUN_TIMEOUT)
 
 
+def _standby(work: Path, plan: Plan) -> dict[str, Any]:
+    return standby.measure(work, plan.standby_steps, plan.standby_mlx_lm_iters, plan.standby_mlx_lm_leak_mb,
+                           plan.standby_idle_steps, plan.standby_pairs, RUN_TIMEOUT)
+
+
 SECTIONS: list[tuple[str, Callable[[Path, Plan], dict[str, Any]]]] = [
     ("overhead", _overhead), ("reaction", _reaction), ("goodput", _goodput), ("checkpoint", _checkpoint),
     ("control", _control), ("daemon", _daemon), ("mlx_lm", _mlx_lm), ("gang", _gang), ("forensics", _forensics),
-    ("dashboard", _dashboard),
+    ("dashboard", _dashboard), ("standby", _standby),
 ]
 
 
@@ -186,6 +199,8 @@ def collect(details: dict[str, Any]) -> dict[str, Any]:
         "gang_step_rate_ratio": details.get("gang", {}).get("gang_step_rate_ratio"),
         "gang_recovery_seconds": details.get("gang", {}).get("gang_recovery_seconds"),
         **_daemon_metrics(details.get("daemon", {})),
+        "standby": {k: details.get("standby", {}).get(k) for k in ("recovery_seconds", "mlx_lm_recovery_seconds",
+                                                                  "goodput", "footprint_bytes", "samples_over_kill")},
     }
 
 

@@ -224,10 +224,36 @@ class Census:
     contents: tuple[str, ...]  # what its items are, e.g. tuple(dict[str, array], array)
 
 
-Message = Hello | Welcome | Step | Steps | CheckpointSaved | Goodbye | Heartbeat | Command | Census
+@dataclasses.dataclass(frozen=True, slots=True)
+class Standby:
+    """First message of a worker spawned as a standby (``MLXSUP_STANDBY=1``): it proves its spawn with its own
+    token, has loaded nothing, and waits for ``go``. Sent only when the daemon asked for a standby, which it does
+    only for a job whose workers' hellos list the ``standby`` feature."""
+
+    TAG: ClassVar[str] = "standby"
+    token: str
+    pid: int
+    job: str
+    protocol: int = 1  # the newest protocol version the worker speaks
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Go:
+    """The daemon's order to a waiting standby: become the job's worker now, at this batch x accumulation, from
+    this checkpoint (the newest on disk when it was sent; "" and step 0: none). The standby then restores,
+    says ``hello`` with its token and steps as any worker."""
+
+    TAG: ClassVar[str] = "go"
+    batch: int
+    accum: int
+    checkpoint: str
+    step: int
+
+
+Message = Hello | Welcome | Step | Steps | CheckpointSaved | Goodbye | Heartbeat | Command | Census | Standby | Go
 FROM_WORKER: Final = frozenset({Hello.TAG, Step.TAG, Steps.TAG, CheckpointSaved.TAG, Goodbye.TAG, Heartbeat.TAG,
-                                Census.TAG})
-FROM_DAEMON: Final = frozenset({Welcome.TAG, Heartbeat.TAG, Command.TAG})
+                                Census.TAG, Standby.TAG})
+FROM_DAEMON: Final = frozenset({Welcome.TAG, Heartbeat.TAG, Command.TAG, Go.TAG})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -253,7 +279,8 @@ def _fields_of(cls: type[Any]) -> tuple[_Field, ...]:
 
 
 _TYPES: Final[dict[str, type[Any]]] = {
-    cls.TAG: cls for cls in (Hello, Welcome, Step, Steps, CheckpointSaved, Goodbye, Heartbeat, Command, Census)
+    cls.TAG: cls for cls in (Hello, Welcome, Step, Steps, CheckpointSaved, Goodbye, Heartbeat, Command, Census,
+                             Standby, Go)
 }
 _FIELDS: Final[dict[str, tuple[_Field, ...]]] = {tag: _fields_of(cls) for tag, cls in _TYPES.items()}
 _PACKER: Final = msgpack.Packer(use_bin_type=True)  # reused: encode runs once per training step
@@ -312,7 +339,10 @@ def decode(frame: bytes) -> Message:
     message: Message = _TYPES[tag](**values)
     if isinstance(message, Command) and message.action not in Command.ACTIONS:
         raise ProtocolError(f"command: unknown action {message.action[:64]!r}", "field_value")
-    if isinstance(message, Hello | Welcome) and message.protocol < 1:
+    if isinstance(message, Go) and (message.batch < 1 or message.accum < 1):
+        raise ProtocolError(f"go: batch {message.batch} x accum {message.accum}: both must be at least 1",
+                            "field_value")
+    if isinstance(message, Hello | Welcome | Standby) and message.protocol < 1:
         raise ProtocolError(f"{tag}.protocol: version {message.protocol} is not a protocol version", "field_value")
     return message
 

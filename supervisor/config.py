@@ -142,6 +142,10 @@ class JobConfig:
                          "hang timeout before it), an SDK job from the hello on")
     restart: str = _f("on-breach", "guard-only jobs: 'on-breach' starts the command over after a budget kill, "
                       "'never' leaves it stopped")
+    standby: str = _f("off", "'auto': while a life of a job that leaks (or has restarted) runs steadily, start its "
+                      "successor early as a standby that imports and waits, so a restart costs a restore (only when "
+                      "it fits under warn with the life's margin; its memory counts in the job's total; SDK workers "
+                      "that list the feature; no gangs); 'off': never")
 
     def limits(self, total: int) -> Limits:
         """Resolve budget, warn and kill to bytes (validated at load)."""
@@ -407,6 +411,8 @@ def _validate_job(name: str, job: JobConfig, total: int, where: Path) -> None:
         raise ConfigError(f"{prefix}.sdk = {job.sdk!r}: expected true, false or \"auto\"")
     if job.sdk is False and not job.command:
         raise ConfigError(f"{prefix}.sdk = false: a guard-only job needs a 'command' (the built-in job uses the SDK)")
+    if job.standby not in ("auto", "off"):
+        raise ConfigError(f"{prefix}.standby = {job.standby!r}: expected 'auto' or 'off'")
     if job.restart not in ("on-breach", "never"):
         raise ConfigError(f"{prefix}.restart = {job.restart!r}: expected 'on-breach' or 'never'")
     if job.sdk is True and job.restart != "on-breach":

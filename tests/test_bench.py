@@ -16,18 +16,18 @@ from bench.report import checks, render
 REQUIRED = ("overhead_ratio", "reaction_ms", "overshoot_fraction", "recovery_seconds", "goodput",
             "samples_over_kill", "checkpoint_save_ratio", "checkpoint_load_ratio", "control_p99_ms",
             "telemetry_msgs_per_s", "daemon_idle_cpu_fraction", "daemon_rss_bytes", "mlx_lm_ratio",
-            "gang_step_rate_ratio", "gang_recovery_seconds")
+            "gang_step_rate_ratio", "gang_recovery_seconds", "standby")
 MAY_BE_NULL = {"control_p99_ms", "telemetry_msgs_per_s"}  # the control plane may not be built yet
 GOODPUT_ARMS = ("unsupervised", "stop_at_limit", "shrink_only", "supervised")
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(550)  # the standby section adds about 150 s on a loaded machine
 def test_quick_bench_writes_every_required_result(tmp_path: Path, spawn: Any) -> None:
     out = tmp_path / "results.json"
     proc = spawn([sys.executable, "-m", "bench", "--quick", "--out", str(out), "--work-dir", str(tmp_path / "w")],
                  cwd=ROOT)
-    assert proc.wait(timeout=360) == 0
+    assert proc.wait(timeout=510) == 0
     results = json.loads(out.read_text())
     assert results["errors"] == {}
     for key in REQUIRED:
@@ -125,3 +125,57 @@ def test_forensics_section_measures_a_census_and_attribution_side_by_side(tmp_pa
     assert result["daemon_cpu_us_per_msg_without"] > 0 and result["daemon_cpu_us_per_msg_with"] > 0
     assert result["attribution_cpu_ratio"] > 0
     assert result["verdict_of_the_life"] == "arrays_retained"  # the attributed arm really ran the diagnosis
+
+
+STANDBY_HISTORY = [
+    {"event": "decision", "action": "checkpoint_exit", "diagnosis": "leak", "step": 9, "time": 10.0},
+    {"event": "exit", "code": 75, "time": 10.3},
+    {"event": "standby_go", "life": 2, "ready": True, "waited": 4.2, "time": 10.31},
+    {"event": "spawn", "pid": 2, "time": 10.31},
+    {"event": "hello", "pid": 2, "time": 10.35},
+    {"event": "decision", "action": "checkpoint_exit", "diagnosis": "leak", "step": 20, "time": 20.0},
+    {"event": "exit", "code": 75, "time": 20.2},
+    {"event": "spawn", "pid": 3, "time": 20.21},
+    {"event": "hello", "pid": 3, "time": 21.2},
+    {"event": "decision", "action": "checkpoint_exit", "diagnosis": "leak", "step": 29, "time": 30.0},
+    {"event": "exit", "code": 0, "time": 30.2},
+]
+STANDBY_TELEMETRY = [{"k": "step", "t": 10.1, "step": 10}, {"k": "step", "t": 10.4, "step": 11},
+                     {"k": "step", "t": 21.5, "step": 21}, {"k": "sample", "t": 21.6, "bytes": 1}]
+
+
+class TestStandbySection:
+    """The standby section measures a recovery the same way whether a standby served it or a fresh spawn did."""
+
+    def test_handovers_split_a_go_and_a_spawn_into_the_same_phases(self) -> None:
+        from bench.standby import handovers
+
+        first, second = handovers(STANDBY_HISTORY, STANDBY_TELEMETRY)  # the last decision ended the run: no row
+        assert first["standby"] and first["standby_ready"] and first["standby_age"] == 4.2
+        assert first["exit"] == pytest.approx(0.3) and first["start"] == pytest.approx(0.05)
+        assert first["first_step"] == pytest.approx(0.05) and first["total"] == pytest.approx(0.4)
+        assert not second["standby"] and second["start"] == pytest.approx(1.0)
+        assert second["total"] == pytest.approx(1.5)  # the old life's step at 10.1 is not the next life's
+
+    def test_summary_counts_the_restarts_a_waiting_standby_served(self) -> None:
+        from bench.standby import handovers, summarize
+
+        summary = summarize(handovers(STANDBY_HISTORY, STANDBY_TELEMETRY))
+        assert (summary["cycles"], summary["from_standby"], summary["from_waiting_standby"]) == (2, 1, 1)
+        assert summary["total"] == pytest.approx(0.95) and summary["total_from_waiting_standby"] == 0.4
+
+    def test_no_recycle_compares_the_auto_arms_mean_with_the_off_arms_interval(self) -> None:
+        from bench.standby import compare_idle, interval
+
+        off = [0.010, 0.012, 0.011, 0.013, 0.010, 0.012] * 10
+        ci = interval(off)
+        assert ci is not None and ci[0] <= sum(off) / len(off) <= ci[1]
+        assert interval([1.0]) is None
+        runs = {"off": [{"step_seconds": list(off), "standby_started": 0}],
+                "auto": [{"step_seconds": [0.0112] * 60, "standby_started": 1}]}
+        same = compare_idle(runs)
+        assert same["within_off_interval"] is True and same["standby_waited"] is True
+        runs = {"off": [{"step_seconds": list(off), "standby_started": 0}],
+                "auto": [{"step_seconds": [0.02] * 60, "standby_started": 1}]}
+        slower = compare_idle(runs)
+        assert slower["within_off_interval"] is False and slower["step_rate_ratio"] < 0.6

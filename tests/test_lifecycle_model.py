@@ -1,7 +1,8 @@
 """Model-based test: random interleavings of operator requests, config updates, shutdown, worker behaviour and
 memory samples, driving the real DaemonService and Jobs on a fake OS, with the lifecycle's invariants checked
 after every step. Job "a" is a plain job, job "g" a gang of two ranks on one host, job "q" a command with
-sdk = "auto" (guard-only until it says hello, if it ever does). ``MLXSUP_MODEL_EXAMPLES``
+sdk = "auto" (guard-only until it says hello, if it ever does), job "s" a plain job with standby = "auto" (its
+workers' hellos list the feature; its standbys say standby, die, or break the protocol). ``MLXSUP_MODEL_EXAMPLES``
 sets the number of examples (make test: 200; make faults: 3000).
 """
 
@@ -18,21 +19,22 @@ from typing import Any
 
 import pytest
 import structlog
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from protocol import Command, Goodbye, Hello, Step, decode
+from protocol import Command, Goodbye, Hello, Standby, Step, decode
 from protocol.control import ControlError
 from supervisor.config import load_config, write_config
 from supervisor.core.states import TERMINAL_STATES, JobState
+from supervisor.daemon import standby as standby_link
 from supervisor.daemon.job import Job
 from supervisor.daemon.server import DaemonService
 from tests.fakeos import FakeProcess, FakeSystem
 
 MiB = 2**20
-NAMES = ("a", "g", "q")
-RANKS = {"a": (0,), "g": (0, 1), "q": (0,)}
+NAMES = ("a", "g", "q", "s")
+RANKS = {"a": (0,), "g": (0, 1), "q": (0,), "s": (0,)}
 AUTO = {"command": ["python", "train.py"], "sdk": "auto"}
 SDK_WORDS = {"batch", "accum", "next_batch", "next_accum", "step", "checkpoint", "from_checkpoint", "goodbye"}
 GUARD_REASONS = {"leak", "spike", "kill_ceiling", "system_floor"}
@@ -76,7 +78,8 @@ class DaemonModel(RuleBasedStateMachine):
 
     def _write(self, names: tuple[str, ...]) -> Path:
         daemon = {"run_dir": str(self.root / "run"), "state_dir": str(self.root / "state")}
-        extra: dict[str, dict[str, Any]] = {"g": {"ranks": 2, "gang": {"port": 40000}}, "q": AUTO}
+        extra: dict[str, dict[str, Any]] = {"g": {"ranks": 2, "gang": {"port": 40000}}, "q": AUTO,
+                                            "s": {"standby": "auto"}}
         jobs = {name: {**JOB, **extra.get(name, {})} for name in names}
         return write_config(self.root / "mlxsup.toml", daemon, jobs)
 
@@ -141,7 +144,7 @@ class DaemonModel(RuleBasedStateMachine):
         if self._job(name) is not None:
             self._call("budget", job=name, value=value)
 
-    @rule(names=st.sampled_from([(), ("a",), ("g",), ("a", "g"), ("q",), NAMES]))
+    @rule(names=st.sampled_from([(), ("a",), ("g",), ("a", "g"), ("q",), ("s",), ("a", "s"), NAMES]))
     def reread_and_update(self, names: tuple[str, ...]) -> None:
         self._write(names)
         self.config_names = names
@@ -162,8 +165,9 @@ class DaemonModel(RuleBasedStateMachine):
         if job is None or proc is None or proc.code is not None or rank in job.identities:
             return
         proc.term_exit = 75 if proc.term_exit is None and not proc.signals else proc.term_exit
-        job.on_hello(Hello(job.tokens[rank], proc.pid, name, self.checkpoints, 1000, job.batch, job.accum),
-                     self._identity(job, rank), self.system.clock)
+        features = "census standby" if name == "s" else None
+        job.on_hello(Hello(job.tokens[rank], proc.pid, name, self.checkpoints, 1000, job.batch, job.accum,
+                           features=features), self._identity(job, rank), self.system.clock)
 
     @rule(name=st.sampled_from(NAMES), rank=st.sampled_from([0, 1]),
           footprint=st.sampled_from([100 * MiB, 300 * MiB, 600 * MiB]))
@@ -173,6 +177,61 @@ class DaemonModel(RuleBasedStateMachine):
             step = job.life.ranks[rank].last_step + 1
             job.on_message(Step(step, job.batch, job.accum, 1.0, 0.1, footprint, 0, footprint, footprint),
                            self.system.clock, rank)
+
+    @rule(steps=st.integers(1, 8), standby_bytes=st.sampled_from([30 * MiB, 60 * MiB]))
+    def leaking_steps(self, steps: int, standby_bytes: int) -> None:
+        """Job "s" runs as a recycling job does: it says hello, then leaks 25 MiB a step from 150 MiB, sampled after
+        every step (its standby too, when it has one), and honours a checkpoint-and-exit at the next boundary."""
+        job = self._job("s")
+        if job is not None and job.life is None and not self.daemon.stopping:
+            self._call("start", job="s")  # (refused unless it is startable)
+        if job is not None and 0 not in job.identities:
+            self.hello("s", 0)
+        if job is None or 0 not in job.identities or job.life is None:
+            return
+        for _ in range(steps):
+            step = job.life.ranks[0].last_step + 1
+            footprint = 150 * MiB + 25 * MiB * (step - job.life.start_checkpoint)
+            job.on_message(Step(step, job.batch, job.accum, 1.0, 0.1, footprint, 0, footprint, footprint),
+                           self.system.clock, 0)
+            if job.life is None or 0 not in job.identities:
+                return
+            self._turn(0.05)  # (reaps, ticks)
+            if job.life is None or 0 not in job.identities:
+                return
+            self.sample("s", 0, "low", "low", standby_bytes)
+            self.boundary("s")  # a checkpoint-and-exit it was sent is honoured at this boundary
+            if job.life is None or 0 not in job.identities:
+                return
+
+    def _standby_proc(self, job: Job) -> FakeProcess | None:
+        sb = job.lifecycle.standby
+        proc = job.procs.get((sb.id, 0)) if sb is not None else None
+        assert proc is None or isinstance(proc, FakeProcess)
+        return proc
+
+    @rule(what=st.sampled_from(["standby", "standby", "heartbeat", "hello", "die"]))
+    def standby_acts(self, what: str) -> None:
+        """Job "s"'s standby (while it is one, or made the worker before it said standby) does something."""
+        job = self._job("s")
+        link = job.standby_link if job is not None else None
+        proc = job.procs.get((link.life, 0)) if job is not None and link is not None else None
+        if job is None or link is None or not isinstance(proc, FakeProcess) or proc.code is not None:
+            return
+        identity = f"s-{link.life}-0".encode()
+        if what == "die":
+            proc.code = 1
+            return
+        message: Standby | Hello | Any
+        if what == "standby":
+            message = Standby(link.token, proc.pid, "s", 2)
+        elif what == "hello":
+            message = Hello(link.token, proc.pid, "s", 0, 1000, job.batch, job.accum)
+        else:
+            from protocol import Heartbeat
+            message = Heartbeat(self.system.clock, link.token)
+        handled = standby_link.route(self.daemon.jobs.values(), message, identity, self.system.clock, self._capture)
+        assert handled
 
     @rule(name=st.sampled_from(NAMES))
     def boundary(self, name: str) -> None:
@@ -233,8 +292,8 @@ class DaemonModel(RuleBasedStateMachine):
                     proc.code = 75
 
     @rule(name=st.sampled_from(NAMES), rank=st.sampled_from([0, 1]), level=st.sampled_from(sorted(LEVELS)),
-          departing_level=st.sampled_from(sorted(LEVELS)))
-    def sample(self, name: str, rank: int, level: str, departing_level: str) -> None:
+          departing_level=st.sampled_from(sorted(LEVELS)), standby_bytes=st.sampled_from([30 * MiB, 60 * MiB]))
+    def sample(self, name: str, rank: int, level: str, departing_level: str, standby_bytes: int) -> None:
         job = self._job(name)
         if job is None:
             return
@@ -250,7 +309,12 @@ class DaemonModel(RuleBasedStateMachine):
             proc.sampled = LEVELS[departing_level]
         live = [p for p in (current, *departing) if isinstance(p, FakeProcess) and p.code is None]
         killed_before = {p.pid for p in live if signal.SIGKILL in p.signals}
+        standby = self._standby_proc(job)
+        if standby is not None:
+            standby.sampled = standby_bytes
+        held = standby.sample(self.system.clock).bytes if standby is not None else 0  # (before a kill it may draw)
         job.on_sample(self.system.clock, 8 << 30, 0)
+        self._standby_counted(job, current, departing, standby, held)
         total = sum(p.sampled for p in live)
         if total >= job.limits.kill:
             # Current plus departing over the kill ceiling always draws an action; in a gang the budget is per
@@ -259,6 +323,17 @@ class DaemonModel(RuleBasedStateMachine):
             assert acted or any(p.pid in killed_before for p in live), (total, [p.signals for p in live])
             if current is not None and current.code is None and current in acted:
                 assert all(p.signals or p.code is not None for p in others), [p.signals for p in others]
+
+    def _standby_counted(self, job: Job, current: FakeProcess | None, departing: list[Any],
+                         standby: FakeProcess | None, held: int) -> None:
+        """A standby's memory is always counted: in the job's total of a sample, as the departing workers' is."""
+        record = job.lifecycle.standby
+        if standby is None or record is None:
+            return
+        assert record.bytes == held, (record, held)
+        if current is not None and current.code is None and job.name == "s":
+            total = current.sampled + held + sum(p.sample(self.system.clock).bytes for p in departing)
+            assert job.lifecycle.last_sampled == total, (job.lifecycle.last_sampled, total)
 
     @rule(seconds=st.sampled_from([0.05, 0.5, 3.0]))
     def advance(self, seconds: float) -> None:
@@ -269,12 +344,35 @@ class DaemonModel(RuleBasedStateMachine):
     @invariant()
     def one_current_worker_per_rank_and_none_when_terminal(self) -> None:
         for job in self.daemon.jobs.values():
+            sb = job.lifecycle.standby
             current = [(rank, p) for (life, rank), p in job.procs.items() if life not in job.lifecycle.departing
-                       and isinstance(p, FakeProcess) and p.code is None]
+                       and (sb is None or life != sb.id) and isinstance(p, FakeProcess) and p.code is None]
             assert len(current) <= len(RANKS[job.name]), job.name
             assert len({rank for rank, _ in current}) == len(current), job.name
             if job.state in TERMINAL_STATES:
                 assert job.life is None and not current, (job.name, job.state)
+
+    @invariant()
+    def at_most_one_standby_never_a_current_worker(self) -> None:
+        for job in self.daemon.jobs.values():
+            lc, life = job.lifecycle, job.life
+            others = [life_id for (life_id, _), p in job.procs.items() if isinstance(p, FakeProcess) and p.code is None
+                      and life_id not in lc.departing and (life is None or life_id != life.id)]
+            assert len(others) <= 1, (job.name, others)  # the standby, at most one
+            if others:
+                assert lc.standby is not None and lc.standby.id == others[0], (job.name, others, lc.standby)
+            if job.name != "s":
+                assert lc.standby is None and job.standby_link is None, job.name
+            link = job.standby_link
+            if link is not None and link.go is None:  # a standby, not yet the worker: never taken for one
+                assert link.token not in job.tokens.values()
+                assert link.identity is None or link.identity not in job.identities.values()
+            if lc.standby is not None and life is not None:
+                assert lc.standby.id != life.id
+            if job.state in TERMINAL_STATES and lc.standby is not None:
+                assert lc.standby.killed, (job.name, job.state)
+            if job.name == "s":  # (--hypothesis-show-statistics: how often the standby paths ran)
+                event(f"standby: started {min(lc.stats.standbys, 3)}+, served {min(lc.stats.standbys_used, 2)}+")
 
     @invariant()
     def a_guard_only_life_speaks_of_no_batch_step_or_checkpoint(self) -> None:

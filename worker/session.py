@@ -29,10 +29,12 @@ from protocol import (
     Census,
     CheckpointSaved,
     Command,
+    Go,
     Goodbye,
     Heartbeat,
     Hello,
     ProtocolError,
+    Standby,
     Step,
     Welcome,
     decode_parts,
@@ -44,7 +46,8 @@ from worker import gang as gang_mod
 from worker.census import Taker
 from worker.gang import Gang
 from worker.hold import StepHold, batch_frames
-from worker.pulse import Pulse
+from worker.pulse import KEEPALIVE_EVERY, Pulse
+from worker.standby import FEATURE, POLL_MS, Orders
 from worker.steering import Steering
 
 ENV_PREFIX = "MLXSUP_"
@@ -98,6 +101,7 @@ class SessionSettings:
     orphan_timeout: float = 5.0
     cache_limit: int = 0
     cache_clear_bytes: int = 0
+    standby: int = 0  # 1: spawned as a standby, which waits for the daemon's go (worker.standby)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SessionSettings:
@@ -145,6 +149,7 @@ class Session:
         self._hold = StepHold()  # steps held while memory is far from the daemon's bands
         self._pulse: Pulse | None = None
         self._census = Taker()  # a census the daemon asked for (``mlxsupctl diagnose``)
+        self._go: Go | None = None  # a standby's orders, once the daemon sent them
         if settings.endpoint:
             self._connect()
         if settings.cache_limit:
@@ -192,6 +197,7 @@ class Session:
         frozen base model, which is reloaded from its own files). In a gang every rank must call it: the ranks
         agree on the newest step all of them can load.
         """
+        self.standby()  # a standby waits here for its go, before anything is loaded
         self._model, self._optimizer = model, optimizer
         self._trainable_only = trainable_only
         loaded: ckpt.Checkpoint | None = None
@@ -215,6 +221,36 @@ class Session:
         self._say_hello(resumed.step)
         self._last_end = time.perf_counter()
         return resumed
+
+    def standby(self) -> Orders | None:
+        """A standby's wait for the daemon's go (``worker.standby.wait_for_go``): None when this process is not
+        a standby; else block until go, take its batch and accumulation, and return its orders."""
+        if not self.settings.standby or self._socket is None:
+            return None
+        if self._go is None:
+            self._wait_for_go()
+        assert self._go is not None
+        self.batch, self.accum = self._go.batch, self._go.accum
+        return Orders.of(self._go)
+
+    def _wait_for_go(self) -> None:
+        """Say ``standby``, then poll the socket until go; leave at once (75) when orphaned: nothing to save."""
+        assert self._socket is not None and self._pulse is not None
+        self._send(Standby(self.settings.token, os.getpid(), self.settings.job, PROTOCOL_VERSION))
+        beat = time.monotonic()
+        while self._go is None:
+            with self._lock:
+                if time.monotonic() - beat >= KEEPALIVE_EVERY:  # the daemon sees a waiting standby, not a hung one
+                    beat = time.monotonic()
+                    self._heartbeat_locked()
+                self._socket.poll(POLL_MS, zmq.POLLIN)
+                self._drain_locked()
+            reason = self._pulse.orphan_reason()
+            if reason and self._go is None:
+                self._log("standby_exit", {"reason": reason})
+                sys.stderr.flush()
+                os._exit(EXIT_CHECKPOINTED)
+        self._version = 1  # the hello is written in version 1, as always; its welcome sets the version again
 
     def average_gradients(self, grads: Any) -> Any:
         """Average ``grads`` over the gang (``mlx.nn.average_gradients``), carrying this rank's pending
@@ -365,17 +401,18 @@ class Session:
     def _say_hello(self, start_step: int) -> None:
         if self._socket is None or self._hello_sent:
             return
+        self.standby()  # a standby says hello only after its go (then the daemon has made it the job's worker)
         self._hello_sent = True
         self._last_heard = time.time()  # the orphan timer starts (PROTOCOL.md 8): a long load is not silence
         self._send(Hello(self.settings.token, os.getpid(), self.settings.job, start_step,
                          self.target_steps, self.batch, self.accum, PROTOCOL_VERSION,  # written as v 1: any daemon
-                         features="census"))
+                         features=f"census {FEATURE}"))
 
-    def _send(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat | Census) -> None:
+    def _send(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat | Census | Standby) -> None:
         with self._lock:
             self._send_locked(message)
 
-    def _send_locked(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat | Census) -> None:
+    def _send_locked(self, message: Hello | Step | CheckpointSaved | Goodbye | Heartbeat | Census | Standby) -> None:
         if self._socket is None:
             return
         if isinstance(message, Step):  # held as a message: held steps go out as one ``steps`` frame
@@ -433,11 +470,16 @@ class Session:
                     self._pulse.send_waiting = self._waiting_locked
             elif isinstance(message, Command):
                 self._last_heard = time.time()
+                if self.settings.standby and self._go is None:
+                    continue  # a standby before its go has nothing to act on (docs/PROTOCOL.md section 11)
                 self._inbox.append(message)
                 self._hold.stop_holding()
             elif isinstance(message, Welcome):  # our frames are written in the agreed version from now on
                 self._last_heard = time.time()
                 self._version = max(1, min(message.protocol, PROTOCOL_VERSION))
+            elif isinstance(message, Go) and self.settings.standby and not self._hello_sent:
+                self._last_heard = time.time()
+                self._go = self._go or message
         if self._hold.due():  # the loop is slow to reach its next step: the pulse thread sends them
             self._send_all(self._hold.release())
 

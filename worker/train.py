@@ -16,6 +16,7 @@ import mlx.optimizers as optim
 from worker.inject import Leak, transient_peak, use_peak
 from worker.lm import ByteLM, ModelConfig, accumulated_grads, load_corpus, loss_fn, step_batch
 from worker.session import Session
+from worker.standby import wait_for_go
 
 FaultDue = Callable[[int, int], bool]
 
@@ -30,8 +31,9 @@ def build(args: argparse.Namespace) -> tuple[ByteLM, optim.Optimizer]:
 
 def train(session: Session, args: argparse.Namespace, fault_due: FaultDue) -> None:
     """Train to ``args.steps`` optimizer steps, resuming from the session's latest checkpoint."""
+    corpus = load_corpus(args.data)  # data, not state: a standby may hold it (4 MiB at most)
+    wait_for_go(session)  # a standby waits here, before the weights exist and before the seed is set
     model, optimizer = build(args)
-    corpus = load_corpus(args.data)
     step = resumed_step = session.resume(model, optimizer).step
     grad_fn = nn.value_and_grad(model, loss_fn)
     faulty = faults_here(args, session)

@@ -10,7 +10,8 @@ optional ones with their defaults (``null`` for an absent ``val_loss``, and for 
 measured); ``v`` is the frame's version, and ``canonical`` says that encoding the decoded message in that version
 gives back exactly ``hex``. ``error`` is a ``ProtocolError`` kind (see docs/PROTOCOL.md); a ``parts`` vector is one
 ZeroMQ message of several parts, refused whole (``multipart``) even when its first part is a valid frame. A vector
-of an optional feature (``census``) also has ``"feature"``: an SDK that does not implement that feature may skip it.
+of an optional feature (``census``, ``standby``) also has ``"feature"``: an SDK that does not implement that
+feature may skip it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ _CENSUS: dict[str, Any] = {
     "place": ["train.py:main", "train.py"], "items": [140, 140], "items_per_step": [1.0, 1.0],
     "mlx_bytes": [140 << 22, 0], "mlx_bytes_per_step": [41943040.0, 0.0], "other_bytes_per_step": [0.0, 524288.0],
     "contents": ["tuple(dict[str, array], array)", "bytes"]}
+# A standby's first message and the daemon's go (feature ``standby``).
+_STANDBY = {"token": "9c1b2a3d4e5f60718293a4b5c6d7e8f9", "pid": 4343, "job": "demo"}
+_GO = {"batch": 8, "accum": 2, "checkpoint": "/state/jobs/demo/checkpoints/ckpt-0000000200", "step": 200}
 _CENSUS_COLUMNS = ("name", "kind", "place", "items", "items_per_step", "mlx_bytes", "mlx_bytes_per_step",
                    "other_bytes_per_step", "contents")
 
@@ -162,6 +166,15 @@ def _valid_vectors() -> list[dict[str, Any]]:
         _valid("census", "census", _CENSUS, _CENSUS, True, feature="census"),
         _valid("census_nothing_grew", "census", {**_CENSUS, **{k: [] for k in _CENSUS_COLUMNS}},
                {**_CENSUS, **{k: [] for k in _CENSUS_COLUMNS}}, True, feature="census"),
+        _valid("hello_with_standby_feature", "hello", {**_HELLO, "features": "census standby"},
+               {**_HELLO, "protocol": 1, "features": "census standby"}, True),
+        _valid("standby", "standby", {**_STANDBY, "protocol": 2}, {**_STANDBY, "protocol": 2}, True,
+               feature="standby"),
+        _valid("standby_protocol_absent", "standby", _STANDBY, {**_STANDBY, "protocol": 1}, True, feature="standby"),
+        _valid("go", "go", _GO, _GO, True, version=2, feature="standby"),
+        _valid("go_without_checkpoint", "go", {**_GO, "checkpoint": "", "step": 0},
+               {**_GO, "checkpoint": "", "step": 0}, True, version=2, feature="standby"),
+        _valid("go_with_unknown_fields", "go", {**_GO, "deadline": 30.0}, _GO, False, version=2, feature="standby"),
     ]
 
 
@@ -263,6 +276,14 @@ def _invalid_vectors() -> list[dict[str, Any]]:
         _invalid("census_string_in_a_number_column", {**_HEAD, "t": "census", **_CENSUS,
                                                       "mlx_bytes_per_step": [1.0, "x"]}, "field_type",
                  feature="census"),
+        _invalid("standby_without_token", {**_HEAD, "t": "standby", "pid": 4343, "job": "demo"}, "missing_field",
+                 feature="standby"),
+        _invalid("standby_protocol_zero", {**_HEAD, "t": "standby", **_STANDBY, "protocol": 0}, "field_value",
+                 feature="standby"),
+        _invalid("go_batch_zero", {"v": 2, "t": "go", **_GO, "batch": 0}, "field_value", feature="standby"),
+        _invalid("go_without_checkpoint_field", {"v": 2, "t": "go", "batch": 8, "accum": 2, "step": 200},
+                 "missing_field", feature="standby"),
+        _invalid("go_step_as_string", {"v": 2, "t": "go", **_GO, "step": "200"}, "field_type", feature="standby"),
         {"name": "oversized_frame", "fill": {"byte": "00", "count": 64 * 1024 + 1}, "error": "too_large"},
         # One ZeroMQ message of two parts whose first part is a valid command: refused whole, never acted on.
         {"name": "multipart_valid_first_part", "error": "multipart",

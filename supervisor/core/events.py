@@ -148,6 +148,7 @@ class Sample:
     available: int
     floor: int
     rank: int = 0
+    standby: int | None = None  # the standby's group, when the job has one (its bytes count in the job's total)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -191,6 +192,59 @@ class Tick:
     resume_above: int
 
 
+# -- events: a standby (the next worker, started early; see supervisor.core.standby) ---------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StandbySpawned:
+    """The standby of life ``life`` is running (its own process group)."""
+
+    life: int
+    now: float
+    pid: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StandbySpawnFailed:
+    life: int
+    now: float
+    error: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StandbyIn:
+    """The standby of life ``life`` proved its token (checked by the job) with a ``standby`` message: it waits."""
+
+    life: int
+    now: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StandbyHeard:
+    """A heartbeat from the standby of life ``life``: it is alive."""
+
+    life: int
+    now: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StandbyFailed:
+    """The standby of life ``life`` broke the protocol (e.g. a hello before its go): dismiss it."""
+
+    life: int
+    now: float
+    why: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StandbyExited:
+    """The standby of life ``life`` was reaped before it became the job's worker."""
+
+    life: int
+    now: float
+    code: int
+
+
 # -- events: the other daemons of a gang over several hosts (see supervisor.core.gang) ----------------------
 
 
@@ -225,7 +279,8 @@ class LeaderSays:
 
 
 Event = (Start | Stop | Restart | Shutdown | CheckpointNow | SetLimits | Spawned | SpawnFailed | HelloIn | StepIn
-         | StepsIn | Heard | Waiting | GoodbyeIn | Sample | Exited | DepartedExited | Tick | PeerSync | LeaderSays)
+         | StepsIn | Heard | Waiting | GoodbyeIn | Sample | Exited | DepartedExited | Tick | PeerSync | LeaderSays
+         | StandbySpawned | StandbySpawnFailed | StandbyIn | StandbyHeard | StandbyFailed | StandbyExited)
 
 
 # -- actions ---------------------------------------------------------------------------------------------
@@ -257,6 +312,27 @@ class Signal:
     life: int
     signum: int
     rank: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpawnStandby:
+    """Start the standby that may become life ``life``, at this batch x accumulation (its own token, and
+    ``MLXSUP_STANDBY=1``); then report StandbySpawned or StandbySpawnFailed. Its process is killed with
+    ``Signal(life, SIGKILL)`` like any worker's."""
+
+    life: int
+    batch: int
+    accum: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Go:
+    """The waiting standby becomes life ``life``, the job's worker: send it ``go`` (this batch x accumulation and
+    the newest checkpoint), make its token the current one, then report Spawned as for a spawn."""
+
+    life: int
+    batch: int
+    accum: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -330,7 +406,7 @@ class Reply:
     fields: dict[str, Any]
 
 
-Action = Spawn | Send | Signal | Depart | StateChanged | Decided | Note | Telemetry | Reply
+Action = Spawn | Send | Signal | Depart | StateChanged | Decided | Note | Telemetry | Reply | SpawnStandby | Go
 
 
 class Refused(Exception):

@@ -46,6 +46,8 @@ class Settings:
     sdk: bool | str = True  # False: a guard-only job (no hello, telemetry or checkpoints; enforcement by signals);
     # "auto": each life is guard-only until its worker says hello, an SDK life from then on
     restart: str = "on-breach"  # guard-only jobs: on-breach | never
+    standby: str = "off"  # "auto": start the next worker early, as a standby (supervisor.core.standby)
+    standby_estimate: int = 64 * 2**20  # bytes a standby is expected to hold until one has been sampled
 
     @property
     def gang(self) -> bool:
@@ -178,3 +180,6 @@ class JobStats:
     stop_steps: Recent[list[int]] = dataclasses.field(default_factory=lambda: Recent(LAST_STOPS))
     # The last crash: {"exit_code", "signal", "stderr_tail", "signature"} (supervisor.core.crashes.Crash.record)
     last_error: dict[str, Any] | None = None
+    standbys: int = 0  # standbys started
+    standbys_used: int = 0  # lives that began as a standby's go
+    standby_max_bytes: int = 0  # the largest sample of a standby's group

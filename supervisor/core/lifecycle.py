@@ -18,6 +18,9 @@ Rules worth stating once:
 - A departing worker (it checkpointed on request and said goodbye; its successor may already run) counts in
   the job's footprint until it is reaped. The successor is spawned only when the departing footprint plus the
   successor's expected baseline fits the budget; otherwise when the old process is gone.
+- A standby (``standby = "auto"``: the next worker, started early, waiting for its go) is the job's at most one,
+  counted in its total and never its current worker; at a restart it becomes the life instead of a spawn
+  (``supervisor.core.standby``).
 - A gang (``Settings.ranks``/``world``: a data-parallel job whose ranks run as one life) moves as one: each rank
   is sampled against the budget on its own, and any rank's decision is the life's (the SDK makes every rank
   checkpoint at the same step). The life ends when its last rank has exited; the first rank to exit tells how
@@ -56,6 +59,7 @@ from supervisor.core.policy import (
     on_step,
     shrink,
 )
+from supervisor.core.standby import StandbyRole
 from supervisor.core.states import (
     PROCESS_STATES,
     STARTABLE_STATES,
@@ -70,7 +74,7 @@ STEP_FIELDS = tuple(field.name for field in dataclasses.fields(Step))  # recorde
 # (a ``steps`` frame has a list under each of these names)
 
 
-class Lifecycle(PeerRole):
+class Lifecycle(PeerRole, StandbyRole):
     """The state of one job and the one function that changes it: ``handle(event) -> actions``."""
 
     def __init__(self, settings: Settings, limits: Limits) -> None:
@@ -98,6 +102,7 @@ class Lifecycle(PeerRole):
         self._lives = itertools.count(1)
         self._out: list[Action] = []
         self._init_peers(settings)
+        self._init_standby()
 
     def handle(self, event: Event) -> list[Action]:
         """Apply one event; return the actions to carry out, in order. Raises Refused for an operator request
@@ -109,7 +114,7 @@ class Lifecycle(PeerRole):
     @property
     def busy(self) -> bool:
         """A worker process of this job exists (current or departing) or is about to."""
-        return self.life is not None or bool(self.departing) or self.deferred
+        return self.life is not None or bool(self.departing) or self.deferred or self.standby is not None
 
     def headroom(self) -> int:
         """Bytes between the budget and the largest rank's last complete sample while the job runs steadily
@@ -120,7 +125,8 @@ class Lifecycle(PeerRole):
         sampled = [rank.last_bytes for rank in life.alive]
         if not sampled or min(sampled) <= 0:
             return 0
-        return max(0, self.limits.budget - max(sampled))
+        held = self.standby.bytes if self.standby is not None else 0  # a standby's memory counts in the job's total
+        return max(0, self.limits.budget - max(sampled) - held)
 
     def next_deadline(self) -> float:
         """The earliest time a Tick could change something (inf when only events can)."""
@@ -132,7 +138,7 @@ class Lifecycle(PeerRole):
             own = min(life.deadline, life.straggle_at)
         else:
             own = min([life.straggle_at, *(self._silent_at(r) for r in life.alive)])
-        return min(own, departing)
+        return min(own, departing, self.standby_deadline())
 
     def sdk_life(self, life: Life | None) -> bool:
         """Whether ``life`` speaks the SDK (public: the daemon's diagnosis asks it of the current life)."""
@@ -251,6 +257,7 @@ class Lifecycle(PeerRole):
         if life is None or rank is None:
             return
         rank.hello, rank.last_heard, self.said_hello = True, e.now, True
+        self._standby_hello(m)
         # The worker knows where it really resumed (a damaged newest checkpoint was skipped).
         rank.last_step = m.start_step
         self._note("hello", pid=m.pid, start_step=m.start_step, batch=m.batch, accum=m.accum,
@@ -328,7 +335,7 @@ class Lifecycle(PeerRole):
     def _on_step(self, life: Life, rank: Rank) -> Decision:
         """The policy after one rank's step; a gang regrows only when every rank has room for it."""
         def decide(r: Rank) -> Decision:
-            return on_step(r.estimator, self.limits, life.batch, life.accum, r.healthy_steps, self.policy)
+            return on_step(r.estimator, self.life_limits(), life.batch, life.accum, r.healthy_steps, self.policy)
 
         decision = decide(rank)
         if decision.diagnosis is Diagnosis.REGROW and any(
@@ -356,12 +363,13 @@ class Lifecycle(PeerRole):
             if life_id in self.departing:
                 self.departing[life_id].bytes = nbytes
         departing = sum(d.bytes for d in self.departing.values())
-        total = (e.current or 0) + departing
+        total = (e.current or 0) + departing + self._standby_sample(e)
         life, rank = self.life, self._rank(e.rank)
-        if life is None and not self.departing:
+        if life is None and not self.departing and self.standby is None:
             return
         if e.complete:
             self._count_sample(total, e.rank)
+        self._standby_guard(total, e)
         if self.deferred and self._room(e.now):
             self._spawn(e.now)
             return
@@ -470,8 +478,13 @@ class Lifecycle(PeerRole):
         if self.deferred and self._room(e.now):
             self._spawn(e.now)
 
+    def _sampled(self, e: ev.Sample) -> None:
+        self._sample(e)
+        self._standby_consider(e.now)
+
     def _tick(self, e: ev.Tick) -> None:
         now = e.now
+        self._standby_tick(now)
         for life_id, departing in self.departing.items():
             if now >= departing.kill_at:
                 departing.kill_at = INF
@@ -640,6 +653,8 @@ class Lifecycle(PeerRole):
         return fits and self._peers_ready(now)
 
     def _spawn(self, now: float, life_id: int | None = None) -> None:
+        if life_id is None and self._standby_go(now):
+            return  # the waiting standby becomes the life
         self.deferred = False
         life_id = next(self._lives) if life_id is None else life_id
         self.gen = life_id
@@ -775,6 +790,7 @@ class Lifecycle(PeerRole):
         check_transition(old, new)
         self.state = new
         self._out.append(ev.StateChanged(old.name, new.name, reason, fields))
+        self._standby_on_state(new)
 
     def _note(self, event: str, level: str = "info", history: bool = True, **fields: Any) -> None:
         self._out.append(ev.Note(event, fields, level, history))
@@ -807,9 +823,12 @@ _HANDLERS: dict[type[Any], Callable[[Lifecycle, Any], None]] = {
     ev.SetLimits: Lifecycle._set_limits, ev.Spawned: Lifecycle._spawned, ev.SpawnFailed: Lifecycle._spawn_failed,
     ev.HelloIn: Lifecycle._hello, ev.StepIn: Lifecycle._step, ev.StepsIn: Lifecycle._steps, ev.Heard: Lifecycle._heard,
     ev.Waiting: Lifecycle._waiting,
-    ev.GoodbyeIn: Lifecycle._goodbye, ev.Sample: Lifecycle._sample, ev.Exited: Lifecycle._exited,
+    ev.GoodbyeIn: Lifecycle._goodbye, ev.Sample: Lifecycle._sampled, ev.Exited: Lifecycle._exited,
     ev.DepartedExited: Lifecycle._departed, ev.Tick: Lifecycle._tick,
     ev.PeerSync: Lifecycle._peer_sync, ev.LeaderSays: Lifecycle._leader_says,
+    ev.StandbySpawned: Lifecycle._standby_spawned, ev.StandbySpawnFailed: Lifecycle._standby_spawn_failed,
+    ev.StandbyIn: Lifecycle._standby_in, ev.StandbyHeard: Lifecycle._standby_heard,
+    ev.StandbyFailed: Lifecycle._standby_broke, ev.StandbyExited: Lifecycle._standby_exited,
 }
 
 

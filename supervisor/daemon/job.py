@@ -39,6 +39,7 @@ from supervisor.core.policy import Limits, PolicyConfig, hold_horizon, hold_thre
 from supervisor.core.sizes import parse_bytes, parse_fraction_of
 from supervisor.core.states import JobState
 from supervisor.daemon import backends, leaks
+from supervisor.daemon import standby as standby_link
 from supervisor.daemon.exits import PendingExits
 from supervisor.daemon.history import History
 from supervisor.daemon.ranks import rank_env, rank_rows, write_ring
@@ -71,7 +72,7 @@ def settings_of(job: JobConfig, layout: Layout | None = None) -> Settings:
         policy=policy, mode=job.policy, batch=job.batch, accum=job.accum, checkpoint_timeout=job.checkpoint_timeout,
         kill_grace=job.kill_grace, startup_timeout=job.startup_timeout, hang_timeout=job.hang_timeout,
         backoff_initial=job.backoff_initial, backoff_max=job.backoff_max,
-        max_attempts=job.max_attempts_without_progress, sdk=job.sdk, restart=job.restart,
+        max_attempts=job.max_attempts_without_progress, sdk=job.sdk, restart=job.restart, standby=job.standby,
         ranks=layout.local_ranks if layout else (0,), world=layout.world if layout else 1,
         peers=layout.peers if layout else (), follower=bool(layout and not layout.leader),
     )
@@ -114,6 +115,7 @@ class Job:
         self.procs: dict[ProcKey, WorkerProcess] = {}  # (life, rank) -> process, current and departing
         self.exits = PendingExits()  # reaped processes whose exit waits for their last frames
         self.tokens: dict[int, str] = {}  # rank -> spawn token of the current life
+        self.standby_link: standby_link.Link | None = None  # the standby's token and socket, until its go
         self.identities: dict[int, bytes] = {}  # rank -> worker socket identity, once it said hello
         self.features: dict[int, frozenset[str]] = {}  # rank -> the optional features its hello announced
         self.diagnosis = JobDiagnosis(float(parse_bytes(config.leak_threshold)), config.diagnose_on_leak)
@@ -332,11 +334,12 @@ class Job:
         current = self._current()
         departing = {key[0]: proc.sample(now).bytes for key, proc in self.procs.items()
                      if key[0] in self.lifecycle.departing}
+        standby = standby_link.sample(self, now)
         self._sampled_all = False
-        if not current and not departing:
+        if not current and not departing and standby is None:
             return
         if not current:
-            self.feed(ev.Sample(now, None, True, departing, available, floor))
+            self.feed(ev.Sample(now, None, True, departing, available, floor, standby=standby))
             return
         self._sampled_all = True
         for rank, proc in current.items():
@@ -346,8 +349,9 @@ class Job:
                 leaks.sample(self, now, sample.bytes)
                 fields = {"rank": rank} if self.layout is not None else {}
                 self.recorder.record("sample", bytes=sample.bytes, pids=sample.pids, **fields,
-                                     **({"departing": sum(departing.values())} if departing else {}))
-            self.feed(ev.Sample(now, sample.bytes, sample.complete, departing, available, floor, rank))
+                                     **({"departing": sum(departing.values())} if departing else {}),
+                                     **({"standby": standby} if standby is not None else {}))
+            self.feed(ev.Sample(now, sample.bytes, sample.complete, departing, available, floor, rank, standby))
 
     def tick(self, now: float, available: int, resume_above: int) -> None:
         """Reap what exited (an exit that waits for its worker's last frames: see ``supervisor.daemon.exits``),
@@ -357,6 +361,7 @@ class Job:
             code = proc.poll()
             if code is not None:
                 del self.procs[key]
+                standby_link.forget(self, key[0])
                 exited.append((key, code))
         # Ranks reaped in one turn: one killed by a signal goes first, since a peer's "connection to a peer was
         # lost" exit is its fall-out (the first exit of a life is read as its cause).
@@ -393,6 +398,8 @@ class Job:
             self.feed(ev.Exited(now, code, self._newest(), rank, tail))
         elif life in self.lifecycle.departing:
             self.feed(ev.DepartedExited(now, life, code))
+        else:
+            standby_link.exited(self, life, code, now)
 
     # -- carrying out the lifecycle's actions --------------------------------------------------------
 
@@ -423,6 +430,8 @@ class Job:
                     proc.signal_group(action.signum)
         elif isinstance(action, ev.Spawn):
             self._spawn(action)
+        elif isinstance(action, ev.SpawnStandby | ev.Go):
+            standby_link.carry_out(self, action)
         elif isinstance(action, ev.Depart):
             self.identities.clear()  # its process stays in self.procs until reaped
             self.protocols.clear()
@@ -512,7 +521,7 @@ class Job:
         if self.layout is not None and self.paths.ring is not None:
             write_ring(self.layout, self.paths.ring, generation)
 
-    def _worker_env(self, token: str, batch: int, accum: int, rank: int = 0) -> dict[str, str]:
+    def _worker_env(self, token: str, batch: int, accum: int, rank: int = 0, standby: bool = False) -> dict[str, str]:
         config = self.config
         env = {**os.environ, **config.env, "PYTHONUNBUFFERED": "1"}
         env.update({
@@ -523,6 +532,7 @@ class Job:
             "MLXSUP_ORPHAN_TIMEOUT": str(self.orphan_timeout),
             "MLXSUP_CACHE_LIMIT": str(parse_fraction_of(config.cache_limit, self.limits.budget)),
             "MLXSUP_CACHE_CLEAR_BYTES": str(parse_bytes(config.cache_clear)),
+            "MLXSUP_STANDBY": "1" if standby else "0",  # a standby waits for its go (supervisor.daemon.standby)
         })
         if self.layout is not None and self.paths.ring is not None:
             env.update(rank_env(self.layout, self.paths.ring, rank))

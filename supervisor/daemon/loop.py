@@ -23,6 +23,7 @@ from protocol import MAX_MESSAGE_BYTES, Heartbeat, Hello, ProtocolError, Welcome
 from supervisor.config import Config
 from supervisor.core.sizes import parse_bytes, parse_fraction_of
 from supervisor.core.states import TERMINAL_STATES
+from supervisor.daemon import standby
 from supervisor.daemon.job import Job, JobPaths
 from supervisor.daemon.rundir import ipc_socket, lock_run_dir, prepare_run_dir
 from supervisor.daemon.system import RealSystem, System
@@ -281,6 +282,7 @@ class Daemon:
     def _heartbeat_all(self) -> None:
         sent_at, hold = time.time(), self.config.daemon.telemetry_hold
         for job in self.jobs.values():
+            standby.heartbeat(job, sent_at, self._send_to_worker)
             if job.identities:
                 beat = job.heartbeat(sent_at, hold)
                 frames: dict[int, bytes] = {}  # one frame per negotiated version (every rank the same, mostly)
@@ -308,6 +310,8 @@ class Daemon:
             except ProtocolError as exc:
                 log.warning("worker_frame_rejected", problem=str(exc))
                 continue
+            if standby.route(self.jobs.values(), message, identity, now, self._send_to_worker):
+                continue  # a standby's frame (supervisor.daemon.standby)
             job = self.by_identity.get(identity)
             if isinstance(message, Hello):
                 self._on_hello(message, identity, now)

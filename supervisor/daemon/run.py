@@ -64,6 +64,8 @@ def summarize(job: Job, wall_seconds: float) -> dict[str, Any]:
         "censuses": list(job.diagnosis.censuses),
         # The last crash (exit_code or signal, stderr_tail, signature); null when nothing crashed.
         "last_error": stats.last_error,
+        # Standbys (standby = "auto"): started, lives begun as a standby's go, the largest standby footprint.
+        "standby": {"started": stats.standbys, "used": stats.standbys_used, "max_bytes": stats.standby_max_bytes},
     }
 
 

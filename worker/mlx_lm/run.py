@@ -28,6 +28,7 @@ from worker.mlx_lm import gang, setup
 from worker.mlx_lm.batches import StepBatches
 from worker.mlx_lm.trainer import Reducer, Trainer
 from worker.session import Session
+from worker.standby import wait_for_go
 
 # Fault injection for testing the supervisor (the built-in job's --leak-mb-per-step and friends).
 INJECT_LEAK = "MLXSUP_INJECT_LEAK_MB_PER_STEP"
@@ -56,7 +57,15 @@ class SetupError(Exception):
 
 
 def run(args: types.SimpleNamespace) -> int:
-    """Train under the daemon (or standalone) until the target step; 0 when done, 2 when setup failed."""
+    """Train under the daemon (or standalone) until the target step; 0 when done, 2 when setup failed.
+
+    A life has two halves. Before ``ready``: the interpreter and the imports of mlx, mlx-lm and transformers (this
+    module's), about 80% of a restart, which depend on nothing of the run, and the Session's socket. From
+    ``ready`` on: the model's weights, the tokenizer and data, the RNG seeds, the checkpoint and the data position
+    it restores. A standby successor pays the first half while the current life still trains, and waits in
+    ``ready`` (before ``Session.resume``, where the SDK's own wait would come after the weights were read).
+    """
+    setup.import_ahead()
     schedule = Schedule(args)
     try:
         batch = gang.per_rank_batch(args.batch_size, gang.world_size(os.environ))
@@ -65,6 +74,7 @@ def run(args: types.SimpleNamespace) -> int:
         return 2
     session = Session.from_env(target_steps=schedule.target, batch=batch, accum=schedule.accum)
     try:
+        ready(session)
         _train(session, args, schedule)
     except SetupError as exc:
         print(f"python -m worker.mlx_lm: error: {exc}", file=sys.stderr)
@@ -72,6 +82,14 @@ def run(args: types.SimpleNamespace) -> int:
     finally:
         session.close()
     return 0
+
+
+def ready(session: Session) -> None:
+    """The one point between the imports and the first read of the run, where a standby waits for its go (and
+    takes go's batch and accumulation into ``session``). Nothing has been loaded, seeded or advanced yet: no
+    weights, tokenizer, data, RNG seed or checkpoint, so waiting here holds only the imported code (and the
+    session's socket) and changes nothing a resumed run restores. Without a standby it returns at once."""
+    wait_for_go(session)
 
 
 def _load(session: Session, args: types.SimpleNamespace) -> tuple[Any, Any, tuple[Any, Any, Any]]:

@@ -6,6 +6,8 @@ Pinned to mlx-lm 0.32.x (``requirement.REQUIREMENT``): ``load``, ``load_dataset`
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import types
 from pathlib import Path
@@ -23,6 +25,20 @@ ADAPTERS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _OPTIMIZERS: dict[str, Any] = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
                                "adafactor": optim.Adafactor}
+
+
+# What mlx-lm and transformers import lazily on a first load whatever the model: numpy's RNG (the data order),
+# transformers' image, video and config-validation helpers (on AutoTokenizer's path). Imported ahead so that a
+# standby has them; only the model's own architecture modules (named by its config) are left for after "go".
+IMPORTED_AHEAD = ("numpy.random", "transformers.image_utils", "transformers.video_utils",
+                  "transformers.image_transforms", "transformers.utils.type_validators")
+
+
+def import_ahead() -> None:
+    """Import IMPORTED_AHEAD (each one this transformers has); reads no file of the run's."""
+    for name in IMPORTED_AHEAD:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
 
 
 def load_model(args: types.SimpleNamespace) -> tuple[nn.Module, Any]:

@@ -42,7 +42,16 @@ def describe(job: Job) -> dict[str, Any]:
         "protocol": job.protocols[min(job.protocols)] if job.protocols else None, **gang_status(job),
         **guard_status(job),
         "restart_reasons": dict(stats.restart_reasons),
+        "standby": standby_status(job),
     }
+
+
+def standby_status(job: Job) -> dict[str, Any] | None:
+    """The job's standby (pid, waiting, sampled bytes, why it was killed) while it has one; None otherwise."""
+    sb = job.lifecycle.standby
+    if sb is None:
+        return None
+    return {"life": sb.id, "pid": sb.pid, "waiting": sb.ready, "bytes": sb.bytes, "killed": sb.killed or None}
 
 
 def guard_status(job: Job) -> dict[str, Any]:
