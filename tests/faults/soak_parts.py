@@ -117,7 +117,7 @@ def start_seconds(area: Area, shape: Shape, mark: str, scratch: str) -> float | 
     root = area.root / scratch
     shutil.rmtree(root, ignore_errors=True)
     (root / "run").mkdir(parents=True, mode=0o700)
-    shutil.copytree(area.state_dir, root / "state", symlinks=True, ignore_dangling_symlinks=True)
+    copy_live_tree(area.state_dir, root / "state")
     copy = Area(root)
     config = write_soak_config(copy, shape)
     started = time.monotonic()
@@ -131,6 +131,19 @@ def start_seconds(area: Area, shape: Shape, mark: str, scratch: str) -> float | 
     finally:
         daemon.kill()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def copy_live_tree(src: Path, dst: Path) -> None:
+    """Copy a directory a running daemon writes to: a file or directory gone between the listing and its copy
+    (a checkpoint's temp directory renamed, a rotated log) is left out, as if copied a moment later."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        here = Path(dirpath)
+        target = dst / here.relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        links = [name for name in dirnames if (here / name).is_symlink()]
+        for name in [*filenames, *links]:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.copy2(here / name, target / name, follow_symlinks=False)
 
 
 # -- the client loop (a process of its own) ---------------------------------------------------------------
