@@ -39,12 +39,15 @@ class Shape:
     log_max_bytes: int = 2**20
     log_keep: int = 2
     sample_interval: float = 0.02
+    guard_mib: int = 16  # each guard-only step's leak (the kernel's page zeroing is most of a guard life's CPU)
+    guard_budget: str = "120MiB"
 
 
 def jobs_config(shape: Shape) -> dict[str, dict[str, Any]]:
     """SDK jobs leaking 8 MiB per 10 ms step (a recycle every half second or so: leak_predicted) and guard-only
-    jobs leaking 16 MiB per 5 ms (SIGTERM or SIGKILL at their budget, started over). A guard-only command stops
-    growing at 256 MiB and exits 10 s later: it knows nothing of its daemon, and one is SIGKILLed halfway."""
+    jobs leaking ``guard_mib`` per 5 ms (SIGTERM or SIGKILL at their budget, started over). A guard-only command
+    stops growing after 16 steps and exits 10 s later: it knows nothing of its daemon, and one is SIGKILLed
+    halfway."""
     jobs: dict[str, dict[str, Any]] = {}
     for index in range(shape.sdk_jobs):
         jobs[f"sdk{index}"] = {
@@ -53,8 +56,9 @@ def jobs_config(shape: Shape) -> dict[str, dict[str, Any]]:
             "max_attempts_without_progress": 1000, "startup_timeout": 60.0}
     for index in range(shape.guard_jobs):
         jobs[f"guard{index}"] = {
-            "command": [sys.executable, "-S", str(PLAIN_WORKER), "16", "16", "--seconds", "0.005", "--hold", "10"],
-            "budget": "120MiB", "sdk": False, "max_attempts_without_progress": 100_000_000, "kill_grace": 1.0}
+            "command": [sys.executable, "-S", str(PLAIN_WORKER), "16", str(shape.guard_mib), "--seconds", "0.005",
+                        "--hold", "10"],
+            "budget": shape.guard_budget, "sdk": False, "max_attempts_without_progress": 100_000_000, "kill_grace": 1.0}
     return jobs
 
 
