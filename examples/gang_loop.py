@@ -1,4 +1,4 @@
-"""A data-parallel training loop supervised as a gang of ranks (this file is quoted in README.md)."""
+"""A data-parallel training loop supervised as a gang of ranks (this file is quoted in docs/distributed.md)."""
 
 import mlx.core as mx
 import mlx.nn as nn

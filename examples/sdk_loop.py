@@ -1,4 +1,4 @@
-"""A complete training loop supervised through the Session SDK (this file is quoted in README.md)."""
+"""A complete training loop supervised through the Session SDK (this file is quoted in docs/sdk.md)."""
 
 import sys
 

@@ -1,6 +1,6 @@
 """Config: TOML into frozen dataclasses, strictly. An unknown key or a bad value names itself.
 
-Each field's help lives in its metadata; README's config reference is generated from these.
+Each field's help lives in its metadata; the config reference (docs/config.md) is generated from these.
 """
 
 from __future__ import annotations

@@ -60,9 +60,12 @@ def darwin_user_temp_dir() -> Path | None:
 def default_run_dir() -> Path:
     """Where the daemon's sockets and lock live by default.
 
-    macOS: under the per-user $TMPDIR, not /tmp, whose entries macOS deletes after 3 days untouched (a
-    long-lived daemon would lose its sockets); without one, /var/run/mlxsup for root and
-    ~/Library/Caches/mlxsup/run for others. Linux: $XDG_RUNTIME_DIR, else /tmp/mlxsup-UID.
+    macOS: under the per-user $TMPDIR. macOS cleans it too (regular files not accessed in 3 days; emptied at
+    boot), but its cleaner skips sockets and files held under flock, and the run dir holds only the sockets, the
+    flock-held lock and a gang's MLX_HOSTFILE (rewritten before every generation, read once at the ranks' start);
+    the daemon recreates the directory when it starts. Without a per-user temp dir (neither $TMPDIR nor
+    confstr's), /var/run/mlxsup for root and ~/Library/Caches/mlxsup/run for others; never /tmp.
+    Linux: $XDG_RUNTIME_DIR, else /tmp/mlxsup-UID.
     """
     if not is_macos():
         runtime = os.environ.get("XDG_RUNTIME_DIR")

@@ -225,8 +225,8 @@ class TestAuthorizedKeys:
         keys = read_authorized_keys(path)
         assert len(keys) == 2 and {p.role for p in keys.values()} == {Role.ADMIN}
 
-    def test_the_readme_example(self, tmp_path: Path) -> None:
-        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    def test_the_documented_example(self, tmp_path: Path) -> None:
+        readme = (Path(__file__).resolve().parent.parent / "docs" / "remote.md").read_text()
         block = readme.split("# authorized_keys:", 1)[1].split("```", 1)[0]
         path = tmp_path / "keys"
         path.write_text("# authorized_keys:" + block)

@@ -17,7 +17,7 @@ from tests.test_daemon import Daemon, free_port
 
 
 class TestJsonAnywhere:
-    """README: every command takes --json; before or after the command name."""
+    """docs/running.md: every command takes --json; before or after the command name."""
 
     @pytest.mark.parametrize("name", sorted(CLI_COMMANDS))
     def test_after_the_command(self, name: str) -> None:

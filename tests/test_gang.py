@@ -131,12 +131,12 @@ class TestPeak:
 
 
 class TestGangExample:
-    """The README's gang example runs supervised as two ranks to the end."""
+    """The gang example docs/distributed.md quotes runs supervised as two ranks to the end."""
 
     def test_readme_quotes_the_example_verbatim(self) -> None:
         root = Path(__file__).resolve().parent.parent
         example = (root / "examples" / "gang_loop.py").read_text()
-        assert example.strip() in (root / "README.md").read_text()
+        assert example.strip() in (root / "docs" / "distributed.md").read_text()
 
     def test_example_trains_as_two_ranks_with_collective_checkpoints(self, config_file: Any, tmp_path: Path,
                                                                      spawn: Any) -> None:

@@ -1,5 +1,5 @@
-"""What the lifecycle records of a job: every decision kind carries the README's fields and never shadows the
-log's own keys; a gang records every rank's exit and names the pid of every process it signals."""
+"""What the lifecycle records of a job: every decision kind carries the fields docs/running.md names and never
+shadows the log's own keys; a gang records every rank's exit and names the pid of every process it signals."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from supervisor.core.states import JobState
 
 MiB = 2**20
 LIMITS = Limits(850 * MiB, 1000 * MiB, 1100 * MiB)
-# What the README promises of every decision record (`decision` with `action`, `reason`, `sampled`, `budget`,
+# What docs/running.md promises of every decision record (`decision` with `action`, `reason`, `sampled`, `budget`,
 # `step`, and `diagnosis` / `next_batch` where they apply).
 DECISION_FIELDS = {"action", "reason", "sampled", "budget", "step"}
 

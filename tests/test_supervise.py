@@ -122,12 +122,12 @@ class TestOrphan:
 
 
 class TestSdkExample:
-    """The README's example loop runs supervised end to end."""
+    """The example loop docs/sdk.md quotes runs supervised end to end."""
 
     def test_readme_quotes_the_example_verbatim(self) -> None:
         root = Path(__file__).resolve().parent.parent
         example = (root / "examples" / "sdk_loop.py").read_text()
-        assert example.strip() in (root / "README.md").read_text()
+        assert example.strip() in (root / "docs" / "sdk.md").read_text()
 
     def test_example_loop_is_supervised_to_the_end(self, config_file: Any, tmp_path: Path) -> None:
         import sys

@@ -1,7 +1,7 @@
 """The worker side of mlx-supervisor: the Session SDK and the built-in MLX jobs.
 
 A training loop needs three calls: ``Session.from_env()``, ``session.resume(model, optimizer)`` and
-``session.end_step(step, loss)``. See README.md for a complete example.
+``session.end_step(step, loss)``. See docs/sdk.md for a complete example.
 
 ``Session`` is imported lazily so that the daemon can read ``worker.cli`` without importing MLX.
 """

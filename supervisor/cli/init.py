@@ -17,7 +17,7 @@ from supervisor.config import ConfigError, load_config, toml_value
 from supervisor.core.sizes import format_bytes
 
 HEADER = """\
-# mlx-supervisor config, written by `mlxsupctl init`. Every key and its default: README, "Configuration
+# mlx-supervisor config, written by `mlxsupctl init`. Every key and its default: docs/config.md, "Configuration
 # reference" (or `python -m supervisor.tools.docs`).
 #   mlxsupd -c {path}
 #       the daemon, in the foreground (`mlxsupctl service install -c {path}` makes it a service)

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlxsupctl", description="Control a running mlxsupd. Without a command: an interactive shell.",
         epilog="Exit status: 0 ok, 1 refused by the daemon (also: forbidden for the key's role), 2 usage/config "
-               "error, 3 daemon unreachable.")
+               "error, 3 daemon unreachable. Every command, and the control protocol: read docs/running.md")
     parser.add_argument("-c", "--config", type=Path, default=None,
                         help=f"config of the daemon, to find its socket (default: {paths.default_config_path()})")
     parser.add_argument("-s", "--server", default=None, help="control endpoint, e.g. tcp://host:7781")

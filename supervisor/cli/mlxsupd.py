@@ -18,6 +18,11 @@ from supervisor.daemon.logs import configure
 EXIT_CONFIG = 2
 
 
+# The last words of --help: the page of the manual to read (the source tree's docs/; README.md lists them all).
+MANUAL = "The daemon, mlxsupctl and every option: read docs/running.md"
+MANUAL_RUN = "Every option, the report and the summary: read docs/running.md#one-job-in-the-foreground-mlxsupd-run"
+
+
 def _common(suppress: bool) -> argparse.ArgumentParser:
     """Options accepted both before and after the subcommand."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -36,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mlxsupd",
         description="Supervise MLX training workers under hard memory budgets.",
         epilog="Without a subcommand, runs the daemon in the foreground for every job in the config "
-        "(as launchd and systemd expect). Exit status: 0 ok, 1 job did not finish, 2 config or usage error.",
+        "(as launchd and systemd expect). Exit status: 0 ok, 1 job did not finish, 2 config or usage error. "
+        f"{MANUAL}",
         parents=[_common(False)],
     )
     sub = parser.add_subparsers(dest="command")
@@ -51,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the file is an error. mlxsupctl reaches the run on its run dir (the line printed at the start).",
         epilog="At the end the JSON summary goes to stdout (and --summary) and a short report to stderr. Exit "
         "status: 0 the job finished (or did its --max-steps), 1 it did not, 2 config or usage error. Ctrl-C "
-        "checkpoints an SDK worker (a guard-only one is stopped) and prints the report.")
+        "checkpoints an SDK worker (a guard-only one is stopped) and prints the report. "
+        f"{MANUAL_RUN}")
     run.add_argument("job", nargs="?", help="name of a job in the config (the -c CONFIG JOB form)")
     run.add_argument("--summary", type=Path, default=None, help="also write the JSON summary to this file")
     run.add_argument("--max-seconds", type=float, default=None, help="give up (stop the job) after this long")

@@ -13,7 +13,7 @@ from typing import Any
 
 from supervisor.core.sizes import format_bytes
 
-SDK_SECTION = 'README, "Your own training loop: the Session SDK"'
+SDK_SECTION = 'docs/sdk.md, "Your own training loop: the Session SDK"'
 MAX_ERROR_LINES = 8
 
 

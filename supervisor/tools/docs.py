@@ -1,6 +1,6 @@
 """``python -m supervisor.tools.docs``: the config reference, generated from the config dataclasses.
 
-README.md carries this output verbatim; a test keeps the two equal.
+docs/config.md carries this output verbatim; a test keeps the two equal.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The Prometheus text exposition format (0.0.4) of a daemon's status: ``/metrics`` of ``mlxsupctl dashboard``
 and ``mlxsupctl metrics --textfile`` (node_exporter's textfile collector) write the same text.
 
-Pure: a status reply and the last step telemetry per (job, rank) in, text out. The README's "Prometheus
-metrics" section lists every family below; a test checks the two agree.
+Pure: a status reply and the last step telemetry per (job, rank) in, text out. The "Prometheus metrics"
+section of docs/running.md lists every family below; a test checks the two agree.
 """
 
 from __future__ import annotations

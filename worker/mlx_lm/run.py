@@ -89,7 +89,7 @@ def _train(session: Session, args: types.SimpleNamespace, schedule: Schedule) ->
     effective = session.batch * session.accum
     _check_resume(resumed.extra, args, effective)
     setup.write_adapter_config(args)
-    maybe_set_recommended_wired_limit()  # what mlx_lm's train() does (Metal only; see README)
+    maybe_set_recommended_wired_limit()  # what mlx_lm's train() does (Metal only; see docs/mlx-lm.md)
     threshold = session.settings.cache_clear_bytes or args.clear_cache_threshold
     trainer = Trainer(model, optimizer, args, StepBatches(train_set, effective, args.max_seq_length, args.seed),
                       threshold)
