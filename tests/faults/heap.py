@@ -115,6 +115,10 @@ class Profiler:
         if time.monotonic() - self.quiet_since < SETTLE:
             return
         self.full = all(len(job.history.events) >= job.history.limit for job in daemon.jobs.values())
+        for job in daemon.jobs.values():
+            # A job's telemetry file is opened at its next line and closed at a rotation: whether it is open at
+            # a mark is chance. Closed (written out) for the figures, it opens again at the next line.
+            job.recorder.close()
         self._figures(self._restarts(daemon))
         self.next_mark += self.every
         if self._restarts(daemon) >= self.restarts:
