@@ -91,6 +91,7 @@ class Profiler:
         self.snapshots: list[tracemalloc.Snapshot] = []
         self.types: list[collections.Counter[str]] = []
         self.next_mark = every
+        self.most_marks = restarts // every + 2
         self.quiet_since: float | None = None
         self.settling = False
         self.full = False  # every job's in-memory history holds its bound of events (the warm-up is over)
@@ -121,8 +122,9 @@ class Profiler:
             job.recorder.close()
         self._figures(self._restarts(daemon))
         self.next_mark += self.every
-        if self._restarts(daemon) >= self.restarts:
-            daemon.stopping = True
+        warm = any(row["histories_full"] for row in self.marks[:-1])
+        if self._restarts(daemon) >= self.restarts and (warm or len(self.marks) >= self.most_marks):
+            daemon.stopping = True  # (a slow job's history not yet full: a mark or two more, then stop anyway)
             return
         self._each_job(daemon, "start")
         self.settling = False
