@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from supervisor.config import load_config
 from supervisor.core.life import JobStats
 from supervisor.core.recent import LAST_BATCHES, LAST_RECOVERIES, LAST_STOPS, Recent, Series
 from supervisor.daemon.history import History, read_history, read_recent, rotated
+from supervisor.daemon.server import DaemonService
 
 
 @pytest.fixture(autouse=True)
@@ -116,3 +119,25 @@ def _bytes_read() -> int:
         if line.startswith("rchar:"):
             return int(line.split()[1])
     raise AssertionError("no rchar in /proc/self/io")
+
+
+class TestRemovedJobs:
+    """A job removed from the config leaves nothing behind in the daemon (a config edited for months)."""
+
+    def test_a_removed_job_leaves_the_worker_identity_map(self, config_file: Any) -> None:
+        """A real DaemonService (sockets bound, loop not running): the identity its worker's hello left in the
+        daemon's map (put there as ``_on_hello`` does) goes with the job once a reload removes it; before, the
+        map kept every removed job (its history, telemetry and stats) alive for the daemon's whole life."""
+        path = config_file({"keep": {"autostart": False}, "gone": {"autostart": False}})
+        svc = DaemonService(load_config(path))
+        try:
+            daemon = svc.daemon
+            gone, keep = daemon.jobs["gone"], daemon.jobs["keep"]
+            daemon.by_identity.update({b"worker-of-gone": gone, b"worker-of-keep": keep})
+            config_file({"keep": {"autostart": False}})
+            assert svc.update()["removed"] == ["gone"]
+            svc.on_turn(daemon, daemon.system.now())
+            assert "gone" not in daemon.jobs
+            assert daemon.by_identity == {b"worker-of-keep": keep}
+        finally:
+            svc.close()

@@ -85,6 +85,8 @@ class DaemonService:
             if job is None or (not job.busy and job.state in TERMINAL_STATES):
                 if job is not None:
                     job.recorder.close()
+                    # Its workers' socket identities went with them: nothing may keep the removed job alive.
+                    daemon.by_identity = {k: v for k, v in daemon.by_identity.items() if v is not job}
                 daemon.jobs.pop(name, None)
                 self.removing.discard(name)
                 log.info("job_removed", job=name)

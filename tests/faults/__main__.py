@@ -95,14 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the workspace under /tmp for inspection")
     parser.add_argument("--soak-restarts", type=int, default=0,
                         help="restarts the soak runs to (default: 20000; --quick skips the soak unless given)")
+    parser.add_argument("--soak-seconds", type=float, default=0.0,
+                        help="stop the soak after this long, with its end figures (default: 4 hours)")
     args = parser.parse_args(argv)
     if not set_subreaper():
         print("[faults] not a subreaper: orphaned workers' exit codes are not observed", file=sys.stderr)
     plan = QUICK if args.quick else FULL
     if args.soak_restarts < 0:
         parser.error("--soak-restarts must be >= 0")
+    if args.soak_seconds < 0:
+        parser.error("--soak-seconds must be >= 0")
     if args.soak_restarts:
         plan = dataclasses.replace(plan, soak=dataclasses.replace(plan.soak, restarts=args.soak_restarts))
+    if args.soak_seconds:
+        plan = dataclasses.replace(plan, soak=dataclasses.replace(plan.soak, budget_seconds=args.soak_seconds))
+    # Each soak figure lands in the summary as it is taken: a soak stopped early still leaves its figures.
+    plan = dataclasses.replace(plan, soak=dataclasses.replace(plan.soak, progress=args.out))
     started = time.monotonic()
     results = run_campaign(plan, args.seed, set(args.only), args.keep)
     document = report.summary(results, time.monotonic() - started, "quick" if args.quick else "full")

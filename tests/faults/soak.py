@@ -51,6 +51,7 @@ class SoakPlan:
     hup_every: float = 60.0
     budget_seconds: float = 4 * 3600.0
     shape: Shape = dataclasses.field(default_factory=Shape)
+    progress: Path | None = None  # where each figure's soak document is written as it is taken (a partial run's)
 
 
 @dataclasses.dataclass
@@ -80,10 +81,13 @@ def run(ws: Workspace, plan: SoakPlan) -> FaultResult:
     life = _start(area, config, ws.mark, 0)
     tails = 0
     tail: Group | None = None
+    stop: list[int] = []  # SIGTERM or SIGINT: stop early, but take the end's figures and write them
+    handlers = {signum: signal.signal(signum, lambda signum, frame: stop.append(signum))
+                for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         total, next_hup, killed = 0, time.monotonic() + plan.hup_every, False
         marks = sorted(m for m in plan.marks if m < plan.restarts)
-        while total < plan.restarts and time.monotonic() - started < plan.budget_seconds:
+        while total < plan.restarts and time.monotonic() - started < plan.budget_seconds and not stop:
             time.sleep(1.0)
             if tail is None or not tail.alive():
                 if tail is not None:
@@ -108,11 +112,17 @@ def run(ws: Workspace, plan: SoakPlan) -> FaultResult:
             if not killed and total >= plan.restarts // 2:
                 killed = True
                 life = _kill_and_restart(area, config, ws.mark, life, total, soak)
-        _figure(area, plan, life, total, soak, ws.mark, "end")
+        if tail is not None:
+            tail.kill()
+            tail = None
         soak["restarts"] = total
+        soak["stopped_by_signal"] = stop[0] if stop else None
+        _figure(area, plan, life, total, soak, ws.mark, "end")
         soak["seconds"] = round(time.monotonic() - started, 1)
         soak["restarts_per_second"] = round(total / max(soak["seconds"], 1e-9), 2)
     finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         life.daemon.kill(signal.SIGTERM, timeout=60)
         life.daemon.kill()
         life.client.close()
@@ -168,6 +178,18 @@ def _figure(area: Any, plan: SoakPlan, life: Life, total: int, soak: dict[str, A
     life.figures.append(row)
     soak["figures"].append(row)
     print(f"[faults] soak {label}: {json.dumps(row)}", file=sys.stderr, flush=True)
+    if plan.progress is not None:
+        partial = {key: value for key, value in soak.items() if key != "t0"}
+        partial["restarts"] = total
+        partial["checks"] = soak_checks(partial, plan)
+        _write_json(plan.progress, {"soak": partial, "partial": True})
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def soak_checks(soak: dict[str, Any], plan: SoakPlan) -> dict[str, bool]:

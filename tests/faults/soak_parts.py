@@ -39,12 +39,15 @@ class Shape:
     log_max_bytes: int = 2**20
     log_keep: int = 2
     sample_interval: float = 0.02
+    guard_mib: int = 16  # each guard-only step's leak (the kernel's page zeroing is most of a guard life's CPU)
+    guard_budget: str = "120MiB"
 
 
 def jobs_config(shape: Shape) -> dict[str, dict[str, Any]]:
     """SDK jobs leaking 8 MiB per 10 ms step (a recycle every half second or so: leak_predicted) and guard-only
-    jobs leaking 16 MiB per 5 ms (SIGTERM or SIGKILL at their budget, started over). A guard-only command stops
-    growing at 256 MiB and exits 10 s later: it knows nothing of its daemon, and one is SIGKILLed halfway."""
+    jobs leaking ``guard_mib`` per 5 ms (SIGTERM or SIGKILL at their budget, started over). A guard-only command
+    stops growing after 16 steps and exits 10 s later: it knows nothing of its daemon, and one is SIGKILLed
+    halfway."""
     jobs: dict[str, dict[str, Any]] = {}
     for index in range(shape.sdk_jobs):
         jobs[f"sdk{index}"] = {
@@ -53,8 +56,9 @@ def jobs_config(shape: Shape) -> dict[str, dict[str, Any]]:
             "max_attempts_without_progress": 1000, "startup_timeout": 60.0}
     for index in range(shape.guard_jobs):
         jobs[f"guard{index}"] = {
-            "command": [sys.executable, "-S", str(PLAIN_WORKER), "16", "16", "--seconds", "0.005", "--hold", "10"],
-            "budget": "120MiB", "sdk": False, "max_attempts_without_progress": 100_000_000, "kill_grace": 1.0}
+            "command": [sys.executable, "-S", str(PLAIN_WORKER), "16", str(shape.guard_mib), "--seconds", "0.005",
+                        "--hold", "10"],
+            "budget": shape.guard_budget, "sdk": False, "max_attempts_without_progress": 100_000_000, "kill_grace": 1.0}
     return jobs
 
 
@@ -117,7 +121,7 @@ def start_seconds(area: Area, shape: Shape, mark: str, scratch: str) -> float | 
     root = area.root / scratch
     shutil.rmtree(root, ignore_errors=True)
     (root / "run").mkdir(parents=True, mode=0o700)
-    shutil.copytree(area.state_dir, root / "state", symlinks=True, ignore_dangling_symlinks=True)
+    copy_live_tree(area.state_dir, root / "state")
     copy = Area(root)
     config = write_soak_config(copy, shape)
     started = time.monotonic()
@@ -131,6 +135,19 @@ def start_seconds(area: Area, shape: Shape, mark: str, scratch: str) -> float | 
     finally:
         daemon.kill()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def copy_live_tree(src: Path, dst: Path) -> None:
+    """Copy a directory a running daemon writes to: a file or directory gone between the listing and its copy
+    (a checkpoint's temp directory renamed, a rotated log) is left out, as if copied a moment later."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        here = Path(dirpath)
+        target = dst / here.relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        links = [name for name in dirnames if (here / name).is_symlink()]
+        for name in [*filenames, *links]:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.copy2(here / name, target / name, follow_symlinks=False)
 
 
 # -- the client loop (a process of its own) ---------------------------------------------------------------
