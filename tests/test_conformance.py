@@ -100,7 +100,7 @@ class TestConformingWorkers:
     def test_every_check_passes(self, runs: dict[str, tuple[int, dict[str, Any]]], name: str) -> None:
         code, report = runs[name]
         failed = [c for c in report["checks"] if not c["ok"]]
-        assert not failed, failed
+        assert not failed, "; ".join(f"{c['check']}: {c['detail']}" for c in failed)
         assert code == 0
         assert [c["check"] for c in report["checks"]] == list(CHECKS)
         assert report["passed"] == len(CHECKS) and report["failed"] == 0

@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from protocol import Command, Hello, Step, Steps, decode
+from protocol import Command, Goodbye, Hello, Step, Steps, decode
 from supervisor.config import JobConfig
 from supervisor.core.policy import Limits
 from supervisor.core.states import JobState
+from supervisor.daemon.exits import EXIT_GRACE
 from supervisor.daemon.job import Job, JobPaths
 from tests.fakeos import FakeProcess, FakeSystem
 
@@ -42,6 +43,14 @@ class Harness:
         assert life is not None
         hello = Hello(self.job.token, self.proc.pid, "j", step, 1000, life.batch, life.accum)
         self.job.on_hello(hello, b"id", self.system.clock)
+
+    def leave(self, code: int = 75, reason: str = "checkpointed") -> None:
+        """The worker leaves as an SDK worker does: its goodbye, then its exit (an exit without a goodbye waits
+        up to EXIT_GRACE for it: TestExitGrace)."""
+        life = self.job.life
+        assert life is not None
+        self.job.on_message(Goodbye(reason, life.last_step), self.system.clock)
+        self.proc.code = code
 
     def advance(self, seconds: float) -> None:
         self.system.clock += seconds
@@ -114,7 +123,7 @@ class TestEscalationWithFakeSystem:
         h = Harness(tmp_path, batch=8)
         h.sample(1050 * MiB)
         h.sample(1050 * MiB)
-        h.proc.code = 75
+        h.leave(75)
         h.advance(0.1)
         assert h.job.state == JobState.STARTING and (h.job.batch, h.job.accum) == (4, 2)
         assert len(h.system.procs) == 2
@@ -146,13 +155,50 @@ class TestLivenessWithFakeSystem:
         assert h.job.state == JobState.FATAL
 
 
+class TestExitGrace:
+    """A worker that said hello and exited cleanly is acted on once its goodbye is read: the daemon's socket may
+    deliver the last frames a little after the exit is seen, so the exit waits up to EXIT_GRACE for them."""
+
+    def breach(self, tmp_path: Path) -> Harness:
+        h = Harness(tmp_path, batch=8)
+        h.sample(1050 * MiB)
+        h.sample(1050 * MiB)
+        assert h.job.state == JobState.CHECKPOINTING
+        h.proc.code = 75  # exited, its goodbye not read yet
+        h.advance(0.1)
+        assert h.job.state == JobState.CHECKPOINTING and h.proc.reaped
+        assert h.job.next_deadline() <= h.system.clock + EXIT_GRACE  # the loop wakes when the wait ends
+        return h
+
+    def test_a_goodbye_read_after_the_exit_ends_the_wait_at_once(self, tmp_path: Path) -> None:
+        h = self.breach(tmp_path)
+        h.job.on_message(Goodbye("checkpointed late", 0), h.system.clock)
+        h.advance(0.0)
+        assert h.job.state == JobState.STARTING and (h.job.batch, h.job.accum) == (4, 2)
+        exits = [e for e in h.job.history.recent(50) if e["event"] == "exit"]
+        assert exits[-1]["goodbye"] == "checkpointed late"
+
+    def test_without_a_goodbye_the_exit_is_acted_on_when_the_grace_ends(self, tmp_path: Path) -> None:
+        h = self.breach(tmp_path)
+        h.advance(EXIT_GRACE - 0.2)
+        assert h.job.state == JobState.CHECKPOINTING
+        h.advance(0.2)
+        assert h.job.state == JobState.STARTING and (h.job.batch, h.job.accum) == (4, 2)
+
+    def test_a_crash_does_not_wait(self, tmp_path: Path) -> None:
+        h = Harness(tmp_path)
+        h.proc.code = 1
+        h.advance(0.0)
+        assert h.job.state != JobState.RUNNING and h.proc.reaped
+
+
 class TestRegrowthWithFakeSystem:
     """A regrown batch that breaches doubles the wait before the next regrowth (AIMD)."""
 
     def test_failed_regrowth_backs_off(self, tmp_path: Path) -> None:
         h = Harness(tmp_path, batch=8, regrow_after_steps=5)
         h.job.lifecycle.batch, h.job.lifecycle.accum = 4, 2  # as after an earlier shrink
-        h.proc.code = 75
+        h.leave(75)
         h.job.life.pending = None  # type: ignore[union-attr]
         h.advance(0.0)
         h.hello()
@@ -161,7 +207,7 @@ class TestRegrowthWithFakeSystem:
             if h.job.state == JobState.CHECKPOINTING:
                 break
         assert h.actions()[-1] == "checkpoint_exit" and h.job.life.pending.next_batch == 8  # type: ignore[union-attr]
-        h.proc.code = 75
+        h.leave(75)
         h.advance(0.0)
         h.hello()
         assert h.job.batch == 8

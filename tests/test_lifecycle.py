@@ -68,6 +68,13 @@ class Service:
         job.on_hello(Hello(job.token, proc.pid, name, 0, 100, job.batch, job.accum), b"id-" + name.encode(),
                      self.system.clock)
 
+    def leave(self, name: str, code: int = 75, reason: str = "checkpointed") -> None:
+        """The worker of ``name`` leaves as an SDK worker does: its goodbye, then its exit."""
+        job, proc = self.job(name), self.proc(name)
+        assert job.life is not None
+        job.on_message(Goodbye(reason, job.life.last_step), self.system.clock)
+        proc.code = code
+
     def turn(self, seconds: float = 0.1) -> None:
         self.system.clock += seconds
         self.daemon._turn(self.system.clock)
@@ -100,7 +107,7 @@ class TestShutdown:
         assert s.job("j").state == JobState.STOPPING
         s.daemon.stopping = True  # SIGTERM
         s.turn()
-        s.proc("j").code = 75  # it checkpointed and left
+        s.leave("j")  # it checkpointed and left
         s.turn()
         assert s.job("j").state == JobState.STOPPED and len(s.system.procs) == 1
         assert s.daemon._done(True)
@@ -124,7 +131,7 @@ class TestRemoveAndReadd:
         s.call("update")
         assert s.job("a") is job and "a" not in s.svc.removing
         assert len(s.system.procs) == 1  # no second worker on the same checkpoint directory
-        s.proc("a").code = 75
+        s.leave("a")
         s.turn()
         assert job.state == JobState.STARTING and len(s.system.procs) == 2  # autostart, after the old exit
         assert s.system.procs[0].reaped
@@ -232,7 +239,7 @@ class TestStopWhileCheckpointing:
         assert s.proc("j").signals == []
         s.turn(0.2)  # 5.1 s after the decision
         assert s.proc("j").signals == [signal.SIGTERM]
-        s.proc("j").code = 75
+        s.leave("j", reason="stop requested")
         s.turn()
         assert job.state == JobState.STOPPED and (job.batch, job.accum) == (4, 2)
 

@@ -51,10 +51,10 @@ def test_fake_os_job_checkpoints_waits_for_memory_and_resumes(running: Service, 
     s = running
     squeeze(s, cause)
     s.turn()
-    job, proc = s.job("j"), s.proc("j")
+    job = s.job("j")
     assert job.life is not None and job.life.pending is not None
     assert "floor" in job.life.pending.reason  # asked to checkpoint and exit for the floor
-    proc.code = 75  # it checkpointed and left
+    s.leave("j")  # it checkpointed and left
     s.turn()
     assert job.state == JobState.WAITING_FOR_MEMORY and len(s.system.procs) == 1
     for _ in range(5):

@@ -127,7 +127,7 @@ class TestAfterTheHello:
         s.hello("j")
         breach(s)
         assert job.state == JobState.CHECKPOINTING and s.proc("j").signals == []
-        s.proc("j").code = 75
+        s.leave("j")
         s.turn()
         assert len(s.system.procs) == 2 and (job.batch, job.accum) == (4, 2)
         assert job.state == JobState.RUNNING  # the new life, guarded by samples until its own hello
