@@ -109,7 +109,7 @@ conformance: $(STAMP) rust
 	rm -f .conformance/results.json
 	status=0; \
 	$(PY) -m protocol.conformance --name python-sdk --results .conformance/results.json -- \
-		$(PY) examples/sdk_loop.py 8000 || status=1; \
+		$(PY) examples/sdk_loop.py 6000 3 || status=1; \
 	$(PY) -m protocol.conformance --name rust-leaky --results .conformance/results.json -- \
 		$(LEAKY) --steps 4000 --step-ms 3 || status=1; \
 	echo "results: .conformance/results.json"; exit $$status

@@ -1,6 +1,7 @@
 """A complete training loop supervised through the Session SDK (this file is quoted in docs/sdk.md)."""
 
 import sys
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -9,6 +10,7 @@ import mlx.optimizers as optim
 from worker import Session
 
 STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 200  # total steps; optional argument
+PAUSE = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0  # optional: ms more per step, as a bigger model
 
 mx.random.seed(0)
 model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))
@@ -30,6 +32,7 @@ while step < STEPS:
     loss, grads = grad_fn(model, x, x @ true_w)
     optimizer.update(model, grads)
     mx.eval(model.parameters(), optimizer.state, loss)
+    time.sleep(PAUSE)
     step += 1
     session.end_step(step, loss.item())  # telemetry + commands; may checkpoint and exit here
 session.finish(step)
