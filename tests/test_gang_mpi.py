@@ -154,14 +154,15 @@ class TestMpiOrphans:
 
     def test_orphaned_mpi_ranks_checkpoint_together_and_the_rendezvous_leaves_after_them(
             self, config_file: Any, tmp_path: Path, run_dir: Path, spawn: Any) -> None:
-        config = config_file({"j": mpi_job(checkpoint_every=0, train={"steps": 100000, "step_sleep": 1.5})})
+        config = config_file({"j": mpi_job(checkpoint_every=0, train={"steps": 100000, "step_sleep": 0.5})})
         daemon = start(spawn, config, tmp_path / "summary.json")
 
         def hellos() -> list[int]:
             return [e["pid"] for e in history(tmp_path) if e["event"] == "hello"]
 
         pids = wait_for(lambda: len(hellos()) == 2 and hellos(), "both ranks' hello")
-        time.sleep(3)  # a step or two (the ranks see the daemon gone at a step boundary)
+        time.sleep(3)  # a few steps (the ranks see the daemon gone at a step boundary, 0.5 s later at most: long
+        # before the watchdog, half an orphan timeout after, would end them mid-step without a checkpoint)
         daemon.kill()
         daemon.wait(timeout=10)
         wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
