@@ -75,6 +75,25 @@ class TestHolding:
         h.configure(0.25, 1000 * MiB, 6)
         assert h.step(b"c", 4, 100 * MiB, 0) == []
 
+    def test_a_heartbeat_that_lowers_hold_below_makes_the_held_steps_due_at_once(self) -> None:
+        clock = Clock()
+        h = allowed(clock, below=1000 * MiB)
+        assert h.step(b"s2", 2, 100 * MiB, 0) == []
+        h.configure(0.25, 2000 * MiB, 6)  # a wider permission: they keep waiting
+        assert not h.due()
+        h.configure(0.25, 900 * MiB, 6)  # a narrower one: out at the worker's next look at its socket
+        assert h.due()
+        assert h.release() == [b"s2"]
+        assert h.step(b"s3", 3, 100 * MiB, 0) == []  # still calm under the new hold_below: held again
+        assert not h.due()
+
+    def test_a_heartbeat_without_the_hold_fields_makes_the_held_steps_due_at_once(self) -> None:
+        h = allowed(Clock())
+        assert h.step(b"s2", 2, 100 * MiB, 0) == []
+        h.configure(None, None, None)
+        assert h.due()
+        assert h.step(b"s3", 3, 100 * MiB, 0) == [b"s2", b"s3"]
+
     def test_at_most_max_held_frames_wait(self) -> None:
         h = allowed(Clock(), max_held=3)
         assert [h.step(b"x", s, 100 * MiB, 0) for s in range(2, 5)] == [[], [], []]
@@ -196,9 +215,10 @@ class TestSessionHolding:
             for step in range(2, 6):
                 session.end_step(step, 1.0)
             assert self.frames_received(router, 600) == []  # held: calm, and 30 s allowed
-            tell(30.0, 1)  # now every footprint is near the band
+            tell(30.0, 1)  # now every footprint is near the band: the held steps go out at once (the pulse)
+            assert self.frames_received(router, 2000) == together(2, 3, 4, 5)
             session.end_step(6, 1.0)
-            assert self.frames_received(router, 2000) == together(2, 3, 4, 5, 6)  # at once, the held ones first
+            assert self.frames_received(router, 2000) == [[6]]  # not calm: at once
             tell(0.3, 1 << 50)
             session.end_step(7, 1.0)
             session.end_step(8, 1.0)
@@ -210,6 +230,40 @@ class TestSessionHolding:
         assert self.frames_received(router, 2000) == together(9, 10)  # close sends what was held
         router.close(linger=0)
         context.term()
+
+
+    def test_a_step_whose_mlx_active_is_nil_counts_no_transient(self, tmp_path: Path) -> None:
+        """PROTOCOL.md, "Holding, exactly": when ``mlx_active`` is nil the transient counts as 0, not as the
+        whole ``mlx_peak``: a step with a huge peak but no active figure is still calm, so it is held."""
+        import zmq
+
+        from protocol import encode
+        from worker.session import Session, SessionSettings
+
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        endpoint = f"ipc://{tmp_path / 'w.sock'}"
+        router.bind(endpoint)
+        session = Session(SessionSettings(endpoint=endpoint, token="t" * 32, orphan_timeout=60), 100, batch=8)
+        below = 1 << 40  # far above this process's footprint
+        try:
+            session.end_step(1, 1.0)
+            identity = router.recv_multipart()[0]  # the hello
+            assert self.frames_received(router, 2000) == [[1]]
+            router.send_multipart([identity, encode(Heartbeat(time.time(), None, 30.0, below, 6))])
+            deadline = time.monotonic() + 10
+            while session._hold.below != below and time.monotonic() < deadline:
+                time.sleep(0.01)
+            footprint = 100 * MiB
+            session._send(Step(2, 8, 1, 1.0, 0.01, None, None, 2 * below, footprint))  # peak over, active nil
+            assert self.frames_received(router, 600) == []  # calm: held
+            session._send(Step(3, 8, 1, 1.0, 0.01, below, None, 2 * below, footprint))  # peak - active = below
+            assert self.frames_received(router, 2000) == [[2], [3]]  # not calm: at once, the held one first
+        finally:
+            session.close()
+            router.close(linger=0)
+            context.term()
 
 
 class TestJobHeartbeat:

@@ -60,6 +60,7 @@ class StepHold:
         self.held_since = 0.0
         self._last: tuple[int, int] | None = None  # (step, footprint) of the previous step
         self._sent_a_step = False
+        self._flush = False  # a heartbeat narrowed the permission: the held steps are due at once
 
     def configure(self, hold: float | None, below: int | None, horizon: int | None, rows: int | None = None) -> None:
         """What the daemon's latest heartbeat allows (any field absent: hold nothing)."""
@@ -67,6 +68,8 @@ class StepHold:
         if hold is None or below is None or horizon is None:
             self.hold = 0.0
         else:
+            # A smaller hold_below than the held steps were calm under sends them at once (PROTOCOL.md 3).
+            self._flush = self._flush or (bool(self.held) and self.hold > 0 and below < self.below)
             self.hold, self.below, self.horizon = max(0.0, hold), below, horizon
 
     def stop_holding(self) -> None:
@@ -95,11 +98,11 @@ class StepHold:
 
     def release(self, frame: Any = None) -> list[Any]:
         """The held steps (and ``frame`` after them), to send now."""
-        frames, self.held = self.held, []
+        frames, self.held, self._flush = self.held, [], False
         if frame is not None:
             frames.append(frame)
         return frames
 
     def due(self) -> bool:
-        """Whether the oldest held frame has waited ``hold`` seconds (or holding was stopped)."""
-        return bool(self.held) and (self.hold <= 0 or self.clock() - self.held_since >= self.hold)
+        """Whether the oldest held frame has waited ``hold`` seconds (or holding was stopped or narrowed)."""
+        return bool(self.held) and (self.hold <= 0 or self._flush or self.clock() - self.held_since >= self.hold)

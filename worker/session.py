@@ -416,7 +416,8 @@ class Session:
         if self._socket is None:
             return
         if isinstance(message, Step):  # held as a message: held steps go out as one ``steps`` frame
-            transient = max(0, message.mlx_peak - (message.mlx_active or 0))
+            # nil mlx_active (not measured): the transient counts as 0 (PROTOCOL.md 3, Holding, exactly)
+            transient = 0 if message.mlx_active is None else max(0, message.mlx_peak - message.mlx_active)
             self._send_all(self._hold.step(message, message.step, message.footprint, transient))
         elif isinstance(message, Heartbeat):
             self._send_all([message])  # a sign of life; held steps keep waiting
