@@ -28,6 +28,7 @@ from protocol.control import ControlError
 from supervisor.config import load_config, write_config
 from supervisor.core.states import TERMINAL_STATES, JobState
 from supervisor.daemon import standby as standby_link
+from supervisor.daemon.exits import EXIT_GRACE
 from supervisor.daemon.job import Job
 from supervisor.daemon.server import DaemonService
 from tests.fakeos import FakeProcess, FakeSystem
@@ -403,6 +404,9 @@ class DaemonModel(RuleBasedStateMachine):
     def shutdown_completes_in_time(self) -> None:
         if self.stopping_at is not None and self.system.clock >= self.stopping_at + SHUTDOWN_BOUND:
             self._turn(0.0)
+            if any(job.exits for job in self.daemon.jobs.values()):
+                # An exit reaped just now without its goodbye waits up to EXIT_GRACE for it (supervisor.daemon.exits)
+                self._turn(EXIT_GRACE)
             assert self.daemon._done(True), {n: j.state.name for n, j in self.daemon.jobs.items()}
 
     def teardown(self) -> None:
