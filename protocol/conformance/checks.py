@@ -65,8 +65,9 @@ CHECKS: dict[str, str] = {
     "heartbeats_before_hello": f"during a slow load ({duties.LOAD_ENV}): heartbeats with the token at most "
                                f"{duties.BEAT_GAP:g} s apart, and no other frame",
     "sigterm_before_hello": "SIGTERM during that load: exit 75 within kill_grace, nothing sent, no checkpoint",
-    "no_welcome": "a hello that gets no answer (a wrong token): the worker trains anyway, in version 1 frames, and "
-                  "leaves as daemon_silent after MLXSUP_ORPHAN_TIMEOUT: checkpoint, goodbye, exit 75",
+    "no_welcome": "a spawn token the kit does not accept, so the hello gets no answer: the worker trains anyway, "
+                  "in version 1 frames, and leaves as daemon_silent after MLXSUP_ORPHAN_TIMEOUT: checkpoint, goodbye, "
+                  "exit 75",
     "damaged_newest_skipped": "a damaged newest checkpoint is passed over on load and left on disk",
     "trash_restored": "a .trash-ckpt of a dead writer whose ckpt is missing is renamed back and resumed from",
     "parent_died": "the parent process dies while heartbeats go on: checkpoint, goodbye daemon_lost, exit 75",

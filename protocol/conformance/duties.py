@@ -191,11 +191,12 @@ def life_slow_load(harness: Harness, report: Report, state: State) -> None:
 
 
 def life_no_welcome(harness: Harness, report: Report, state: State) -> None:
-    """A hello nobody answers (a wrong token): train anyway in version 1, leave as daemon_silent."""
+    """A hello with a token the kit does not accept gets no answer: train anyway in version 1, leave as
+    daemon_silent."""
     options = harness.options
     report.begin("no_welcome")
-    life = harness.spawn(batch=4, accum=1)
-    life.answer, life.heartbeats, life.read_versions = False, False, True
+    life = harness.spawn(batch=4, accum=1, wrong_token=True)
+    life.heartbeats, life.read_versions = False, True
     read_hello(life, options)
     hello_at = life.received[-1].at
     left = leaves_orphaned(life, harness, options.orphan_timeout + options.timeout, "with no welcome nor heartbeat")
@@ -210,7 +211,7 @@ def life_no_welcome(harness: Harness, report: Report, state: State) -> None:
     if bye_at - hello_at > options.orphan_timeout + 2.0:
         problems.append(f"left {bye_at - hello_at:.1f} s after its hello, orphan timeout {options.orphan_timeout:g} s"
                         " (the timer runs from the hello)")
-    report.record("no_welcome", problems, f"no welcome: {len(steps)} steps in version 1 frames, goodbye "
+    report.record("no_welcome", problems, f"wrong token, no welcome: {len(steps)} steps in version 1 frames, goodbye "
                                           f"{left.reason or 'lost'} {bye_at - hello_at:.1f} s after the hello "
                                           f"(orphan timeout {options.orphan_timeout:g} s), checkpoint {left.step}, "
                                           f"exit {left.code}{left.note()}")

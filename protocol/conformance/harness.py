@@ -106,7 +106,7 @@ class Life:
         self.bad_frames: list[str] = []
         self.verified: dict[int, Verified] = {}
         self.heartbeats = True
-        self.answer = True  # answer the hello with a welcome (False: as for a wrong token, never a word)
+        self.accepts = token  # the token whose hello gets a welcome; any other gets no word, as from the daemon
         self.read_versions = False  # note each frame's ``v`` in Received.version (a second unpack per frame)
         self.grant: dict[str, Any] = {}  # extra heartbeat fields: the permission to hold (hold, hold_below, ...)
         self.last_beat = 0.0  # time.monotonic() of the newest heartbeat sent
@@ -247,10 +247,11 @@ class Harness:
         self.subreaper = False  # orphaned workers become the kit's children (set for the parent_died check)
 
     def spawn(self, batch: int, accum: int, extra_env: Mapping[str, str] | None = None,
-              orphanable: bool = False) -> Life:
+              orphanable: bool = False, wrong_token: bool = False) -> Life:
         """Start the worker in its own process group with a fresh token and the MLXSUP_* environment (plus
         ``extra_env``: the kit's steering variables). ``orphanable``: through an intermediate parent that the
-        kit can kill (``Adopted``)."""
+        kit can kill (``Adopted``). ``wrong_token``: the kit accepts another token than the one the worker
+        gets, so its hello goes unanswered as a daemon leaves a stranger's."""
         token = secrets.token_hex(16)
         env = {**os.environ, "MLXSUP_ENDPOINT": self.endpoint, "MLXSUP_TOKEN": token, "MLXSUP_JOB": JOB,
                "MLXSUP_CHECKPOINT_DIR": str(self.checkpoints), "MLXSUP_BATCH": str(batch),
@@ -271,6 +272,8 @@ class Harness:
         if orphanable:
             process = Adopted(self._pid_of(pid_file, popen), popen)
         life = Life(self, process, token, env)
+        if wrong_token:
+            life.accepts = secrets.token_hex(16)
         self.lives.append(life)
         return life
 
@@ -301,8 +304,8 @@ class Harness:
             life.bad_frames.append(str(exc))
             return None
         if life.identity is None and isinstance(message, Hello):
-            life.identity = identity  # answered whatever its token: the hello check judges the token
-            if life.answer:
+            life.identity = identity  # recorded whatever its token: the hello check judges the token
+            if message.token == life.accepts:
                 version = min(max(message.protocol, 1), PROTOCOL_VERSION)
                 life.send(Welcome(version))
                 life.version = version

@@ -179,6 +179,9 @@ def _valid_vectors() -> list[dict[str, Any]]:
 
 
 _WIDE = "é" * 4096  # 4096 characters, 8192 UTF-8 bytes: the limit counts characters (code points)
+_WIDER = "€" * 4097  # 4097 characters of 3 UTF-8 bytes each (12291 bytes)
+_WIDEST = "\U0001F600" * 4096  # 4096 characters of 4 UTF-8 bytes each (16384 bytes), outside the BMP: one code
+# point each, though UTF-16 (Java, JavaScript, C#) counts two units for each
 
 
 def _version_two_vectors() -> list[dict[str, Any]]:
@@ -195,6 +198,8 @@ def _version_two_vectors() -> list[dict[str, Any]]:
         _valid("step_version_two", "step", _STEP, {**_STEP, **_STEP_DEFAULTS}, True, version=2),
         _valid("goodbye_reason_4096_wide_characters", "goodbye", {"reason": _WIDE, "step": 1},
                {"reason": _WIDE, "step": 1}, True, version=2),
+        _valid("goodbye_reason_4096_four_byte_characters", "goodbye", {"reason": _WIDEST, "step": 1},
+               {"reason": _WIDEST, "step": 1}, True, version=2),
         # Holding needs hold, hold_below and hold_horizon together: with any one absent nothing may be held.
         _valid("heartbeat_hold_without_hold_below", "heartbeat", {"sent_at": beat, "hold": 0.25, "hold_horizon": 6},
                {"sent_at": beat, "token": None, "hold": 0.25, "hold_below": None, "hold_horizon": 6,
@@ -214,6 +219,9 @@ def _invalid_vectors() -> list[dict[str, Any]]:
         _invalid("garbage_byte", None, "not_msgpack", raw=b"\xc1"),
         _invalid("truncated_map", None, "not_msgpack", raw=bytes.fromhex(_pack(beat))[:-3]),
         _invalid("integer_key", None, "not_msgpack", raw=b"\x83\xa1v\x01\xa1t\xa9heartbeat\x07\xcb" + b"\0" * 8),
+        # An integer key inside an unknown field's map: refused too, as keys are strings at every depth.
+        _invalid("nested_integer_key", None, "not_msgpack",
+                 raw=bytes.fromhex(_pack({**beat, "extra": None}))[:-1] + b"\x81\x07\xc0"),
         _invalid("nested_too_deep", None, "not_msgpack",  # an unknown field nested 5000 arrays deep
                  raw=bytes.fromhex(_pack({**beat, "tree": None}))[:-1] + b"\x91" * 5000 + b"\xc0"),
         _invalid("trailing_bytes", None, "not_msgpack", raw=bytes.fromhex(_pack(beat)) + b"\xc0"),
@@ -235,6 +243,8 @@ def _invalid_vectors() -> list[dict[str, Any]]:
         _invalid("step_mlx_peak_nil", {**step, "v": 2, "mlx_peak": None}, "field_type"),
         _invalid("steps_nil_in_footprint", {**steps, "v": 2, "footprint": [None, 1]}, "field_type"),
         _invalid("goodbye_reason_4097_wide_characters", {"v": 2, "t": "goodbye", "reason": _WIDE + "é", "step": 1},
+                 "field_value"),
+        _invalid("goodbye_reason_4097_three_byte_characters", {"v": 2, "t": "goodbye", "reason": _WIDER, "step": 1},
                  "field_value"),
         _invalid("step_batch_as_float", {**step, "batch": 8.0}, "field_type"),
         _invalid("step_val_loss_as_string", {**step, "val_loss": "low"}, "field_type"),

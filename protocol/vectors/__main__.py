@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from protocol.vectors import PATH, render
 
 
 def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m protocol.vectors",
+                                     description=f"Write the protocol's test vectors to {PATH} from their "
+                                                 "generator (protocol/vectors/__init__.py).")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when the file is out of date")
+    args = parser.parse_args(argv)
     text = render()
-    if "--check" in argv:
+    if args.check:
         current = PATH.read_text(encoding="utf-8") if PATH.exists() else ""
         if current != text:
             print(f"{PATH} is out of date: run python -m protocol.vectors", file=sys.stderr)
