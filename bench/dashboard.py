@@ -67,13 +67,13 @@ def _wait_state(seen: list[tuple[float, dict[str, Any]]], start: int, states: se
 
 
 def _cpu_per_1000(daemon: psutil.Process, client: ControlClient, seconds: float) -> float:
-    step0, cpu0 = client.call("status")["jobs"][0]["step"], sum(daemon.cpu_times()[:2])
+    step0, cpu0 = int(client.call("status")["jobs"][0]["step"]), sum(daemon.cpu_times()[:2])
     time.sleep(seconds)
-    step1, cpu1 = client.call("status")["jobs"][0]["step"], sum(daemon.cpu_times()[:2])
+    step1, cpu1 = int(client.call("status")["jobs"][0]["step"]), sum(daemon.cpu_times()[:2])
     steps = step1 - step0
     if steps <= 0:  # a recycle resumed from an earlier checkpoint: count nothing rather than guess
         return float("nan")
-    return (cpu1 - cpu0) / steps * 1000
+    return float(cpu1 - cpu0) / steps * 1000
 
 
 def run(seconds: float, rounds: int) -> dict[str, Any]:

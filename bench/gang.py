@@ -65,7 +65,7 @@ def _supervised(work: Path, train: dict[str, Any], port: int, timeout: float) ->
 
 def step_rate(work: Path, train: dict[str, Any], pairs: int, port: int, timeout: float) -> dict[str, Any]:
     """Interleaved (unsupervised, supervised) pairs; median of the per-pair ratios."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for index in range(pairs):
         order = ("unsupervised", "supervised") if index % 2 == 0 else ("supervised", "unsupervised")
         rates = {}
@@ -76,7 +76,7 @@ def step_rate(work: Path, train: dict[str, Any], pairs: int, port: int, timeout:
                      "supervised_steps_per_s": round(rates["supervised"], 3),
                      "ratio": round(rates["supervised"] / rates["unsupervised"], 4), "order": "/".join(order),
                      "load_average": round(os.getloadavg()[0], 2)})
-    ratios = [r["ratio"] for r in rows]
+    ratios = [float(r["ratio"]) for r in rows]
     # On a shared 2-core machine the ranks' spin-waits make the rate swing with any other load: keep the spread.
     return {"gang_step_rate_ratio": rounded(median(ratios)), "ratio_min": min(ratios), "ratio_max": max(ratios),
             "pairs": rows, "train": train}
