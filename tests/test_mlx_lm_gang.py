@@ -34,8 +34,9 @@ ITERS = 20
 BATCH = 4  # mlx-lm's batch_size: the gang's; each rank trains 2 examples of every batch
 FINAL = f"ckpt-{ITERS:010d}"
 # Only rank 1 leaks: 25 MiB a step against a 450 MiB budget per rank stops the gang every 5 to 10 steps (a rank
-# starts at 200 to 330 MiB, by machine). min_steps_per_life = 0: lives that short must not also shrink the batch,
-# which changes the sums' order and so the last bits; each life keeps the reference's batch.
+# starts near 100 MiB, and the leak policy recycles when the budget is about 6 steps' growth away: 258 MiB at
+# step 7 measured). min_steps_per_life = 0: lives that short must not also shrink the batch, which changes the
+# sums' order and so the last bits; each life keeps the reference's batch.
 LEAK_ENV = {"HF_HUB_OFFLINE": "1", "MLXSUP_INJECT_LEAK_MB_PER_STEP": "25", "MLXSUP_INJECT_RANK": "1"}
 Tiny = tuple[Path, Path]
 
