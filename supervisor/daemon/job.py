@@ -14,7 +14,6 @@ case of one rank, rank 0.
 from __future__ import annotations
 
 import math
-import os
 import secrets
 import signal
 import time
@@ -28,7 +27,7 @@ from protocol import Census, CheckpointSaved, Command, Goodbye, Heartbeat, Hello
 from protocol.checkpoints import latest_step
 from protocol.messages import EXIT_CHECKPOINTED, MAX_STEPS_ROWS, Steps
 from supervisor.backends import Backend
-from supervisor.config import JobConfig, worker_argv
+from supervisor.config import JobConfig
 from supervisor.core import events as ev
 from supervisor.core.diagnosis import JobDiagnosis
 from supervisor.core.events import Action, Event, Refused
@@ -36,16 +35,16 @@ from supervisor.core.gang import Outcome
 from supervisor.core.lifecycle import JobStats, Life, Lifecycle, Settings
 from supervisor.core.policy import Action as Do
 from supervisor.core.policy import Limits, PolicyConfig, hold_horizon, hold_threshold, sample_gap
-from supervisor.core.sizes import parse_bytes, parse_fraction_of
+from supervisor.core.sizes import parse_bytes
 from supervisor.core.states import JobState
-from supervisor.daemon import backends, leaks
+from supervisor.daemon import backends, leaks, spawning
 from supervisor.daemon import standby as standby_link
 from supervisor.daemon.exits import PendingExits
 from supervisor.daemon.history import History
-from supervisor.daemon.ranks import rank_env, rank_rows, write_ring
+from supervisor.daemon.ranks import rank_rows
 from supervisor.daemon.recorder import Recorder, expand_steps
 from supervisor.daemon.system import System, WorkerProcess
-from supervisor.daemon.tails import log_size, stderr_tail
+from supervisor.daemon.tails import stderr_tail
 from supervisor.hostfile import Layout
 
 Publish = Callable[[str, str, dict[str, Any]], None]  # (job, kind, data)
@@ -429,7 +428,7 @@ class Job:
                 if life == action.life and action.rank in (None, rank):
                     proc.signal_group(action.signum)
         elif isinstance(action, ev.Spawn):
-            self._spawn(action)
+            spawning.spawn_life(self, action)
         elif isinstance(action, ev.SpawnStandby | ev.Go):
             standby_link.carry_out(self, action)
         elif isinstance(action, ev.Depart):
@@ -464,35 +463,6 @@ class Job:
             self.last_decision[fields.get("rank", 0)] = decision.reason
         self.publish(self.name, "decision", fields)
 
-    def _spawn(self, action: ev.Spawn) -> None:
-        now = self.system.now()
-        if self.next_config is not None and self.lifecycle.next is None:
-            self.config, self.next_config = self.next_config, None  # the lifecycle has adopted it
-            self.layout = self.next_layout
-        self.tokens = {rank: secrets.token_hex(16) for rank in self.lifecycle.settings.ranks}
-        self.identities = {}
-        self.protocols = {}
-        newest = self._newest()
-        try:
-            self._write_ring(action.life)
-            extra = backends.prepare(self, action.life)
-            spawned = []
-            for rank in self.lifecycle.settings.ranks:
-                env = backends.rank_environment(self._worker_env(self.tokens[rank], action.batch, action.accum, rank),
-                                                extra.get(rank, {}))
-                self.stderr_start[rank] = log_size(self._stderr(rank))
-                proc = self.system.spawn(worker_argv(self.config), env, self._cwd(), self._log_dir(rank))
-                self.procs[(action.life, rank)] = proc
-                spawned.append((rank, proc))
-        except OSError as exc:
-            for (life, _), proc in self.procs.items():
-                if life == action.life:
-                    proc.signal_group(signal.SIGKILL)  # a gang without all its ranks cannot run: reaped as strays
-            self.feed(ev.SpawnFailed(action.life, now, str(exc)))
-            return
-        for rank, proc in spawned:
-            self.feed(ev.Spawned(action.life, now, proc.pid, newest, rank))
-
     def _current(self) -> dict[int, WorkerProcess]:
         """rank -> process of the current life."""
         life = self.lifecycle.life
@@ -516,30 +486,6 @@ class Job:
 
     def _stderr(self, rank: int) -> Path:
         return self._log_dir(rank) / "stderr.log"
-
-    def _write_ring(self, generation: int) -> None:
-        if self.layout is not None and self.paths.ring is not None:
-            write_ring(self.layout, self.paths.ring, generation)
-
-    def _worker_env(self, token: str, batch: int, accum: int, rank: int = 0, standby: bool = False) -> dict[str, str]:
-        config = self.config
-        env = {**os.environ, **config.env, "PYTHONUNBUFFERED": "1"}
-        env.update({
-            "MLXSUP_ENDPOINT": self.endpoint, "MLXSUP_TOKEN": token, "MLXSUP_JOB": self.name,
-            "MLXSUP_CHECKPOINT_DIR": str(self.paths.checkpoints), "MLXSUP_BATCH": str(batch),
-            "MLXSUP_ACCUM": str(accum), "MLXSUP_CHECKPOINT_EVERY": str(config.checkpoint_every),
-            "MLXSUP_KEEP_CHECKPOINTS": str(config.keep_checkpoints),
-            "MLXSUP_ORPHAN_TIMEOUT": str(self.orphan_timeout),
-            "MLXSUP_CACHE_LIMIT": str(parse_fraction_of(config.cache_limit, self.limits.budget)),
-            "MLXSUP_CACHE_CLEAR_BYTES": str(parse_bytes(config.cache_clear)),
-            "MLXSUP_STANDBY": "1" if standby else "0",  # a standby waits for its go (supervisor.daemon.standby)
-        })
-        if self.layout is not None and self.paths.ring is not None:
-            env.update(rank_env(self.layout, self.paths.ring, rank))
-        return env
-
-    def _cwd(self) -> Path | None:
-        return Path(self.config.working_dir) if self.config.working_dir else None
 
     # -- files ---------------------------------------------------------------------------------------
 

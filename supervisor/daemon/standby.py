@@ -19,8 +19,8 @@ import structlog
 
 from protocol import Go, Heartbeat, Hello, Message, ProtocolError, Standby, Welcome, encode, negotiate
 from protocol.checkpoints import checkpoint_name
-from supervisor.config import worker_argv
 from supervisor.core import events as ev
+from supervisor.daemon import spawning
 from supervisor.daemon.tails import log_size
 
 if TYPE_CHECKING:
@@ -52,9 +52,9 @@ def carry_out(job: Job, action: ev.SpawnStandby | ev.Go) -> None:
 def _spawn(job: Job, action: ev.SpawnStandby) -> None:
     now = job.system.now()
     token = secrets.token_hex(16)
-    env = job._worker_env(token, action.batch, action.accum, standby=True)
+    env = spawning.worker_env(job, token, action.batch, action.accum, standby=True)
     try:
-        proc = job.system.spawn(worker_argv(job.config), env, job._cwd(), job._log_dir(0))
+        proc = spawning.start(job, env, 0)
     except OSError as exc:
         job.feed(ev.StandbySpawnFailed(action.life, now, str(exc)))
         return
