@@ -75,7 +75,8 @@ class TestEnvironment:
     def test_environment_table_matches_daemon_and_sdk(self) -> None:
         documented = set(re.findall(r"^\| `(MLXSUP_\w+)` \|", section("5. Environment"), flags=re.M))
         read = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(SessionSettings)}
-        set_by_daemon = set(re.findall(r'"(MLXSUP_\w+)"', (ROOT / "supervisor" / "daemon" / "job.py").read_text()))
+        spawning = (ROOT / "supervisor" / "daemon" / "spawning.py").read_text()  # where the daemon sets them
+        set_by_daemon = set(re.findall(r'"(MLXSUP_\w+)"', spawning))
         assert documented == read == set_by_daemon
 
 
