@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from supervisor.config import write_config as write_config  # re-exported for the bench modules
+from supervisor.config import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

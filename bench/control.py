@@ -31,8 +31,8 @@ from bench.common import (
     rounded,
     run_supervised,
     short_run_dir,
-    write_config,
 )
+from supervisor.config import write_config
 
 NOT_BUILT = "control plane not built yet"
 

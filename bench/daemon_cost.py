@@ -24,8 +24,9 @@ from typing import Any
 
 import psutil
 
-from bench.common import PYTHON, BenchError, Child, rounded, short_run_dir, write_config
+from bench.common import PYTHON, BenchError, Child, rounded, short_run_dir
 from bench.control import status_latency
+from supervisor.config import write_config
 
 SWEEP_RATES = (10, 100, 1000)
 WARMUP_STEPS = 20  # steps each job must have taken before a window opens

@@ -35,9 +35,10 @@ from typing import Any
 
 import psutil
 
-from bench.common import PYTHON, BenchError, Child, rounded, short_run_dir, write_config
+from bench.common import PYTHON, BenchError, Child, rounded, short_run_dir
 from bench.daemon_cost import process_cpu
 from bench.standalone import read_progress
+from supervisor.config import write_config
 from worker.cli import train_argv
 
 ARMS = ("unsupervised", "supervised")

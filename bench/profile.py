@@ -28,8 +28,9 @@ from typing import Any
 
 import psutil
 
-from bench.common import PYTHON, SMALL, BenchError, Child, short_run_dir, write_config
+from bench.common import PYTHON, SMALL, BenchError, Child, short_run_dir
 from bench.daemon_cost import LiveDaemon, process_cpu, synthetic_job, thread_cpu
+from supervisor.config import write_config
 
 # Branches of the loop, found anywhere in a stack (checked in this order).
 BRANCHES = (

@@ -95,7 +95,8 @@ class Verified:
 class Life:
     """One spawned worker: its frames, its process group, the heartbeats it gets."""
 
-    def __init__(self, harness: Harness, popen: Process, token: str, env: dict[str, str]) -> None:
+    def __init__(self, harness: Harness, popen: Process, token: str, env: dict[str, str],
+                 accepts: str | None = None) -> None:
         self.harness = harness
         self.popen = popen
         self.token = token
@@ -106,7 +107,8 @@ class Life:
         self.bad_frames: list[str] = []
         self.verified: dict[int, Verified] = {}
         self.heartbeats = True
-        self.accepts = token  # the token whose hello gets a welcome; any other gets no word, as from the daemon
+        # The token whose hello gets a welcome: a hello with any other gets no word, as from the daemon.
+        self.accepts = token if accepts is None else accepts
         self.read_versions = False  # note each frame's ``v`` in Received.version (a second unpack per frame)
         self.grant: dict[str, Any] = {}  # extra heartbeat fields: the permission to hold (hold, hold_below, ...)
         self.last_beat = 0.0  # time.monotonic() of the newest heartbeat sent
@@ -271,9 +273,7 @@ class Harness:
         process: Process = popen
         if orphanable:
             process = Adopted(self._pid_of(pid_file, popen), popen)
-        life = Life(self, process, token, env)
-        if wrong_token:
-            life.accepts = secrets.token_hex(16)
+        life = Life(self, process, token, env, accepts=secrets.token_hex(16) if wrong_token else None)
         self.lives.append(life)
         return life
 
