@@ -105,7 +105,7 @@ class TestStatus:
         try:
             job = s.job("j")
             job.start(s.system.clock)
-            path = job._stderr(0)
+            path = job.stderr_path(0)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("\n".join([*TRACEBACK, "RuntimeError: [metal::malloc] Resource limit (499000) exceeded."]))
             s.proc("j").code = 1

@@ -239,7 +239,7 @@ class Job:
                      ranks: tuple[dict[str, Any], ...], leaving: bool = False) -> dict[str, Any]:
         """Gang leader: a follower's state arrived (``leaving``: its last, its daemon shuts down); returns the
         answer for it."""
-        self.feed(ev.PeerSync(now, host, gen, alive, want, outcome, self._newest(), ranks, leaving))
+        self.feed(ev.PeerSync(now, host, gen, alive, want, outcome, self.newest_step(), ranks, leaving))
         return self.replies.pop(host, {"error": "no answer"})
 
     # -- inputs from the daemon ----------------------------------------------------------------------
@@ -282,7 +282,7 @@ class Job:
             leaks.census_in(self, message)
             self.feed(ev.Heard(now, rank))
         elif isinstance(message, Goodbye):
-            self.feed(ev.GoodbyeIn(now, message.reason, message.step, self._newest(), rank))
+            self.feed(ev.GoodbyeIn(now, message.reason, message.step, self.newest_step(), rank))
         elif isinstance(message, Heartbeat) and message.waiting and self.layout is not None:
             self.feed(ev.Waiting(now, rank, message.waiting[:64], max(0.0, message.waiting_seconds or 0.0)))
         else:
@@ -392,9 +392,9 @@ class Job:
         if current is not None and life == current.id:
             self.identities.pop(rank, None)
             self.protocols.pop(rank, None)
-            tail = () if code in (0, EXIT_CHECKPOINTED) else stderr_tail(self._stderr(rank),
+            tail = () if code in (0, EXIT_CHECKPOINTED) else stderr_tail(self.stderr_path(rank),
                                                                          self.stderr_start.get(rank, 0))
-            self.feed(ev.Exited(now, code, self._newest(), rank, tail))
+            self.feed(ev.Exited(now, code, self.newest_step(), rank, tail))
         elif life in self.lifecycle.departing:
             self.feed(ev.DepartedExited(now, life, code))
         else:
@@ -473,7 +473,7 @@ class Job:
     def _lead(self) -> int:
         return min(self.lifecycle.settings.ranks)
 
-    def _newest(self) -> int:
+    def newest_step(self) -> int:
         """Step of the newest checkpoint on disk; 0 when there is none or the directory cannot be read."""
         try:
             return latest_step(self.paths.checkpoints) or 0
@@ -481,11 +481,12 @@ class Job:
             self.io_error("checkpoint_scan", exc)
             return 0
 
-    def _log_dir(self, rank: int) -> Path:
+    def log_dir(self, rank: int) -> Path:
+        """Where a rank's worker logs go: ``rank-N/`` under the job's logs for a gang."""
         return self.paths.logs / f"rank-{rank}" if self.layout is not None else self.paths.logs
 
-    def _stderr(self, rank: int) -> Path:
-        return self._log_dir(rank) / "stderr.log"
+    def stderr_path(self, rank: int) -> Path:
+        return self.log_dir(rank) / "stderr.log"
 
     # -- files ---------------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ def spawn_life(job: Job, action: ev.Spawn) -> None:
     job.tokens = {rank: secrets.token_hex(16) for rank in job.lifecycle.settings.ranks}
     job.identities = {}
     job.protocols = {}
-    newest = job._newest()
+    newest = job.newest_step()
     try:
         if job.layout is not None and job.paths.ring is not None:
             write_ring(job.layout, job.paths.ring, action.life)
@@ -43,7 +43,7 @@ def spawn_life(job: Job, action: ev.Spawn) -> None:
         for rank in job.lifecycle.settings.ranks:
             env = backends.rank_environment(worker_env(job, job.tokens[rank], action.batch, action.accum, rank),
                                             extra.get(rank, {}))
-            job.stderr_start[rank] = log_size(job._stderr(rank))
+            job.stderr_start[rank] = log_size(job.stderr_path(rank))
             proc = start(job, env, rank)
             job.procs[(action.life, rank)] = proc
             spawned.append((rank, proc))
@@ -60,7 +60,7 @@ def spawn_life(job: Job, action: ev.Spawn) -> None:
 def start(job: Job, env: dict[str, str], rank: int) -> WorkerProcess:
     """One worker process of ``job`` for ``rank``, in its own process group, logging to the rank's directory."""
     cwd = Path(job.config.working_dir) if job.config.working_dir else None
-    return job.system.spawn(worker_argv(job.config), env, cwd, job._log_dir(rank))
+    return job.system.spawn(worker_argv(job.config), env, cwd, job.log_dir(rank))
 
 
 def worker_env(job: Job, token: str, batch: int, accum: int, rank: int = 0,

@@ -67,7 +67,7 @@ def _go(job: Job, action: ev.Go) -> None:
     """The standby becomes the job's worker: go with the newest checkpoint; its token is the current one now."""
     link, now = job.standby_link, job.system.now()
     assert link is not None and link.life == action.life
-    newest = job._newest()
+    newest = job.newest_step()
     path = str(job.paths.checkpoints / checkpoint_name(newest)) if newest else ""
     go = Go(action.batch, action.accum, path, newest)
     if link.identity is None:
@@ -77,7 +77,7 @@ def _go(job: Job, action: ev.Go) -> None:
         job.standby_link = None
     job.tokens = {0: link.token}
     job.identities, job.protocols = {}, {}
-    job.stderr_start[0] = log_size(job._stderr(0))
+    job.stderr_start[0] = log_size(job.stderr_path(0))
     job.feed(ev.Spawned(action.life, now, job.procs[(action.life, 0)].pid, newest))
 
 
